@@ -1,0 +1,122 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "tunnel",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "tunnel-server", targets: ["tunnel-server"]),
+        .executable(name: "tunnel-client", targets: ["tunnel-client"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+    ],
+    targets: [
+        // MARK: - C libraries from the system (Debian: libsodium-dev, zlib1g-dev)
+        .systemLibrary(
+            name: "CSodium",
+            path: "Sources/CSodium",
+            pkgConfig: "libsodium",
+            providers: [.apt(["libsodium-dev"]), .brew(["libsodium"])]
+        ),
+        .systemLibrary(
+            name: "CZlib",
+            path: "Sources/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+
+        // MARK: - Pure, I/O-free core
+        .target(
+            name: "TunnelCrypto",
+            dependencies: ["CSodium"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TunnelProtocol",
+            dependencies: [
+                "TunnelCrypto",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "SOCKS5",
+            dependencies: [
+                "TunnelProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TunnelConfig",
+            dependencies: ["TunnelCrypto", "TunnelProtocol"],
+            swiftSettings: swiftSettings
+        ),
+
+        // MARK: - SwiftNIO handlers around the core, and the runtime that wires sockets
+        .target(
+            name: "TunnelTransport",
+            dependencies: [
+                "TunnelProtocol",
+                "SOCKS5",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TunnelRuntime",
+            dependencies: [
+                "TunnelTransport",
+                "TunnelConfig",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TunnelCommandLine",
+            dependencies: [
+                "TunnelRuntime",
+                "TunnelConfig",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // MARK: - Thin executables
+        .executableTarget(name: "tunnel-server", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings),
+        .executableTarget(name: "tunnel-client", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings),
+
+        // MARK: - Tests
+        .testTarget(name: "TunnelCryptoTests", dependencies: ["TunnelCrypto"], resources: [.copy("Fixtures")]),
+        .testTarget(
+            name: "TunnelProtocolTests",
+            dependencies: ["TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "SOCKS5Tests",
+            dependencies: ["SOCKS5", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig"]),
+        .testTarget(
+            name: "TunnelTransportTests",
+            dependencies: [
+                "TunnelTransport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+    ]
+)
