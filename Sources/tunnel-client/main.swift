@@ -1,1 +1,3 @@
-print("x")
+import TunnelCommandLine
+
+await TunnelMain.client()

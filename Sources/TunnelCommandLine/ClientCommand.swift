@@ -1,0 +1,97 @@
+import ArgumentParser
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import TunnelConfig
+import TunnelCrypto
+import TunnelRuntime
+
+/// `tunnel-client`: the local end. A SOCKS5 listener on localhost whose streams all travel through one
+/// encrypted connection to `tunnel-server`.
+public struct TunnelClientCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "tunnel-client",
+        abstract: "The local end of the encrypted SOCKS5 tunnel.",
+        discussion: """
+            Listens for SOCKS5 (CONNECT, no authentication) and carries every stream through one Noise IK \
+            connection to tunnel-server, which resolves names and opens the connections. Prints \
+            "SOCKS5 listening on HOST:PORT" when ready. Reconnects with backoff when the tunnel drops. \
+            SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), then exit 0.
+            """,
+        subcommands: [Keygen.self, Pubkey.self]
+    )
+
+    @Option(name: .long, help: ArgumentHelp("The tunnel server. Required unless set in --config.", valueName: "host:port"))
+    var server: String?
+
+    @Option(name: .customLong("server-key"), help: ArgumentHelp("The server's public key (base64, as its keygen/pubkey printed); the client refuses any other server. Required unless set in --config.", valueName: "base64"))
+    var serverKey: String?
+
+    @Option(name: .long, help: ArgumentHelp("This client's private key file. Required unless set in --config.", valueName: "path"))
+    var key: String?
+
+    @Option(name: .long, help: ArgumentHelp("Where to listen for SOCKS5 (default: 127.0.0.1:1080).", valueName: "host:port"))
+    var socks: String?
+
+    @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/client.toml); flags override its values. Default: none.", valueName: "file"))
+    var config: String?
+
+    @Option(name: .customLong("log-level"), help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).", valueName: "level"))
+    var logLevel: String?
+
+    public init() {}
+
+    public func run() async throws {
+        var settings = ClientSettings()
+        if let path = self.config {
+            var file = try ConfigFile.load(path)
+            try settings.apply(file: &file)
+        }
+        if let v = self.server { settings.server = try parseEndpointFlag(v, flag: "--server") }
+        if let v = self.serverKey {
+            guard let key = PublicKey(base64: v) else { throw ConfigError("--server-key: '\(v)' is not a base64 X25519 public key") }
+            settings.serverKey = key
+        }
+        if let v = self.key { settings.keyPath = v }
+        if let v = self.socks { settings.socks = try parseEndpointFlag(v, flag: "--socks") }
+        if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        let resolved = try settings.resolve()
+
+        let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
+        if resolved.keyFileInsecure {
+            logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
+        }
+        // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
+        let service = ClientService(client: client)
+        let serviceGroup = ServiceGroup(
+            configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        )
+        do {
+            try await serviceGroup.run()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw RuntimeFailure(message: "\(error)")
+        }
+        try? await group.shutdownGracefully()
+        logger.info("stopped")
+    }
+}
+
+private struct ClientService: Service {
+    let client: TunnelClient
+
+    func run() async throws {
+        let address: String
+        do {
+            address = formatBound(try await self.client.start())
+        } catch {
+            throw RuntimeFailure(message: "cannot listen for SOCKS5: \(error)")
+        }
+        printFlushed("SOCKS5 listening on \(address)")
+        try? await gracefulShutdown()
+        await self.client.shutdown()
+    }
+}

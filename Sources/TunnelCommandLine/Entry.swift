@@ -1,0 +1,86 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import ArgumentParser
+import Logging
+import NIOCore
+import TunnelConfig
+
+/// Runs a root command with the exit codes scripts rely on: 0 on success and for `--help`, 2 for bad
+/// arguments and unreadable or malformed files (one line on standard error), 1 for failures at run time.
+enum Entry {
+    static func main<Root: AsyncParsableCommand>(_ root: Root.Type, name: String) async -> Never {
+        signal(SIGPIPE, SIG_IGN)
+        do {
+            var command = try Root.parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+            exit(0)
+        } catch let error as ConfigError {
+            printError("\(name): \(error.message)")
+            exit(2)
+        } catch let error as RuntimeFailure {
+            printError("\(name): \(error.message)")
+            exit(1)
+        } catch {
+            let code = Root.exitCode(for: error)
+            if code == .success {
+                print(Root.fullMessage(for: error))
+                exit(0)
+            }
+            let message = Root.message(for: error)
+            printError("\(name): \(message.isEmpty ? "\(error)" : message) (see \(name) --help)")
+            exit(2)
+        }
+    }
+}
+
+/// Writes one line to standard error.
+func printError(_ line: String) {
+    var bytes = Array((line + "\n").utf8)
+    bytes.withUnsafeMutableBytes { _ = write(2, $0.baseAddress!, $0.count) }
+}
+
+/// Prints a line to standard output and flushes it at once (tests and scripts wait for readiness lines).
+func printFlushed(_ line: String) {
+    print(line)
+    fflush(nil)
+}
+
+/// A failure while running (not a usage error): exit code 1.
+struct RuntimeFailure: Error {
+    var message: String
+}
+
+/// Sets up swift-log on standard error at `level`.
+func bootstrapLogging(level: String, label: String) -> Logger {
+    let parsed = Logger.Level(rawValue: level) ?? .info
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = parsed
+        return handler
+    }
+    var logger = Logger(label: label)
+    logger.logLevel = parsed
+    return logger
+}
+
+/// `HOST:PORT` for the readiness line, from the real bound address.
+func formatBound(_ address: SocketAddress) -> String {
+    let host = address.ipAddress ?? "?"
+    let port = address.port ?? 0
+    return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+}
+
+/// Parses a `HOST:PORT` flag into an endpoint, or a usage error naming the flag.
+func parseEndpointFlag(_ text: String, flag: String) throws(ConfigError) -> Endpoint {
+    switch Endpoint.parse(text) {
+    case .success(let endpoint): return endpoint
+    case .failure(let problem): throw ConfigError("\(flag): \(problem.message)")
+    }
+}

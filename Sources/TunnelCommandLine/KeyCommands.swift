@@ -1,0 +1,45 @@
+import ArgumentParser
+import TunnelConfig
+import TunnelCrypto
+
+/// `keygen --out PATH [--force]`: writes a new private key (mode 0600) and prints its public key.
+struct Keygen: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a new X25519 private key and print its public key.",
+        discussion: """
+            The key file holds one line of standard base64 and is created with mode 0600. The public key is \
+            printed alone, as one base64 line, on standard output.
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("File to write the private key to.", valueName: "path"))
+    var out: String
+
+    @Flag(name: .long, help: "Overwrite the file if it exists (default: refuse).")
+    var force = false
+
+    func run() throws {
+        do {
+            let publicKey = try KeyFile.generate(at: self.out, force: self.force)
+            print(publicKey.base64)
+        } catch {
+            throw ConfigError(error.description)
+        }
+    }
+}
+
+/// `pubkey --key PATH`: prints the public key of a private key file.
+struct Pubkey: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the public key of a private key file.")
+
+    @Option(name: .long, help: ArgumentHelp("Private key file (as written by keygen).", valueName: "path"))
+    var key: String
+
+    func run() throws {
+        do {
+            print(try KeyFile.load(from: self.key).key.publicKey.base64)
+        } catch {
+            throw ConfigError(error.description)
+        }
+    }
+}

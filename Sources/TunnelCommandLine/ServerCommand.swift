@@ -1,0 +1,97 @@
+import ArgumentParser
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import TunnelConfig
+import TunnelRuntime
+
+/// `tunnel-server`: the remote end. Accepts tunnel connections from authorized clients and opens the
+/// outbound connections their streams ask for.
+public struct TunnelServerCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "tunnel-server",
+        abstract: "The remote end of the encrypted SOCKS5 tunnel.",
+        discussion: """
+            Accepts tunnel connections (Noise IK over TCP) from clients whose public keys are listed in the \
+            authorized-keys file, and opens the TCP connections their streams ask for. Prints \
+            "tunnel-server listening on HOST:PORT" when ready. SIGINT/SIGTERM: stop accepting, let open \
+            streams finish (drain_timeout, default 5s), then exit 0.
+            """,
+        subcommands: [Keygen.self, Pubkey.self]
+    )
+
+    @Option(name: .long, help: ArgumentHelp("Address to accept tunnel connections on; port 0 picks a free one. Required unless set in --config.", valueName: "host:port"))
+    var listen: String?
+
+    @Option(name: .long, help: ArgumentHelp("The server's private key file. Required unless set in --config.", valueName: "path"))
+    var key: String?
+
+    @Option(name: .customLong("authorized-keys"), help: ArgumentHelp("File of client public keys allowed to connect: one base64 key per line, optional comment after whitespace, '#' lines ignored. Required unless set in --config.", valueName: "path"))
+    var authorizedKeys: String?
+
+    @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/server.toml); flags override its values. Default: none.", valueName: "file"))
+    var config: String?
+
+    @Option(name: .customLong("log-level"), help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).", valueName: "level"))
+    var logLevel: String?
+
+    public init() {}
+
+    public func run() async throws {
+        var settings = ServerSettings()
+        if let path = self.config {
+            var file = try ConfigFile.load(path)
+            try settings.apply(file: &file)
+        }
+        if let v = self.listen { settings.listen = try parseEndpointFlag(v, flag: "--listen") }
+        if let v = self.key { settings.keyPath = v }
+        if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
+        if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        let resolved = try settings.resolve()
+
+        let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")
+        if resolved.keyFileInsecure {
+            logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
+        }
+        if resolved.authorizedKeys.entries.isEmpty {
+            logger.warning("the authorized keys file lists no keys: no client can connect")
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        let server = TunnelServer(resolved: resolved, group: group, logger: logger)
+        let service = ServerService(server: server, logger: logger)
+        let serviceGroup = ServiceGroup(
+            configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        )
+        do {
+            try await serviceGroup.run()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw RuntimeFailure(message: "\(error)")
+        }
+        try? await group.shutdownGracefully()
+        logger.info("stopped")
+    }
+}
+
+private struct ServerService: Service {
+    let server: TunnelServer
+    let logger: Logger
+
+    func run() async throws {
+        let address: SocketAddressDescription
+        do {
+            address = SocketAddressDescription(formatBound(try await self.server.start()))
+        } catch {
+            throw RuntimeFailure(message: "cannot listen: \(error)")
+        }
+        printFlushed("tunnel-server listening on \(address.text)")
+        try? await gracefulShutdown()
+        await self.server.shutdown()
+    }
+}
+
+struct SocketAddressDescription: Sendable {
+    let text: String
+    init(_ text: String) { self.text = text }
+}

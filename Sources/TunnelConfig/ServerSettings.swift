@@ -1,0 +1,89 @@
+import TunnelCrypto
+
+/// Everything `tunnel-server` runs with: defaults, then the config file, then flags.
+public struct ServerSettings: Sendable {
+    public var listen: Endpoint?
+    public var keyPath: String?
+    public var authorizedKeysPath: String?
+    public var logLevel = "info"
+    /// Outbound connects give up after this long (SOCKS reply 0x06).
+    public var connectTimeout: Int64 = 10_000_000_000
+    /// Destinations the server refuses to connect to (SOCKS reply 0x02).
+    public var deny: [CIDR] = []
+    /// AEADs accepted from clients, tried in this order.
+    public var ciphers: [NoiseCipher] = [.aesGCM, .chaChaPoly]
+    /// Most unauthenticated connections handshaking at once; more are closed at once.
+    public var maxPendingHandshakes = 256
+    public var timings = TunnelTimings()
+
+    public init() {}
+
+    /// Applies a config file's settings (flags are applied after this, by the caller).
+    public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
+        if let v = try file.endpoint("listen") { self.listen = v }
+        if let v = try file.string("key") { self.keyPath = v }
+        if let v = try file.string("authorized_keys") { self.authorizedKeysPath = v }
+        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
+        if let v = try file.duration("connect_timeout", min: 1_000_000) { self.connectTimeout = v }
+        if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
+        if let list = try file.strings("deny") {
+            self.deny = []
+            for text in list {
+                guard let cidr = CIDR.parse(text) else { throw ConfigError("\(file.path): deny: '\(text)' is not an address or CIDR prefix") }
+                self.deny.append(cidr)
+            }
+        }
+        if let list = try file.strings("ciphers") {
+            self.ciphers = []
+            for text in list {
+                guard let cipher = NoiseCipher.parse(text) else {
+                    throw ConfigError("\(file.path): ciphers: unknown cipher '\(text)' (aesgcm, chachapoly)")
+                }
+                self.ciphers.append(cipher)
+            }
+            guard !self.ciphers.isEmpty else { throw ConfigError("\(file.path): ciphers: must list at least one cipher") }
+        }
+        try self.timings.apply(&file)
+        try file.finish()
+    }
+
+    /// What the server needs to run, with its key files loaded.
+    public struct Resolved: Sendable {
+        public var settings: ServerSettings
+        public var listen: Endpoint
+        public var key: PrivateKey
+        public var keyFileInsecure: Bool
+        public var authorizedKeys: AuthorizedKeys
+    }
+
+    /// Checks that everything required is set and loads the key files.
+    public func resolve() throws(ConfigError) -> Resolved {
+        guard let listen = self.listen else { throw ConfigError("--listen HOST:PORT is required (or listen in --config)") }
+        guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }
+        guard let authorizedPath = self.authorizedKeysPath else {
+            throw ConfigError("--authorized-keys PATH is required (or authorized_keys in --config)")
+        }
+        let loaded: (key: PrivateKey, insecureMode: Bool)
+        do {
+            loaded = try KeyFile.load(from: keyPath)
+        } catch {
+            throw ConfigError(error.description)
+        }
+        let authorized = try AuthorizedKeys.load(from: authorizedPath)
+        guard self.ciphers.contains(where: \.isAvailable) else {
+            throw ConfigError("none of the configured ciphers is available on this CPU (add chachapoly)")
+        }
+        return Resolved(settings: self, listen: listen, key: loaded.key, keyFileInsecure: loaded.insecureMode, authorizedKeys: authorized)
+    }
+}
+
+extension NoiseCipher {
+    /// Parses a config name: `aesgcm` / `aes-256-gcm`, `chachapoly` / `chacha20-poly1305`.
+    public static func parse(_ text: String) -> NoiseCipher? {
+        switch text.lowercased() {
+        case "aesgcm", "aes-256-gcm", "aes256gcm", "aes": return .aesGCM
+        case "chachapoly", "chacha20-poly1305", "chacha20poly1305", "chacha": return .chaChaPoly
+        default: return nil
+        }
+    }
+}

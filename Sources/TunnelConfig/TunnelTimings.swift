@@ -1,0 +1,42 @@
+/// Timers and windows both ends share, settable from either config file.
+public struct TunnelTimings: Sendable, Equatable {
+    /// Nanoseconds the Noise handshake may take.
+    public var handshakeTimeout: Int64 = 10_000_000_000
+    /// A PING goes out after this long without receiving anything.
+    public var keepaliveInterval: Int64 = 15_000_000_000
+    /// The tunnel is declared dead after this long without receiving anything.
+    public var deadTimeout: Int64 = 45_000_000_000
+    /// On SIGINT/SIGTERM, open streams get this long to finish.
+    public var drainTimeout: Int64 = 5_000_000_000
+    /// Receive window each stream starts with.
+    public var streamWindow = 256 << 10
+    /// Largest a stream's receive window auto-tunes to.
+    public var maxStreamWindow = 4 << 20
+    /// Receive window of the whole connection.
+    public var connectionWindow = 16 << 20
+    /// Most streams the peer may have open at once.
+    public var maxStreams = 16384
+    /// Rekey after this many bytes in one direction.
+    public var rekeyBytes = 1 << 30
+
+    public init() {}
+
+    /// Reads the shared keys from a config file.
+    public mutating func apply(_ file: inout ConfigFile) throws(ConfigError) {
+        if let v = try file.duration("handshake_timeout", min: 100_000_000) { self.handshakeTimeout = v }
+        if let v = try file.duration("keepalive_interval", min: 100_000_000) { self.keepaliveInterval = v }
+        if let v = try file.duration("dead_timeout", min: 1_000_000_000) { self.deadTimeout = v }
+        if let v = try file.duration("drain_timeout") { self.drainTimeout = v }
+        if let v = try file.byteSize("stream_window", range: 65536...(1 << 30)) { self.streamWindow = v }
+        if let v = try file.byteSize("max_stream_window", range: 65536...(1 << 30)) { self.maxStreamWindow = v }
+        if let v = try file.byteSize("connection_window", range: 65536...(1 << 30)) { self.connectionWindow = v }
+        if let v = try file.integer("max_streams", range: 1...1_000_000) { self.maxStreams = v }
+        if let v = try file.byteSize("rekey_bytes", range: (1 << 16)...(1 << 40)) { self.rekeyBytes = v }
+        guard self.maxStreamWindow >= self.streamWindow else {
+            throw ConfigError("\(file.path): max_stream_window must be at least stream_window")
+        }
+        guard self.deadTimeout > self.keepaliveInterval else {
+            throw ConfigError("\(file.path): dead_timeout must be longer than keepalive_interval")
+        }
+    }
+}

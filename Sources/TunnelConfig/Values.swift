@@ -1,0 +1,189 @@
+import TunnelCrypto
+import TunnelProtocol
+
+/// `HOST:PORT`, with IPv6 hosts in brackets (`[::1]:1080`).
+public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses `HOST:PORT`; `nil` with a reason in `error` otherwise.
+    public static func parse(_ text: String) -> Result<Endpoint, ConfigProblem> {
+        let bad = ConfigProblem("'\(text)' is not HOST:PORT (IPv6 as [ADDR]:PORT)")
+        var host: Substring
+        var portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return .failure(bad) }
+            host = text[text.index(after: text.startIndex)..<close]
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { return .failure(bad) }
+            portText = rest.dropFirst()
+            guard IPAddress.parse(String(host))?.isIPv6 == true else { return .failure(bad) }
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { return .failure(bad) }
+            host = text[..<colon]
+            portText = text[text.index(after: colon)...]
+            guard !host.contains(":") else { return .failure(bad) }
+        }
+        guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port), !portText.hasPrefix("+") else {
+            return .failure(bad)
+        }
+        return .success(Endpoint(host: String(host), port: port))
+    }
+
+    public var description: String {
+        self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)"
+    }
+}
+
+/// An IPv4 or IPv6 address as bytes.
+public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
+    /// 4 or 16 bytes, network order.
+    public var bytes: [UInt8]
+    public var isIPv6: Bool { self.bytes.count == 16 }
+
+    public init?(bytes: [UInt8]) {
+        guard bytes.count == 4 || bytes.count == 16 else { return nil }
+        self.bytes = bytes
+    }
+
+    /// Parses dotted IPv4 or RFC 4291 IPv6 text (with `::` and an optional embedded IPv4 tail).
+    public static func parse(_ text: String) -> IPAddress? {
+        if !text.contains(":") { return Self.parseIPv4(Substring(text)).flatMap { IPAddress(bytes: $0) } }
+        return Self.parseIPv6(text).flatMap { IPAddress(bytes: $0) }
+    }
+
+    static func parseIPv4(_ text: Substring) -> [UInt8]? {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return nil }
+        var out: [UInt8] = []
+        for part in parts {
+            guard !part.isEmpty, part.count <= 3, part.allSatisfy(\.isASCII), let v = UInt8(part) else { return nil }
+            guard part == "0" || !part.hasPrefix("0") else { return nil }
+            out.append(v)
+        }
+        return out
+    }
+
+    static func parseIPv6(_ text: String) -> [UInt8]? {
+        let halves = text.components(separatedBy: "::")
+        guard halves.count <= 2 else { return nil }
+        func groups(_ s: String) -> [UInt16]? {
+            guard !s.isEmpty else { return [] }
+            var out: [UInt16] = []
+            let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+            for (i, part) in parts.enumerated() {
+                if i == parts.count - 1, part.contains(".") {
+                    guard let v4 = parseIPv4(part) else { return nil }
+                    out.append(UInt16(v4[0]) << 8 | UInt16(v4[1]))
+                    out.append(UInt16(v4[2]) << 8 | UInt16(v4[3]))
+                    continue
+                }
+                guard (1...4).contains(part.count), let v = UInt16(part, radix: 16) else { return nil }
+                out.append(v)
+            }
+            return out
+        }
+        guard let head = groups(halves[0]) else { return nil }
+        var all: [UInt16]
+        if halves.count == 2 {
+            guard let tail = groups(halves[1]), head.count + tail.count <= 7 else { return nil }
+            all = head + [UInt16](repeating: 0, count: 8 - head.count - tail.count) + tail
+        } else {
+            guard head.count == 8 else { return nil }
+            all = head
+        }
+        return all.flatMap { [UInt8($0 >> 8), UInt8($0 & 0xFF)] }
+    }
+
+    public var description: String {
+        if self.isIPv6 { return TargetAddress(host: .ipv6(self.bytes), port: 0).hostString }
+        return self.bytes.map(String.init).joined(separator: ".")
+    }
+}
+
+extension String {
+    fileprivate func components(separatedBy separator: String) -> [String] {
+        var result: [String] = []
+        var rest = Substring(self)
+        while let range = rest.firstRange(of: separator) {
+            result.append(String(rest[..<range.lowerBound]))
+            rest = rest[range.upperBound...]
+        }
+        result.append(String(rest))
+        return result
+    }
+}
+
+/// An address prefix such as `10.0.0.0/8` or `fd00::/8`. A bare address is a /32 or /128.
+public struct CIDR: Hashable, Sendable, CustomStringConvertible {
+    public var address: IPAddress
+    public var prefixLength: Int
+
+    public static func parse(_ text: String) -> CIDR? {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let address = IPAddress.parse(String(parts[0])) else { return nil }
+        let maxLength = address.bytes.count * 8
+        var length = maxLength
+        if parts.count == 2 {
+            guard let l = Int(parts[1]), (0...maxLength).contains(l), parts[1].allSatisfy(\.isNumber) else { return nil }
+            length = l
+        }
+        return CIDR(address: address, prefixLength: length)
+    }
+
+    /// Whether `bytes` (4 or 16) fall inside this prefix. IPv4-mapped IPv6 addresses match IPv4 prefixes.
+    public func contains(_ bytes: [UInt8]) -> Bool {
+        var candidate = bytes
+        if candidate.count == 16 && self.address.bytes.count == 4 && candidate[0..<10].allSatisfy({ $0 == 0 })
+            && candidate[10] == 0xFF && candidate[11] == 0xFF
+        {
+            candidate = Array(candidate[12...])
+        }
+        guard candidate.count == self.address.bytes.count else { return false }
+        var remaining = self.prefixLength
+        for i in 0..<candidate.count where remaining > 0 {
+            let bits = min(8, remaining)
+            let mask = UInt8(truncatingIfNeeded: 0xFF << (8 - bits))
+            if candidate[i] & mask != self.address.bytes[i] & mask { return false }
+            remaining -= bits
+        }
+        return true
+    }
+
+    public var description: String { "\(self.address)/\(self.prefixLength)" }
+}
+
+/// A length of time from a config value: `"10s"`, `"500ms"`, `"2m"`, `"1h"`, or an integer of seconds.
+public enum DurationParser {
+    public static func parse(_ text: String) -> Int64? {
+        let units: [(String, Int64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)]
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            let number = text.dropLast(suffix.count)
+            if suffix == "s" && number.hasSuffix("m") { continue }
+            if let whole = Int64(number), whole >= 0 { return whole * scale }
+            if let value = Double(number), value >= 0, value.isFinite { return Int64(value * Double(scale)) }
+            return nil
+        }
+        if let seconds = Int64(text), seconds >= 0 { return seconds * 1_000_000_000 }
+        return nil
+    }
+}
+
+/// One problem with a setting, before it is tied to a file or flag.
+public struct ConfigProblem: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { self.message }
+}
+
+/// A configuration error ready for the user: names the file (and line) or the flag, and the problem.
+public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { self.message }
+}

@@ -1,0 +1,236 @@
+import NIOCore
+
+/// What a record asked of the record layer, beyond its frames.
+public struct RecordOutcome: Hashable, Sendable {
+    /// The record ended with REKEY: rekey the receiving direction now.
+    public var rekey = false
+    /// The record ended with CLOSE: the peer ends the connection with this code.
+    public var close: ErrorCode? = nil
+    public init() {}
+}
+
+extension Multiplexer {
+    // MARK: - Receiving frames
+
+    /// Processes one decrypted record. Throws on any protocol violation; the connection must then end.
+    public func receivedRecord(_ record: inout ByteBuffer, now: NIODeadline) throws(ProtocolError) -> RecordOutcome {
+        let recordSize = record.readableBytes
+        var outcome = RecordOutcome()
+        while let (header, payload) = try record.readFrame() {
+            if outcome.rekey || outcome.close != nil {
+                throw ProtocolError.malformedRecord("a frame follows \(outcome.rekey ? "REKEY" : "CLOSE") in its record")
+            }
+            switch header.type {
+            case .data: try self.receivedData(header, payload, recordSize: recordSize, now: now)
+            case .open: try self.receivedOpen(header, payload)
+            case .openResult: try self.receivedOpenResult(header, payload)
+            case .windowUpdate: try self.receivedWindowUpdate(header, payload)
+            case .reset: try self.receivedReset(header, payload)
+            case .goAway: try self.receivedGoAway(payload)
+            case .ping: try self.receivedPing(header, payload, now: now)
+            case .rekey: outcome.rekey = true
+            case .close:
+                var payload = payload
+                outcome.close = ErrorCode(rawValue: payload.readInteger(as: UInt32.self) ?? 0)
+            case .datagram, .ipPacket, .control, .padding:
+                // Datagram, IP-packet and control frames belong to features this session did not negotiate.
+                break
+            default:
+                guard header.type.rawValue >= FrameType.firstExtension else { throw ProtocolError.unknownFrameType(header.type) }
+            }
+        }
+        return outcome
+    }
+
+    /// Frames for a stream id that is not in the table: fine if the stream existed once (late frames after a
+    /// close), a protocol error if it was never opened.
+    private func checkUnknownStream(_ id: StreamID) throws(ProtocolError) {
+        guard id != .connection else { throw ProtocolError.invalidStreamID("stream frame on stream 0") }
+        let isLocal = id.isClientInitiated == (self.role == .client)
+        let known = isLocal ? id.rawValue < self.nextLocalStreamIDValue : id <= self.lastPeerStreamID
+        guard known else { throw ProtocolError.invalidStreamID("frame for stream \(id), which was never opened") }
+    }
+
+    private func receivedData(_ header: FrameHeader, _ payload: ByteBuffer, recordSize: Int, now: NIODeadline) throws(ProtocolError) {
+        let count = payload.readableBytes
+        if count > 0 { try self.connectionReceiveWindow.received(count) }
+        guard let stream = self.streams[header.streamID.rawValue] else {
+            try self.checkUnknownStream(header.streamID)
+            if count > 0 { self.consumeConnection(count, now: now) }
+            return
+        }
+        switch stream.state {
+        case .opening:
+            throw ProtocolError.flowControl("DATA on stream \(stream.id) before it was open")
+        case .closed:
+            if count > 0 { self.consumeConnection(count, now: now) }
+            return
+        case .open:
+            break
+        }
+        guard !stream.finReceived else {
+            throw ProtocolError.malformedFrame("DATA on stream \(stream.id) after its FIN")
+        }
+        if count > 0 {
+            try stream.receiveWindow.received(count)
+            // A slice keeps its whole record alive. Small frames in a shared record are copied, so a stalled
+            // reader pins at most about twice what its window allows.
+            let data = count * 2 < recordSize ? ByteBuffer(buffer: payload) : payload
+            self.delegate?.multiplexer(self, received: data, on: stream)
+        }
+        if header.flags.contains(.fin), stream.state == .open {
+            stream.finReceived = true
+            self.delegate?.multiplexer(self, receivedEndOfStream: stream)
+            if stream.finSent { self.markClosed(stream, reset: nil) }
+        }
+    }
+
+    private func receivedOpen(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+        let id = header.streamID
+        guard self.role == .server, id.isClientInitiated else {
+            throw ProtocolError.invalidStreamID("OPEN for stream \(id) from the wrong side")
+        }
+        guard id > self.lastPeerStreamID else {
+            throw ProtocolError.invalidStreamID("OPEN for stream \(id) after \(self.lastPeerStreamID)")
+        }
+        self.lastPeerStreamID = id
+        var payload = payload
+        guard let kindByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self) else {
+            throw ProtocolError.malformedFrame("OPEN too short")
+        }
+        guard window <= UInt32(Int32.max) else { throw ProtocolError.flowControl("OPEN window \(window) past 2^31-1") }
+        let target: TargetAddress
+        do {
+            guard let parsed = try payload.readTargetAddress() else { throw ProtocolError.malformedFrame("OPEN address truncated") }
+            target = parsed
+        } catch let error as TargetAddressError {
+            let reply: ReplyCode = if case .unsupportedAddressType = error { .addressTypeNotSupported } else { .generalFailure }
+            self.enqueueControl(.openResult(id, reply: reply, window: 0, bound: .unspecified))
+            return
+        } catch {
+            throw ProtocolError.malformedFrame("OPEN address truncated")
+        }
+        guard !self.localGoingAway, self.peerStreamCount < self.configuration.maxConcurrentStreams else {
+            self.enqueueControl(.reset(id, .refusedStream))
+            return
+        }
+        guard StreamKind(rawValue: kindByte) == .tcp else {
+            self.enqueueControl(.openResult(id, reply: .commandNotSupported, window: 0, bound: .unspecified))
+            return
+        }
+        let stream = MuxStream(
+            id: id, target: target,
+            receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
+        )
+        stream.sendCredit = SendCredit(Int(window))
+        self.streams[id.rawValue] = stream
+        self.peerStreamCount += 1
+        self.delegate?.multiplexer(self, openRequested: stream)
+    }
+
+    private func receivedOpenResult(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+        var payload = payload
+        guard let replyByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self) else {
+            throw ProtocolError.malformedFrame("OPEN_RESULT too short")
+        }
+        guard window <= UInt32(Int32.max) else { throw ProtocolError.flowControl("OPEN_RESULT window past 2^31-1") }
+        let bound = (try? payload.readTargetAddress()) ?? nil
+        guard let stream = self.streams[header.streamID.rawValue] else {
+            try self.checkUnknownStream(header.streamID)
+            return
+        }
+        guard self.role == .client, stream.state == .opening || stream.state == .closed else {
+            throw ProtocolError.malformedFrame("OPEN_RESULT for stream \(stream.id), which is not opening")
+        }
+        guard stream.state == .opening else { return }
+        let reply = ReplyCode(rawValue: replyByte)
+        if reply == .succeeded {
+            stream.state = .open
+            stream.sendCredit = SendCredit(Int(window))
+            self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
+        } else {
+            stream.state = .closed
+            self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
+            self.release(stream)
+        }
+    }
+
+    private func receivedWindowUpdate(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+        var payload = payload
+        guard let increment = payload.readInteger(as: UInt32.self) else { throw ProtocolError.malformedFrame("WINDOW_UPDATE too short") }
+        if header.streamID == .connection {
+            let wasBlocked = self.connectionSendCredit.available == 0
+            try self.connectionSendCredit.grant(increment)
+            if wasBlocked {
+                let wasIdle = !self.hasOutput
+                while let stream = self.streamsAwaitingConnectionCredit.popFirst() {
+                    self.activeStreams.append(stream)
+                }
+                if wasIdle && self.hasOutput { self.delegate?.multiplexerHasOutput(self) }
+                self.resumeBlockedReaders()
+            }
+            return
+        }
+        guard let stream = self.streams[header.streamID.rawValue] else {
+            try self.checkUnknownStream(header.streamID)
+            return
+        }
+        guard stream.state == .open else { return }
+        let before = stream.sendCredit.available
+        try stream.sendCredit.grant(increment)
+        self.schedule(stream)
+        if before <= stream.pendingBytes, !stream.localEndOfStream {
+            self.delegate?.multiplexer(self, streamWantsRead: stream)
+        }
+    }
+
+    private func receivedReset(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+        var payload = payload
+        guard let code = payload.readInteger(as: UInt32.self) else { throw ProtocolError.malformedFrame("RESET too short") }
+        guard let stream = self.streams[header.streamID.rawValue] else {
+            try self.checkUnknownStream(header.streamID)
+            return
+        }
+        if stream.state == .opening && self.role == .client {
+            stream.state = .closed
+            stream.resetCode = ErrorCode(rawValue: code)
+            self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
+            self.release(stream)
+            return
+        }
+        self.markClosed(stream, reset: ErrorCode(rawValue: code))
+    }
+
+    private func receivedGoAway(_ payload: ByteBuffer) throws(ProtocolError) {
+        var payload = payload
+        guard let last = payload.readInteger(as: UInt32.self), let code = payload.readInteger(as: UInt32.self) else {
+            throw ProtocolError.malformedFrame("GOAWAY too short")
+        }
+        self.peerGoingAway = true
+        let lastID = StreamID(last)
+        // Streams we opened above `last` were never seen by the peer: fail them here.
+        let unserved = self.streams.values.filter { $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID && $0.state == .opening }
+        for stream in unserved.sorted(by: { $0.id < $1.id }) {
+            stream.state = .closed
+            stream.resetCode = .refusedStream
+            self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
+            self.release(stream)
+        }
+        self.delegate?.multiplexer(self, peerGoingAway: lastID, code: ErrorCode(rawValue: code))
+    }
+
+    private func receivedPing(_ header: FrameHeader, _ payload: ByteBuffer, now: NIODeadline) throws(ProtocolError) {
+        var payload = payload
+        guard payload.readableBytes == 8, let opaque = payload.readInteger(as: UInt64.self) else {
+            throw ProtocolError.malformedFrame("PING payload must be 8 bytes")
+        }
+        if header.flags.contains(.ack) {
+            self.notePong(opaque, now: now)
+            return
+        }
+        guard self.controlQueueBytes < self.configuration.maxQueuedControlBytes else {
+            throw ProtocolError.resourceLimit("peer keeps sending PINGs without reading the answers")
+        }
+        self.enqueueControl(.ping(opaque, ack: true))
+    }
+}

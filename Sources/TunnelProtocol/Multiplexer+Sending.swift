@@ -1,0 +1,116 @@
+import NIOCore
+
+extension Multiplexer {
+    // MARK: - Producing records
+
+    /// Appends the frames of one record to `buffer`, at most `limit` bytes: control frames first, then stream
+    /// data by deficit round-robin (each stream up to `quantum` per turn, as far as its own and the connection's
+    /// credit allow). Consecutive turns of the same stream extend its frame instead of adding a header.
+    /// Returns whether anything was written.
+    public func produceRecord(into buffer: inout ByteBuffer, limit: Int) -> Bool {
+        let start = buffer.writerIndex
+        var space = limit
+
+        while let frame = self.controlQueue.first {
+            let size = frame.encodedLength
+            guard size <= space else { break }
+            self.controlQueue.removeFirst()
+            self.controlQueueBytes -= size
+            frame.write(into: &buffer)
+            space -= size
+        }
+
+        var lastStream: MuxStream? = nil
+        var lastLengthIndex = 0
+        var lastLength = 0
+        let pendingBefore = self.totalPendingBytes
+        while space > 0, let stream = self.activeStreams.popFirst() {
+            stream.scheduled = false
+            guard stream.hasSendableWork else { continue }
+            let extending = lastStream === stream
+            let room = extending ? min(space, WireLimits.maxFramePayload - lastLength) : space - FrameHeader.byteCount
+            if room <= 0 && !(extending && stream.pendingBytes == 0) {
+                // No room left in this record: the stream keeps its place at the front.
+                stream.scheduled = true
+                self.activeStreams.prepend(stream)
+                break
+            }
+            let count = min(
+                stream.pendingBytes, stream.sendCredit.available, self.connectionSendCredit.available,
+                self.configuration.quantum, max(room, 0)
+            )
+            if count == 0 && stream.pendingBytes > 0 {
+                // Only the connection window can be short here (hasSendableWork checked the stream's own).
+                stream.scheduled = true
+                self.streamsAwaitingConnectionCredit.append(stream)
+                continue
+            }
+            let fin = stream.localEndOfStream && count == stream.pendingBytes
+            if extending {
+                lastLength += count
+                buffer.setInteger(UInt16(lastLength), at: lastLengthIndex)
+                if fin { buffer.setInteger(FrameFlags.fin.rawValue, at: lastLengthIndex - 5) }
+                space -= count
+            } else {
+                lastLengthIndex = buffer.writeFrameHeader(
+                    FrameHeader(type: .data, flags: fin ? .fin : [], streamID: stream.id, length: count)
+                )
+                lastLength = count
+                space -= FrameHeader.byteCount + count
+            }
+            if count > 0 {
+                self.copyPending(count, of: stream, into: &buffer)
+                stream.sendCredit.spend(count)
+                self.connectionSendCredit.spend(count)
+            }
+            lastStream = stream
+            if fin {
+                stream.finSent = true
+                lastStream = nil
+                if stream.finReceived { self.markClosed(stream, reset: nil) }
+                if stream.releaseWhenFinished { self.removeFromTable(stream) }
+                continue
+            }
+            let limit = self.configuration.streamPendingLimit
+            if stream.pendingBytes + count >= limit && stream.pendingBytes < limit {
+                self.delegate?.multiplexer(self, streamWantsRead: stream)
+            }
+            self.schedule(stream)
+        }
+        if pendingBefore >= self.configuration.totalPendingLimit && self.totalPendingBytes < self.configuration.totalPendingLimit {
+            self.resumeBlockedReaders()
+        }
+        return buffer.writerIndex > start
+    }
+
+    /// Moves `count` bytes from the front of the stream's pending buffers into the record.
+    private func copyPending(_ count: Int, of stream: MuxStream, into buffer: inout ByteBuffer) {
+        var remaining = count
+        while remaining > 0 {
+            let index = stream.pending.startIndex
+            let available = stream.pending[index].readableBytes
+            if available <= remaining {
+                buffer.writeImmutableBuffer(stream.pending[index])
+                stream.pending.removeFirst()
+                remaining -= available
+            } else {
+                let slice = stream.pending[index].readSlice(length: remaining)!
+                buffer.writeImmutableBuffer(slice)
+                remaining = 0
+            }
+        }
+        stream.pendingBytes -= count
+        self.totalPendingBytes -= count
+    }
+
+    /// Appends a REKEY frame (the caller then seals the record and rekeys its sender).
+    public func writeRekeyFrame(into buffer: inout ByteBuffer) {
+        buffer.writeFrameHeader(FrameHeader(type: .rekey, streamID: .connection, length: 0))
+    }
+
+    /// Appends a CLOSE frame, the last frame this side ever sends.
+    public func writeCloseFrame(code: ErrorCode, into buffer: inout ByteBuffer) {
+        buffer.writeFrameHeader(FrameHeader(type: .close, streamID: .connection, length: 4))
+        buffer.writeInteger(code.rawValue)
+    }
+}

@@ -1,0 +1,346 @@
+import NIOCore
+
+/// What the multiplexer asks of whoever runs its I/O. All calls happen synchronously inside the
+/// multiplexer's own methods, on the connection's event loop.
+public protocol MultiplexerDelegate: AnyObject {
+    /// Server: the peer asks for a stream to `stream.target`. Answer later with `completeOpen`.
+    func multiplexer(_ mux: Multiplexer, openRequested stream: MuxStream)
+    /// Client: the OPEN_RESULT for `stream` arrived. On failure the stream is already released.
+    func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
+    /// Stream bytes to write to the local socket. Report them with `consumed` once written.
+    func multiplexer(_ mux: Multiplexer, received data: ByteBuffer, on stream: MuxStream)
+    /// The peer sent FIN: shut the local socket's output once everything before it is written.
+    func multiplexer(_ mux: Multiplexer, receivedEndOfStream stream: MuxStream)
+    /// The stream is over. With `reset` set, close the local socket abortively now; otherwise close it once
+    /// its writes are out. Either way, call `release` when the local socket is gone.
+    func multiplexer(_ mux: Multiplexer, streamClosed stream: MuxStream, reset: ErrorCode?)
+    /// The local socket of `stream` may read again (credit or buffer space came back).
+    func multiplexer(_ mux: Multiplexer, streamWantsRead stream: MuxStream)
+    /// The peer sent GOAWAY: it accepts no stream above `lastStreamID`.
+    func multiplexer(_ mux: Multiplexer, peerGoingAway lastStreamID: StreamID, code: ErrorCode)
+    /// Frames are waiting to be sent: produce records soon (once per event-loop tick).
+    func multiplexerHasOutput(_ mux: Multiplexer)
+}
+
+/// The stream multiplexer of one tunnel connection (PROTOCOL.md §3): stream table, per-stream and connection
+/// flow control, and the sender's scheduler (control frames first, then deficit round-robin over streams that
+/// have both data and credit). It does no I/O: the handler feeds it decrypted records and local events, and
+/// pulls record plaintexts from it.
+///
+/// Everything per event is O(1) in the number of streams: streams sit in queues only while they have work.
+public final class Multiplexer {
+    /// Which end of the tunnel this is; decides stream id parity and who may open streams.
+    public enum Role: Sendable { case client, server }
+
+    /// Limits and sizes.
+    public struct Configuration: Sendable {
+        /// Receive window each new stream starts with.
+        public var initialStreamWindow: Int = 256 << 10
+        /// Largest a stream's receive window may auto-tune to.
+        public var maxStreamWindow: Int = 4 << 20
+        /// Connection-level receive window (bounds all buffered receive data).
+        public var connectionWindow: Int = 16 << 20
+        /// Most concurrent streams the peer may open here.
+        public var maxConcurrentStreams: Int = 16384
+        /// Deficit round-robin quantum: bytes a stream may send per turn.
+        public var quantum: Int = 16 << 10
+        /// A stream stops reading its local socket once this many bytes wait to be sent.
+        public var streamPendingLimit: Int = 64 << 10
+        /// All streams together stop reading once this many bytes wait to be sent.
+        public var totalPendingLimit: Int = 4 << 20
+        /// Most bytes of control frames that may wait (a peer that never reads PING answers hits this).
+        public var maxQueuedControlBytes: Int = 1 << 20
+        public init() {}
+    }
+
+    public let role: Role
+    public let configuration: Configuration
+    public weak var delegate: (any MultiplexerDelegate)?
+
+    // MARK: - Stream table
+    var streams: [UInt32: MuxStream] = [:]
+    private var nextLocalStreamID: UInt32
+    /// Highest stream id the peer has opened.
+    public internal(set) var lastPeerStreamID = StreamID(0)
+    /// The peer's announced limit on streams we open.
+    public private(set) var peerMaxConcurrentStreams: Int
+    /// Number of streams we opened that are still known.
+    public private(set) var localStreamCount = 0
+    /// Number of streams the peer opened that are still known.
+    public internal(set) var peerStreamCount = 0
+
+    // MARK: - Flow control
+    var connectionSendCredit: SendCredit
+    var connectionReceiveWindow: ReceiveWindow
+
+    // MARK: - Scheduler
+    var controlQueue = CircularBuffer<ControlFrame>(initialCapacity: 16)
+    var controlQueueBytes = 0
+    var activeStreams = CircularBuffer<MuxStream>(initialCapacity: 16)
+    var streamsAwaitingConnectionCredit = CircularBuffer<MuxStream>(initialCapacity: 4)
+    var readBlockedStreams = CircularBuffer<MuxStream>(initialCapacity: 4)
+    var totalPendingBytes = 0
+    var tunnelWritable = true
+
+    // MARK: - Connection state
+    /// We sent GOAWAY: no new peer streams are accepted.
+    public private(set) var localGoingAway = false
+    /// The peer sent GOAWAY: we open no new streams.
+    public internal(set) var peerGoingAway = false
+    /// Smoothed round-trip time from PING answers.
+    public private(set) var smoothedRoundTrip: TimeAmount? = nil
+    private var outstandingPing: UInt64? = nil
+
+    /// - Parameters:
+    ///   - peerParameters: what the peer announced in the handshake (its limits and connection window).
+    public init(role: Role, configuration: Configuration = Configuration(), peerParameters: SessionParameters) {
+        self.role = role
+        self.configuration = configuration
+        self.nextLocalStreamID = role == .client ? 1 : 2
+        self.peerMaxConcurrentStreams = Int(peerParameters.maxConcurrentStreams)
+        self.connectionSendCredit = SendCredit(Int(peerParameters.connectionWindow))
+        self.connectionReceiveWindow = ReceiveWindow(target: configuration.connectionWindow)
+    }
+
+    /// The parameters this side announces in its handshake, matching `configuration`.
+    public static func announcedParameters(for configuration: Configuration, features: SessionFeatures = []) -> SessionParameters {
+        var parameters = SessionParameters()
+        parameters.features = features
+        parameters.maxConcurrentStreams = UInt32(configuration.maxConcurrentStreams)
+        parameters.connectionWindow = UInt32(configuration.connectionWindow)
+        return parameters
+    }
+
+    /// Number of streams in the table.
+    public var streamCount: Int { self.streams.count }
+
+    /// Looks a stream up by id.
+    public func stream(_ id: StreamID) -> MuxStream? { self.streams[id.rawValue] }
+
+    var nextLocalStreamIDValue: UInt32 { self.nextLocalStreamID }
+
+    /// Bytes of control frames and stream data waiting to be sent (an estimate of the next records' size).
+    public var queuedOutputBytes: Int { self.controlQueueBytes + self.totalPendingBytes }
+
+    /// Whether frames are waiting to be sent.
+    public var hasOutput: Bool { !self.controlQueue.isEmpty || !self.activeStreams.isEmpty }
+
+    // MARK: - Opening streams
+
+    /// Whether `openStream` would succeed now.
+    public var canOpenStream: Bool {
+        !self.peerGoingAway && self.localStreamCount < self.peerMaxConcurrentStreams
+            && self.nextLocalStreamID <= UInt32(Int32.max) - 2
+    }
+
+    /// Opens a stream to `target` (OPEN goes out with the next record). `nil` if the peer's limit is reached,
+    /// the peer is going away, or stream ids are used up.
+    public func openStream(to target: TargetAddress) -> MuxStream? {
+        guard self.canOpenStream else { return nil }
+        let id = StreamID(self.nextLocalStreamID)
+        self.nextLocalStreamID += 2
+        let stream = MuxStream(
+            id: id, target: target,
+            receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
+        )
+        self.streams[id.rawValue] = stream
+        self.localStreamCount += 1
+        self.enqueueControl(.open(id, window: UInt32(self.configuration.initialStreamWindow), target: target))
+        return stream
+    }
+
+    /// Server: answers a requested stream. On failure the stream is released at once.
+    public func completeOpen(_ stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
+        guard !stream.released, stream.state == .opening else { return }
+        self.enqueueControl(
+            .openResult(stream.id, reply: reply, window: UInt32(self.configuration.initialStreamWindow), bound: bound)
+        )
+        if reply == .succeeded {
+            stream.state = .open
+        } else {
+            stream.state = .closed
+            self.release(stream)
+        }
+    }
+
+    // MARK: - Local events
+
+    /// Bytes read from the local socket of `stream`.
+    public func localRead(_ data: ByteBuffer, on stream: MuxStream) {
+        guard stream.state == .open, !stream.localEndOfStream, data.readableBytes > 0 else { return }
+        stream.pending.append(data)
+        stream.pendingBytes += data.readableBytes
+        self.totalPendingBytes += data.readableBytes
+        self.schedule(stream)
+    }
+
+    /// The local socket of `stream` reached EOF: FIN follows the pending bytes.
+    public func localEndOfStream(on stream: MuxStream) {
+        guard stream.state == .open, !stream.localEndOfStream else { return }
+        stream.localEndOfStream = true
+        self.schedule(stream)
+    }
+
+    /// `count` received bytes of `stream` were written to its local socket: credit may go back to the peer.
+    public func consumed(_ count: Int, on stream: MuxStream, now: NIODeadline) {
+        guard !stream.released, count > 0 else { return }
+        if stream.state != .closed, let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.smoothedRoundTrip) {
+            self.enqueueControl(.windowUpdate(stream.id, increment: increment))
+        } else if stream.state == .closed {
+            _ = stream.receiveWindow.consumed(count, now: now, roundTrip: nil)
+        }
+        self.consumeConnection(count, now: now)
+    }
+
+    /// The local socket of `stream` failed or was reset: RESET the stream.
+    public func resetStream(_ stream: MuxStream, code: ErrorCode) {
+        guard !stream.released, stream.state != .closed else { return }
+        self.enqueueControl(.reset(stream.id, code))
+        self.markClosed(stream, reset: code)
+    }
+
+    /// The local socket of `stream` is gone. Its unconsumed bytes return to the connection window and the
+    /// stream leaves the table. A stream whose both directions had ended locally (EOF read, FIN received)
+    /// still sends its FIN first; any other stream that is not yet closed is reset.
+    public func release(_ stream: MuxStream) {
+        guard !stream.released, !stream.releaseWhenFinished else { return }
+        stream.context = nil
+        if stream.state == .open && stream.localEndOfStream && stream.finReceived && !stream.finSent {
+            stream.releaseWhenFinished = true
+            return
+        }
+        if stream.state != .closed {
+            self.enqueueControl(.reset(stream.id, .cancel))
+            self.markClosed(stream, reset: .cancel)
+        }
+        self.removeFromTable(stream)
+    }
+
+    func removeFromTable(_ stream: MuxStream) {
+        guard !stream.released else { return }
+        stream.released = true
+        stream.context = nil
+        self.streams.removeValue(forKey: stream.id.rawValue)
+        if stream.id.isClientInitiated == (self.role == .client) {
+            self.localStreamCount -= 1
+        } else {
+            self.peerStreamCount -= 1
+        }
+        let unconsumed = stream.receiveWindow.releaseAll()
+        if unconsumed > 0 { self.consumeConnection(unconsumed, now: .now()) }
+    }
+
+    /// Whether the local socket of `stream` should read now. When only a connection-wide limit is in the way,
+    /// the stream is remembered and `streamWantsRead` fires once the limit clears.
+    public func shouldRead(_ stream: MuxStream) -> Bool {
+        guard stream.state == .open, !stream.localEndOfStream, stream.pendingBytes < self.configuration.streamPendingLimit,
+            stream.sendCredit.available > stream.pendingBytes
+        else { return false }
+        if self.readGateOpen { return true }
+        if !stream.readBlocked {
+            stream.readBlocked = true
+            self.readBlockedStreams.append(stream)
+        }
+        return false
+    }
+
+    /// The tunnel connection's writability changed (its outbound buffer crossed a watermark).
+    public func tunnelWritabilityChanged(_ writable: Bool) {
+        self.tunnelWritable = writable
+        if writable { self.resumeBlockedReaders() }
+    }
+
+    // MARK: - Connection control
+
+    /// Queues a PING carrying `now` (answered with ACK; gives the RTT).
+    public func sendPing(now: NIODeadline) {
+        let opaque = now.uptimeNanoseconds
+        self.outstandingPing = opaque
+        self.enqueueControl(.ping(opaque, ack: false))
+    }
+
+    /// Queues GOAWAY: the peer may open no more streams; open ones continue.
+    public func goAway(code: ErrorCode) {
+        guard !self.localGoingAway else { return }
+        self.localGoingAway = true
+        self.enqueueControl(.goAway(lastStreamID: self.lastPeerStreamID, code))
+    }
+
+    /// Every stream still known, for shutdown and truncation handling.
+    public var allStreams: [MuxStream] { Array(self.streams.values) }
+
+    /// The tunnel is gone: every stream is closed with `code` (abortively) and released by its handler.
+    public func abortAllStreams(code: ErrorCode) {
+        for stream in self.streams.values where stream.state != .closed {
+            self.markClosed(stream, reset: code)
+        }
+    }
+
+    // MARK: - Internals shared by receiving and sending
+
+    var readGateOpen: Bool {
+        self.tunnelWritable && self.totalPendingBytes < self.configuration.totalPendingLimit
+            && self.connectionSendCredit.available > 0
+    }
+
+    func enqueueControl(_ frame: ControlFrame) {
+        let wasIdle = !self.hasOutput
+        self.controlQueue.append(frame)
+        self.controlQueueBytes += frame.encodedLength
+        if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+    }
+
+    func schedule(_ stream: MuxStream) {
+        guard !stream.scheduled, stream.hasSendableWork else { return }
+        stream.scheduled = true
+        if stream.pendingBytes > 0 && self.connectionSendCredit.available == 0 {
+            self.streamsAwaitingConnectionCredit.append(stream)
+        } else {
+            let wasIdle = !self.hasOutput
+            self.activeStreams.append(stream)
+            if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+        }
+    }
+
+    func consumeConnection(_ count: Int, now: NIODeadline) {
+        if let increment = self.connectionReceiveWindow.consumed(count, now: now, roundTrip: nil) {
+            self.enqueueControl(.windowUpdate(.connection, increment: increment))
+        }
+    }
+
+    /// Moves a stream to `closed` and tells the delegate (once).
+    func markClosed(_ stream: MuxStream, reset: ErrorCode?) {
+        guard stream.state != .closed else { return }
+        stream.state = .closed
+        stream.resetCode = reset
+        self.totalPendingBytes -= stream.pendingBytes
+        stream.pendingBytes = 0
+        stream.pending.removeAll()
+        if stream.releaseWhenFinished {
+            self.removeFromTable(stream)
+        } else {
+            self.delegate?.multiplexer(self, streamClosed: stream, reset: reset)
+        }
+    }
+
+    func resumeBlockedReaders() {
+        while self.readGateOpen, let stream = self.readBlockedStreams.popFirst() {
+            stream.readBlocked = false
+            if !stream.released && stream.state == .open {
+                self.delegate?.multiplexer(self, streamWantsRead: stream)
+            }
+        }
+    }
+
+    func notePong(_ opaque: UInt64, now: NIODeadline) {
+        guard opaque == self.outstandingPing else { return }
+        self.outstandingPing = nil
+        let sample = TimeAmount.nanoseconds(Int64(bitPattern: now.uptimeNanoseconds &- opaque))
+        guard sample >= .zero else { return }
+        if let current = self.smoothedRoundTrip {
+            self.smoothedRoundTrip = .nanoseconds((current.nanoseconds * 7 + sample.nanoseconds) / 8)
+        } else {
+            self.smoothedRoundTrip = sample
+        }
+    }
+}

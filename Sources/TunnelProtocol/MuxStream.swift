@@ -1,0 +1,69 @@
+import NIOCore
+
+/// One multiplexed stream, as the multiplexer tracks it. The handler that owns the stream's local socket
+/// keeps itself in `context`.
+public final class MuxStream {
+    /// Lifecycle on the wire (RFC 9113 §5.1 / RFC 4254 §5.3 in spirit).
+    public enum State: Hashable, Sendable {
+        /// OPEN is on the wire (client) or being served (server); no data flows yet.
+        case opening
+        /// Data may flow in each direction that has not sent its FIN.
+        case open
+        /// Both FINs crossed, or a RESET went either way. Nothing more is sent or accepted; the stream stays
+        /// known until its local socket has finished writing and the handler releases it.
+        case closed
+    }
+
+    /// The stream's id.
+    public let id: StreamID
+    /// Where the stream goes (for logs).
+    public let target: TargetAddress
+    /// Lifecycle state.
+    public internal(set) var state: State = .opening
+    /// Our FIN is on the wire.
+    public internal(set) var finSent = false
+    /// The peer's FIN arrived.
+    public internal(set) var finReceived = false
+    /// Set when the stream ended by RESET (either way), with its code.
+    public internal(set) var resetCode: ErrorCode? = nil
+    /// The local socket reached EOF: a FIN goes out after the pending bytes.
+    public internal(set) var localEndOfStream = false
+    /// Whoever carries out this stream's I/O (the handler of its local socket).
+    public var context: AnyObject? = nil
+
+    /// Send credit granted by the peer for this stream.
+    var sendCredit = SendCredit(0)
+    /// Receive accounting for this stream.
+    var receiveWindow: ReceiveWindow
+    /// Bytes read from the local socket and not yet framed.
+    var pending = CircularBuffer<ByteBuffer>(initialCapacity: 2)
+    var pendingBytes = 0
+    /// In the send queue (either the round-robin queue or the wait for connection credit).
+    var scheduled = false
+    /// Waiting in the queue of readers held back by a connection-wide limit.
+    var readBlocked = false
+    /// Already removed from the multiplexer.
+    var released = false
+    /// The local socket is gone but the FIN still has to go out; the stream leaves the table after it.
+    var releaseWhenFinished = false
+
+    /// Bytes received for this stream and not yet consumed by the local socket.
+    public var bufferedBytes: Int { self.receiveWindow.buffered }
+    /// Bytes read locally and not yet sent.
+    public var pendingSendBytes: Int { self.pendingBytes }
+    /// Send credit left.
+    public var availableSendCredit: Int { self.sendCredit.available }
+
+    init(id: StreamID, target: TargetAddress, receiveWindow: ReceiveWindow) {
+        self.id = id
+        self.target = target
+        self.receiveWindow = receiveWindow
+    }
+
+    /// Whether the scheduler has something it may send now (ignoring connection credit).
+    var hasSendableWork: Bool {
+        guard self.state == .open, !self.finSent else { return false }
+        if self.pendingBytes > 0 { return self.sendCredit.available > 0 }
+        return self.localEndOfStream
+    }
+}

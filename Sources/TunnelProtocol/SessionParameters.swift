@@ -1,0 +1,87 @@
+import NIOCore
+import TunnelCrypto
+
+/// Optional capabilities, as a bit set carried in the handshake.
+public struct SessionFeatures: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Per-stream deflate of DATA frames (PROTOCOL.md §4).
+    public static let compression = SessionFeatures(rawValue: 1 << 0)
+    /// IP packets over the tunnel (PROTOCOL.md §5).
+    public static let fullTunnel = SessionFeatures(rawValue: 1 << 1)
+}
+
+/// What one side announces in its handshake payload: its limits and receive windows.
+///
+/// Encoded as TLVs (`type u8, length u16 BE, value`); unknown types are skipped so later versions can add
+/// fields, and a missing field takes its default (so a bare Noise peer with an empty payload interoperates).
+public struct SessionParameters: Hashable, Sendable {
+    /// Protocol minor version (the major version is in the Noise prologue).
+    public var minorVersion: UInt8 = 0
+    /// Requested (client) or accepted (server) features.
+    public var features: SessionFeatures = []
+    /// Most concurrent streams the sender accepts being opened by its peer.
+    public var maxConcurrentStreams: UInt32 = 16384
+    /// The sender's connection-level receive window: the peer's initial connection send credit.
+    public var connectionWindow: UInt32 = 16 << 20
+
+    public init() {}
+
+    enum Tag {
+        static let minorVersion: UInt8 = 0x01
+        static let features: UInt8 = 0x02
+        static let maxConcurrentStreams: UInt8 = 0x03
+        static let connectionWindow: UInt8 = 0x05
+    }
+
+    /// Appends the TLVs.
+    public func encode(into buffer: inout ByteBuffer) {
+        func tlv(_ tag: UInt8, _ write: (inout ByteBuffer) -> Void) {
+            buffer.writeInteger(tag)
+            let lengthIndex = buffer.writerIndex
+            buffer.writeInteger(UInt16(0))
+            let start = buffer.writerIndex
+            write(&buffer)
+            buffer.setInteger(UInt16(buffer.writerIndex - start), at: lengthIndex)
+        }
+        tlv(Tag.minorVersion) { $0.writeInteger(self.minorVersion) }
+        tlv(Tag.features) { $0.writeInteger(self.features.rawValue) }
+        tlv(Tag.maxConcurrentStreams) { $0.writeInteger(self.maxConcurrentStreams) }
+        tlv(Tag.connectionWindow) { $0.writeInteger(self.connectionWindow) }
+    }
+
+    /// Parses TLVs; unknown tags are skipped, known tags must have their exact size.
+    public static func decode(_ buffer: inout ByteBuffer) throws(ProtocolError) -> SessionParameters {
+        var parameters = SessionParameters()
+        while buffer.readableBytes > 0 {
+            guard let tag = buffer.readInteger(as: UInt8.self), let length = buffer.readInteger(as: UInt16.self),
+                var value = buffer.readSlice(length: Int(length))
+            else {
+                throw ProtocolError.handshakeFailed("truncated handshake parameter")
+            }
+            func exact<T: FixedWidthInteger>(_: T.Type) throws(ProtocolError) -> T {
+                guard value.readableBytes == MemoryLayout<T>.size, let v = value.readInteger(as: T.self) else {
+                    throw ProtocolError.handshakeFailed("handshake parameter \(tag) has length \(length)")
+                }
+                return v
+            }
+            switch tag {
+            case Tag.minorVersion: parameters.minorVersion = try exact(UInt8.self)
+            case Tag.features: parameters.features = SessionFeatures(rawValue: try exact(UInt32.self))
+            case Tag.maxConcurrentStreams: parameters.maxConcurrentStreams = try exact(UInt32.self)
+            case Tag.connectionWindow:
+                let window = try exact(UInt32.self)
+                guard window >= 65536, window <= Int32.max else {
+                    throw ProtocolError.handshakeFailed("connection window \(window) out of range")
+                }
+                parameters.connectionWindow = window
+            default: continue
+            }
+        }
+        return parameters
+    }
+}
+
+/// The prologue both sides mix into the handshake: binds the protocol and its major version, so a peer of
+/// another version fails the handshake instead of misparsing it.
+public let tunnelPrologue: [UInt8] = Array("tunnel/1".utf8)

@@ -1,0 +1,230 @@
+import Logging
+import NIOCore
+import NIOPosix
+import TunnelConfig
+import TunnelCrypto
+import TunnelProtocol
+import TunnelTransport
+
+/// Keeps the client's one tunnel up and routes SOCKS requests into it.
+///
+/// Everything runs on one event loop, shared with every SOCKS connection, so streams and the tunnel never
+/// cross threads. While the tunnel is down, requests wait (bounded in number and time) and the manager
+/// reconnects with exponential backoff and jitter; a request arriving during a long backoff triggers an early
+/// attempt. Streams in flight when the tunnel is lost are reset, never cleanly closed.
+final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate {
+    private let eventLoop: any EventLoop
+    private let resolved: ClientSettings.Resolved
+    private let configuration: TunnelConnectionHandler.Configuration
+    private var logger: Logger
+
+    /// The tunnel new streams go to, once established.
+    private var current: TunnelConnectionHandler?
+    /// Every live tunnel connection (the current one, and older ones draining after a GOAWAY).
+    private var live: [ObjectIdentifier: TunnelConnectionHandler] = [:]
+    private var connecting = false
+    private var stopped = false
+    private var backoff: TimeAmount = .milliseconds(250)
+    private var reconnectTask: Scheduled<Void>?
+    private var lastAttempt: NIODeadline = .distantPast
+    private var consecutiveFailures = 0
+    /// The AEAD of the next attempt (alternates under `auto` until one works).
+    private var nextCipher: NoiseCipher
+    private var workingCipher: NoiseCipher?
+
+    private struct Waiter {
+        let target: TargetAddress
+        let local: LocalStreamHandler
+        let deadline: NIODeadline
+    }
+    private var waiting = CircularBuffer<Waiter>()
+    private var waiterTimer: Scheduled<Void>?
+
+    init(eventLoop: any EventLoop, resolved: ClientSettings.Resolved, logger: Logger) {
+        self.eventLoop = eventLoop
+        self.resolved = resolved
+        self.configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
+        self.logger = logger
+        switch resolved.settings.cipher {
+        case .fixed(let cipher): self.nextCipher = cipher
+        case .automatic: self.nextCipher = NoiseCipher.aesGCM.isAvailable ? .aesGCM : .chaChaPoly
+        }
+    }
+
+    // MARK: - Connecting
+
+    func start() {
+        self.connect()
+    }
+
+    private func connect() {
+        guard !self.stopped, !self.connecting else { return }
+        self.reconnectTask?.cancel()
+        self.reconnectTask = nil
+        self.connecting = true
+        self.lastAttempt = .now()
+        let cipher = self.nextCipher
+        let machine = ClientHandshakeStateMachine(
+            cipher: cipher, staticKey: self.resolved.key, serverKey: self.resolved.serverKey,
+            parameters: Multiplexer.announcedParameters(for: self.configuration.multiplexer)
+        )
+        let handler = TunnelConnectionHandler(role: .client(machine), configuration: self.configuration, logger: self.logger)
+        handler.delegate = self
+        let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
+        let server = self.resolved.server
+        self.logger.debug("connecting to \(server) (\(cipher))")
+        ClientBootstrap(group: self.eventLoop)
+            .connectTimeout(.nanoseconds(self.configuration.handshakeTimeout.nanoseconds))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
+            .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(boundHandler.value)
+                }
+            }
+            .connect(host: server.host, port: server.port)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success:
+                    self.live[ObjectIdentifier(handler)] = handler
+                case .failure(let error):
+                    self.connecting = false
+                    self.attemptFailed("cannot connect to \(server): \(error)", handshake: false)
+                }
+            }
+    }
+
+    private func attemptFailed(_ why: String, handshake: Bool) {
+        self.consecutiveFailures += 1
+        if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil, NoiseCipher.aesGCM.isAvailable {
+            // The server may not take AES-GCM (no AES-NI there): alternate until one cipher works.
+            self.nextCipher = self.nextCipher == .aesGCM ? .chaChaPoly : .aesGCM
+        }
+        guard !self.stopped else { return }
+        let jitter = Double(secureRandomUniform(1000)) / 2000 + 0.5
+        let delay = TimeAmount.nanoseconds(Int64(Double(self.backoff.nanoseconds) * jitter))
+        let level: Logger.Level = self.consecutiveFailures <= 1 || self.consecutiveFailures % 10 == 0 ? .warning : .info
+        self.logger.log(level: level, "\(why); retrying in \(Self.format(delay))")
+        self.backoff = min(self.backoff * 2, .nanoseconds(self.resolved.settings.reconnectMax))
+        self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: delay) { self.connect() }
+    }
+
+    private static func format(_ t: TimeAmount) -> String {
+        let ms = t.nanoseconds / 1_000_000
+        return ms < 1000 ? "\(ms) ms" : "\(Double(ms / 100) / 10) s"
+    }
+
+    // MARK: - TunnelConnectionDelegate
+
+    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) {
+        self.connecting = false
+        self.current = tunnel
+        self.workingCipher = session.cipher
+        self.nextCipher = session.cipher
+        self.backoff = .milliseconds(250)
+        self.consecutiveFailures = 0
+        self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher))")
+        self.serveWaiting()
+    }
+
+    func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {
+        guard self.current === tunnel else { return }
+        // The server is going away: its open streams finish on this connection, new ones need a new one.
+        self.current = nil
+        self.connect()
+    }
+
+    func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {
+        if !self.waiting.isEmpty && tunnel === self.current { self.serveWaiting() }
+    }
+
+    func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
+        self.live.removeValue(forKey: ObjectIdentifier(tunnel))
+        let wasCurrent = self.current === tunnel
+        if wasCurrent { self.current = nil }
+        if tunnel.session == nil {
+            self.connecting = false
+            var why = error?.detail ?? "handshake failed"
+            if error?.code == .handshakeFailed && why.contains("closed") {
+                why = "the server closed the connection during the handshake: check --server-key, "
+                    + "and that this client's key (\(self.resolved.key.publicKey)) is in the server's authorized keys"
+            }
+            self.attemptFailed(why, handshake: true)
+            return
+        }
+        guard wasCurrent, !self.stopped else { return }
+        self.logger.warning("tunnel lost: \(error?.detail ?? "closed by the server"); reconnecting")
+        self.connect()
+    }
+
+    // MARK: - TunnelStreamProvider
+
+    func requestStream(to target: TargetAddress, local: LocalStreamHandler) {
+        if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, local: local) {
+            return
+        }
+        guard !self.stopped, self.waiting.count < self.resolved.settings.maxWaitingRequests else {
+            local.openCompleted(reply: .generalFailure, bound: .unspecified)
+            return
+        }
+        let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
+        self.waiting.append(Waiter(target: target, local: local, deadline: deadline))
+        self.armWaiterTimer()
+        if self.current == nil && !self.connecting && NIODeadline.now() - self.lastAttempt >= .seconds(1) {
+            // A user is waiting: do not sit out a long backoff.
+            self.connect()
+        }
+    }
+
+    func cancelStreamRequest(_ local: LocalStreamHandler) {
+        if let index = self.waiting.firstIndex(where: { $0.local === local }) {
+            self.waiting.remove(at: index)
+            return
+        }
+        if let stream = local.stream, let mux = local.multiplexer {
+            mux.release(stream)
+        }
+    }
+
+    private func serveWaiting() {
+        while let tunnel = self.current, tunnel.canOpenStream, let waiter = self.waiting.popFirst() {
+            if !tunnel.openStream(to: waiter.target, local: waiter.local) {
+                self.waiting.prepend(waiter)
+                break
+            }
+        }
+    }
+
+    private func armWaiterTimer() {
+        guard self.waiterTimer == nil, let first = self.waiting.first else { return }
+        self.waiterTimer = self.eventLoop.assumeIsolated().scheduleTask(deadline: first.deadline) {
+            self.waiterTimer = nil
+            let now = NIODeadline.now()
+            while let first = self.waiting.first, first.deadline <= now {
+                self.waiting.removeFirst()
+                first.local.openCompleted(reply: .generalFailure, bound: .unspecified)
+            }
+            self.armWaiterTimer()
+        }
+    }
+
+    // MARK: - Shutdown
+
+    /// Stops reconnecting, fails waiting requests, and shuts every tunnel down gracefully.
+    func shutdown(drainTimeout: TimeAmount) -> EventLoopFuture<Void> {
+        self.stopped = true
+        self.reconnectTask?.cancel()
+        self.waiterTimer?.cancel()
+        while let waiter = self.waiting.popFirst() {
+            waiter.local.openCompleted(reply: .generalFailure, bound: .unspecified)
+        }
+        let futures = self.live.values.map { tunnel -> EventLoopFuture<Void> in
+            let promise = self.eventLoop.makePromise(of: Void.self)
+            tunnel.shutdown(drainTimeout: drainTimeout) { promise.succeed(()) }
+            return promise.futureResult
+        }
+        return EventLoopFuture.andAllComplete(futures, on: self.eventLoop)
+    }
+}

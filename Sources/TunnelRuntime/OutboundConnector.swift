@@ -1,0 +1,204 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import NIOCore
+import NIOPosix
+import TunnelConfig
+import TunnelProtocol
+import TunnelTransport
+
+/// The server's outbound side: resolves a stream's destination, applies the deny list to every resolved
+/// address, and connects to each address in turn until one answers, within one overall timeout. Failures map
+/// to the SOCKS5 reply that says what happened.
+///
+/// No `bind()` before `connect()`: the kernel picks the source port at connect time, so TIME_WAIT ports
+/// are reusable and high connect rates do not exhaust the ephemeral range.
+final class OutboundConnector: Sendable {
+    let connectTimeout: TimeAmount
+    let deny: [CIDR]
+    let resolverPool: NIOThreadPool
+
+    init(connectTimeout: TimeAmount, deny: [CIDR], resolverPool: NIOThreadPool) {
+        self.connectTimeout = connectTimeout
+        self.deny = deny
+        self.resolverPool = resolverPool
+    }
+
+    /// The outcome of one connect.
+    enum Outcome: Sendable {
+        case connected(any Channel)
+        case failed(ReplyCode, String)
+    }
+
+    /// Connects to `target` from `eventLoop` (the tunnel's loop, so the socket shares it).
+    func connect(to target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Outcome> {
+        let deadline = NIODeadline.now() + self.connectTimeout
+        return self.resolve(target, on: eventLoop).flatMap { resolved -> EventLoopFuture<Outcome> in
+            switch resolved {
+            case .failure(let reply, let why):
+                return eventLoop.makeSucceededFuture(.failed(reply, why))
+            case .success(let addresses):
+                let allowed = addresses.filter { !self.isDenied($0) }
+                guard !allowed.isEmpty else {
+                    return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy"))
+                }
+                return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil)
+            }
+        }
+    }
+
+    private enum Resolution: Sendable {
+        case success([SocketAddress])
+        case failure(ReplyCode, String)
+    }
+
+    private func resolve(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Resolution> {
+        switch target.host {
+        case .ipv4(let a):
+            var packed = ByteBuffer()
+            packed.writeInteger(a)
+            let address = try? SocketAddress(packedIPAddress: packed, port: Int(target.port))
+            return eventLoop.makeSucceededFuture(address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv4"))
+        case .ipv6(let bytes):
+            let address = try? SocketAddress(packedIPAddress: ByteBuffer(bytes: bytes), port: Int(target.port))
+            return eventLoop.makeSucceededFuture(address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv6"))
+        case .domain(let name):
+            let port = target.port
+            return self.resolverPool.runIfActive(eventLoop: eventLoop) { () -> Resolution in
+                Self.getaddrinfo(name, port: port)
+            }.flatMapErrorThrowing { _ in .failure(.generalFailure, "resolver unavailable") }
+        }
+    }
+
+    /// Blocking name resolution (runs on the resolver thread pool).
+    private static func getaddrinfo(_ name: String, port: UInt16) -> Resolution {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        #if canImport(Glibc)
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        #else
+        hints.ai_socktype = SOCK_STREAM
+        #endif
+        hints.ai_flags = AI_ADDRCONFIG
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = Glibc.getaddrinfo(name, String(port), &hints, &result)
+        guard rc == 0, let first = result else {
+            let why = String(cString: gai_strerror(rc))
+            return .failure(.hostUnreachable, "cannot resolve \(name): \(why)")
+        }
+        defer { freeaddrinfo(first) }
+        var addresses: [SocketAddress] = []
+        var current: UnsafeMutablePointer<addrinfo>? = first
+        while let info = current {
+            if let sa = info.pointee.ai_addr {
+                switch Int32(info.pointee.ai_family) {
+                case AF_INET:
+                    addresses.append(SocketAddress(sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee }, host: name))
+                case AF_INET6:
+                    addresses.append(SocketAddress(sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee }, host: name))
+                default:
+                    break
+                }
+            }
+            current = info.pointee.ai_next
+        }
+        var unique: [SocketAddress] = []
+        for address in addresses where !unique.contains(address) { unique.append(address) }
+        guard !unique.isEmpty else { return .failure(.hostUnreachable, "\(name) has no IPv4 or IPv6 address") }
+        return .success(unique)
+    }
+
+    private func isDenied(_ address: SocketAddress) -> Bool {
+        guard !self.deny.isEmpty, let bytes = address.packedBytes else { return false }
+        return self.deny.contains { $0.contains(bytes) }
+    }
+
+    /// Tries each address in order until one connects or the deadline passes; reports the most telling failure.
+    private func attempt(
+        _ addresses: ArraySlice<SocketAddress>,
+        deadline: NIODeadline,
+        on eventLoop: any EventLoop,
+        worst: (ReplyCode, String)?
+    ) -> EventLoopFuture<Outcome> {
+        let remaining = deadline - .now()
+        guard let address = addresses.first, remaining > .zero else {
+            let (reply, why) = worst ?? (.ttlExpired, "connect timed out")
+            return eventLoop.makeSucceededFuture(.failed(reply, why))
+        }
+        return ClientBootstrap(group: eventLoop)
+            .connectTimeout(remaining)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.autoRead, value: false)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.maxMessagesPerRead, value: 1)
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 2048, initial: 16384, maximum: 65536))
+            .connect(to: address)
+            .map { Outcome.connected($0) }
+            .flatMapError { error in
+                let mapped = Self.reply(for: error)
+                let best = Self.moreTelling(mapped, than: worst)
+                return self.attempt(addresses.dropFirst(), deadline: deadline, on: eventLoop, worst: best)
+            }
+    }
+
+    /// RFC 1928 §6 reply for a connect error.
+    static func reply(for error: any Error) -> (ReplyCode, String) {
+        if let channelError = error as? ChannelError, case .connectTimeout = channelError {
+            return (.ttlExpired, "connect timed out")
+        }
+        if let ioError = error as? IOError {
+            switch ioError.errnoCode {
+            case ECONNREFUSED: return (.connectionRefused, "connection refused")
+            case ENETUNREACH: return (.networkUnreachable, "network unreachable")
+            case EHOSTUNREACH, EHOSTDOWN: return (.hostUnreachable, "host unreachable")
+            case ETIMEDOUT: return (.ttlExpired, "connect timed out")
+            case EACCES, EPERM: return (.notAllowed, "connect not permitted")
+            case EADDRNOTAVAIL, EAFNOSUPPORT: return (.networkUnreachable, "address not available")
+            default: return (.generalFailure, "connect failed: \(ioError)")
+            }
+        }
+        return (.generalFailure, "connect failed: \(error)")
+    }
+
+    /// Which failure to report when several addresses failed differently: the one closest to the target.
+    private static func moreTelling(_ a: (ReplyCode, String), than b: (ReplyCode, String)?) -> (ReplyCode, String) {
+        guard let b else { return a }
+        func rank(_ r: ReplyCode) -> Int {
+            switch r {
+            case .connectionRefused: 5
+            case .ttlExpired: 4
+            case .hostUnreachable: 3
+            case .networkUnreachable: 2
+            case .notAllowed: 1
+            default: 0
+            }
+        }
+        return rank(a.0) >= rank(b.0) ? a : b
+    }
+}
+
+extension SocketAddress {
+    /// The address as 4 or 16 bytes.
+    var packedBytes: [UInt8]? {
+        switch self {
+        case .v4(let a):
+            return withUnsafeBytes(of: a.address.sin_addr) { Array($0) }
+        case .v6(let a):
+            return withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
+        default:
+            return nil
+        }
+    }
+
+    /// As a tunnel address (for the bound address in OPEN_RESULT).
+    var targetAddress: TargetAddress {
+        guard let bytes = self.packedBytes, let port = self.port else { return .unspecified }
+        if bytes.count == 4 {
+            let value = UInt32(bytes[0]) << 24 | UInt32(bytes[1]) << 16 | UInt32(bytes[2]) << 8 | UInt32(bytes[3])
+            return TargetAddress(host: .ipv4(value), port: UInt16(port))
+        }
+        return TargetAddress(host: .ipv6(bytes), port: UInt16(port))
+    }
+}

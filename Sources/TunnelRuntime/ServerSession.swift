@@ -1,0 +1,106 @@
+import Logging
+import NIOCore
+import TunnelConfig
+import TunnelCrypto
+import TunnelProtocol
+import TunnelTransport
+
+/// The server's view of one tunnel connection: authorizes the client key, checks replays, logs who connected
+/// and why they left, and serves stream requests with outbound connections on the connection's event loop.
+final class ServerSession: TunnelConnectionDelegate {
+    private let registry: ServerSessionRegistry
+    private let connector: OutboundConnector
+    private var logger: Logger
+    private let handle: ServerSessionRegistry.Handle
+    private var clientKey: PublicKey?
+    private var clientName = "unauthenticated client"
+    private var handshaking = true
+
+    init(registry: ServerSessionRegistry, connector: OutboundConnector, handle: ServerSessionRegistry.Handle, logger: Logger) {
+        self.registry = registry
+        self.connector = connector
+        self.handle = handle
+        self.logger = logger
+    }
+
+    func tunnelAuthorize(_ key: PublicKey) -> Bool {
+        guard let entry = self.registry.authorizedKeys.entry(for: key) else {
+            self.logger.info("refused client key \(key): not in the authorized keys")
+            return false
+        }
+        self.clientKey = key
+        self.clientName = entry.comment.isEmpty ? "client \(key)" : "client \(key) (\(entry.comment))"
+        return true
+    }
+
+    func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
+        self.registry.checkReplay(key: key, timestamp: timestamp)
+    }
+
+    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) {
+        self.finishHandshake()
+        self.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
+        tunnel.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
+        self.logger.info("\(self.clientName) connected from \(tunnel.remoteDescription) (\(session.cipher))")
+    }
+
+    func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {
+        guard let key = self.clientKey, let previous = self.registry.activate(key: key, handle: self.handle) else { return }
+        self.logger.info("\(self.clientName) reconnected: closing its previous session")
+        previous.eventLoop.execute {
+            previous.handler.value.close(code: .replaced)
+        }
+    }
+
+    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
+        self.connector.connect(to: stream.target, on: self.handle.eventLoop).assumeIsolated().whenSuccess { outcome in
+            switch outcome {
+            case .connected(let channel):
+                guard stream.state == .opening, tunnel.isEstablished else {
+                    // The client gave up (RESET) or the tunnel went away while connecting.
+                    channel.close(promise: nil)
+                    tunnel.release(stream)
+                    return
+                }
+                let local = LocalStreamHandler()
+                tunnel.attach(local, to: stream)
+                do {
+                    try channel.pipeline.syncOperations.addHandler(local)
+                } catch {
+                    channel.close(promise: nil)
+                    tunnel.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
+                    return
+                }
+                tunnel.completeOpen(stream, reply: .succeeded, bound: channel.localAddress?.targetAddress ?? .unspecified)
+                local.streamStarted()
+            case .failed(let reply, let why):
+                self.logger.debug("stream \(stream.id) to \(stream.target) failed: \(why)")
+                if stream.state == .opening {
+                    tunnel.completeOpen(stream, reply: reply, bound: .unspecified)
+                } else {
+                    tunnel.release(stream)
+                }
+            }
+        }
+    }
+
+    func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
+        self.finishHandshake()
+        self.registry.remove(self.handle, key: self.clientKey)
+        if tunnel.session == nil {
+            // Handshake failures were logged by the handler; nothing was served.
+            return
+        }
+        if let error {
+            self.logger.info("\(self.clientName) disconnected: \(error.detail)")
+        } else {
+            self.logger.info("\(self.clientName) disconnected (closed by the client)")
+        }
+    }
+
+    private func finishHandshake() {
+        guard self.handshaking else { return }
+        self.handshaking = false
+        self.registry.endHandshake()
+    }
+}

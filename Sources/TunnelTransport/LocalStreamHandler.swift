@@ -1,0 +1,188 @@
+import NIOCore
+import TunnelProtocol
+
+/// The handler on a stream's local socket: the application's connection on the client, the outbound
+/// connection on the server. It feeds what the socket reads into the multiplexer (reading only while the
+/// stream has credit and room), and writes what the multiplexer delivers, returning credit as writes complete.
+///
+/// The socket runs with `autoRead` off and `allowRemoteHalfClosure` on: EOF on it becomes the stream's FIN,
+/// and the peer's FIN shuts down the socket's output once every byte before it is written.
+public final class LocalStreamHandler: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    /// The stream, once opened.
+    public private(set) var stream: MuxStream?
+    private weak var tunnel: TunnelConnectionHandler?
+    private var context: ChannelHandlerContext?
+
+    /// Client: called once with the OPEN_RESULT.
+    public var onOpenResult: ((ReplyCode, TargetAddress) -> Void)?
+
+    /// The last delivered buffer, written at flush time so that one promise covers a whole batch.
+    private var heldWrite: ByteBuffer?
+    private var unflushedBytes = 0
+    private var bytesInFlight = 0
+    private enum Ending { case none, shutdownOutput, close }
+    private var ending = Ending.none
+    private var outputShut = false
+    private var released = false
+    private var sawError = false
+
+    public init() {}
+
+    /// The multiplexer of the tunnel this stream runs over.
+    public var multiplexer: Multiplexer? { self.tunnel?.multiplexer }
+
+    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+        self.stream = stream
+        self.tunnel = tunnel
+    }
+
+    // MARK: - Channel events
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        // The stream may have closed while this handler was being installed.
+        if let stream = self.stream, stream.state == .closed {
+            self.streamClosed(reset: stream.resetCode)
+        }
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Starts reading once the stream is open (the runtime calls this after installing the handler).
+    public func streamStarted() {
+        self.readIfWanted()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+        mux.localRead(self.unwrapInboundIn(data), on: stream)
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.readIfWanted()
+        context.fireChannelReadComplete()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            if let stream = self.stream, let mux = self.tunnel?.multiplexer {
+                mux.localEndOfStream(on: stream)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        if self.outputShut && !self.sawError, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            // With our output already shut, NIO turns the socket's EOF straight into a full close (no
+            // inputClosed event): that EOF still ends the stream cleanly.
+            mux.localEndOfStream(on: stream)
+        }
+        self.releaseStream()
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.sawError = true
+        if let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            mux.resetStream(stream, code: .cancel)
+        }
+        context.close(promise: nil)
+    }
+
+    private func releaseStream() {
+        guard !self.released else { return }
+        self.released = true
+        if let stream = self.stream, let tunnel = self.tunnel {
+            tunnel.release(stream)
+        }
+    }
+
+    // MARK: - Driven by the tunnel
+
+    /// Reads from the socket if the multiplexer wants more from this stream.
+    func readIfWanted() {
+        guard let context = self.context, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+        if mux.shouldRead(stream) { context.read() }
+    }
+
+    /// Client: the OPEN_RESULT arrived.
+    public func openCompleted(reply: ReplyCode, bound: TargetAddress) {
+        let callback = self.onOpenResult
+        self.onOpenResult = nil
+        callback?(reply, bound)
+    }
+
+    /// Stream bytes from the peer; written at the next flush.
+    func deliver(_ data: ByteBuffer) {
+        guard let context = self.context else { return }
+        if let held = self.heldWrite {
+            context.write(self.wrapOutboundOut(held), promise: nil)
+        } else {
+            self.tunnel?.markNeedsFlush(self)
+        }
+        self.heldWrite = data
+        self.unflushedBytes += data.readableBytes
+    }
+
+    /// Writes and flushes what was delivered since the last flush; its completion returns the credit.
+    func flushDelivered() {
+        guard let context = self.context, let held = self.heldWrite else { return }
+        self.heldWrite = nil
+        let bytes = self.unflushedBytes
+        self.unflushedBytes = 0
+        self.bytesInFlight += bytes
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(self.wrapOutboundOut(held), promise: promise)
+        promise.futureResult.assumeIsolated().whenComplete { result in
+            self.bytesInFlight -= bytes
+            if case .success = result, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+                mux.consumed(bytes, on: stream, now: .now())
+            }
+            self.finishEndingIfDrained()
+        }
+    }
+
+    /// The peer's FIN: shut the socket's output after the bytes before it.
+    func peerFinished() {
+        if self.ending == .none { self.ending = .shutdownOutput }
+        self.flushDelivered()
+        self.finishEndingIfDrained()
+    }
+
+    /// The stream is over: abortive close now on RESET, otherwise close once every byte is written.
+    func streamClosed(reset: ErrorCode?) {
+        guard let context = self.context else { return }
+        if reset != nil {
+            self.heldWrite = nil
+            context.closeAbortively()
+            return
+        }
+        self.ending = .close
+        self.flushDelivered()
+        self.finishEndingIfDrained()
+    }
+
+    private func finishEndingIfDrained() {
+        guard let context = self.context, self.heldWrite == nil, self.bytesInFlight == 0 else { return }
+        switch self.ending {
+        case .none:
+            return
+        case .shutdownOutput:
+            guard !self.outputShut else { return }
+            self.outputShut = true
+            context.close(mode: .output, promise: nil)
+        case .close:
+            context.close(promise: nil)
+        }
+    }
+}
+
+@available(*, unavailable)
+extension LocalStreamHandler: Sendable {}

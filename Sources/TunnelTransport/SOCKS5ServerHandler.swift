@@ -1,0 +1,146 @@
+import Logging
+import NIOCore
+import SOCKS5
+import TunnelProtocol
+
+/// Serves the SOCKS5 handshake on one accepted local connection, then hands the connection to a
+/// `LocalStreamHandler` bound to the tunnel stream it asked for. The reply to the application carries the
+/// outcome the server reported (RFC 1928 §6 codes) and the server's bound address.
+public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    private var machine = SOCKS5ServerStateMachine()
+    private var buffered: ByteBuffer?
+    private let provider: any TunnelStreamProvider
+    private let handshakeTimeout: TimeAmount
+    private var logger: Logger
+    private var local: LocalStreamHandler?
+    private var timeout: Scheduled<Void>?
+    private var finished = false
+
+    public init(provider: any TunnelStreamProvider, handshakeTimeout: TimeAmount = .seconds(10), logger: Logger) {
+        self.provider = provider
+        self.handshakeTimeout = handshakeTimeout
+        self.logger = logger
+    }
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer)" }
+        self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.handshakeTimeout) {
+            self.logger.debug("SOCKS handshake timed out")
+            self.finish(context: context)
+        }
+        if context.channel.isActive { context.read() }
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        context.read()
+        context.fireChannelActive()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = self.unwrapInboundIn(data)
+        if self.buffered == nil {
+            self.buffered = incoming
+        } else {
+            self.buffered!.writeBuffer(&incoming)
+        }
+        guard self.local == nil else { return }  // request already made; keep early data for the stream
+        guard self.buffered!.readableBytes <= 1024 else {
+            self.logger.debug("SOCKS handshake larger than any valid one")
+            self.finish(context: context)
+            return
+        }
+        while !self.finished {
+            switch self.machine.receive(&self.buffered!) {
+            case .needMoreData:
+                return
+            case .send(let bytes):
+                context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
+            case .connect(let target):
+                self.request(target, context: context)
+                return
+            case .replyAndClose(let bytes, let reason):
+                self.logger.debug("SOCKS request refused: \(reason)")
+                self.finished = true
+                self.timeout?.cancel()
+                context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+                    context.close(promise: nil)
+                }
+                return
+            case .close(let reason):
+                self.logger.debug("SOCKS connection closed: \(reason)")
+                self.finish(context: context)
+                return
+            }
+        }
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        if self.local == nil && !self.finished { context.read() }
+        context.fireChannelReadComplete()
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.timeout?.cancel()
+        if let local = self.local, !self.finished {
+            self.finished = true
+            self.provider.cancelStreamRequest(local)
+        }
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.logger.debug("SOCKS connection error: \(error)")
+        self.finish(context: context)
+    }
+
+    private func finish(context: ChannelHandlerContext) {
+        guard !self.finished else { return }
+        self.finished = true
+        self.timeout?.cancel()
+        if let local = self.local { self.provider.cancelStreamRequest(local) }
+        context.close(promise: nil)
+    }
+
+    private func request(_ target: TargetAddress, context: ChannelHandlerContext) {
+        let local = LocalStreamHandler()
+        self.local = local
+        local.onOpenResult = { [weak self] reply, bound in
+            self?.openResult(reply, bound: bound, local: local, context: context)
+        }
+        self.logger.debug("CONNECT \(target)")
+        self.provider.requestStream(to: target, local: local)
+    }
+
+    private func openResult(_ reply: ReplyCode, bound: TargetAddress, local: LocalStreamHandler, context: ChannelHandlerContext) {
+        guard !self.finished else { return }
+        self.finished = true
+        self.timeout?.cancel()
+        guard reply == .succeeded, let stream = local.stream else {
+            self.logger.debug("CONNECT failed: \(reply)")
+            context.writeAndFlush(self.wrapOutboundOut(SOCKS5.reply(reply, bound: .unspecified))).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+            return
+        }
+        context.writeAndFlush(self.wrapOutboundOut(SOCKS5.reply(.succeeded, bound: bound)), promise: nil)
+        let early = self.buffered.flatMap { $0.readableBytes > 0 ? $0 : nil }
+        self.buffered = nil
+        do {
+            try context.pipeline.syncOperations.addHandler(local)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        if let early, let mux = local.multiplexer {
+            mux.localRead(early, on: stream)
+        }
+        local.streamStarted()
+    }
+}
+
+@available(*, unavailable)
+extension SOCKS5ServerHandler: Sendable {}

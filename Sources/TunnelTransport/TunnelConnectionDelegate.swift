@@ -1,0 +1,34 @@
+import NIOCore
+import TunnelCrypto
+import TunnelProtocol
+
+/// What a tunnel connection reports to the runtime that owns it. Called on the connection's event loop.
+public protocol TunnelConnectionDelegate: AnyObject {
+    /// Server: whether a client key may connect (checked before the handshake finishes).
+    func tunnelAuthorize(_ key: PublicKey) -> Bool
+    /// Server: the replay check for a handshake's timestamp; records it when accepted.
+    func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict
+    /// The handshake finished; streams may be opened (client) or will be requested (server).
+    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession)
+    /// Server: the client proved it holds the session keys (its first record authenticated).
+    func tunnelConfirmed(_ tunnel: TunnelConnectionHandler)
+    /// Server: the client asks for a stream to `stream.target`. Answer with `completeOpen`.
+    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream)
+    /// The peer sent GOAWAY: no new streams on this connection.
+    func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler)
+    /// A stream left the table (a slot for a new one may be free).
+    func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler)
+    /// The connection is over. `error` is nil after an authenticated CLOSE; otherwise it says why.
+    func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?)
+}
+
+extension TunnelConnectionDelegate {
+    public func tunnelAuthorize(_ key: PublicKey) -> Bool { false }
+    public func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict { .accept }
+    public func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {}
+    public func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
+        tunnel.completeOpen(stream, reply: .commandNotSupported, bound: .unspecified)
+    }
+    public func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {}
+    public func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {}
+}

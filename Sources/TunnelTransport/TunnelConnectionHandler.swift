@@ -1,0 +1,584 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import NIOCore
+import TunnelCrypto
+import TunnelProtocol
+
+/// The one handler on a tunnel TCP connection: record framing, the Noise handshake, the record layer (seal,
+/// open, rekey, authenticated close) and the stream multiplexer, driven from the channel's events.
+///
+/// All protocol decisions live in the pure state machines it owns (`ClientHandshakeStateMachine` /
+/// `ServerHandshakeStateMachine`, `RecordSealer`, `RecordOpener`, `Multiplexer`); this class carries out
+/// their I/O. Every stream's local socket lives on this channel's event loop, so nothing here locks.
+public final class TunnelConnectionHandler: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    /// Timers and sizes of one connection.
+    public struct Configuration: Sendable {
+        /// Multiplexer windows and limits.
+        public var multiplexer = Multiplexer.Configuration()
+        /// When each sending direction rekeys.
+        public var rekeyPolicy = RekeyPolicy()
+        /// The whole handshake must finish within this time.
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// A PING goes out after this long without receiving anything.
+        public var keepaliveInterval: TimeAmount = .seconds(15)
+        /// The connection is declared dead after this long without receiving anything.
+        public var deadTimeout: TimeAmount = .seconds(45)
+        /// Largest handshake message accepted (message 1 is about 130 bytes).
+        public var maxHandshakeMessage = 4096
+        /// Bytes of records built per flush before handing them to the socket.
+        public var outputBatchBytes = 256 << 10
+        public init() {}
+    }
+
+    /// Which side of the handshake this connection runs.
+    public enum Role {
+        case client(ClientHandshakeStateMachine)
+        case server(ServerHandshakeStateMachine)
+    }
+
+    private enum Phase {
+        /// Handshake messages are being exchanged; no records yet.
+        case handshaking
+        /// Records flow.
+        case established
+        /// CLOSE sent or received, or the connection failed; nothing more is processed.
+        case closed
+    }
+
+    public let configuration: Configuration
+    public var logger: Logger
+    /// Held strongly until the connection goes inactive (the runtime keeps no other reference to per-connection delegates).
+    public var delegate: (any TunnelConnectionDelegate)?
+    private var role: Role
+    private var phase: Phase = .handshaking
+    private var context: ChannelHandlerContext?
+
+    private var sealer: RecordSealer?
+    private var opener: RecordOpener?
+    /// The stream multiplexer, once the handshake has finished.
+    public private(set) var multiplexer: Multiplexer?
+    /// The session the handshake established.
+    public private(set) var session: EstablishedSession?
+    private var confirmed = false
+
+    private var cumulation: ByteBuffer?
+    private var flushScheduled = false
+    private var streamsToFlush: [LocalStreamHandler] = []
+    private var lastReceive = NIODeadline.now()
+    private var timer: Scheduled<Void>?
+    private var handshakeDeadline: NIODeadline
+    private var closeError: ProtocolError?
+    private var drainDeadline: NIODeadline?
+    private var drainCompletion: (() -> Void)?
+    /// Remote address, for logs.
+    public private(set) var remoteDescription = "?"
+
+    public init(role: Role, configuration: Configuration = Configuration(), logger: Logger) {
+        self.role = role
+        self.configuration = configuration
+        self.logger = logger
+        self.handshakeDeadline = .now() + configuration.handshakeTimeout
+    }
+
+    // MARK: - Channel events
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.description }
+        if context.channel.isActive { self.start(context: context) }
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        self.context = nil
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.description }
+        self.start(context: context)
+        context.fireChannelActive()
+    }
+
+    private var started = false
+
+    private func start(context: ChannelHandlerContext) {
+        guard !self.started else { return }
+        self.started = true
+        self.handshakeDeadline = .now() + self.configuration.handshakeTimeout
+        self.armTimer(context: context)
+        guard case .client(var machine) = self.role else { return }
+        let nanos = wallClockNanoseconds()
+        do {
+            let message = try machine.start(timestamp: TAI64N(unixNanoseconds: nanos))
+            self.role = .client(machine)
+            context.writeAndFlush(self.wrapOutboundOut(message), promise: nil)
+        } catch {
+            self.fail(error, context: context)
+        }
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let incoming = self.unwrapInboundIn(data)
+        self.lastReceive = .now()
+        guard self.phase != .closed else { return }
+        if var buffer = self.cumulation {
+            self.cumulation = nil
+            buffer.writeImmutableBuffer(incoming)
+            self.process(&buffer, context: context)
+        } else {
+            var buffer = incoming
+            self.process(&buffer, context: context)
+        }
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.flushLocalStreams()
+        context.fireChannelReadComplete()
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        let writable = context.channel.isWritable
+        self.multiplexer?.tunnelWritabilityChanged(writable)
+        if writable { self.produceOutput(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            // TCP EOF. Without a CLOSE before it, this is truncation.
+            if self.phase != .closed {
+                self.fail(ProtocolError.truncated("connection closed by peer without CLOSE"), context: context)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        if self.phase != .closed {
+            let error = self.phase == .handshaking
+                ? ProtocolError.handshakeFailed("connection closed during the handshake")
+                : ProtocolError.truncated("connection lost without CLOSE")
+            self.closeError = error
+            self.phase = .closed
+            self.multiplexer?.abortAllStreams(code: .internalError)
+        }
+        self.flushLocalStreams()
+        self.delegate?.tunnelClosed(self, error: self.closeError)
+        self.delegate = nil
+        if let completion = self.drainCompletion {
+            self.drainCompletion = nil
+            completion()
+        }
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if self.phase != .closed {
+            self.fail(ProtocolError.truncated("socket error: \(error)"), context: context)
+        }
+    }
+
+    // MARK: - Inbound bytes: handshake messages, then records
+
+    private func process(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        do {
+            while self.phase != .closed {
+                guard let length = try RecordFraming.nextLength(in: buffer) else { break }
+                if self.phase == .handshaking && length > self.configuration.maxHandshakeMessage {
+                    throw ProtocolError.handshakeFailed("handshake message of \(length) bytes is too long")
+                }
+                guard buffer.readableBytes >= 2 + length else {
+                    if buffer.capacity - buffer.readerIndex < 2 + length {
+                        buffer.reserveCapacity(minimumWritableBytes: 2 + length - buffer.readableBytes)
+                    }
+                    break
+                }
+                switch self.phase {
+                case .handshaking:
+                    buffer.moveReaderIndex(forwardBy: 2)
+                    let message = buffer.readBytes(length: length)!
+                    try self.receivedHandshakeMessage(message, context: context)
+                case .established:
+                    try self.receivedRecord(&buffer, length: length, context: context)
+                case .closed:
+                    return
+                }
+            }
+        } catch let error as ProtocolError {
+            self.fail(error, context: context)
+            return
+        } catch {
+            self.fail(ProtocolError.malformedRecord("\(error)"), context: context)
+            return
+        }
+        if buffer.readableBytes > 0 && self.phase != .closed {
+            buffer.discardReadBytes()
+            self.cumulation = buffer
+        }
+    }
+
+    private func receivedRecord(_ buffer: inout ByteBuffer, length: Int, context: ChannelHandlerContext) throws(ProtocolError) {
+        let allocator = context.channel.allocator
+        var failure: ProtocolError?
+        var plaintext: ByteBuffer? = buffer.withUnsafeReadableBytes { raw in
+            let result: Result<ByteBuffer, ProtocolError> = Result { () throws(ProtocolError) -> ByteBuffer in
+                try self.opener!.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), allocator: allocator)
+            }
+            switch result {
+            case .success(let plaintext): return plaintext
+            case .failure(let error):
+                failure = error
+                return nil
+            }
+        }
+        if let failure { throw failure }
+        buffer.moveReaderIndex(forwardBy: 2 + length)
+        let now = NIODeadline.now()
+        let outcome = try self.multiplexer!.receivedRecord(&plaintext!, now: now)
+        if !self.confirmed {
+            self.confirmed = true
+            self.delegate?.tunnelConfirmed(self)
+        }
+        if outcome.rekey {
+            self.opener!.rekey()
+            self.logger.debug("peer rekeyed its sending direction")
+        }
+        if let code = outcome.close {
+            self.peerClosed(code: code, context: context)
+        }
+    }
+
+    private func receivedHandshakeMessage(_ message: [UInt8], context: ChannelHandlerContext) throws(ProtocolError) {
+        switch self.role {
+        case .client(var machine):
+            let session = try machine.receivedResponse(message)
+            self.role = .client(machine)
+            self.establish(session, context: context)
+            // Key confirmation for the server, and the first RTT sample.
+            self.multiplexer!.sendPing(now: .now())
+        case .server(var machine):
+            let initiation = try machine.receivedInitiation(message) { key in self.delegate?.tunnelAuthorize(key) ?? false }
+            switch self.delegate?.tunnelCheckReplay(key: initiation.clientKey, timestamp: initiation.timestamp) ?? .replay {
+            case .accept: break
+            case .replay:
+                throw ProtocolError.replayedHandshake(
+                    "client \(initiation.clientKey) sent a timestamp not newer than its last handshake (replay, or its clock went back)"
+                )
+            case .flood:
+                throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
+            }
+            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer)
+            let (response, session) = try machine.respond(parameters: parameters)
+            self.role = .server(machine)
+            context.writeAndFlush(self.wrapOutboundOut(response), promise: nil)
+            self.establish(session, context: context)
+        }
+    }
+
+    private func establish(_ session: EstablishedSession, context: ChannelHandlerContext) {
+        let now = NIODeadline.now()
+        self.session = session
+        self.sealer = RecordSealer(cipher: session.transport.send, policy: self.configuration.rekeyPolicy, now: now)
+        self.opener = RecordOpener(cipher: session.transport.receive)
+        let role: Multiplexer.Role = if case .client = self.role { .client } else { .server }
+        let mux = Multiplexer(role: role, configuration: self.configuration.multiplexer, peerParameters: session.peerParameters)
+        mux.delegate = self
+        mux.tunnelWritabilityChanged(context.channel.isWritable)
+        self.multiplexer = mux
+        self.phase = .established
+        self.delegate?.tunnelEstablished(self, session: session)
+    }
+
+    // MARK: - Outbound records
+
+    private func scheduleFlush() {
+        guard !self.flushScheduled, let context = self.context else { return }
+        self.flushScheduled = true
+        context.eventLoop.assumeIsolated().execute {
+            self.flushScheduled = false
+            if let context = self.context { self.produceOutput(context: context) }
+        }
+    }
+
+    /// Builds records from whatever the multiplexer has queued, up to the batch size, and writes them in one go.
+    private func produceOutput(context: ChannelHandlerContext) {
+        guard self.phase == .established, let mux = self.multiplexer else { return }
+        let maxPlaintext = WireLimits.maxRecordPlaintext - FrameHeader.byteCount
+        while mux.hasOutput && context.channel.isWritable {
+            let estimate = mux.queuedOutputBytes
+            let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
+            var buffer = context.channel.allocator.buffer(capacity: capacity)
+            let now = NIODeadline.now()
+            do {
+                while buffer.readableBytes < self.configuration.outputBatchBytes {
+                    let start = self.sealer!.beginRecord(in: &buffer)
+                    guard mux.produceRecord(into: &buffer, limit: maxPlaintext) else {
+                        buffer.moveWriterIndex(to: start)
+                        break
+                    }
+                    let rekey = self.sealer!.needsRekey(now: now)
+                    if rekey { mux.writeRekeyFrame(into: &buffer) }
+                    try self.sealer!.sealRecord(in: &buffer, start: start)
+                    if rekey {
+                        self.sealer!.rekey(now: now)
+                        self.logger.debug("rekeyed sending direction")
+                    }
+                }
+            } catch {
+                self.fail(error, context: context)
+                return
+            }
+            guard buffer.readableBytes > 0 else { break }
+            context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
+        }
+        self.checkDrained()
+    }
+
+    private func flushLocalStreams() {
+        guard !self.streamsToFlush.isEmpty else { return }
+        let streams = self.streamsToFlush
+        self.streamsToFlush.removeAll(keepingCapacity: true)
+        for local in streams { local.flushDelivered() }
+    }
+
+    func markNeedsFlush(_ local: LocalStreamHandler) {
+        self.streamsToFlush.append(local)
+    }
+
+    // MARK: - Timers
+
+    private func armTimer(context: ChannelHandlerContext) {
+        let interval: TimeAmount = self.phase == .handshaking ? .seconds(1) : .seconds(5)
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: interval) {
+            guard let context = self.context else { return }
+            self.timerFired(context: context)
+        }
+    }
+
+    private func timerFired(context: ChannelHandlerContext) {
+        let now = NIODeadline.now()
+        switch self.phase {
+        case .handshaking:
+            if now >= self.handshakeDeadline {
+                self.fail(ProtocolError.handshakeFailed("handshake timed out"), context: context)
+                return
+            }
+        case .established:
+            let idle = now - self.lastReceive
+            if idle >= self.configuration.deadTimeout {
+                self.fail(ProtocolError.truncated("nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead"), context: context)
+                return
+            }
+            if idle >= self.configuration.keepaliveInterval {
+                self.multiplexer?.sendPing(now: now)
+            }
+            if let deadline = self.drainDeadline, now >= deadline {
+                self.logger.info("drain timeout: closing with \(self.multiplexer?.streamCount ?? 0) streams still open")
+                self.close(code: .shutdown, context: context)
+                return
+            }
+            if self.sealer?.needsRekey(now: now) == true {
+                // A record carries the REKEY; a PING makes sure there is one even when idle.
+                self.multiplexer?.sendPing(now: now)
+            }
+        case .closed:
+            return
+        }
+        self.armTimer(context: context)
+    }
+
+    // MARK: - Closing
+
+    /// Graceful shutdown: GOAWAY now, then CLOSE once every stream has finished or `timeout` passed.
+    public func shutdown(drainTimeout timeout: TimeAmount, completion: @escaping () -> Void) {
+        guard let context = self.context, self.phase == .established, let mux = self.multiplexer else {
+            completion()
+            if let context = self.context, self.phase != .closed { self.close(code: .shutdown, context: context) }
+            return
+        }
+        self.drainCompletion = completion
+        self.drainDeadline = .now() + timeout
+        mux.goAway(code: .shutdown)
+        self.produceOutput(context: context)
+    }
+
+    private func checkDrained() {
+        guard self.drainDeadline != nil, let context = self.context, let mux = self.multiplexer else { return }
+        if mux.streamCount == 0 { self.close(code: .noError, context: context) }
+    }
+
+    /// Ends the connection with an authenticated CLOSE (after any queued records), aborting open streams.
+    public func close(code: ErrorCode) {
+        guard let context = self.context else { return }
+        self.close(code: code, context: context)
+    }
+
+    private func close(code: ErrorCode, context: ChannelHandlerContext) {
+        guard self.phase == .established else {
+            if self.phase == .handshaking {
+                self.phase = .closed
+                context.close(promise: nil)
+            }
+            return
+        }
+        self.drainDeadline = nil
+        self.produceOutput(context: context)
+        self.phase = .closed
+        self.timer?.cancel()
+        self.multiplexer?.abortAllStreams(code: .shutdown)
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        let start = self.sealer!.beginRecord(in: &buffer)
+        self.multiplexer!.writeCloseFrame(code: code, into: &buffer)
+        do {
+            try self.sealer!.sealRecord(in: &buffer, start: start)
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        let completion = self.drainCompletion
+        self.drainCompletion = nil
+        context.writeAndFlush(self.wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+            completion?()
+        }
+    }
+
+    private func peerClosed(code: ErrorCode, context: ChannelHandlerContext) {
+        self.logger.info("peer closed the tunnel (\(code))")
+        self.phase = .closed
+        self.timer?.cancel()
+        self.multiplexer?.abortAllStreams(code: code == .noError ? .shutdown : code)
+        self.flushLocalStreams()
+        context.close(promise: nil)
+    }
+
+    /// Ends the connection after a failure: streams are reset, nothing more is sent.
+    private func fail(_ error: ProtocolError, context: ChannelHandlerContext) {
+        guard self.phase != .closed else { return }
+        let wasHandshaking = self.phase == .handshaking
+        self.phase = .closed
+        self.closeError = error
+        self.timer?.cancel()
+        self.multiplexer?.abortAllStreams(code: .internalError)
+        self.flushLocalStreams()
+        if wasHandshaking {
+            self.logger.info("handshake with \(self.remoteDescription) failed: \(error.detail)")
+        } else {
+            self.logger.info("tunnel with \(self.remoteDescription) ended: \(error.detail)")
+        }
+        // Abortive close: the peer sees a reset, never a clean end it could mistake for a CLOSE.
+        context.closeAbortively()
+        if let completion = self.drainCompletion {
+            self.drainCompletion = nil
+            completion()
+        }
+    }
+
+    // MARK: - Streams (used by the runtime and the local handlers)
+
+    /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
+    /// Returns false when this connection cannot open a stream now.
+    public func openStream(to target: TargetAddress, local: LocalStreamHandler) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer, let stream = mux.openStream(to: target) else { return false }
+        local.attach(stream: stream, tunnel: self)
+        stream.context = local
+        return true
+    }
+
+    /// Whether `openStream` would succeed now.
+    public var canOpenStream: Bool {
+        self.phase == .established && self.drainDeadline == nil && (self.multiplexer?.canOpenStream ?? false)
+    }
+
+    /// Server: answers an OPEN once the outbound connection succeeded or failed.
+    public func completeOpen(_ stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
+        self.multiplexer?.completeOpen(stream, reply: reply, bound: bound)
+    }
+
+    /// Server: binds a stream to the handler of its outbound socket.
+    public func attach(_ local: LocalStreamHandler, to stream: MuxStream) {
+        local.attach(stream: stream, tunnel: self)
+        stream.context = local
+    }
+
+    /// A stream's local socket is gone: the stream leaves the table.
+    public func release(_ stream: MuxStream) {
+        guard let mux = self.multiplexer else { return }
+        mux.release(stream)
+        self.delegate?.tunnelStreamReleased(self)
+        self.checkDrained()
+    }
+
+    /// Whether the tunnel is up.
+    public var isEstablished: Bool { self.phase == .established }
+}
+
+extension TunnelConnectionHandler: MultiplexerDelegate {
+    public func multiplexer(_ mux: Multiplexer, openRequested stream: MuxStream) {
+        self.logger.debug("stream \(stream.id) requested to \(stream.target)")
+        if let delegate = self.delegate {
+            delegate.tunnel(self, openRequested: stream)
+        } else {
+            mux.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
+        }
+    }
+
+    public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
+        guard let local = stream.context as? LocalStreamHandler else { return }
+        self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
+        local.openCompleted(reply: reply, bound: bound)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, received data: ByteBuffer, on stream: MuxStream) {
+        guard let context = stream.context else { return }
+        unsafeDowncast(context, to: LocalStreamHandler.self).deliver(data)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedEndOfStream stream: MuxStream) {
+        guard let context = stream.context else { return }
+        unsafeDowncast(context, to: LocalStreamHandler.self).peerFinished()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, streamClosed stream: MuxStream, reset: ErrorCode?) {
+        if let reset { self.logger.debug("stream \(stream.id) to \(stream.target) reset: \(reset)") }
+        guard let context = stream.context else {
+            // No local socket (yet): nothing to close; the stream leaves the table now unless a connect is
+            // still running, which checks the state when it finishes.
+            return
+        }
+        unsafeDowncast(context, to: LocalStreamHandler.self).streamClosed(reset: reset)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, streamWantsRead stream: MuxStream) {
+        guard let context = stream.context else { return }
+        unsafeDowncast(context, to: LocalStreamHandler.self).readIfWanted()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, peerGoingAway lastStreamID: StreamID, code: ErrorCode) {
+        self.logger.info("peer is going away (\(code)); no new streams on this tunnel")
+        self.delegate?.tunnelPeerGoingAway(self)
+    }
+
+    public func multiplexerHasOutput(_ mux: Multiplexer) {
+        self.scheduleFlush()
+    }
+}
+
+@available(*, unavailable)
+extension TunnelConnectionHandler: Sendable {}
+
+/// Wall-clock time for handshake timestamps (monotonic time cannot order handshakes across restarts).
+func wallClockNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
+}
