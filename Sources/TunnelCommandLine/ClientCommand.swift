@@ -17,9 +17,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             Listens for SOCKS5 (CONNECT, no authentication) and carries every stream through one Noise IK \
             connection to tunnel-server, which resolves names and opens the connections. Prints \
             "SOCKS5 listening on HOST:PORT" when ready. Reconnects with backoff when the tunnel drops. \
+            Subcommands: "tunnel-client keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
+            public key; "tunnel-client pubkey --key PATH" prints the public key of a key file. \
             SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self]
+        subcommands: []
     )
 
     @Option(name: .long, help: ArgumentHelp("The tunnel server. Required unless set in --config.", valueName: "host:port"))

@@ -13,8 +13,18 @@ import TunnelConfig
 enum Entry {
     static func main<Root: AsyncParsableCommand>(_ root: Root.Type, name: String) async -> Never {
         signal(SIGPIPE, SIG_IGN)
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if let first = arguments.first, first == "keygen" || first == "pubkey" {
+            // Subcommands are dispatched here: the root's own options (--key) must not swallow theirs.
+            let rest = Array(arguments.dropFirst())
+            if first == "keygen" {
+                await Self.runSubcommand(Keygen.self, rest, name: "\(name) keygen")
+            } else {
+                await Self.runSubcommand(Pubkey.self, rest, name: "\(name) pubkey")
+            }
+        }
         do {
-            var command = try Root.parseAsRoot()
+            var command = try Root.parseAsRoot(arguments)
             if var asyncCommand = command as? any AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {
@@ -35,6 +45,32 @@ enum Entry {
             }
             let message = Root.message(for: error)
             printError("\(name): \(message.isEmpty ? "\(error)" : message) (see \(name) --help)")
+            exit(2)
+        }
+    }
+}
+
+extension Entry {
+    static func runSubcommand<Command: ParsableCommand>(_ type: Command.Type, _ arguments: [String], name: String) async -> Never {
+        do {
+            var command = try type.parseAsRoot(arguments)
+            try command.run()
+            exit(0)
+        } catch let error as ConfigError {
+            printError("\(name): \(error.message)")
+            exit(2)
+        } catch {
+            if type.exitCode(for: error) == .success {
+                let help = type.fullMessage(for: error)
+                let usage = "USAGE: \(Command.configuration.commandName ?? "")"
+                if let range = help.firstRange(of: usage) {
+                    print(help[..<range.lowerBound] + "USAGE: \(name)" + help[range.upperBound...])
+                } else {
+                    print(help)
+                }
+                exit(0)
+            }
+            printError("\(name): \(type.message(for: error)) (see \(name) --help)")
             exit(2)
         }
     }

@@ -5,6 +5,7 @@ import TunnelCrypto
 /// `keygen --out PATH [--force]`: writes a new private key (mode 0600) and prints its public key.
 struct Keygen: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "keygen",
         abstract: "Write a new X25519 private key and print its public key.",
         discussion: """
             The key file holds one line of standard base64 and is created with mode 0600. The public key is \
@@ -30,7 +31,7 @@ struct Keygen: ParsableCommand {
 
 /// `pubkey --key PATH`: prints the public key of a private key file.
 struct Pubkey: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print the public key of a private key file.")
+    static let configuration = CommandConfiguration(commandName: "pubkey", abstract: "Print the public key of a private key file.")
 
     @Option(name: .long, help: ArgumentHelp("Private key file (as written by keygen).", valueName: "path"))
     var key: String

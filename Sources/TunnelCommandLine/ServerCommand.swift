@@ -15,10 +15,12 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         discussion: """
             Accepts tunnel connections (Noise IK over TCP) from clients whose public keys are listed in the \
             authorized-keys file, and opens the TCP connections their streams ask for. Prints \
-            "tunnel-server listening on HOST:PORT" when ready. SIGINT/SIGTERM: stop accepting, let open \
+            "tunnel-server listening on HOST:PORT" when ready. Subcommands: "tunnel-server keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
+            public key; "tunnel-server pubkey --key PATH" prints the public key of a key file. \
+            SIGINT/SIGTERM: stop accepting, let open \
             streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self]
+        subcommands: []
     )
 
     @Option(name: .long, help: ArgumentHelp("Address to accept tunnel connections on; port 0 picks a free one. Required unless set in --config.", valueName: "host:port"))

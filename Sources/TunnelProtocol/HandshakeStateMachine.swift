@@ -136,7 +136,7 @@ public struct ServerHandshakeStateMachine {
                 payload = try noise.readMessage1(message, authorize: authorize)
             } catch {
                 if error.code == .unauthorizedKey {
-                    throw ProtocolError.handshakeFailed("client key \(noise.remoteStatic?.description ?? "?") is not authorized")
+                    throw ProtocolError.handshakeFailed("client key is not authorized")
                 }
                 lastError = error
                 continue

@@ -4,7 +4,7 @@ public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible 
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Base: String, Hashable, Sendable {
             case malformedFrame, unknownFrameType, flowControlViolation, streamLimitExceeded, invalidStreamID
-            case decryptionFailed, malformedRecord, nonceExhausted, handshakeFailed, replayedHandshake
+            case decryptionFailed, malformedRecord, nonceExhausted, handshakeFailed, handshakeRejected, replayedHandshake
             case truncated, resourceLimit
         }
         private let base: Base
@@ -26,6 +26,9 @@ public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible 
         public static let nonceExhausted = Code(base: .nonceExhausted)
         /// The Noise handshake failed (wrong key, tampering, unauthorized key, bad payload).
         public static let handshakeFailed = Code(base: .handshakeFailed)
+        /// The peer closed or reset the connection during the handshake (what a server does to a client it
+        /// does not accept, or that used the wrong server key).
+        public static let handshakeRejected = Code(base: .handshakeRejected)
         /// A handshake's timestamp is not newer than the last one accepted for that key.
         public static let replayedHandshake = Code(base: .replayedHandshake)
         /// The TCP connection ended without an authenticated CLOSE.
@@ -68,6 +71,10 @@ public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible 
     static func nonceExhausted() -> ProtocolError { ProtocolError(code: .nonceExhausted, detail: "nonce counter exhausted") }
     @inline(never)
     public static func handshakeFailed(_ detail: String) -> ProtocolError { ProtocolError(code: .handshakeFailed, detail: detail) }
+    @inline(never)
+    public static func handshakeRejected(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .handshakeRejected, detail: detail)
+    }
     @inline(never)
     public static func replayedHandshake(_ detail: String) -> ProtocolError {
         ProtocolError(code: .replayedHandshake, detail: detail)

@@ -147,8 +147,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         if tunnel.session == nil {
             self.connecting = false
             var why = error?.detail ?? "handshake failed"
-            if error?.code == .handshakeFailed && why.contains("closed") {
-                why = "the server closed the connection during the handshake: check --server-key, "
+            if error?.code == .handshakeRejected {
+                why = "the server refused the handshake: check --server-key, "
                     + "and that this client's key (\(self.resolved.key.publicKey)) is in the server's authorized keys"
             }
             self.attemptFailed(why, handshake: true)

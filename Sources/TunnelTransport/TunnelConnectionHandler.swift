@@ -153,7 +153,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
             // TCP EOF. Without a CLOSE before it, this is truncation.
-            if self.phase != .closed {
+            if self.phase == .handshaking {
+                self.fail(ProtocolError.handshakeRejected("the peer closed the connection during the handshake"), context: context)
+            } else if self.phase != .closed {
                 self.fail(ProtocolError.truncated("connection closed by peer without CLOSE"), context: context)
             }
             return
@@ -165,7 +167,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.timer?.cancel()
         if self.phase != .closed {
             let error = self.phase == .handshaking
-                ? ProtocolError.handshakeFailed("connection closed during the handshake")
+                ? ProtocolError.handshakeRejected("the peer closed the connection during the handshake")
                 : ProtocolError.truncated("connection lost without CLOSE")
             self.closeError = error
             self.phase = .closed
@@ -182,7 +184,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if self.phase != .closed {
+        if self.phase == .handshaking {
+            self.fail(ProtocolError.handshakeRejected("the peer reset the connection during the handshake (\(error))"), context: context)
+        } else if self.phase != .closed {
             self.fail(ProtocolError.truncated("socket error: \(error)"), context: context)
         }
     }
@@ -471,7 +475,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.multiplexer?.abortAllStreams(code: .internalError)
         self.flushLocalStreams()
         if wasHandshaking {
-            self.logger.info("handshake with \(self.remoteDescription) failed: \(error.detail)")
+            // The client's tunnel manager reports its own failures, with advice; the server logs each one.
+            let level: Logger.Level = if case .server = self.role { .info } else { .debug }
+            self.logger.log(level: level, "handshake with \(self.remoteDescription) failed: \(error.detail)")
         } else {
             self.logger.info("tunnel with \(self.remoteDescription) ended: \(error.detail)")
         }

@@ -1,0 +1,136 @@
+"""The command line as scripts depend on it: keygen, pubkey, help, exit codes, error lines."""
+
+import base64
+import os
+import stat
+import subprocess
+
+import pytest
+
+from harness import CLIENT_BIN, SERVER_BIN, keygen
+
+
+def run(*args):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.parametrize("binary", [SERVER_BIN, CLIENT_BIN])
+def test_keygen_writes_0600_key_and_prints_public_key(binary, tmp_path):
+    path = tmp_path / "k"
+    out = run(binary, "keygen", "--out", str(path))
+    assert out.returncode == 0, out.stderr
+    pub = out.stdout.strip()
+    assert out.stdout.count("\n") == 1
+    assert len(base64.b64decode(pub, validate=True)) == 32
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    line = path.read_text()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert len(base64.b64decode(line.strip(), validate=True)) == 32
+    # pubkey prints the same key
+    again = run(binary, "pubkey", "--key", str(path))
+    assert again.returncode == 0 and again.stdout.strip() == pub
+
+
+@pytest.mark.parametrize("binary", [SERVER_BIN, CLIENT_BIN])
+def test_keygen_refuses_to_overwrite_without_force(binary, tmp_path):
+    path = tmp_path / "k"
+    first = keygen(binary, str(path))
+    out = run(binary, "keygen", "--out", str(path))
+    assert out.returncode == 2
+    assert str(path) in out.stderr and "--force" in out.stderr
+    assert run(binary, "pubkey", "--key", str(path)).stdout.strip() == first
+    forced = run(binary, "keygen", "--force", "--out", str(path))
+    assert forced.returncode == 0 and forced.stdout.strip() != first
+
+
+@pytest.mark.parametrize("binary,options", [
+    (SERVER_BIN, ["--listen", "--key", "--authorized-keys", "--config", "--log-level"]),
+    (CLIENT_BIN, ["--server", "--server-key", "--key", "--socks", "--config", "--log-level"]),
+])
+def test_help_explains_every_option_with_default(binary, options):
+    out = run(binary, "--help")
+    assert out.returncode == 0
+    for option in options:
+        assert option in out.stdout
+    assert "default" in out.stdout
+    for sub in ("keygen", "pubkey"):
+        sub_help = run(binary, sub, "--help")
+        assert sub_help.returncode == 0 and "--" in sub_help.stdout
+
+
+def test_client_help_names_socks_default():
+    assert "127.0.0.1:1080" in run(CLIENT_BIN, "--help").stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--listen", "nonsense"], "--listen"),
+    (["--listen", "127.0.0.1:99999"], "--listen"),
+    (["--listen", "127.0.0.1:0", "--log-level", "loud"], "log level"),
+    (["--bogus-flag"], "bogus"),
+    (["--listen", "127.0.0.1:0"], "--key"),
+])
+def test_server_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
+    out = run(SERVER_BIN, *args)
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_unreadable_and_malformed_files_name_the_file(tmp_path):
+    key = tmp_path / "server.key"
+    keygen(SERVER_BIN, str(key))
+    good_auth = tmp_path / "auth"
+    good_auth.write_text(keygen(CLIENT_BIN, str(tmp_path / "c.key")) + "\n")
+    cases = []
+    missing = tmp_path / "missing.key"
+    cases.append((["--key", str(missing), "--authorized-keys", str(good_auth)], str(missing)))
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("definitely not a key\n")
+    cases.append((["--key", str(bad_key), "--authorized-keys", str(good_auth)], str(bad_key)))
+    bad_auth = tmp_path / "bad_auth"
+    bad_auth.write_text("# ok\nAAAA not-a-key\n")
+    cases.append((["--key", str(key), "--authorized-keys", str(bad_auth)], "line 2"))
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text('listen = "127.0.0.1:0"\nconect_timeout = "5s"\n')
+    cases.append((["--key", str(key), "--authorized-keys", str(good_auth), "--config", str(bad_config)], "conect_timeout"))
+    broken_config = tmp_path / "broken.toml"
+    broken_config.write_text('listen = 127.0.0.1\n')
+    cases.append((["--key", str(key), "--authorized-keys", str(good_auth), "--config", str(broken_config)], "line 1"))
+    for args, needle in cases:
+        out = run(SERVER_BIN, "--listen", "127.0.0.1:0", *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert needle in out.stderr, (needle, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_client_bad_server_key_and_missing_flags(tmp_path):
+    key = tmp_path / "c.key"
+    keygen(CLIENT_BIN, str(key))
+    out = run(CLIENT_BIN, "--server", "127.0.0.1:1", "--server-key", "abc", "--key", str(key))
+    assert out.returncode == 2 and "--server-key" in out.stderr
+    out = run(CLIENT_BIN, "--server-key", "abc")
+    assert out.returncode == 2
+    out = run(CLIENT_BIN, "--server", "127.0.0.1:1", "--server-key", keygen(SERVER_BIN, str(tmp_path / "s.key")))
+    assert out.returncode == 2 and "--key" in out.stderr
+
+
+def test_config_file_supplies_everything_and_flags_override(tunnel, tmp_path):
+    import harness
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(
+        f'# server\nlisten = "127.0.0.1:1"\nkey = "{tunnel.server_key}"\n'
+        f'authorized_keys = "{tunnel.authorized}"\nlog_level = "debug"\nconnect_timeout = "3s"\n')
+    server = tunnel.start_server(listen="127.0.0.1:0", config=str(server_toml))  # the flag overrides the file
+    assert server.port != 1
+    client_toml = tmp_path / "client.toml"
+    client_toml.write_text(
+        f'server = "{server.address}"\nserver_key = "{tunnel.server_pub}"\nkey = "{tunnel.client_key}"\n'
+        f'socks = "127.0.0.1:0"\nlog_level = "debug"\n')
+    client = harness.Process([CLIENT_BIN, "--config", str(client_toml)], r"SOCKS5 listening on (\S+)",
+                             str(tmp_path / "cfg-client.log"))
+    tunnel.processes.append(client)
+    tunnel.wait_until_connected(client)
+    typo = tmp_path / "typo.toml"
+    typo.write_text(client_toml.read_text() + "[extra]\nfoo = 1\n")
+    out = run(CLIENT_BIN, "--config", str(typo))
+    assert out.returncode == 2 and "extra.foo" in out.stderr and str(typo) in out.stderr
