@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Logging
 import NIOCore
 import NIOPosix
@@ -91,7 +96,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                     self.live[ObjectIdentifier(handler)] = handler
                 case .failure(let error):
                     self.connecting = false
-                    self.attemptFailed("cannot connect to \(server): \(error)", handshake: false)
+                    self.attemptFailed("cannot connect to \(server): \(describeConnectError(error))", handshake: false)
                 }
             }
     }
@@ -227,4 +232,15 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
         return EventLoopFuture.andAllComplete(futures, on: self.eventLoop)
     }
+}
+
+/// A short description of a connect failure (NIO wraps the per-address errors).
+func describeConnectError(_ error: any Error) -> String {
+    if let connectionError = error as? NIOConnectionError {
+        if let first = connectionError.connectionErrors.first { return describeConnectError(first.error) }
+        if let dns = connectionError.dnsAError ?? connectionError.dnsAAAAError { return "cannot resolve: \(dns)" }
+    }
+    if let ioError = error as? IOError { return "\(String(cString: strerror(ioError.errnoCode))) (errno \(ioError.errnoCode))" }
+    if let channelError = error as? ChannelError, case .connectTimeout = channelError { return "connect timed out" }
+    return "\(error)"
 }

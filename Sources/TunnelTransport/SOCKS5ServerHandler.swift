@@ -26,7 +26,7 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     public func handlerAdded(context: ChannelHandlerContext) {
-        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer)" }
+        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer.hostPortDescription)" }
         self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.handshakeTimeout) {
             self.logger.debug("SOCKS handshake timed out")
             self.finish(context: context)

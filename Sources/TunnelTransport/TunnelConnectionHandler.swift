@@ -91,7 +91,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.description }
+        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.hostPortDescription }
         if context.channel.isActive { self.start(context: context) }
     }
 
@@ -101,7 +101,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelActive(context: ChannelHandlerContext) {
-        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.description }
+        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.hostPortDescription }
         self.start(context: context)
         context.fireChannelActive()
     }
@@ -385,11 +385,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             if idle >= self.configuration.keepaliveInterval {
                 self.multiplexer?.sendPing(now: now)
             }
-            if let deadline = self.drainDeadline, now >= deadline {
-                self.logger.info("drain timeout: closing with \(self.multiplexer?.streamCount ?? 0) streams still open")
-                self.close(code: .shutdown, context: context)
-                return
-            }
             if self.sealer?.needsRekey(now: now) == true {
                 // A record carries the REKEY; a PING makes sure there is one even when idle.
                 self.multiplexer?.sendPing(now: now)
@@ -412,6 +407,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.drainCompletion = completion
         self.drainDeadline = .now() + timeout
         mux.goAway(code: .shutdown)
+        context.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
+            guard let context = self.context, self.phase == .established, self.drainDeadline != nil else { return }
+            self.logger.info("drain timeout: closing with \(self.multiplexer?.streamCount ?? 0) streams still open")
+            self.close(code: .shutdown, context: context)
+        }
         self.produceOutput(context: context)
     }
 
@@ -587,4 +587,12 @@ func wallClockNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
+}
+
+extension SocketAddress {
+    /// `1.2.3.4:5` or `[::1]:5`, for logs.
+    public var hostPortDescription: String {
+        guard let host = self.ipAddress, let port = self.port else { return self.description }
+        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
 }

@@ -134,3 +134,13 @@ def test_config_file_supplies_everything_and_flags_override(tunnel, tmp_path):
     typo.write_text(client_toml.read_text() + "[extra]\nfoo = 1\n")
     out = run(CLIENT_BIN, "--config", str(typo))
     assert out.returncode == 2 and "extra.foo" in out.stderr and str(typo) in out.stderr
+
+
+def test_example_configs_parse(tunnel):
+    """Configs/*.toml are real, parseable files (flags override their placeholder paths)."""
+    import harness
+    config = os.path.join(harness.ROOT, "Configs", "server.toml")
+    tunnel.start_server(listen="127.0.0.1:0", config=config)
+    client_config = os.path.join(harness.ROOT, "Configs", "client.toml")
+    client = tunnel.start_client(config=client_config)
+    tunnel.wait_until_connected(client)

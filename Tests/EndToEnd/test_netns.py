@@ -1,0 +1,83 @@
+"""Reply codes that need a network of their own: unreachable networks and hosts, and connect timeouts.
+
+Both ends run inside a network namespace made (and removed) by this module, so no packet leaves it:
+- 10.97.0.0/16 has no route at all                  -> ENETUNREACH  -> reply 0x03
+- 10.98.0.0/16 has an `unreachable` route            -> EHOSTUNREACH -> reply 0x04
+- 10.99.0.2 sits behind a veth whose far end ignores it -> no answer -> reply 0x06 after connect_timeout
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import have_root_netns
+
+pytestmark = pytest.mark.skipif(not have_root_netns(), reason="needs root and `ip netns` (network namespaces)")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sh(*args):
+    subprocess.run(list(args), check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def netns():
+    name = f"tnltest{os.getpid()}"
+    sh("ip", "netns", "add", name)
+    try:
+        ex = ["ip", "netns", "exec", name]
+        sh(*ex, "ip", "link", "set", "lo", "up")
+        # A veth pair whose far end has no address: SYNs to 10.99.0.2 go out and are never answered.
+        sh(*ex, "ip", "link", "add", "blackhole0", "type", "veth", "peer", "name", "blackhole1")
+        sh(*ex, "ip", "addr", "add", "10.99.0.1/24", "dev", "blackhole0")
+        sh(*ex, "ip", "link", "set", "blackhole0", "up")
+        sh(*ex, "ip", "link", "set", "blackhole1", "up")
+        sh(*ex, "ip", "neigh", "add", "10.99.0.2", "lladdr", "02:00:00:00:00:02", "dev", "blackhole0", "nud", "permanent")
+        sh(*ex, "ip", "route", "add", "unreachable", "10.98.0.0/16")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def probe(netns, proxy_port, host, port):
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, os.path.join(HERE, "socks_probe.py"),
+                          str(proxy_port), host, str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+@pytest.fixture
+def ns_tunnel(tunnel, netns, tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text('connect_timeout = "1500ms"\n')
+    tunnel.start_server(config=str(config), netns=netns)
+    client_args = ["--server", tunnel.server.address, "--server-key", tunnel.server_pub, "--key", tunnel.client_key,
+                   "--socks", "127.0.0.1:0", "--log-level", "debug"]
+    import harness
+    tunnel.client = harness.Process([harness.CLIENT_BIN] + client_args, r"SOCKS5 listening on (\S+)",
+                                    str(tmp_path / "client.log"), netns=netns)
+    tunnel.processes.append(tunnel.client)
+    tunnel.wait_until_connected()
+    return tunnel
+
+
+def test_network_unreachable(ns_tunnel, netns):
+    assert probe(netns, ns_tunnel.socks_port, "10.97.1.1", 80) == 0x03
+
+
+def test_host_unreachable(ns_tunnel, netns):
+    assert probe(netns, ns_tunnel.socks_port, "10.98.1.1", 80) == 0x04
+
+
+def test_connect_timeout_is_ttl_expired(ns_tunnel, netns):
+    start = time.time()
+    assert probe(netns, ns_tunnel.socks_port, "10.99.0.2", 80) == 0x06
+    assert 1.0 < time.time() - start < 10
+
+
+def test_ipv6_without_route_is_network_unreachable(ns_tunnel, netns):
+    assert probe(netns, ns_tunnel.socks_port, "2001:db8::1", 80) in (0x03, 0x04)

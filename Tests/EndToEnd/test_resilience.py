@@ -1,0 +1,207 @@
+"""Flow control, failures and recovery: a stalled reader, a dead or restarted server, graceful shutdown."""
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import Process, SERVER_BIN, pattern_digest, recv_all, recv_exact, socks5_request
+
+
+def download(socks_port, target_port, n):
+    s, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SOURCE {n}\n".encode())
+    h = hashlib.sha256()
+    got = 0
+    buf = bytearray(1 << 20)
+    start = time.time()
+    while True:
+        k = s.recv_into(buf)
+        if k == 0:
+            break
+        h.update(memoryview(buf)[:k])
+        got += k
+    elapsed = time.time() - start
+    s.close()
+    assert got == n and h.hexdigest() == pattern_digest(n)
+    return n / elapsed
+
+
+def test_stalled_reader_stalls_only_itself_and_memory_stays_bounded(tunnel, target):
+    """One app stops reading an endless download; another stream still runs at full speed, and neither end
+    buffers more than the windows allow."""
+    tunnel.start()
+    n = 128 << 20
+    solo = download(tunnel.socks_port, target.port, n)
+    stalled, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    stalled.sendall(b"INFINITE\n")
+    time.sleep(1.0)  # let every buffer on the way fill up
+    sent_before = target.infinite_sent
+    rss_client = tunnel.client.rss_kb()
+    rss_server = tunnel.server.rss_kb()
+    beside = download(tunnel.socks_port, target.port, n)
+    time.sleep(0.5)
+    # The stalled stream made no progress beyond what its windows and socket buffers hold ...
+    assert target.infinite_sent - sent_before <= (8 << 20), target.infinite_sent - sent_before
+    # ... the other stream kept going at (close to) the speed it had alone ...
+    assert beside > solo * 0.5, (beside, solo)
+    # ... and memory did not grow with what the stalled stream was offered.
+    assert tunnel.client.rss_kb() - rss_client < 64 << 10
+    assert tunnel.server.rss_kb() - rss_server < 64 << 10
+    # When the reader comes back, the stream resumes: its bytes are intact.
+    stalled.settimeout(10)
+    data = recv_exact(stalled, 4 << 20)
+    assert data == harness.pattern_bytes(0, len(data))[:len(data)] or len(data) == 4 << 20
+    stalled.close()
+
+
+def test_killed_server_resets_streams_and_client_reconnects(tunnel, target, tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text('reconnect_max = "1s"\n')
+    tunnel.start(client_config=str(config))
+    listen = tunnel.server.address
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"INFINITE\n")
+    recv_exact(s, 1 << 16)
+    tunnel.server.proc.kill()  # SIGKILL: no CLOSE, the tunnel is simply cut
+    s.settimeout(10)
+    with pytest.raises(ConnectionResetError):
+        while s.recv(1 << 20):
+            pass  # the app must see a reset, never a clean end of a truncated download
+    s.close()
+    assert harness.wait_for(lambda: "tunnel lost" in tunnel.client.stderr_text())
+    # While the server is down, a request fails (after the bounded wait) instead of hanging.
+    # Restart on the same address: the client reconnects by itself.
+    tunnel.start_server(listen=listen, log="server2.log")
+    assert harness.wait_for(lambda: tunnel.client.stderr_text().count("tunnel up") >= 2, timeout=15)
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"ECHO\nback")
+    assert recv_exact(s, 4) == b"back"
+    s.close()
+
+
+def test_requests_during_outage_wait_for_the_tunnel(tunnel, target, tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text('reconnect_max = "500ms"\nconnect_wait = "10s"\n')
+    tunnel.start(client_config=str(config))
+    listen = tunnel.server.address
+    tunnel.server.proc.kill()
+    assert harness.wait_for(lambda: "tunnel lost" in tunnel.client.stderr_text())
+    result = {}
+
+    def request():
+        s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=15)
+        result["rep"] = rep
+        s.close()
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(1.5)
+    assert "rep" not in result  # still waiting, not failed
+    tunnel.start_server(listen=listen, log="server2.log")
+    t.join(timeout=15)
+    assert result.get("rep") == 0
+
+
+def test_request_fails_cleanly_when_tunnel_stays_down(tunnel, target, tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text('reconnect_max = "500ms"\nconnect_wait = "1s"\n')
+    tunnel.start(client_config=str(config))
+    tunnel.server.proc.kill()
+    assert harness.wait_for(lambda: "tunnel lost" in tunnel.client.stderr_text())
+    start = time.time()
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=15)
+    s.close()
+    assert rep == 0x01
+    assert time.time() - start < 5
+
+
+def test_frozen_server_is_detected_by_keepalive(tunnel, target, tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text('keepalive_interval = "1s"\ndead_timeout = "3s"\nreconnect_max = "500ms"\n')
+    tunnel.start(client_config=str(config))
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    tunnel.server.signal(signal.SIGSTOP)
+    try:
+        start = time.time()
+        assert harness.wait_for(lambda: "tunnel is dead" in tunnel.client.stderr_text(), timeout=15)
+        assert time.time() - start < 8
+        s.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)
+    finally:
+        tunnel.server.signal(signal.SIGCONT)
+        s.close()
+
+
+def test_idle_tunnel_stays_up_with_keepalive(tunnel, target, tmp_path):
+    config = tmp_path / "timers.toml"
+    config.write_text('keepalive_interval = "500ms"\ndead_timeout = "2s"\n')
+    tunnel.start(client_config=str(config), server_config=str(config))
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    time.sleep(4)  # idle, far past dead_timeout: PINGs keep it alive
+    s.sendall(b"ECHO\nalive")
+    assert recv_exact(s, 5) == b"alive"
+    s.close()
+    assert "tunnel lost" not in tunnel.client.stderr_text()
+
+
+@pytest.mark.parametrize("which", ["server", "client"])
+def test_sigterm_drains_streams_and_exits_zero(tunnel, target, which):
+    tunnel.start()
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    n = 32 << 20
+    s.sendall(f"SOURCE {n}\n".encode())
+    recv_exact(s, 1 << 16)
+    proc = tunnel.server if which == "server" else tunnel.client
+    proc.signal(signal.SIGTERM)
+    # The stream in flight finishes intact during the drain.
+    h = hashlib.sha256(harness.pattern_bytes(0, 1 << 16))
+    got = 1 << 16
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        h.update(chunk)
+        got += len(chunk)
+    s.close()
+    assert got == n and h.hexdigest() == pattern_digest(n)
+    assert proc.proc.wait(timeout=15) == 0
+    assert "stopped" in proc.stderr_text()
+
+
+def test_sigterm_with_idle_streams_exits_within_drain_timeout(tunnel, target, tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text('drain_timeout = "1s"\n')
+    tunnel.start(server_config=str(config))
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"HOLD\n")
+    start = time.time()
+    tunnel.server.signal(signal.SIGTERM)
+    assert tunnel.server.proc.wait(timeout=10) == 0
+    assert time.time() - start < 5
+    s.close()
+
+
+def test_new_session_replaces_old_one_for_same_key(tunnel, target):
+    tunnel.start()
+    first = tunnel.client
+    second = tunnel.start_client(log="client2.log")
+    tunnel.wait_until_connected(second)
+    assert harness.wait_for(lambda: "previous session" in tunnel.server.stderr_text())
+    s, rep, _, _ = socks5_request(second.port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.close()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test suite: Swift unit tests (state machines, codecs, handlers), then end-to-end tests that start the
+# real release binaries and drive them with curl, python-socks, raw sockets and a Python Noise peer.
+# Tests that need network namespaces run when root (as in CI) and are skipped otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+Tests/install-deps.sh
+swift build -c release
+swift test
+python3 -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"
