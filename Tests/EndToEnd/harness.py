@@ -88,7 +88,8 @@ class Process:
         return int(self.address.rsplit(":", 1)[1])
 
     def stderr_text(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
