@@ -133,7 +133,7 @@ final class OutboundConnector: Sendable {
             .channelOption(.autoRead, value: false)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.maxMessagesPerRead, value: 1)
-            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 2048, initial: 16384, maximum: 65536))
+            .channelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
             .connect(to: address)
             .map { Outcome.connected($0) }
             .flatMapError { error in

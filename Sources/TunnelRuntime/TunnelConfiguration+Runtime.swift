@@ -18,6 +18,13 @@ extension TunnelConnectionHandler.Configuration {
     }
 }
 
+/// Socket settings of a stream's local socket (the application's connection, or the server's outbound one).
+enum StreamSocket {
+    /// Reads start small, so an idle stream's pooled receive buffer stays small (NIO keeps each channel's
+    /// last buffer for reuse), and grow to 64 KiB for bulk streams.
+    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 2048, maximum: 65536)
+}
+
 /// Socket settings of the tunnel connection itself.
 enum TunnelSocket {
     static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 256 << 10, high: 1 << 20)

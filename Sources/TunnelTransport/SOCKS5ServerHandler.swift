@@ -18,6 +18,8 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
     private var local: LocalStreamHandler?
     private var timeout: Scheduled<Void>?
     private var finished = false
+    /// The application half-closed while its CONNECT was pending: the stream starts with a FIN.
+    private var inputClosed = false
 
     public init(provider: any TunnelStreamProvider, handshakeTimeout: TimeAmount = .seconds(10), logger: Logger) {
         self.provider = provider
@@ -78,8 +80,25 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
-        if self.local == nil && !self.finished { context.read() }
+        // Keep read interest while waiting for the stream (early data is kept, bounded below): dropping and
+        // re-arming it would cost two epoll_ctl calls per connection.
+        if !self.finished && (self.buffered?.readableBytes ?? 0) < Self.maxEarlyData { context.read() }
         context.fireChannelReadComplete()
+    }
+
+    /// Most bytes an application may send before its CONNECT is answered.
+    static let maxEarlyData = 64 << 10
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            self.inputClosed = true
+            if self.local == nil {
+                // EOF before a complete request: nothing to serve.
+                self.finish(context: context)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
@@ -137,6 +156,9 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
         }
         if let early, let mux = local.multiplexer {
             mux.localRead(early, on: stream)
+        }
+        if self.inputClosed, let mux = local.multiplexer {
+            mux.localEndOfStream(on: stream)
         }
         local.streamStarted()
     }

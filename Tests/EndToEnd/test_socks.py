@@ -240,3 +240,17 @@ def test_malformed_socks_input_closes_only_that_connection(tunnel, target, junk)
     assert recv_exact(s, 13) == b"still serving"
     s.close()
     assert tunnel.client.proc.poll() is None and tunnel.server.proc.poll() is None
+
+
+def test_request_data_and_eof_before_reply_are_all_delivered(tunnel, target):
+    """An app that sends its request, its data and EOF without waiting for the reply still gets an answer."""
+    tunnel.start()
+    s = socket.create_connection(("127.0.0.1", tunnel.socks_port), timeout=10)
+    req = b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", target.port)
+    s.sendall(req + b"ECHO\nall at once")
+    s.shutdown(socket.SHUT_WR)
+    assert recv_exact(s, 2) == b"\x05\x00"
+    rep, _, _ = harness.read_socks5_reply(s)
+    assert rep == 0
+    assert recv_all(s) == b"all at once"
+    s.close()
