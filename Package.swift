@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .executable(name: "tunnel-server", targets: ["tunnel-server"]),
         .executable(name: "tunnel-client", targets: ["tunnel-client"]),
+        .executable(name: "tunnel-bench", targets: ["tunnel-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
@@ -99,6 +100,8 @@ let package = Package(
         // MARK: - Thin executables
         .executableTarget(name: "tunnel-server", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings),
         .executableTarget(name: "tunnel-client", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings),
+        /// The project's benchmark: measures any SOCKS5 port, or starts our own tunnel (see README).
+        .executableTarget(name: "tunnel-bench", swiftSettings: swiftSettings),
 
         // MARK: - Tests
         .testTarget(name: "TunnelCryptoTests", dependencies: ["TunnelCrypto"], resources: [.copy("Fixtures")]),

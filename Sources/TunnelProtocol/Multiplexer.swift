@@ -89,7 +89,13 @@ public final class Multiplexer {
     public internal(set) var peerGoingAway = false
     /// Smoothed round-trip time from PING answers.
     public private(set) var smoothedRoundTrip: TimeAmount? = nil
+    /// The smallest RTT seen lately: the path's own delay, without the queueing a busy tunnel adds. Window
+    /// auto-tuning uses it, so windows grow for long paths but not to fill queues (which would delay every
+    /// interactive frame behind bulk data).
+    public private(set) var minimumRoundTrip: TimeAmount? = nil
+    private var minimumRoundTripExpires = NIODeadline.distantPast
     private var outstandingPing: UInt64? = nil
+    private var lastPingSent = NIODeadline.distantPast
 
     /// - Parameters:
     ///   - peerParameters: what the peer announced in the handshake (its limits and connection window).
@@ -184,8 +190,12 @@ public final class Multiplexer {
     /// `count` received bytes of `stream` were written to its local socket: credit may go back to the peer.
     public func consumed(_ count: Int, on stream: MuxStream, now: NIODeadline) {
         guard !stream.released, count > 0 else { return }
-        if stream.state != .closed, let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.smoothedRoundTrip) {
+        if stream.state != .closed, let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip) {
             self.enqueueControl(.windowUpdate(stream.id, increment: increment))
+            // Keep RTT samples coming while data flows (at most one PING in flight, ten per second).
+            if self.outstandingPing == nil && now - self.lastPingSent >= .milliseconds(100) {
+                self.sendPing(now: now)
+            }
         } else if stream.state == .closed {
             _ = stream.receiveWindow.consumed(count, now: now, roundTrip: nil)
         }
@@ -256,6 +266,7 @@ public final class Multiplexer {
     public func sendPing(now: NIODeadline) {
         let opaque = now.uptimeNanoseconds
         self.outstandingPing = opaque
+        self.lastPingSent = now
         self.enqueueControl(.ping(opaque, ack: false))
     }
 
@@ -342,5 +353,9 @@ public final class Multiplexer {
         } else {
             self.smoothedRoundTrip = sample
         }
+        // A minimum that expires after 10 s follows a path that got longer (a route change).
+        if let minimum = self.minimumRoundTrip, sample >= minimum, now < self.minimumRoundTripExpires { return }
+        self.minimumRoundTrip = sample
+        self.minimumRoundTripExpires = now + .seconds(10)
     }
 }

@@ -37,8 +37,9 @@ public struct ReceiveWindow: Hashable, Sendable {
 
     /// `n` buffered bytes were consumed. Returns the increment to announce now, if one is due.
     ///
-    /// Auto-tune: when half a window was consumed within two round trips of the previous update, the window
-    /// is what limits throughput, so the target doubles (up to `maxTarget`) and the increment includes the growth.
+    /// Auto-tune: when half a window was consumed within one round trip of the previous update, the reader
+    /// drains faster than the window can cover the path (rate × RTT > window / 2), so the target doubles (up
+    /// to `maxTarget`) and the increment includes the growth. `roundTrip` should be the path's minimum RTT.
     public mutating func consumed(_ n: Int, now: NIODeadline, roundTrip: TimeAmount?) -> UInt32? {
         precondition(n <= self.buffered, "consumed more than was buffered")
         self.buffered -= n
@@ -46,7 +47,7 @@ public struct ReceiveWindow: Hashable, Sendable {
         guard self.consumedUnacknowledged >= self.target / 2 else { return nil }
         var increment = self.consumedUnacknowledged
         if self.target < self.maxTarget, let roundTrip, let last = self.lastUpdate,
-            now - last < roundTrip * 2
+            now - last < roundTrip
         {
             let grown = min(self.target * 2, self.maxTarget)
             increment += grown - self.target

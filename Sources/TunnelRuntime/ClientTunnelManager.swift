@@ -82,6 +82,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             .connectTimeout(.nanoseconds(self.configuration.handshakeTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
+            .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

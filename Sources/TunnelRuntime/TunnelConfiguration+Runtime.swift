@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
 import TunnelConfig
 import TunnelProtocol
@@ -26,7 +29,15 @@ enum StreamSocket {
 }
 
 /// Socket settings of the tunnel connection itself.
+///
+/// Queues are kept short so the multiplexer's scheduler, not a FIFO below it, decides what goes next: the
+/// kernel holds at most `TCP_NOTSENT_LOWAT` of unsent data, and NIO's buffer turns unwritable at its high
+/// watermark, at which point streams keep their data (and stop reading) until the tunnel drains. Without this,
+/// a bulk download queues megabytes in front of every interactive frame.
 enum TunnelSocket {
-    static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 256 << 10, high: 1 << 20)
+    static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 << 10, high: 128 << 10)
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 256 << 10)
+    /// `TCP_NOTSENT_LOWAT` (Linux option 25).
+    static let notSentLowWater = ChannelOptions.Types.SocketOption(level: .init(rawValue: Int32(IPPROTO_TCP)), name: .init(rawValue: 25))
+    static let notSentLowWaterBytes = 128 << 10
 }

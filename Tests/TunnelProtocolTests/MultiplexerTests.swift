@@ -222,6 +222,11 @@ struct MultiplexerTests {
         pair.now = pair.now + .microseconds(250)
         try pair.pump()
         #expect(pair.client.smoothedRoundTrip == .microseconds(250))
+        #expect(pair.client.minimumRoundTrip == .microseconds(250))
+        pair.client.sendPing(now: pair.now)
+        pair.now = pair.now + .microseconds(900)
+        try pair.pump()
+        #expect(pair.client.minimumRoundTrip == .microseconds(250), "a queued, slower sample does not raise the minimum")
     }
 
     @Test func goAwayRefusesNewStreamsAndFailsUnservedOpens() throws {
@@ -365,13 +370,15 @@ struct MultiplexerTests {
         #expect(pair.client.shouldRead(c))
     }
 
-    @Test func windowAutoTunesUpWhenConsumedFasterThanTwoRoundTrips() throws {
+    @Test func windowAutoTunesUpWhenConsumedFasterThanARoundTrip() throws {
         var window = ReceiveWindow(target: 64 << 10, maxTarget: 256 << 10)
         let t0 = NIODeadline.uptimeNanoseconds(1_000_000)
         try window.received(32 << 10)
         #expect(window.consumed(32 << 10, now: t0, roundTrip: .milliseconds(10)) == 32 << 10)
         try window.received(32 << 10)
-        let increment = window.consumed(32 << 10, now: t0 + .milliseconds(5), roundTrip: .milliseconds(10))
+        #expect(window.consumed(32 << 10, now: t0 + .milliseconds(15), roundTrip: .milliseconds(10)) == 32 << 10, "slower than an RTT: no growth")
+        try window.received(32 << 10)
+        let increment = window.consumed(32 << 10, now: t0 + .milliseconds(20), roundTrip: .milliseconds(10))
         #expect(increment == UInt32((32 << 10) + (64 << 10)))
         #expect(window.target == 128 << 10)
         #expect(window.available + window.buffered + window.consumedUnacknowledged == window.target)

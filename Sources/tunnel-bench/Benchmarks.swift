@@ -1,0 +1,215 @@
+import Glibc
+import Synchronization
+
+/// One benchmark run against one proxy (or none: `--direct` connects to the targets straight).
+final class Bench: Sendable {
+    let proxyPort: UInt16?
+    let targets: Targets
+
+    init(proxyPort: UInt16?, targets: Targets) {
+        self.proxyPort = proxyPort
+        self.targets = targets
+    }
+
+    func open(_ targetPort: UInt16) throws -> Int32 {
+        if let proxyPort { return try Sock.socks5Connect(proxyPort: proxyPort, targetPort: targetPort) }
+        return try Sock.connect(port: targetPort)
+    }
+
+    static func header(_ count: UInt64) -> [UInt8] {
+        (0..<8).map { UInt8(truncatingIfNeeded: count >> (56 - 8 * UInt64($0))) }
+    }
+
+    // MARK: - Bulk
+
+    /// Downloads `bytes` from the source, checking every byte. Returns seconds.
+    func download(_ bytes: UInt64) throws -> Double {
+        let fd = try self.open(self.targets.sourcePort)
+        defer { close(fd) }
+        let start = monotonicNanos()
+        try Sock.sendAll(fd, Self.header(bytes))
+        var buffer = [UInt8](repeating: 0, count: 256 << 10)
+        var offset: UInt64 = 0
+        try buffer.withUnsafeMutableBytes { out in
+            try pattern.withUnsafeBytes { expected in
+                while true {
+                    let n = recv(fd, out.baseAddress!, out.count, 0)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw Sock.Failure("recv")
+                    }
+                    if n == 0 { break }
+                    guard matches(out.baseAddress!, n, expected, offset) else {
+                        throw Sock.Failure(message: "corrupt data at offset \(offset)")
+                    }
+                    offset += UInt64(n)
+                }
+            }
+        }
+        guard offset == bytes else { throw Sock.Failure(message: "download ended after \(offset) of \(bytes) bytes") }
+        return Double(monotonicNanos() - start) / 1e9
+    }
+
+    /// Uploads `bytes` to the sink, which checks them and acknowledges. Returns seconds (to the acknowledgement).
+    func upload(_ bytes: UInt64) throws -> Double {
+        let fd = try self.open(self.targets.sinkPort)
+        defer { close(fd) }
+        let start = monotonicNanos()
+        try Sock.sendAll(fd, Self.header(bytes))
+        var offset: UInt64 = 0
+        try pattern.withUnsafeBytes { raw in
+            while offset < bytes {
+                let start = Int(offset % UInt64(pattern.count))
+                let n = min(UInt64(min(256 << 10, pattern.count - start)), bytes - offset)
+                try Sock.sendAll(fd, raw.baseAddress! + start, Int(n))
+                offset += n
+            }
+        }
+        guard let ack = try Sock.recvExact(fd, 1), ack == [1] else { throw Sock.Failure(message: "sink reported corrupt data") }
+        return Double(monotonicNanos() - start) / 1e9
+    }
+
+    /// `streams` downloads of `bytes` each, all at once. Returns (aggregate seconds, per-stream seconds).
+    func parallelDownloads(streams: Int, bytes: UInt64) throws -> (Double, [Double]) {
+        let results = Mutex<[Result<Double, Sock.Failure>]>([])
+        let done = Mutex(0)
+        let start = monotonicNanos()
+        for _ in 0..<streams {
+            spawn {
+                let result: Result<Double, Sock.Failure>
+                do {
+                    result = .success(try self.download(bytes))
+                } catch let error as Sock.Failure {
+                    result = .failure(error)
+                } catch {
+                    result = .failure(Sock.Failure(message: "\(error)"))
+                }
+                results.withLock { $0.append(result) }
+                done.withLock { $0 += 1 }
+            }
+        }
+        while done.withLock({ $0 }) < streams { usleep(2000) }
+        let total = Double(monotonicNanos() - start) / 1e9
+        var each: [Double] = []
+        for result in results.withLock({ $0 }) { each.append(try result.get()) }
+        return (total, each)
+    }
+
+    // MARK: - Request/response
+
+    /// `count` round trips of `size` bytes on one stream. Returns latencies in microseconds, sorted.
+    func requestResponse(count: Int, size: Int) throws -> [Double] {
+        let fd = try self.open(self.targets.echoPort)
+        defer { close(fd) }
+        var message = [UInt8](repeating: 0x5A, count: size)
+        var reply = [UInt8](repeating: 0, count: size)
+        var latencies: [Double] = []
+        latencies.reserveCapacity(count)
+        for i in 0..<(count + 100) {
+            message[0] = UInt8(truncatingIfNeeded: i)
+            let t0 = monotonicNanos()
+            try Sock.sendAll(fd, message)
+            guard try reply.withUnsafeMutableBytes({ try Sock.recvExact(fd, $0.baseAddress!, size) }), reply == message else {
+                throw Sock.Failure(message: "echo mismatch")
+            }
+            if i >= 100 { latencies.append(Double(monotonicNanos() - t0) / 1000) }  // the first 100 warm up
+        }
+        return latencies.sorted()
+    }
+
+    /// Starts an endless download on its own stream; returns a function that stops it and reports MiB/s.
+    func backgroundBulk() throws -> () -> Double {
+        let fd = try self.open(self.targets.sourcePort)
+        try Sock.sendAll(fd, Self.header(UInt64.max))
+        let received = Mutex<UInt64>(0)
+        let stop = Mutex(false)
+        let finished = Mutex(false)
+        let start = monotonicNanos()
+        spawn {
+            var buffer = [UInt8](repeating: 0, count: 256 << 10)
+            buffer.withUnsafeMutableBytes { out in
+                while !stop.withLock({ $0 }) {
+                    let n = recv(fd, out.baseAddress!, out.count, 0)
+                    if n <= 0 { break }
+                    received.withLock { $0 += UInt64(n) }
+                }
+            }
+            finished.withLock { $0 = true }
+        }
+        return {
+            let seconds = Double(monotonicNanos() - start) / 1e9
+            stop.withLock { $0 = true }
+            shutdown(fd, Int32(SHUT_RDWR))
+            while !finished.withLock({ $0 }) { usleep(1000) }
+            close(fd)
+            return Double(received.withLock { $0 }) / seconds / 1048576
+        }
+    }
+
+    // MARK: - Connections
+
+    /// `threads` loops of connect + SOCKS + 32-byte echo + close for `seconds`. Returns (connections, errors).
+    func connectLoop(threads: Int, seconds: Double) -> (Int, Int) {
+        let counts = Mutex((ok: 0, errors: 0, finished: 0))
+        let deadline = monotonicNanos() + UInt64(seconds * 1e9)
+        for _ in 0..<threads {
+            spawn {
+                var ok = 0
+                var errors = 0
+                let message = [UInt8](repeating: 0x42, count: 32)
+                while monotonicNanos() < deadline && errors < 1000 {
+                    do {
+                        let fd = try self.open(self.targets.echoPort)
+                        try Sock.sendAll(fd, message)
+                        let reply = try Sock.recvExact(fd, 32)
+                        close(fd)
+                        if reply == message { ok += 1 } else { errors += 1 }
+                    } catch {
+                        errors += 1
+                    }
+                }
+                counts.withLock {
+                    $0.ok += ok
+                    $0.errors += errors
+                    $0.finished += 1
+                }
+            }
+        }
+        while counts.withLock({ $0.finished }) < threads { usleep(5000) }
+        return counts.withLock { ($0.ok, $0.errors) }
+    }
+
+    /// Opens `count` streams (each checked with a 1-byte echo). Returns the open sockets and the seconds it took.
+    func openIdle(count: Int) throws -> ([Int32], Double) {
+        var fds: [Int32] = []
+        fds.reserveCapacity(count)
+        let start = monotonicNanos()
+        do {
+            for _ in 0..<count {
+                let fd = try self.open(self.targets.echoPort)
+                fds.append(fd)
+                try Sock.sendAll(fd, [0x01])
+                guard try Sock.recvExact(fd, 1) == [0x01] else { throw Sock.Failure(message: "idle echo failed") }
+            }
+        } catch {
+            for fd in fds { close(fd) }
+            throw error
+        }
+        return (fds, Double(monotonicNanos() - start) / 1e9)
+    }
+
+    /// Checks every idle stream with another echo; returns how many answered.
+    func checkIdle(_ fds: [Int32]) -> Int {
+        var alive = 0
+        for fd in fds {
+            if (try? Sock.sendAll(fd, [0x02])) != nil, (try? Sock.recvExact(fd, 1)) == [0x02] { alive += 1 }
+        }
+        return alive
+    }
+}
+
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return 0 }
+    let index = min(sorted.count - 1, max(0, Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1))
+    return sorted[index]
+}
