@@ -1,0 +1,163 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import Testing
+import TunnelCrypto
+import TunnelProtocol
+
+@testable import TunnelTransport
+
+/// A delegate that authorizes one key and records what happened.
+final class TestDelegate: TunnelConnectionDelegate {
+    let allowed: PublicKey?
+    var established: EstablishedSession?
+    var confirmed = false
+    var closedWith: ProtocolError?? = nil
+    var replay = ReplayTable()
+
+    init(allowed: PublicKey? = nil) { self.allowed = allowed }
+
+    func tunnelAuthorize(_ key: PublicKey) -> Bool { key == self.allowed }
+    func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
+        self.replay.check(key: key, timestamp: timestamp, now: .now())
+    }
+    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) { self.established = session }
+    func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) { self.confirmed = true }
+    func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) { self.closedWith = .some(error) }
+}
+
+struct TunnelConnectionHandlerTests {
+    let serverKey = PrivateKey()
+    let clientKey = PrivateKey()
+    let logger = Logger(label: "test")
+
+    func makePair(authorized: Bool = true, cipher: NoiseCipher = .chaChaPoly) throws
+        -> (client: EmbeddedChannel, server: EmbeddedChannel, clientDelegate: TestDelegate, serverDelegate: TestDelegate)
+    {
+        let clientMachine = ClientHandshakeStateMachine(
+            cipher: cipher, staticKey: self.clientKey, serverKey: self.serverKey.publicKey, parameters: SessionParameters()
+        )
+        let clientHandler = TunnelConnectionHandler(role: .client(clientMachine), logger: self.logger)
+        let clientDelegate = TestDelegate()
+        clientHandler.delegate = clientDelegate
+        let serverHandler = TunnelConnectionHandler(
+            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.aesGCM, .chaChaPoly])), logger: self.logger
+        )
+        let serverDelegate = TestDelegate(allowed: authorized ? self.clientKey.publicKey : nil)
+        serverHandler.delegate = serverDelegate
+        let client = EmbeddedChannel(handler: clientHandler)
+        let server = EmbeddedChannel(handler: serverHandler)
+        try server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 2)).wait()
+        return (client, server, clientDelegate, serverDelegate)
+    }
+
+    /// Moves bytes both ways until nothing is left.
+    func shuttle(_ a: EmbeddedChannel, _ b: EmbeddedChannel) throws {
+        for _ in 0..<20 {
+            a.embeddedEventLoop.run()
+            b.embeddedEventLoop.run()
+            var moved = false
+            while let out = try a.readOutbound(as: ByteBuffer.self) {
+                if b.isActive { try b.writeInbound(out) }
+                moved = true
+            }
+            while let out = try b.readOutbound(as: ByteBuffer.self) {
+                if a.isActive { try a.writeInbound(out) }
+                moved = true
+            }
+            if !moved { return }
+        }
+    }
+
+    @Test(arguments: [NoiseCipher.chaChaPoly, .aesGCM])
+    func handshakeEstablishesAndConfirms(cipher: NoiseCipher) throws {
+        let (client, server, clientDelegate, serverDelegate) = try self.makePair(cipher: cipher)
+        try self.shuttle(client, server)
+        #expect(clientDelegate.established?.cipher == cipher)
+        #expect(serverDelegate.established?.peerStaticKey == self.clientKey.publicKey)
+        #expect(serverDelegate.confirmed, "the client's first record (its PING) confirms the session")
+        _ = try? client.finish()
+        _ = try? server.finish()
+    }
+
+    @Test func unauthorizedClientGetsNothingBack() throws {
+        let (client, server, clientDelegate, serverDelegate) = try self.makePair(authorized: false)
+        client.embeddedEventLoop.run()
+        let message1 = try #require(try client.readOutbound(as: ByteBuffer.self))
+        try server.writeInbound(message1)
+        server.embeddedEventLoop.run()
+        #expect(try server.readOutbound(as: ByteBuffer.self) == nil, "not a single byte to an unknown key")
+        #expect(!server.isActive)
+        #expect(serverDelegate.established == nil)
+        #expect(clientDelegate.established == nil)
+        _ = try? client.finish()
+    }
+
+    @Test func garbageClosesSilently() throws {
+        let (_, server, _, serverDelegate) = try self.makePair()
+        try server.writeInbound(ByteBuffer(bytes: [0x00, 0x80] + [UInt8](repeating: 0xAB, count: 128)))
+        #expect(try server.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(!server.isActive)
+        #expect(serverDelegate.closedWith != nil)
+    }
+
+    @Test func oversizedHandshakeMessageIsRefusedBeforeBuffering() throws {
+        let (_, server, _, _) = try self.makePair()
+        try server.writeInbound(ByteBuffer(bytes: [0xFF, 0xFF, 1, 2, 3]))
+        #expect(!server.isActive)
+    }
+
+    @Test func replayedFirstMessageIsRejected() throws {
+        let (client, server, _, serverDelegate) = try self.makePair()
+        client.embeddedEventLoop.run()
+        let message1 = try #require(try client.readOutbound(as: ByteBuffer.self))
+        try server.writeInbound(message1)
+        #expect(serverDelegate.established != nil)
+        // The same message 1 on a second connection to the same server state.
+        let second = TunnelConnectionHandler(
+            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])), logger: self.logger
+        )
+        second.delegate = serverDelegate
+        serverDelegate.established = nil
+        let replayChannel = EmbeddedChannel(handler: second)
+        try replayChannel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 3)).wait()
+        try replayChannel.writeInbound(message1)
+        #expect(try replayChannel.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(!replayChannel.isActive)
+        #expect(serverDelegate.established == nil)
+    }
+
+    @Test func truncationWithoutCloseIsReportedAsSuch() throws {
+        let (client, server, clientDelegate, _) = try self.makePair()
+        try self.shuttle(client, server)
+        client.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(clientDelegate.closedWith??.code == .truncated)
+        _ = try? server.finish()
+    }
+
+    @Test func gracefulCloseSendsAnAuthenticatedClose() throws {
+        let (client, server, clientDelegate, serverDelegate) = try self.makePair()
+        try self.shuttle(client, server)
+        var drained = false
+        let serverHandler = try server.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        serverHandler.shutdown(drainTimeout: .seconds(1)) { drained = true }
+        try self.shuttle(client, server)
+        #expect(drained)
+        #expect(clientDelegate.closedWith == .some(nil), "the client saw an authenticated CLOSE, not a truncation")
+        #expect(serverDelegate.closedWith != nil)
+    }
+
+    @Test func tamperedRecordEndsTheConnection() throws {
+        let (client, server, _, serverDelegate) = try self.makePair()
+        try self.shuttle(client, server)
+        let clientHandler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        clientHandler.multiplexer?.sendPing(now: .now())
+        client.embeddedEventLoop.run()
+        var record = try #require(try client.readOutbound(as: ByteBuffer.self))
+        record.setInteger(record.getInteger(at: 4, as: UInt8.self)! ^ 0x80, at: 4)
+        try server.writeInbound(record)
+        #expect(!server.isActive)
+        #expect(serverDelegate.closedWith??.code == .decryptionFailed)
+    }
+}
