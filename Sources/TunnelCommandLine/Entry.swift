@@ -13,6 +13,7 @@ import TunnelConfig
 enum Entry {
     static func main<Root: AsyncParsableCommand>(_ root: Root.Type, name: String) async -> Never {
         signal(SIGPIPE, SIG_IGN)
+        raiseOpenFileLimit()
         let arguments = Array(CommandLine.arguments.dropFirst())
         if let first = arguments.first, first == "keygen" || first == "pubkey" {
             // Subcommands are dispatched here: the root's own options (--key) must not swallow theirs.
@@ -74,6 +75,16 @@ extension Entry {
             exit(2)
         }
     }
+}
+
+/// Every stream holds a socket at each end: raise the soft limit on open files to the hard limit (Debian's
+/// default soft limit of 1024 would cap a tunnel at about a thousand streams).
+func raiseOpenFileLimit() {
+    var limit = rlimit()
+    let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+    guard getrlimit(resource, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+    limit.rlim_cur = min(limit.rlim_max, 1 << 20)
+    _ = setrlimit(resource, &limit)
 }
 
 /// Writes one line to standard error.

@@ -205,3 +205,50 @@ def test_new_session_replaces_old_one_for_same_key(tunnel, target):
     s, rep, _, _ = socks5_request(second.port, "127.0.0.1", target.port)
     assert rep == 0
     s.close()
+
+
+def test_rekey_keeps_data_intact(tunnel, target, tmp_path):
+    """Both directions rekey every 256 KiB: a 32 MiB round trip goes through ~100 rekeys on each side."""
+    config = tmp_path / "rekey.toml"
+    config.write_text('rekey_bytes = "256KiB"\n')
+    tunnel.start(server_config=str(config), client_config=str(config))
+    n = 32 << 20
+    download(tunnel.socks_port, target.port, n)
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SINK {n}\n".encode())
+    s.sendall(harness.pattern_bytes(0, n))
+    reply = recv_all(s).decode().split()
+    s.close()
+    assert int(reply[0]) == n and reply[1] == pattern_digest(n)
+    assert tunnel.server.stderr_text().count("rekeyed sending direction") >= 50
+    assert tunnel.client.stderr_text().count("rekeyed sending direction") >= 50
+
+
+def test_two_clients_with_their_own_keys_at_once(tunnel, target, tmp_path):
+    tunnel.start()
+    first = tunnel.client
+    other_key = str(tmp_path / "other.key")
+    other_pub = harness.keygen(harness.CLIENT_BIN, other_key)
+    with open(tunnel.authorized, "a") as f:
+        f.write(f"{other_pub} second-client\n")
+    # The authorized keys file is read at start-up: restart the server with both keys.
+    listen = tunnel.server.address
+    tunnel.server.kill()
+    tunnel.start_server(listen=listen, log="server2.log")
+    second = tunnel.start_client(key=other_key, log="client2.log")
+    tunnel.wait_until_connected(second)
+    assert harness.wait_for(lambda: first.stderr_text().count("tunnel up") >= 2, timeout=15)
+    results = {}
+
+    def run(name, port):
+        results[name] = download(port, target.port, 16 << 20)
+    threads = [threading.Thread(target=run, args=("a", first.port)),
+               threading.Thread(target=run, args=("b", second.port))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == {"a", "b"}
+    log = tunnel.server.stderr_text()
+    assert "(test-client) connected" in log and "(second-client) connected" in log
