@@ -9,7 +9,7 @@ public struct TunnelTimings: Sendable, Equatable {
     /// On SIGINT/SIGTERM, open streams get this long to finish.
     public var drainTimeout: Int64 = 5_000_000_000
     /// Receive window each stream starts with.
-    public var streamWindow = 256 << 10
+    public var streamWindow = 1 << 20
     /// Largest a stream's receive window auto-tunes to.
     public var maxStreamWindow = 4 << 20
     /// Receive window of the whole connection.

@@ -35,7 +35,7 @@ public final class Multiplexer {
     /// Limits and sizes.
     public struct Configuration: Sendable {
         /// Receive window each new stream starts with.
-        public var initialStreamWindow: Int = 256 << 10
+        public var initialStreamWindow: Int = 1 << 20
         /// Largest a stream's receive window may auto-tune to.
         public var maxStreamWindow: Int = 4 << 20
         /// Connection-level receive window (bounds all buffered receive data).
@@ -45,7 +45,7 @@ public final class Multiplexer {
         /// Deficit round-robin quantum: bytes a stream may send per turn.
         public var quantum: Int = 16 << 10
         /// A stream stops reading its local socket once this many bytes wait to be sent.
-        public var streamPendingLimit: Int = 64 << 10
+        public var streamPendingLimit: Int = 256 << 10
         /// All streams together stop reading once this many bytes wait to be sent.
         public var totalPendingLimit: Int = 4 << 20
         /// Most bytes of control frames that may wait (a peer that never reads PING answers hits this).

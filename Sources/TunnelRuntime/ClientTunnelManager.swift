@@ -80,7 +80,6 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.logger.debug("connecting to \(server) (\(cipher))")
         ClientBootstrap(group: self.eventLoop)
             .connectTimeout(.nanoseconds(self.configuration.handshakeTimeout.nanoseconds))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
             .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)

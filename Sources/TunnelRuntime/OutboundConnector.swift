@@ -129,10 +129,9 @@ final class OutboundConnector: Sendable {
         }
         return ClientBootstrap(group: eventLoop)
             .connectTimeout(remaining)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.autoRead, value: false)
             .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelOption(.maxMessagesPerRead, value: 1)
+            .channelOption(.maxMessagesPerRead, value: StreamSocket.maxMessagesPerRead)
             .channelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
             .connect(to: address)
             .map { Outcome.connected($0) }

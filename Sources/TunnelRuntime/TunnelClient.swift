@@ -29,10 +29,9 @@ public final class TunnelClient: Sendable {
         let channel = try await ServerBootstrap(group: self.eventLoop)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(.maxMessagesPerRead, value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: StreamSocket.maxMessagesPerRead)
             .childChannelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

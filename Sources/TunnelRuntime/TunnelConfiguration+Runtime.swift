@@ -26,6 +26,9 @@ enum StreamSocket {
     /// Reads start small, so an idle stream's pooled receive buffer stays small (NIO keeps each channel's
     /// last buffer for reuse), and grow to 64 KiB for bulk streams.
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 2048, maximum: 65536)
+    /// Up to four 64 KiB reads per readiness event: a bulk stream fills several records per flush, so the
+    /// tunnel sees fewer, larger writes (each write wakes the reader at the other end).
+    static let maxMessagesPerRead: UInt = 4
 }
 
 /// Socket settings of the tunnel connection itself.

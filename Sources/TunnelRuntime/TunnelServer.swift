@@ -43,7 +43,6 @@ public final class TunnelServer: Sendable {
         let channel = try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
             .childChannelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .childChannelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)

@@ -128,14 +128,40 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         let incoming = self.unwrapInboundIn(data)
         self.lastReceive = .now()
         guard self.phase != .closed else { return }
-        if var buffer = self.cumulation {
+        var buffer = incoming
+        if var partial = self.cumulation {
+            // Complete the one message that straddles the read boundary by copying only what it still lacks;
+            // everything after it is processed in place, without a copy.
             self.cumulation = nil
-            buffer.writeImmutableBuffer(incoming)
-            self.process(&buffer, context: context)
-        } else {
-            var buffer = incoming
-            self.process(&buffer, context: context)
+            while true {
+                let missing = Self.bytesMissing(in: partial)
+                if missing == 0 { break }
+                if partial.readableBytes >= 2 && !self.acceptsLength(of: partial) { break }  // process() reports it
+                let take = min(missing, buffer.readableBytes)
+                if take > 0 { partial.writeImmutableBuffer(buffer.readSlice(length: take)!) }
+                if take < missing {
+                    self.cumulation = partial
+                    return
+                }
+            }
+            self.process(&partial, context: context)
+            guard self.phase != .closed else { return }
         }
+        self.process(&buffer, context: context)
+    }
+
+    /// Whether the length prefix at the front of `partial` is worth waiting for.
+    private func acceptsLength(of partial: ByteBuffer) -> Bool {
+        guard let length = try? RecordFraming.nextLength(in: partial) else { return false }
+        return self.phase != .handshaking || length <= self.configuration.maxHandshakeMessage
+    }
+
+    /// How many more bytes `partial` needs to hold one whole message (its 2-byte length first).
+    private static func bytesMissing(in partial: ByteBuffer) -> Int {
+        guard let length = partial.getInteger(at: partial.readerIndex, as: UInt16.self) else {
+            return 2 - partial.readableBytes
+        }
+        return max(0, 2 + Int(length) - partial.readableBytes)
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
@@ -200,12 +226,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
                 if self.phase == .handshaking && length > self.configuration.maxHandshakeMessage {
                     throw ProtocolError.handshakeFailed("handshake message of \(length) bytes is too long")
                 }
-                guard buffer.readableBytes >= 2 + length else {
-                    if buffer.capacity - buffer.readerIndex < 2 + length {
-                        buffer.reserveCapacity(minimumWritableBytes: 2 + length - buffer.readableBytes)
-                    }
-                    break
-                }
+                guard buffer.readableBytes >= 2 + length else { break }
                 switch self.phase {
                 case .handshaking:
                     buffer.moveReaderIndex(forwardBy: 2)
@@ -225,8 +246,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             return
         }
         if buffer.readableBytes > 0 && self.phase != .closed {
-            buffer.discardReadBytes()
-            self.cumulation = buffer
+            // Keep the partial message in a buffer of its own, sized for the whole message.
+            let needed = buffer.getInteger(at: buffer.readerIndex, as: UInt16.self).map { 2 + Int($0) } ?? 2 + WireLimits.maxRecordCiphertext
+            var partial = context.channel.allocator.buffer(capacity: max(needed, buffer.readableBytes))
+            partial.writeBuffer(&buffer)
+            self.cumulation = partial
         }
     }
 

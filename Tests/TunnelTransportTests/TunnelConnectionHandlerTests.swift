@@ -70,6 +70,50 @@ struct TunnelConnectionHandlerTests {
         }
     }
 
+    /// Like `shuttle`, but delivers every buffer in pieces of the given sizes (cycled), so messages straddle reads.
+    func shuttleInPieces(_ a: EmbeddedChannel, _ b: EmbeddedChannel, pieces: [Int]) throws {
+        var index = 0
+        func deliver(_ buffer: ByteBuffer, to channel: EmbeddedChannel) throws {
+            var buffer = buffer
+            while buffer.readableBytes > 0 && channel.isActive {
+                let size = min(pieces[index % pieces.count], buffer.readableBytes)
+                index += 1
+                try channel.writeInbound(buffer.readSlice(length: size)!)
+            }
+        }
+        for _ in 0..<20 {
+            a.embeddedEventLoop.run()
+            b.embeddedEventLoop.run()
+            var moved = false
+            while let out = try a.readOutbound(as: ByteBuffer.self) {
+                try deliver(out, to: b)
+                moved = true
+            }
+            while let out = try b.readOutbound(as: ByteBuffer.self) {
+                try deliver(out, to: a)
+                moved = true
+            }
+            if !moved { return }
+        }
+    }
+
+    @Test(arguments: [[1], [2, 1, 7], [17, 3000, 1, 65000], [100_000]])
+    func messagesSplitAcrossReadsAreReassembled(pieces: [Int]) throws {
+        let (client, server, clientDelegate, serverDelegate) = try self.makePair()
+        try self.shuttleInPieces(client, server, pieces: pieces)
+        #expect(clientDelegate.established != nil && serverDelegate.confirmed)
+        // Many PINGs and their answers, through the same splitting.
+        let clientHandler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        for _ in 0..<50 {
+            clientHandler.multiplexer?.sendPing(now: .now())
+            try self.shuttleInPieces(client, server, pieces: pieces)
+        }
+        #expect(client.isActive && server.isActive)
+        #expect(clientHandler.multiplexer?.smoothedRoundTrip != nil)
+        _ = try? client.finish()
+        _ = try? server.finish()
+    }
+
     @Test(arguments: [NoiseCipher.chaChaPoly, .aesGCM])
     func handshakeEstablishesAndConfirms(cipher: NoiseCipher) throws {
         let (client, server, clientDelegate, serverDelegate) = try self.makePair(cipher: cipher)
