@@ -79,9 +79,14 @@ extension Multiplexer {
             self.delegate?.multiplexer(self, received: data, on: stream)
         }
         if header.flags.contains(.fin), stream.state == .open {
+            // The state changes before the delegate hears of it: the delegate may close the local socket (and
+            // release the stream) from inside the call.
             stream.finReceived = true
-            self.delegate?.multiplexer(self, receivedEndOfStream: stream)
-            if stream.finSent { self.markClosed(stream, reset: nil) }
+            if stream.finSent {
+                self.markClosed(stream, reset: nil)
+            } else {
+                self.delegate?.multiplexer(self, receivedEndOfStream: stream)
+            }
         }
     }
 

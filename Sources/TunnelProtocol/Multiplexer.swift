@@ -215,9 +215,13 @@ public final class Multiplexer {
     public func release(_ stream: MuxStream) {
         guard !stream.released, !stream.releaseWhenFinished else { return }
         stream.context = nil
-        if stream.state == .open && stream.localEndOfStream && stream.finReceived && !stream.finSent {
-            stream.releaseWhenFinished = true
-            return
+        if stream.state == .open && stream.localEndOfStream && stream.finReceived {
+            if stream.finSent {
+                self.markClosed(stream, reset: nil)
+            } else {
+                stream.releaseWhenFinished = true
+                return
+            }
         }
         if stream.state != .closed {
             self.enqueueControl(.reset(stream.id, .cancel))

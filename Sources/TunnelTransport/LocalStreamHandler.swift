@@ -90,6 +90,7 @@ public final class LocalStreamHandler: ChannelInboundHandler {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.sawError = true
+        self.tunnel?.logger.debug("stream \(self.stream?.id.description ?? "?") local socket error: \(error)")
         if let stream = self.stream, let mux = self.tunnel?.multiplexer {
             mux.resetStream(stream, code: .cancel)
         }

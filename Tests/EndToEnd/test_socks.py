@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 from python_socks.sync import Proxy
@@ -95,6 +96,10 @@ def test_half_close_both_ways(tunnel, target):
     data = recv_all(s)
     assert data == payload[5:]  # everything echoed, then a clean EOF
     s.close()
+    time.sleep(0.3)
+    # Both ends saw a graceful end (FIN both ways), not a RESET.
+    assert "reset:" not in tunnel.client.stderr_text()
+    assert "reset:" not in tunnel.server.stderr_text()
 
 
 def test_large_transfer_integrity_download_and_upload(tunnel, target):
