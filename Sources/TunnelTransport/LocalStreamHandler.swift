@@ -19,10 +19,16 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     /// Client: called once with the OPEN_RESULT.
     public var onOpenResult: ((ReplyCode, TargetAddress) -> Void)?
 
-    /// The last delivered buffer, written at flush time so that one promise covers a whole batch.
+    /// The last delivered buffer, written at flush time (so a batch is one writev).
     private var heldWrite: ByteBuffer?
     private var unflushedBytes = 0
-    private var bytesInFlight = 0
+    /// Bytes handed to the socket so far, and how many of them were reported consumed to the multiplexer.
+    /// The difference that NIO still buffers is read back from the channel, so the common case (the socket
+    /// took everything) needs no promise at all.
+    private var handedToSocket = 0
+    private var reportedConsumed = 0
+    /// An empty write with a promise is queued behind buffered bytes, to learn when they are written.
+    private var drainWatcher = false
     private enum Ending { case none, shutdownOutput, close }
     private var ending = Ending.none
     private var outputShut = false
@@ -132,21 +138,47 @@ public final class LocalStreamHandler: ChannelInboundHandler {
         self.unflushedBytes += data.readableBytes
     }
 
-    /// Writes and flushes what was delivered since the last flush; its completion returns the credit.
+    /// Writes and flushes what was delivered since the last flush, then returns credit for what the socket took.
     func flushDelivered() {
         guard let context = self.context, let held = self.heldWrite else { return }
         self.heldWrite = nil
-        let bytes = self.unflushedBytes
+        self.handedToSocket += self.unflushedBytes
         self.unflushedBytes = 0
-        self.bytesInFlight += bytes
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(self.wrapOutboundOut(held), promise: promise)
-        promise.futureResult.assumeIsolated().whenComplete { result in
-            self.bytesInFlight -= bytes
-            if case .success = result, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-                mux.consumed(bytes, on: stream, now: .now())
-            }
+        context.writeAndFlush(self.wrapOutboundOut(held), promise: nil)
+        self.reportWritten()
+    }
+
+    /// Bytes still in NIO's outbound buffer (not yet taken by the kernel).
+    private var bufferedInChannel: Int {
+        guard let context = self.context else { return 0 }
+        return (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+    }
+
+    /// Reports newly written bytes as consumed (credit goes back to the peer); watches for the rest.
+    private func reportWritten() {
+        let buffered = self.bufferedInChannel
+        let written = self.handedToSocket - buffered
+        if written > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            mux.consumed(written - self.reportedConsumed, on: stream, now: .now())
+        }
+        self.reportedConsumed = max(self.reportedConsumed, written)
+        if buffered > 0 {
+            self.watchDrain()
+        } else {
             self.finishEndingIfDrained()
+        }
+    }
+
+    /// The application reads slower than data arrives: learn when NIO's buffer has drained, through an empty
+    /// write queued behind the buffered bytes.
+    private func watchDrain() {
+        guard !self.drainWatcher, let context = self.context else { return }
+        self.drainWatcher = true
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: promise)
+        promise.futureResult.assumeIsolated().whenComplete { result in
+            self.drainWatcher = false
+            if case .success = result { self.reportWritten() }
         }
     }
 
@@ -171,7 +203,7 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     }
 
     private func finishEndingIfDrained() {
-        guard let context = self.context, self.heldWrite == nil, self.bytesInFlight == 0 else { return }
+        guard let context = self.context, self.heldWrite == nil, self.bufferedInChannel == 0 else { return }
         switch self.ending {
         case .none:
             return
