@@ -99,10 +99,15 @@ public final class Multiplexer {
 
     /// - Parameters:
     ///   - peerParameters: what the peer announced in the handshake (its limits and connection window).
-    public init(role: Role, configuration: Configuration = Configuration(), peerParameters: SessionParameters) {
+    public init(
+        role: Role,
+        configuration: Configuration = Configuration(),
+        peerParameters: SessionParameters,
+        firstStreamID: UInt32? = nil
+    ) {
         self.role = role
         self.configuration = configuration
-        self.nextLocalStreamID = role == .client ? 1 : 2
+        self.nextLocalStreamID = firstStreamID ?? (role == .client ? 1 : 2)
         self.peerMaxConcurrentStreams = Int(peerParameters.maxConcurrentStreams)
         self.connectionSendCredit = SendCredit(Int(peerParameters.connectionWindow))
         self.connectionReceiveWindow = ReceiveWindow(target: configuration.connectionWindow)
@@ -133,10 +138,12 @@ public final class Multiplexer {
 
     // MARK: - Opening streams
 
+    /// Whether every stream id of this side is used (2^31 of them): only a new connection can open more.
+    public var streamIDsExhausted: Bool { self.nextLocalStreamID > UInt32(Int32.max) - 2 }
+
     /// Whether `openStream` would succeed now.
     public var canOpenStream: Bool {
-        !self.peerGoingAway && self.localStreamCount < self.peerMaxConcurrentStreams
-            && self.nextLocalStreamID <= UInt32(Int32.max) - 2
+        !self.peerGoingAway && self.localStreamCount < self.peerMaxConcurrentStreams && !self.streamIDsExhausted
     }
 
     /// Opens a stream to `target` (OPEN goes out with the next record). `nil` if the peer's limit is reached,

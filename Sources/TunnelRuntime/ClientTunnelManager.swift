@@ -170,6 +170,13 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, local: local) {
             return
         }
+        if let tunnel = self.current, tunnel.streamIDsExhausted {
+            // About two billion streams on one connection: a fresh tunnel takes the new ones, this one drains.
+            self.logger.info("stream ids of this tunnel are used up; opening a new tunnel")
+            tunnel.shutdown(drainTimeout: .nanoseconds(self.resolved.settings.timings.drainTimeout)) {}
+            self.current = nil
+            self.connect()
+        }
         guard !self.stopped, self.waiting.count < self.resolved.settings.maxWaitingRequests else {
             local.openCompleted(reply: .generalFailure, bound: .unspecified)
             return

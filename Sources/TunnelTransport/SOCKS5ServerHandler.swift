@@ -30,7 +30,7 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
     public func handlerAdded(context: ChannelHandlerContext) {
         if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer.hostPortDescription)" }
         self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.handshakeTimeout) {
-            self.logger.debug("SOCKS handshake timed out")
+            self.logger.info("SOCKS handshake timed out")
             self.finish(context: context)
         }
         if context.channel.isActive { context.read() }
@@ -50,7 +50,7 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
         }
         guard self.local == nil else { return }  // request already made; keep early data for the stream
         guard self.buffered!.readableBytes <= 1024 else {
-            self.logger.debug("SOCKS handshake larger than any valid one")
+            self.logger.info("SOCKS handshake larger than any valid one")
             self.finish(context: context)
             return
         }
@@ -64,7 +64,7 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
                 self.request(target, context: context)
                 return
             case .replyAndClose(let bytes, let reason):
-                self.logger.debug("SOCKS request refused: \(reason)")
+                self.logger.info("SOCKS request refused: \(reason)")
                 self.finished = true
                 self.timeout?.cancel()
                 context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
@@ -72,7 +72,7 @@ public final class SOCKS5ServerHandler: ChannelInboundHandler, RemovableChannelH
                 }
                 return
             case .close(let reason):
-                self.logger.debug("SOCKS connection closed: \(reason)")
+                self.logger.info("SOCKS connection closed: \(reason)")
                 self.finish(context: context)
                 return
             }

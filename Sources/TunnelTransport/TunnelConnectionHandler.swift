@@ -524,6 +524,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         return true
     }
 
+    /// Whether this connection has used up its stream ids (it can only drain).
+    public var streamIDsExhausted: Bool { self.multiplexer?.streamIDsExhausted ?? false }
+
     /// Whether `openStream` would succeed now.
     public var canOpenStream: Bool {
         self.phase == .established && self.drainDeadline == nil && (self.multiplexer?.canOpenStream ?? false)

@@ -415,6 +415,15 @@ struct MultiplexerTests {
         #expect(window.available + window.buffered + window.consumedUnacknowledged == window.target)
     }
 
+    @Test func streamIDsRunOutCleanly() {
+        let mux = Multiplexer(role: .client, peerParameters: SessionParameters(), firstStreamID: UInt32(Int32.max) - 4)
+        #expect(mux.openStream(to: self.target)?.id == StreamID(UInt32(Int32.max) - 4))
+        #expect(mux.openStream(to: self.target)?.id == StreamID(UInt32(Int32.max) - 2))
+        #expect(mux.streamIDsExhausted)
+        #expect(!mux.canOpenStream)
+        #expect(mux.openStream(to: self.target) == nil)
+    }
+
     @Test func producedRecordsRespectTheLimit() throws {
         let pair = MuxPair()
         var streams: [MuxStream] = []
