@@ -49,7 +49,7 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
-            name: "SOCKS5",
+            name: "LocalProxy",
             dependencies: [
                 "TunnelProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -67,7 +67,7 @@ let package = Package(
             name: "TunnelTransport",
             dependencies: [
                 "TunnelProtocol",
-                "SOCKS5",
+                "LocalProxy",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -78,6 +78,7 @@ let package = Package(
             dependencies: [
                 "TunnelTransport",
                 "TunnelConfig",
+                "LocalProxy",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -110,14 +111,15 @@ let package = Package(
             dependencies: ["TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
-            name: "SOCKS5Tests",
-            dependencies: ["SOCKS5", .product(name: "NIOCore", package: "swift-nio")]
+            name: "LocalProxyTests",
+            dependencies: ["LocalProxy", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
         ),
-        .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig"]),
+        .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
         .testTarget(
             name: "TunnelTransportTests",
             dependencies: [
                 "TunnelTransport",
+                "LocalProxy",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]

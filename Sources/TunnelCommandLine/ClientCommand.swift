@@ -14,7 +14,8 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         commandName: "tunnel-client",
         abstract: "The local end of the encrypted SOCKS5 tunnel.",
         discussion: """
-            Listens for SOCKS5 (CONNECT, no authentication) and carries every stream through one Noise IK \
+            Listens on one local port for SOCKS5 (CONNECT and UDP ASSOCIATE), SOCKS4/4a and HTTP proxy requests \
+            (CONNECT and plain http:// requests), and carries every stream through one Noise IK \
             connection to tunnel-server, which resolves names and opens the connections. Prints \
             "SOCKS5 listening on HOST:PORT" when ready. Reconnects with backoff when the tunnel drops. \
             Subcommands: "tunnel-client keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
@@ -35,6 +36,15 @@ public struct TunnelClientCommand: AsyncParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Where to listen for SOCKS5 (default: 127.0.0.1:1080).", valueName: "host:port"))
     var socks: String?
+
+    @Option(name: .customLong("socks-user"), help: ArgumentHelp("Require this username on the local proxy (SOCKS5 username/password, SOCKS4 user id, HTTP Basic). Default: no authentication.", valueName: "name"))
+    var socksUser: String?
+
+    @Option(name: .customLong("socks-pass"), help: ArgumentHelp("The password that goes with --socks-user.", valueName: "password"))
+    var socksPass: String?
+
+    @Flag(name: .customLong("allow-open-proxy"), help: "Allow --socks on a non-loopback address without --socks-user (default: refused).")
+    var allowOpenProxy = false
 
     @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/client.toml); flags override its values. Default: none.", valueName: "file"))
     var config: String?
@@ -57,6 +67,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         if let v = self.key { settings.keyPath = v }
         if let v = self.socks { settings.socks = try parseEndpointFlag(v, flag: "--socks") }
+        if let v = self.socksUser { settings.socksUser = v }
+        if let v = self.socksPass { settings.socksPassword = v }
+        if self.allowOpenProxy { settings.allowOpenProxy = true }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         let resolved = try settings.resolve()
 

@@ -1,4 +1,5 @@
 import TunnelCrypto
+import TunnelProtocol
 
 /// Everything `tunnel-client` runs with: defaults, then the config file, then flags.
 public struct ClientSettings: Sendable {
@@ -14,6 +15,13 @@ public struct ClientSettings: Sendable {
     public var serverKey: PublicKey?
     public var keyPath: String?
     public var socks = Endpoint(host: "127.0.0.1", port: 1080)
+    /// Username and password the local proxy requires (SOCKS5 RFC 1929, SOCKS4 user id, HTTP Basic).
+    public var socksUser: String?
+    public var socksPassword: String?
+    /// Allow the local proxy on a non-loopback address without credentials.
+    public var allowOpenProxy = false
+    /// Serve SOCKS5 UDP ASSOCIATE.
+    public var udp = true
     public var logLevel = "info"
     public var cipher = CipherChoice.automatic
     /// How long a SOCKS request waits for the tunnel to come (back) up before it is refused.
@@ -34,6 +42,10 @@ public struct ClientSettings: Sendable {
         }
         if let v = try file.string("key") { self.keyPath = v }
         if let v = try file.endpoint("socks") { self.socks = v }
+        if let v = try file.string("socks_user") { self.socksUser = v }
+        if let v = try file.string("socks_pass") { self.socksPassword = v }
+        if let v = try file.boolean("allow_open_proxy") { self.allowOpenProxy = v }
+        if let v = try file.boolean("udp") { self.udp = v }
         if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
         if let v = try file.string("cipher") {
             guard let choice = Self.parseCipher(v) else {
@@ -46,6 +58,14 @@ public struct ClientSettings: Sendable {
         if let v = try file.duration("reconnect_max", min: 100_000_000) { self.reconnectMax = v }
         try self.timings.apply(&file)
         try file.finish()
+    }
+
+    /// Whether `host` only accepts connections from this machine.
+    public static func isLoopback(_ host: String) -> Bool {
+        if host == "localhost" { return true }
+        guard let ip = IPAddress.parse(host) else { return false }
+        if ip.isIPv6 { return ip.bytes == Array(repeating: 0, count: 15) + [1] }
+        return ip.bytes[0] == 127
     }
 
     public static func parseCipher(_ text: String) -> CipherChoice? {
@@ -66,6 +86,21 @@ public struct ClientSettings: Sendable {
         guard let server = self.server else { throw ConfigError("--server HOST:PORT is required (or server in --config)") }
         guard let serverKey = self.serverKey else { throw ConfigError("--server-key BASE64 is required (or server_key in --config)") }
         guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }
+        switch (self.socksUser, self.socksPassword) {
+        case (nil, nil): break
+        case (let user?, let pass?):
+            guard !user.isEmpty, user.utf8.count <= 255, pass.utf8.count <= 255, !pass.isEmpty else {
+                throw ConfigError("--socks-user and --socks-pass must each be 1 to 255 bytes")
+            }
+        default:
+            throw ConfigError("--socks-user and --socks-pass go together")
+        }
+        if !Self.isLoopback(self.socks.host) && self.socksUser == nil && !self.allowOpenProxy {
+            throw ConfigError(
+                "--socks \(self.socks) is not a loopback address: anyone who reaches it could use your tunnel. "
+                    + "Set --socks-user/--socks-pass, or pass --allow-open-proxy if that is really intended"
+            )
+        }
         if case .fixed(let cipher) = self.cipher, !cipher.isAvailable {
             throw ConfigError("cipher \(cipher) is not available on this CPU")
         }

@@ -65,3 +65,13 @@ enum Blake2b {
         }
     }
 }
+
+/// Compares two secrets (passwords, tokens) in time that depends on neither their contents nor which one is
+/// longer: both are hashed with BLAKE2b-512 first, then the digests are compared with `sodium_memcmp`.
+public func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    var da = [UInt8](repeating: 0, count: Blake2b.hashLength)
+    var db = [UInt8](repeating: 0, count: Blake2b.hashLength)
+    da.withUnsafeMutableBytes { out in a.withUnsafeBytes { Blake2b.hash([$0], into: out.baseAddress!) } }
+    db.withUnsafeMutableBytes { out in b.withUnsafeBytes { Blake2b.hash([$0], into: out.baseAddress!) } }
+    return da.withUnsafeBytes { x in db.withUnsafeBytes { y in sodium_memcmp(x.baseAddress!, y.baseAddress!, Blake2b.hashLength) == 0 } }
+}

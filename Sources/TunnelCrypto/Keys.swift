@@ -35,7 +35,7 @@ public struct PublicKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     public static func == (lhs: PublicKey, rhs: PublicKey) -> Bool { lhs.constantTimeEquals(rhs) }
-    public func hash(into hasher: inout Hasher) { hasher.combine(bytes: UnsafeRawBufferPointer(start: self.bytes, count: 32)) }
+    public func hash(into hasher: inout Hasher) { self.bytes.withUnsafeBytes { hasher.combine(bytes: $0) } }
 }
 
 /// An X25519 private key. The scalar lives in `SecretBytes` and is wiped when the key is dropped.

@@ -1,5 +1,13 @@
 import NIOCore
 
+/// The object that performs a stream's local I/O; the transport layer refines it.
+public protocol MuxStreamContext: AnyObject {
+    func deliver(_ data: ByteBuffer)
+    func peerFinished()
+    func streamClosed(reset: ErrorCode?)
+    func readIfWanted()
+}
+
 /// One multiplexed stream, as the multiplexer tracks it. The handler that owns the stream's local socket
 /// keeps itself in `context`.
 public final class MuxStream {
@@ -28,8 +36,8 @@ public final class MuxStream {
     public internal(set) var resetCode: ErrorCode? = nil
     /// The local socket reached EOF: a FIN goes out after the pending bytes.
     public internal(set) var localEndOfStream = false
-    /// Whoever carries out this stream's I/O (the handler of its local socket).
-    public var context: AnyObject? = nil
+    /// Whoever carries out this stream's I/O (the handler of its local socket). Typed by the transport layer.
+    public var context: (any MuxStreamContext)? = nil
 
     /// Send credit granted by the peer for this stream.
     var sendCredit = SendCredit(0)

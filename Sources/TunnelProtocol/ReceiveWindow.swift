@@ -41,7 +41,8 @@ public struct ReceiveWindow: Hashable, Sendable {
     /// drains faster than the window can cover the path (rate × RTT > window / 2), so the target doubles (up
     /// to `maxTarget`) and the increment includes the growth. `roundTrip` should be the path's minimum RTT.
     public mutating func consumed(_ n: Int, now: NIODeadline, roundTrip: TimeAmount?) -> UInt32? {
-        precondition(n <= self.buffered, "consumed more than was buffered")
+        // Never more than arrived: an accounting slip above must not corrupt the window (or crash).
+        let n = min(n, self.buffered)
         self.buffered -= n
         self.consumedUnacknowledged += n
         guard self.consumedUnacknowledged >= self.target / 2 else { return nil }

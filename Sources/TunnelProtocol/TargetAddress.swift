@@ -60,7 +60,7 @@ public struct TargetAddress: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// RFC 5952 text form of a 16-byte IPv6 address (longest run of zero groups compressed).
-    static func formatIPv6(_ bytes: [UInt8]) -> String {
+    public static func formatIPv6(_ bytes: [UInt8]) -> String {
         precondition(bytes.count == 16)
         let groups = (0..<8).map { UInt16(bytes[2 * $0]) << 8 | UInt16(bytes[2 * $0 + 1]) }
         var bestStart = -1

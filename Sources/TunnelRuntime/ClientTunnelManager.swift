@@ -39,7 +39,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     private struct Waiter {
         let target: TargetAddress
-        let local: LocalStreamHandler
+        let local: any StreamEndpoint
         let deadline: NIODeadline
     }
     private var waiting = CircularBuffer<Waiter>()
@@ -166,7 +166,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     // MARK: - TunnelStreamProvider
 
-    func requestStream(to target: TargetAddress, local: LocalStreamHandler) {
+    func requestStream(to target: TargetAddress, local: any StreamEndpoint) {
         if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, local: local) {
             return
         }
@@ -190,14 +190,12 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
     }
 
-    func cancelStreamRequest(_ local: LocalStreamHandler) {
+    func cancelStreamRequest(_ local: any StreamEndpoint) {
         if let index = self.waiting.firstIndex(where: { $0.local === local }) {
             self.waiting.remove(at: index)
             return
         }
-        if let stream = local.stream, let mux = local.multiplexer {
-            mux.release(stream)
-        }
+        local.cancelPendingOpen()
     }
 
     private func serveWaiting() {

@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import LocalProxy
 import TunnelConfig
 import TunnelTransport
 
@@ -26,6 +27,11 @@ public final class TunnelClient: Sendable {
     public func start() async throws -> SocketAddress {
         let manager = self.manager
         let logger = self.logger
+        var proxyConfiguration = LocalProxyHandler.Configuration()
+        if let user = self.resolved.settings.socksUser, let pass = self.resolved.settings.socksPassword {
+            proxyConfiguration.credentials = ProxyCredentials(username: user, password: pass)
+        }
+        let configuration = proxyConfiguration
         let channel = try await ServerBootstrap(group: self.eventLoop)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -35,7 +41,9 @@ public final class TunnelClient: Sendable {
             .childChannelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(SOCKS5ServerHandler(provider: manager.value, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(
+                        LocalProxyHandler(provider: manager.value, configuration: configuration, logger: logger)
+                    )
                 }
             }
             .bind(host: self.resolved.settings.socks.host, port: self.resolved.settings.socks.port)

@@ -7,7 +7,7 @@ import TunnelProtocol
 ///
 /// The socket runs with `autoRead` off and `allowRemoteHalfClosure` on: EOF on it becomes the stream's FIN,
 /// and the peer's FIN shuts down the socket's output once every byte before it is written.
-public final class LocalStreamHandler: ChannelInboundHandler {
+public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
@@ -40,7 +40,7 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     /// The multiplexer of the tunnel this stream runs over.
     public var multiplexer: Multiplexer? { self.tunnel?.multiplexer }
 
-    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+    public func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
         self.stream = stream
         self.tunnel = tunnel
     }
@@ -114,9 +114,13 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     // MARK: - Driven by the tunnel
 
     /// Reads from the socket if the multiplexer wants more from this stream.
-    func readIfWanted() {
+    public func readIfWanted() {
         guard let context = self.context, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
         if mux.shouldRead(stream) { context.read() }
+    }
+
+    public func cancelPendingOpen() {
+        if let stream = self.stream, let tunnel = self.tunnel { tunnel.release(stream) }
     }
 
     /// Client: the OPEN_RESULT arrived.
@@ -127,7 +131,7 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     }
 
     /// Stream bytes from the peer; written at the next flush.
-    func deliver(_ data: ByteBuffer) {
+    public func deliver(_ data: ByteBuffer) {
         guard let context = self.context else { return }
         if let held = self.heldWrite {
             context.write(self.wrapOutboundOut(held), promise: nil)
@@ -139,7 +143,7 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     }
 
     /// Writes and flushes what was delivered since the last flush, then returns credit for what the socket took.
-    func flushDelivered() {
+    public func flushDelivered() {
         guard let context = self.context, let held = self.heldWrite else { return }
         self.heldWrite = nil
         self.handedToSocket += self.unflushedBytes
@@ -183,14 +187,14 @@ public final class LocalStreamHandler: ChannelInboundHandler {
     }
 
     /// The peer's FIN: shut the socket's output after the bytes before it.
-    func peerFinished() {
+    public func peerFinished() {
         if self.ending == .none { self.ending = .shutdownOutput }
         self.flushDelivered()
         self.finishEndingIfDrained()
     }
 
     /// The stream is over: abortive close now on RESET, otherwise close once every byte is written.
-    func streamClosed(reset: ErrorCode?) {
+    public func streamClosed(reset: ErrorCode?) {
         guard let context = self.context else { return }
         if reset != nil {
             self.heldWrite = nil

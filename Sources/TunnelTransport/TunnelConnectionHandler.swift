@@ -70,7 +70,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     private var cumulation: ByteBuffer?
     private var flushScheduled = false
-    private var streamsToFlush: [LocalStreamHandler] = []
+    private var streamsToFlush: [any StreamEndpoint] = []
     private var lastReceive = NIODeadline.now()
     private var timer: Scheduled<Void>?
     private var handshakeDeadline: NIODeadline
@@ -378,7 +378,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         for local in streams { local.flushDelivered() }
     }
 
-    func markNeedsFlush(_ local: LocalStreamHandler) {
+    public func markNeedsFlush(_ local: any StreamEndpoint) {
         self.streamsToFlush.append(local)
     }
 
@@ -517,7 +517,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
     /// Returns false when this connection cannot open a stream now.
-    public func openStream(to target: TargetAddress, local: LocalStreamHandler) -> Bool {
+    public func openStream(to target: TargetAddress, local: any StreamEndpoint) -> Bool {
         guard self.phase == .established, let mux = self.multiplexer, let stream = mux.openStream(to: target) else { return false }
         local.attach(stream: stream, tunnel: self)
         stream.context = local
@@ -538,7 +538,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     /// Server: binds a stream to the handler of its outbound socket.
-    public func attach(_ local: LocalStreamHandler, to stream: MuxStream) {
+    public func attach(_ local: any StreamEndpoint, to stream: MuxStream) {
         local.attach(stream: stream, tunnel: self)
         stream.context = local
     }
@@ -566,19 +566,17 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
     }
 
     public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
-        guard let local = stream.context as? LocalStreamHandler else { return }
+        guard let local = stream.context as? any StreamEndpoint else { return }
         self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
         local.openCompleted(reply: reply, bound: bound)
     }
 
     public func multiplexer(_ mux: Multiplexer, received data: ByteBuffer, on stream: MuxStream) {
-        guard let context = stream.context else { return }
-        unsafeDowncast(context, to: LocalStreamHandler.self).deliver(data)
+        stream.context?.deliver(data)
     }
 
     public func multiplexer(_ mux: Multiplexer, receivedEndOfStream stream: MuxStream) {
-        guard let context = stream.context else { return }
-        unsafeDowncast(context, to: LocalStreamHandler.self).peerFinished()
+        stream.context?.peerFinished()
     }
 
     public func multiplexer(_ mux: Multiplexer, streamClosed stream: MuxStream, reset: ErrorCode?) {
@@ -588,12 +586,11 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
             // still running, which checks the state when it finishes.
             return
         }
-        unsafeDowncast(context, to: LocalStreamHandler.self).streamClosed(reset: reset)
+        context.streamClosed(reset: reset)
     }
 
     public func multiplexer(_ mux: Multiplexer, streamWantsRead stream: MuxStream) {
-        guard let context = stream.context else { return }
-        unsafeDowncast(context, to: LocalStreamHandler.self).readIfWanted()
+        stream.context?.readIfWanted()
     }
 
     public func multiplexer(_ mux: Multiplexer, peerGoingAway lastStreamID: StreamID, code: ErrorCode) {

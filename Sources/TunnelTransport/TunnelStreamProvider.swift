@@ -4,8 +4,8 @@ import TunnelProtocol
 /// requests to the live tunnel or holding them (bounded) while the tunnel reconnects.
 public protocol TunnelStreamProvider: AnyObject {
     /// Opens a stream for `local` to `target`, now or once a tunnel is up. The result arrives exactly once,
-    /// through `local.onOpenResult`, on the caller's event loop.
-    func requestStream(to target: TargetAddress, local: LocalStreamHandler)
+    /// through `local.openCompleted`, on the caller's event loop.
+    func requestStream(to target: TargetAddress, local: any StreamEndpoint)
     /// The requesting connection went away before its result arrived.
-    func cancelStreamRequest(_ local: LocalStreamHandler)
+    func cancelStreamRequest(_ local: any StreamEndpoint)
 }

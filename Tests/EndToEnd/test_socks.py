@@ -222,8 +222,9 @@ def test_no_acceptable_method(tunnel):
 
 
 @pytest.mark.parametrize("junk", [
-    b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",      # SOCKS4 (not yet served)
-    b"GET / HTTP/1.1\r\n\r\n",                     # HTTP
+    b"\x16\x03\x01\x02\x00",                          # a TLS ClientHello: no proxy protocol
+    b"GET / HTTP/1.1\r\n\r\n",                     # HTTP without an absolute URI: 400
+    b"\x04\x01\x00\x50",                            # truncated SOCKS4, then close
     b"\x05",                                      # truncated greeting, then close
     b"\x05\x00",                                  # zero methods
     b"\x05\x01\x00\x05\x01\x00\x03\x00\x00\x50",  # empty domain name
@@ -237,7 +238,7 @@ def test_malformed_socks_input_closes_only_that_connection(tunnel, target, junk)
     bad.shutdown(socket.SHUT_WR)
     bad.settimeout(12)
     reply = recv_all(bad)  # an error reply or nothing, then EOF; never a hang
-    assert len(reply) <= 12
+    assert len(reply) <= 200
     bad.close()
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
     assert rep == 0

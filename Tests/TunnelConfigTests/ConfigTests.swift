@@ -1,5 +1,6 @@
 import Testing
 import TunnelCrypto
+import TunnelProtocol
 
 @testable import TunnelConfig
 

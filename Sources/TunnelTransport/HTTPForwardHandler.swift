@@ -1,0 +1,448 @@
+import Logging
+import LocalProxy
+import NIOCore
+import TunnelProtocol
+
+/// A plain-HTTP forward proxy on one application connection (RFC 9112): each request in absolute form goes to
+/// its origin through a tunnel stream, rewritten to origin form with hop-by-hop fields removed; each response
+/// comes back unchanged. The handler follows message framing both ways, so one keep-alive connection can
+/// carry requests to different hosts one after another (a new stream per host). A CONNECT on the same
+/// connection turns it into a tunnel.
+///
+/// It is the stream endpoint of its current upstream stream: response bytes pass through its parser on their
+/// way to the application, and credit returns once the application's socket took them.
+public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    private enum RequestState {
+        /// Waiting for (the rest of) a request head.
+        case head
+        /// Waiting for the stream to `target` to open; `pending` holds the request head and what followed.
+        case opening(TargetAddress)
+        /// Sending a request body upstream.
+        case body(HTTPBodyFramer)
+        /// The request is sent; the next one waits until the response is complete.
+        case awaitingResponse
+        /// A CONNECT is being set up; the connection becomes a tunnel once it opens.
+        case connecting
+        /// Nothing more to read (closing, or turned into a tunnel).
+        case done
+    }
+
+    private enum ResponseState {
+        /// No request outstanding.
+        case idle
+        /// Reading a response head for a request with this method.
+        case head(method: String)
+        /// Relaying a response body.
+        case body(HTTPBodyFramer, closeAfter: Bool)
+    }
+
+    private let provider: any TunnelStreamProvider
+    private let credentials: ProxyCredentials?
+    private var logger: Logger
+    private var context: ChannelHandlerContext?
+
+    private var inbound: ByteBuffer
+    private var requestState = RequestState.head
+    private var responseState = ResponseState.idle
+    private var responseHead = ByteBuffer()
+    /// The request head (origin form) and anything after it, waiting for the stream to open.
+    private var pending: ByteBuffer?
+    private var pendingMethod = "GET"
+    private var clientWantsClose = false
+    private var clientEOF = false
+
+    /// The current upstream stream and where it goes.
+    private var stream: MuxStream?
+    private weak var tunnel: TunnelConnectionHandler?
+    private var streamTarget: TargetAddress?
+    private var streamUsable = false
+
+    /// Credit accounting (as `LocalStreamHandler`): bytes received from the stream vs. bytes reported consumed.
+    private var receivedFromStream = 0
+    private var reportedConsumed = 0
+    private var drainWatcher = false
+    private var pendingWrites = false
+
+    init(provider: any TunnelStreamProvider, credentials: ProxyCredentials?, logger: Logger, initialBytes: ByteBuffer) {
+        self.provider = provider
+        self.credentials = credentials
+        self.logger = logger
+        self.inbound = initialBytes
+    }
+
+    // MARK: - Application side
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.processRequests()
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = self.unwrapInboundIn(data)
+        self.inbound.writeBuffer(&incoming)
+        self.processRequests()
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.readIfWanted()
+        context.fireChannelReadComplete()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            self.clientEOF = true
+            switch self.requestState {
+            case .head where self.inbound.readableBytes == 0:
+                if case .idle = self.responseState { self.closeClient() }
+            case .body(let framer) where framer.mode == .untilClose:
+                if let stream = self.stream, let mux = self.tunnel?.multiplexer { mux.localEndOfStream(on: stream) }
+            default:
+                break
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.requestState = .done
+        self.dropStream()
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.logger.debug("HTTP proxy connection error: \(error)")
+        self.requestState = .done
+        context.close(promise: nil)
+    }
+
+    /// Whether the application's socket should be read: while a head is incomplete, or a body can flow.
+    public func readIfWanted() {
+        guard let context = self.context else { return }
+        switch self.requestState {
+        case .head:
+            if self.inbound.readableBytes < HTTPHeadParser.defaultMaxSize { context.read() }
+        case .body:
+            if let stream = self.stream, let mux = self.tunnel?.multiplexer, mux.shouldRead(stream) { context.read() }
+        case .opening, .awaitingResponse, .connecting, .done:
+            break
+        }
+    }
+
+    private func processRequests() {
+        while self.context != nil {
+            switch self.requestState {
+            case .head:
+                guard case .idle = self.responseState else { return }
+                guard self.parseNextRequest() else { return }
+            case .body(var framer):
+                guard self.inbound.readableBytes > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+                let count: Int
+                do {
+                    count = try framer.consume(self.inbound)
+                } catch {
+                    self.fail(status: 400, message: error.description)
+                    return
+                }
+                if count > 0 { mux.localRead(self.inbound.readSlice(length: count)!, on: stream) }
+                if framer.isComplete {
+                    self.requestState = .awaitingResponse
+                } else {
+                    self.requestState = .body(framer)
+                    return
+                }
+            case .opening, .awaitingResponse, .connecting, .done:
+                return
+            }
+        }
+    }
+
+    /// Parses one request head; returns false when it has to wait.
+    private func parseNextRequest() -> Bool {
+        let head: HTTPRequestHead
+        do {
+            guard let parsed = try HTTPHeadParser.parseRequest(&self.inbound) else {
+                if self.clientEOF && self.inbound.readableBytes == 0 { self.closeClient() }
+                return false
+            }
+            head = parsed
+        } catch {
+            self.fail(status: 400, message: error.description)
+            return false
+        }
+        switch HTTPProxy.decide(head, credentials: self.credentials) {
+        case .reject(let status, let message, let authenticate):
+            self.fail(status: status, message: message, authenticate: authenticate)
+            return false
+        case .tunnel(let target):
+            self.startTunnel(to: target)
+            return false
+        case .forward(let target, let rewritten, let body, let closeAfter):
+            self.clientWantsClose = closeAfter
+            self.pendingMethod = rewritten.method
+            self.responseState = .head(method: rewritten.method)
+            self.responseHead.clear()
+            let headBytes = rewritten.encoded()
+            self.logger.debug("HTTP \(rewritten.method) \(target)")
+            if self.streamUsable, self.streamTarget == target, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+                mux.localRead(headBytes, on: stream)
+                self.requestState = body == .none ? .awaitingResponse : .body(HTTPBodyFramer(body))
+                return true
+            }
+            // Another host (or no usable stream): a new stream; the old one ends.
+            self.dropStream()
+            self.pending = headBytes
+            self.requestState = .opening(target)
+            self.streamTarget = target
+            self.pendingBody = body
+            self.provider.requestStream(to: target, local: self)
+            return false
+        }
+    }
+
+    private var pendingBody = HTTPBodyFramer.Mode.none
+
+    /// CONNECT on a connection that carried plain requests: it becomes a tunnel to `target`.
+    private func startTunnel(to target: TargetAddress) {
+        guard let context = self.context else { return }
+        self.dropStream()
+        self.requestState = .connecting
+        let local = LocalStreamHandler()
+        let early = self.inbound
+        self.inbound = ByteBuffer()
+        local.onOpenResult = { [weak self] reply, _ in
+            guard let self, let context = self.context else { return }
+            guard reply == .succeeded, let stream = local.stream else {
+                let (status, _) = HTTPProxy.status(for: reply)
+                self.fail(status: status, message: "\(reply)")
+                return
+            }
+            context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: HTTPProxy.connectEstablished)), promise: nil)
+            self.requestState = .done
+            do {
+                try context.pipeline.syncOperations.addHandler(local)
+                context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            } catch {
+                context.close(promise: nil)
+                return
+            }
+            if early.readableBytes > 0, let mux = local.multiplexer { mux.localRead(early, on: stream) }
+            if self.clientEOF, let mux = local.multiplexer { mux.localEndOfStream(on: stream) }
+            local.streamStarted()
+        }
+        _ = context
+        self.provider.requestStream(to: target, local: local)
+    }
+
+    /// Answers with an error status and closes (after any response in flight).
+    private func fail(status: Int, message: String, authenticate: Bool = false) {
+        guard let context = self.context else { return }
+        self.logger.info("HTTP proxy request refused: \(status) \(message)")
+        self.requestState = .done
+        self.dropStream()
+        context.writeAndFlush(self.wrapOutboundOut(HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate)))
+            .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+    }
+
+    private func closeClient() {
+        guard let context = self.context else { return }
+        self.requestState = .done
+        self.dropStream()
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer())).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+
+    /// Lets go of the current stream: a finished exchange ends with FIN, anything else is reset.
+    private func dropStream() {
+        guard let stream = self.stream, let tunnel = self.tunnel else {
+            self.stream = nil
+            return
+        }
+        self.stream = nil
+        self.streamUsable = false
+        self.receivedFromStream = 0
+        self.reportedConsumed = 0
+        // An idle keep-alive upstream is simply abandoned: the server resets its connection to the origin.
+        tunnel.release(stream)
+    }
+
+    // MARK: - StreamEndpoint (the upstream)
+
+    public func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+        self.stream = stream
+        self.tunnel = tunnel
+    }
+
+    public func cancelPendingOpen() {
+        self.dropStream()
+    }
+
+    public func openCompleted(reply: ReplyCode, bound: TargetAddress) {
+        guard case .opening = self.requestState else { return }
+        guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending else {
+            let (status, _) = HTTPProxy.status(for: reply)
+            self.responseState = .idle
+            self.fail(status: status, message: "\(reply)")
+            return
+        }
+        self.pending = nil
+        self.streamUsable = true
+        self.receivedFromStream = 0
+        self.reportedConsumed = 0
+        mux.localRead(head, on: stream)
+        self.requestState = self.pendingBody == .none ? .awaitingResponse : .body(HTTPBodyFramer(self.pendingBody))
+        self.processRequests()
+        self.readIfWanted()
+    }
+
+    public func deliver(_ data: ByteBuffer) {
+        guard let context = self.context else { return }
+        self.receivedFromStream += data.readableBytes
+        var data = data
+        while data.readableBytes > 0 {
+            switch self.responseState {
+            case .idle:
+                // Bytes beyond the response: the origin broke HTTP framing. Stop using this stream.
+                self.logger.debug("origin sent bytes after a complete response; dropping the connection")
+                self.streamUsable = false
+                self.closeClient()
+                return
+            case .head(let method):
+                self.responseHead.writeBuffer(&data)
+                let head: HTTPResponseHead
+                do {
+                    guard let parsed = try HTTPHeadParser.parseResponse(&self.responseHead) else { return }
+                    head = parsed
+                } catch {
+                    self.logger.info("origin sent an invalid response: \(error)")
+                    self.abortClient()
+                    return
+                }
+                data = self.responseHead
+                self.responseHead = ByteBuffer()
+                context.write(self.wrapOutboundOut(head.encoded()), promise: nil)
+                self.pendingWrites = true
+                if head.status < 200 && head.status != 101 {
+                    continue  // 1xx: the final response follows
+                }
+                let mode: HTTPBodyFramer.Mode
+                do {
+                    mode = try HTTPBodyFramer.forResponse(head, requestMethod: method)
+                } catch {
+                    self.abortClient()
+                    return
+                }
+                let tokens = Set(head.headers.tokens("Connection"))
+                let closeAfter = head.status == 101 || mode == .untilClose || tokens.contains("close")
+                    || (head.version == "HTTP/1.0" && !tokens.contains("keep-alive")) || self.clientWantsClose
+                self.responseState = .body(HTTPBodyFramer(mode), closeAfter: closeAfter)
+                if HTTPBodyFramer(mode).isComplete { self.responseFinished() }
+            case .body(var framer, let closeAfter):
+                let count: Int
+                do {
+                    count = try framer.consume(data)
+                } catch {
+                    self.abortClient()
+                    return
+                }
+                if count > 0 {
+                    context.write(self.wrapOutboundOut(data.readSlice(length: count)!), promise: nil)
+                    self.pendingWrites = true
+                }
+                self.responseState = .body(framer, closeAfter: closeAfter)
+                if framer.isComplete { self.responseFinished() }
+            }
+        }
+    }
+
+    /// The response is complete: the connection takes the next request, or closes.
+    private func responseFinished() {
+        guard case .body(_, let closeAfter) = self.responseState else { return }
+        self.responseState = .idle
+        self.flushDelivered()
+        if closeAfter || self.clientEOF && self.inbound.readableBytes == 0 {
+            self.closeClient()
+            return
+        }
+        if case .awaitingResponse = self.requestState { self.requestState = .head }
+        self.processRequests()
+        self.readIfWanted()
+    }
+
+    public func flushDelivered() {
+        guard let context = self.context, self.pendingWrites else { return }
+        self.pendingWrites = false
+        context.flush()
+        self.reportWritten()
+    }
+
+    private func reportWritten() {
+        guard let context = self.context else { return }
+        let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        // Response bytes are re-encoded (heads), so credit follows what was received, once the socket drained.
+        if buffered == 0 {
+            if self.receivedFromStream > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+                mux.consumed(self.receivedFromStream - self.reportedConsumed, on: stream, now: .now())
+            }
+            self.reportedConsumed = self.receivedFromStream
+        } else if !self.drainWatcher {
+            self.drainWatcher = true
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: promise)
+            promise.futureResult.assumeIsolated().whenComplete { result in
+                self.drainWatcher = false
+                if case .success = result { self.reportWritten() }
+            }
+        }
+    }
+
+    public func peerFinished() {
+        self.streamUsable = false
+        switch self.responseState {
+        case .body(let framer, _) where framer.mode == .untilClose:
+            // A close-delimited body ends here; so does the application's connection.
+            self.responseState = .body(HTTPBodyFramer(.none), closeAfter: true)
+            self.responseFinished()
+        case .idle:
+            // The origin closed an idle keep-alive connection; the next request opens a new stream.
+            self.dropStream()
+        case .head, .body:
+            self.logger.debug("origin closed in the middle of a response")
+            self.abortClient()
+        }
+    }
+
+    public func streamClosed(reset: ErrorCode?) {
+        self.streamUsable = false
+        if case .opening = self.requestState { return }
+        if self.isIdle, case .head = self.requestState {
+            self.dropStream()  // between exchanges: nothing is lost
+        } else {
+            self.abortClient()
+        }
+    }
+
+    private var isIdle: Bool {
+        if case .idle = self.responseState { return true }
+        return false
+    }
+
+    /// The response cannot be completed: reset the application's connection so it sees a failure.
+    private func abortClient() {
+        guard let context = self.context else { return }
+        self.requestState = .done
+        self.dropStream()
+        context.closeAbortively()
+    }
+}
+
+@available(*, unavailable)
+extension HTTPForwardHandler: Sendable {}

@@ -1,0 +1,309 @@
+import Logging
+import LocalProxy
+import NIOCore
+import TunnelProtocol
+
+/// Serves the first exchange on one accepted local connection, whatever the application speaks (told apart
+/// by the first byte): SOCKS5 (RFC 1928, with RFC 1929 username/password when credentials are set), SOCKS4
+/// and SOCKS4a, or HTTP (CONNECT, or a plain request in absolute form). Once the tunnel stream is open it
+/// answers in the application's protocol and hands the connection to a `LocalStreamHandler` (or, for plain
+/// HTTP, to an `HTTPForwardHandler` that keeps looking at each request and response).
+public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    /// Settings shared by every local connection.
+    public struct Configuration: Sendable {
+        /// Required username and password; `nil` serves without authentication.
+        public var credentials: ProxyCredentials?
+        /// The whole handshake must arrive within this time.
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// Serves UDP ASSOCIATE (SOCKS5), or `nil` to answer it "command not supported".
+        public var udpRelay: (any UDPRelayProvider)?
+        public init(credentials: ProxyCredentials? = nil) { self.credentials = credentials }
+    }
+
+    private enum Phase {
+        /// No byte yet.
+        case detecting
+        case socks5(SOCKS5ServerStateMachine)
+        case socks4(SOCKS4ServerStateMachine)
+        /// Reading the first HTTP request head.
+        case http
+        /// A stream was requested; its result decides the reply.
+        case waiting(ReplyStyle)
+        /// Handed over, failed or closed: nothing more to do here.
+        case finished
+    }
+
+    /// How the application gets its answer.
+    private enum ReplyStyle {
+        case socks5, socks4, httpConnect
+    }
+
+    private var phase: Phase = .detecting
+    private var buffered: ByteBuffer?
+    private let provider: any TunnelStreamProvider
+    private let configuration: Configuration
+    private var logger: Logger
+    private var local: LocalStreamHandler?
+    private var timeout: Scheduled<Void>?
+    /// The application half-closed while its request was pending: the stream starts with a FIN.
+    private var inputClosed = false
+
+    public init(provider: any TunnelStreamProvider, configuration: Configuration, logger: Logger) {
+        self.provider = provider
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Most bytes an application may send before its request is answered.
+    static let maxEarlyData = 64 << 10
+
+    // MARK: - Channel events
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer.hostPortDescription)" }
+        self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.configuration.handshakeTimeout) {
+            if case .waiting = self.phase { return }  // the tunnel's own limits apply once a stream was asked for
+            self.logger.info("proxy handshake timed out")
+            self.finish(context: context)
+        }
+        if context.channel.isActive { context.read() }
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        context.read()
+        context.fireChannelActive()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = self.unwrapInboundIn(data)
+        if self.buffered == nil {
+            self.buffered = incoming
+        } else {
+            self.buffered!.writeBuffer(&incoming)
+        }
+        self.advance(context: context)
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        // Keep read interest while the request is pending (early data is kept, bounded): dropping and
+        // re-arming it would cost two epoll_ctl calls per connection.
+        switch self.phase {
+        case .finished: break
+        default:
+            if (self.buffered?.readableBytes ?? 0) < Self.maxEarlyData { context.read() }
+        }
+        context.fireChannelReadComplete()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            self.inputClosed = true
+            if case .waiting = self.phase { return }
+            // EOF before a complete request: nothing to serve.
+            self.finish(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.timeout?.cancel()
+        if case .waiting = self.phase, let local = self.local {
+            self.phase = .finished
+            self.provider.cancelStreamRequest(local)
+        }
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.logger.debug("local connection error: \(error)")
+        self.finish(context: context)
+    }
+
+    private func finish(context: ChannelHandlerContext) {
+        if case .finished = self.phase { return }
+        if case .waiting = self.phase, let local = self.local { self.provider.cancelStreamRequest(local) }
+        self.phase = .finished
+        self.timeout?.cancel()
+        context.close(promise: nil)
+    }
+
+    private func replyAndClose(_ bytes: ByteBuffer, reason: String, context: ChannelHandlerContext) {
+        self.logger.info("proxy request refused: \(reason)")
+        self.phase = .finished
+        self.timeout?.cancel()
+        context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: - The handshake
+
+    private func advance(context: ChannelHandlerContext) {
+        while true {
+            switch self.phase {
+            case .detecting:
+                guard let first = self.buffered?.getInteger(at: self.buffered!.readerIndex, as: UInt8.self) else { return }
+                switch LocalProxyProtocol.detect(firstByte: first) {
+                case .socks5: self.phase = .socks5(SOCKS5ServerStateMachine(credentials: self.configuration.credentials))
+                case .socks4: self.phase = .socks4(SOCKS4ServerStateMachine(credentials: self.configuration.credentials))
+                case .http: self.phase = .http
+                case nil:
+                    self.logger.info("closed a local connection that speaks no proxy protocol (first byte 0x\(String(first, radix: 16)))")
+                    self.finish(context: context)
+                    return
+                }
+            case .socks5(var machine):
+                let action = machine.receive(&self.buffered!)
+                self.phase = .socks5(machine)
+                switch action {
+                case .needMoreData: return
+                case .send(let bytes): context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
+                case .request(let command): self.serve(command, style: .socks5, context: context); return
+                case .replyAndClose(let bytes, let reason): self.replyAndClose(bytes, reason: reason, context: context); return
+                case .close(let reason):
+                    self.logger.info("SOCKS5 connection closed: \(reason)")
+                    self.finish(context: context)
+                    return
+                }
+            case .socks4(var machine):
+                let action = machine.receive(&self.buffered!)
+                self.phase = .socks4(machine)
+                switch action {
+                case .needMoreData: return
+                case .request(let command): self.serve(command, style: .socks4, context: context); return
+                case .replyAndClose(let bytes, let reason): self.replyAndClose(bytes, reason: reason, context: context); return
+                case .close(let reason):
+                    self.logger.info("SOCKS4 connection closed: \(reason)")
+                    self.finish(context: context)
+                    return
+                }
+            case .http:
+                self.advanceHTTP(context: context)
+                return
+            case .waiting, .finished:
+                return
+            }
+        }
+    }
+
+    private func advanceHTTP(context: ChannelHandlerContext) {
+        let head: HTTPRequestHead
+        do {
+            guard let parsed = try HTTPHeadParser.parseRequest(&self.buffered!) else { return }
+            head = parsed
+        } catch {
+            self.replyAndClose(HTTPProxy.errorResponse(status: 400, message: error.description), reason: "\(error)", context: context)
+            return
+        }
+        switch HTTPProxy.decide(head, credentials: self.configuration.credentials) {
+        case .reject(let status, let message, let authenticate):
+            self.replyAndClose(
+                HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate),
+                reason: "HTTP \(status): \(message)", context: context
+            )
+        case .tunnel(let target):
+            self.serve(.connect(target), style: .httpConnect, context: context)
+        case .forward:
+            // Plain HTTP: a handler that follows every request and response of this connection takes over,
+            // starting again from this head.
+            self.phase = .finished
+            self.timeout?.cancel()
+            var replay = head.encodedForReplay()
+            if let rest = self.buffered { replay.writeImmutableBuffer(rest) }
+            self.buffered = nil
+            let forward = HTTPForwardHandler(
+                provider: self.provider, credentials: self.configuration.credentials, logger: self.logger, initialBytes: replay
+            )
+            do {
+                try context.pipeline.syncOperations.addHandler(forward)
+                context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            } catch {
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    private func serve(_ command: ProxyCommand, style: ReplyStyle, context: ChannelHandlerContext) {
+        switch command {
+        case .connect(let target):
+            let local = LocalStreamHandler()
+            self.local = local
+            self.phase = .waiting(style)
+            local.onOpenResult = { [weak self] reply, bound in
+                self?.openResult(reply, bound: bound, local: local, style: style, context: context)
+            }
+            self.logger.debug("CONNECT \(target)")
+            self.provider.requestStream(to: target, local: local)
+        case .udpAssociate(let client):
+            guard let relay = self.configuration.udpRelay else {
+                self.replyAndClose(SOCKS5.reply(.commandNotSupported), reason: "UDP ASSOCIATE not enabled", context: context)
+                return
+            }
+            self.phase = .finished
+            self.timeout?.cancel()
+            relay.associate(control: context.channel, announced: client, logger: self.logger)
+        }
+    }
+
+    private func openResult(
+        _ reply: ReplyCode,
+        bound: TargetAddress,
+        local: LocalStreamHandler,
+        style: ReplyStyle,
+        context: ChannelHandlerContext
+    ) {
+        guard case .waiting = self.phase else { return }
+        self.phase = .finished
+        self.timeout?.cancel()
+        guard reply == .succeeded, let stream = local.stream else {
+            self.logger.debug("CONNECT failed: \(reply)")
+            let answer: ByteBuffer
+            switch style {
+            case .socks5: answer = SOCKS5.reply(reply, bound: .unspecified)
+            case .socks4: answer = SOCKS4.reply(reply)
+            case .httpConnect:
+                let (status, _) = HTTPProxy.status(for: reply)
+                answer = HTTPProxy.errorResponse(status: status, message: "\(reply)")
+            }
+            context.writeAndFlush(self.wrapOutboundOut(answer)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+            return
+        }
+        let answer: ByteBuffer
+        switch style {
+        case .socks5: answer = SOCKS5.reply(.succeeded, bound: bound)
+        case .socks4: answer = SOCKS4.reply(.succeeded, bound: bound)
+        case .httpConnect: answer = ByteBuffer(string: HTTPProxy.connectEstablished)
+        }
+        context.writeAndFlush(self.wrapOutboundOut(answer), promise: nil)
+        let early = self.buffered.flatMap { $0.readableBytes > 0 ? $0 : nil }
+        self.buffered = nil
+        do {
+            try context.pipeline.syncOperations.addHandler(local)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        if let early, let mux = local.multiplexer {
+            mux.localRead(early, on: stream)
+        }
+        if self.inputClosed, let mux = local.multiplexer {
+            mux.localEndOfStream(on: stream)
+        }
+        local.streamStarted()
+    }
+}
+
+@available(*, unavailable)
+extension LocalProxyHandler: Sendable {}
+
+extension HTTPRequestHead {
+    /// The head as the application sent it (re-encoded), to be parsed again by the forward handler.
+    func encodedForReplay() -> ByteBuffer { self.encoded() }
+}

@@ -1,0 +1,17 @@
+import NIOCore
+import TunnelProtocol
+
+/// Whoever carries out one stream's local I/O: a plain relay socket (`LocalStreamHandler`), or a protocol
+/// front end that looks into the bytes (the HTTP forward proxy). The tunnel handler calls these on its event
+/// loop as the multiplexer reports events for the stream (`deliver`, `peerFinished`, `streamClosed`,
+/// `readIfWanted` come from `MuxStreamContext`).
+public protocol StreamEndpoint: MuxStreamContext {
+    /// Binds the endpoint to its stream once the stream exists.
+    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler)
+    /// Client: the OPEN_RESULT arrived.
+    func openCompleted(reply: ReplyCode, bound: TargetAddress)
+    /// End of a batch of deliveries (one flush per tunnel read).
+    func flushDelivered()
+    /// The requester went away before the OPEN_RESULT: give the stream up if one was opened.
+    func cancelPendingOpen()
+}
