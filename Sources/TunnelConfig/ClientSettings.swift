@@ -22,6 +22,8 @@ public struct ClientSettings: Sendable {
     public var allowOpenProxy = false
     /// Serve SOCKS5 UDP ASSOCIATE.
     public var udp = true
+    /// A UDP association with no traffic for this long is closed (with its control connection).
+    public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"
     public var cipher = CipherChoice.automatic
     /// How long a SOCKS request waits for the tunnel to come (back) up before it is refused.
@@ -46,6 +48,7 @@ public struct ClientSettings: Sendable {
         if let v = try file.string("socks_pass") { self.socksPassword = v }
         if let v = try file.boolean("allow_open_proxy") { self.allowOpenProxy = v }
         if let v = try file.boolean("udp") { self.udp = v }
+        if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
         if let v = try file.string("cipher") {
             guard let choice = Self.parseCipher(v) else {

@@ -2,7 +2,7 @@ import NIOCore
 
 /// Frames the scheduler sends before any stream data (PROTOCOL.md §3.3, "control frames first").
 enum ControlFrame {
-    case open(StreamID, window: UInt32, target: TargetAddress)
+    case open(StreamID, kind: StreamKind, window: UInt32, target: TargetAddress)
     case openResult(StreamID, reply: ReplyCode, window: UInt32, bound: TargetAddress)
     case windowUpdate(StreamID, increment: UInt32)
     case reset(StreamID, ErrorCode)
@@ -16,7 +16,7 @@ enum ControlFrame {
 
     private var payloadLength: Int {
         switch self {
-        case .open(_, _, let target): return 1 + 4 + target.encodedLength
+        case .open(_, _, _, let target): return 1 + 4 + target.encodedLength
         case .openResult(_, _, _, let bound): return 1 + 4 + bound.encodedLength
         case .windowUpdate: return 4
         case .reset: return 4
@@ -28,9 +28,9 @@ enum ControlFrame {
     /// Appends the frame.
     func write(into buffer: inout ByteBuffer) {
         switch self {
-        case .open(let id, let window, let target):
+        case .open(let id, let kind, let window, let target):
             buffer.writeFrameHeader(FrameHeader(type: .open, streamID: id, length: self.payloadLength))
-            buffer.writeInteger(StreamKind.tcp.rawValue)
+            buffer.writeInteger(kind.rawValue)
             buffer.writeInteger(window)
             buffer.writeTargetAddress(target)
         case .openResult(let id, let reply, let window, let bound):
@@ -61,6 +61,6 @@ public struct StreamKind: Hashable, Sendable {
     public init(rawValue: UInt8) { self.rawValue = rawValue }
     /// A TCP connection to the target (SOCKS5 CONNECT).
     public static let tcp = StreamKind(rawValue: 1)
-    /// A UDP association (SOCKS5 UDP ASSOCIATE); reserved for datagram frames.
+    /// A UDP association (SOCKS5 UDP ASSOCIATE): carries DATAGRAM frames, no stream data.
     public static let udp = StreamKind(rawValue: 2)
 }

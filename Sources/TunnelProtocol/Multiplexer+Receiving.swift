@@ -32,8 +32,9 @@ extension Multiplexer {
             case .close:
                 var payload = payload
                 outcome.close = ErrorCode(rawValue: payload.readInteger(as: UInt32.self) ?? 0)
-            case .datagram, .ipPacket, .control, .padding:
-                // Datagram, IP-packet and control frames belong to features this session did not negotiate.
+            case .datagram: try self.receivedDatagram(header, payload)
+            case .ipPacket, .control, .padding:
+                // IP-packet and control frames belong to features this session did not negotiate.
                 break
             default:
                 guard header.type.rawValue >= FrameType.firstExtension else { throw ProtocolError.unknownFrameType(header.type) }
@@ -119,12 +120,13 @@ extension Multiplexer {
             self.enqueueControl(.reset(id, .refusedStream))
             return
         }
-        guard StreamKind(rawValue: kindByte) == .tcp else {
+        let kind = StreamKind(rawValue: kindByte)
+        guard kind == .tcp || kind == .udp else {
             self.enqueueControl(.openResult(id, reply: .commandNotSupported, window: 0, bound: .unspecified))
             return
         }
         let stream = MuxStream(
-            id: id, target: target,
+            id: id, target: target, kind: kind,
             receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
         )
         stream.sendCredit = SendCredit(Int(window))
@@ -222,6 +224,16 @@ extension Multiplexer {
             self.release(stream)
         }
         self.delegate?.multiplexer(self, peerGoingAway: lastID, code: ErrorCode(rawValue: code))
+    }
+
+    private func receivedDatagram(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+        guard let stream = self.streams[header.streamID.rawValue] else {
+            try self.checkUnknownStream(header.streamID)
+            return  // the association ended while this datagram was in flight
+        }
+        guard stream.kind == .udp else { throw ProtocolError.malformedFrame("DATAGRAM on TCP stream \(stream.id)") }
+        guard stream.state == .open else { return }
+        stream.context?.deliverDatagram(payload)
     }
 
     private func receivedPing(_ header: FrameHeader, _ payload: ByteBuffer, now: NIODeadline) throws(ProtocolError) {

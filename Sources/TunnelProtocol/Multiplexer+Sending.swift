@@ -20,6 +20,12 @@ extension Multiplexer {
             space -= size
         }
 
+        // Datagrams next, but with at most half the record while streams have data, so neither UDP nor TCP
+        // can starve the other; whatever room the streams leave goes to datagrams at the end.
+        let firstDatagram = self.datagramQueue.first.map { FrameHeader.byteCount + $0.1.readableBytes } ?? 0
+        let datagramBudget = self.activeStreams.isEmpty ? space : max(space / 2, min(space, firstDatagram))
+        space -= datagramBudget - self.writeDatagrams(into: &buffer, budget: datagramBudget)
+
         var lastStream: MuxStream? = nil
         var lastLengthIndex = 0
         var lastLength = 0
@@ -77,10 +83,26 @@ extension Multiplexer {
             }
             self.schedule(stream)
         }
+        if space > 0 { space = self.writeDatagrams(into: &buffer, budget: space) }
         if pendingBefore >= self.configuration.totalPendingLimit && self.totalPendingBytes < self.configuration.totalPendingLimit {
             self.resumeBlockedReaders()
         }
         return buffer.writerIndex > start
+    }
+
+    /// Writes queued datagrams that fit in `budget`; returns the budget left.
+    private func writeDatagrams(into buffer: inout ByteBuffer, budget: Int) -> Int {
+        var budget = budget
+        while let (id, payload) = self.datagramQueue.first {
+            let size = FrameHeader.byteCount + payload.readableBytes
+            guard size <= budget else { break }
+            self.datagramQueue.removeFirst()
+            self.datagramQueueBytes -= payload.readableBytes
+            buffer.writeFrameHeader(FrameHeader(type: .datagram, streamID: id, length: payload.readableBytes))
+            buffer.writeImmutableBuffer(payload)
+            budget -= size
+        }
+        return budget
     }
 
     /// Moves `count` bytes from the front of the stream's pending buffers into the record.

@@ -50,6 +50,9 @@ public final class Multiplexer {
         public var totalPendingLimit: Int = 4 << 20
         /// Most bytes of control frames that may wait (a peer that never reads PING answers hits this).
         public var maxQueuedControlBytes: Int = 1 << 20
+        /// Datagrams waiting to be sent are dropped beyond this many bytes (UDP has no flow control: a
+        /// bounded queue that drops is its congestion signal).
+        public var maxQueuedDatagramBytes: Int = 1 << 20
         public init() {}
     }
 
@@ -79,6 +82,10 @@ public final class Multiplexer {
     var activeStreams = CircularBuffer<MuxStream>(initialCapacity: 16)
     var streamsAwaitingConnectionCredit = CircularBuffer<MuxStream>(initialCapacity: 4)
     var readBlockedStreams = CircularBuffer<MuxStream>(initialCapacity: 4)
+    var datagramQueue = CircularBuffer<(StreamID, ByteBuffer)>(initialCapacity: 16)
+    var datagramQueueBytes = 0
+    /// Datagrams dropped because the queue was full (sending side).
+    public internal(set) var droppedDatagrams = 0
     var totalPendingBytes = 0
     var tunnelWritable = true
 
@@ -131,10 +138,10 @@ public final class Multiplexer {
     var nextLocalStreamIDValue: UInt32 { self.nextLocalStreamID }
 
     /// Bytes of control frames and stream data waiting to be sent (an estimate of the next records' size).
-    public var queuedOutputBytes: Int { self.controlQueueBytes + self.totalPendingBytes }
+    public var queuedOutputBytes: Int { self.controlQueueBytes + self.totalPendingBytes + self.datagramQueueBytes }
 
     /// Whether frames are waiting to be sent.
-    public var hasOutput: Bool { !self.controlQueue.isEmpty || !self.activeStreams.isEmpty }
+    public var hasOutput: Bool { !self.controlQueue.isEmpty || !self.activeStreams.isEmpty || !self.datagramQueue.isEmpty }
 
     // MARK: - Opening streams
 
@@ -148,18 +155,36 @@ public final class Multiplexer {
 
     /// Opens a stream to `target` (OPEN goes out with the next record). `nil` if the peer's limit is reached,
     /// the peer is going away, or stream ids are used up.
-    public func openStream(to target: TargetAddress) -> MuxStream? {
+    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp) -> MuxStream? {
         guard self.canOpenStream else { return nil }
         let id = StreamID(self.nextLocalStreamID)
         self.nextLocalStreamID += 2
         let stream = MuxStream(
-            id: id, target: target,
+            id: id, target: target, kind: kind,
             receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
         )
         self.streams[id.rawValue] = stream
         self.localStreamCount += 1
-        self.enqueueControl(.open(id, window: UInt32(self.configuration.initialStreamWindow), target: target))
+        self.enqueueControl(.open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target))
         return stream
+    }
+
+    /// Queues one datagram (`atyp addr port data`) on a UDP association. Returns false when it was dropped:
+    /// the association is not open, the datagram is too large for a frame, or the queue is full.
+    @discardableResult
+    public func sendDatagram(_ payload: ByteBuffer, on stream: MuxStream) -> Bool {
+        guard stream.kind == .udp, stream.state == .open, payload.readableBytes <= WireLimits.maxFramePayload else {
+            return false
+        }
+        guard self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes else {
+            self.droppedDatagrams += 1
+            return false
+        }
+        let wasIdle = !self.hasOutput
+        self.datagramQueue.append((stream.id, payload))
+        self.datagramQueueBytes += payload.readableBytes
+        if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+        return true
     }
 
     /// Server: answers a requested stream. On failure the stream is released at once.

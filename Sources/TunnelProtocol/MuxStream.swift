@@ -6,6 +6,12 @@ public protocol MuxStreamContext: AnyObject {
     func peerFinished()
     func streamClosed(reset: ErrorCode?)
     func readIfWanted()
+    /// One DATAGRAM frame's payload (`atyp addr port data`) on a UDP association.
+    func deliverDatagram(_ payload: ByteBuffer)
+}
+
+extension MuxStreamContext {
+    public func deliverDatagram(_ payload: ByteBuffer) {}
 }
 
 /// One multiplexed stream, as the multiplexer tracks it. The handler that owns the stream's local socket
@@ -26,6 +32,8 @@ public final class MuxStream {
     public let id: StreamID
     /// Where the stream goes (for logs).
     public let target: TargetAddress
+    /// A TCP stream, or a UDP association.
+    public let kind: StreamKind
     /// Lifecycle state.
     public internal(set) var state: State = .opening
     /// Our FIN is on the wire.
@@ -62,9 +70,10 @@ public final class MuxStream {
     /// Send credit left.
     public var availableSendCredit: Int { self.sendCredit.available }
 
-    init(id: StreamID, target: TargetAddress, receiveWindow: ReceiveWindow) {
+    init(id: StreamID, target: TargetAddress, kind: StreamKind = .tcp, receiveWindow: ReceiveWindow) {
         self.id = id
         self.target = target
+        self.kind = kind
         self.receiveWindow = receiveWindow
     }
 

@@ -39,6 +39,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     private struct Waiter {
         let target: TargetAddress
+        let kind: StreamKind
         let local: any StreamEndpoint
         let deadline: NIODeadline
     }
@@ -166,8 +167,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     // MARK: - TunnelStreamProvider
 
-    func requestStream(to target: TargetAddress, local: any StreamEndpoint) {
-        if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, local: local) {
+    func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) {
+        if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, kind: kind, local: local) {
             return
         }
         if let tunnel = self.current, tunnel.streamIDsExhausted {
@@ -182,7 +183,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             return
         }
         let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
-        self.waiting.append(Waiter(target: target, local: local, deadline: deadline))
+        self.waiting.append(Waiter(target: target, kind: kind, local: local, deadline: deadline))
         self.armWaiterTimer()
         if self.current == nil && !self.connecting && NIODeadline.now() - self.lastAttempt >= .seconds(1) {
             // A user is waiting: do not sit out a long backoff.
@@ -200,7 +201,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     private func serveWaiting() {
         while let tunnel = self.current, tunnel.canOpenStream, let waiter = self.waiting.popFirst() {
-            if !tunnel.openStream(to: waiter.target, local: waiter.local) {
+            if !tunnel.openStream(to: waiter.target, kind: waiter.kind, local: waiter.local) {
                 self.waiting.prepend(waiter)
                 break
             }

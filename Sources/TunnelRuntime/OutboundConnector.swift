@@ -110,7 +110,20 @@ final class OutboundConnector: Sendable {
         return .success(unique)
     }
 
-    private func isDenied(_ address: SocketAddress) -> Bool {
+    /// The event loop a tunnel connection runs on (UDP sockets of its associations share it).
+    func eventLoopOf(_ tunnel: TunnelConnectionHandler) -> any EventLoop {
+        tunnel.eventLoop!
+    }
+
+    /// Resolves a name for UDP, keeping only the addresses the deny list allows (empty when none).
+    func resolveAllowed(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<[SocketAddress]> {
+        self.resolve(target, on: eventLoop).map { resolution in
+            guard case .success(let addresses) = resolution else { return [] }
+            return addresses.filter { !self.isDenied($0) }
+        }
+    }
+
+    func isDenied(_ address: SocketAddress) -> Bool {
         guard !self.deny.isEmpty, let bytes = address.packedBytes else { return false }
         return self.deny.contains { $0.contains(bytes) }
     }

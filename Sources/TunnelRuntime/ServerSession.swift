@@ -15,8 +15,16 @@ final class ServerSession: TunnelConnectionDelegate {
     private var clientKey: PublicKey?
     private var clientName = "unauthenticated client"
     private var handshaking = true
+    private let udpIdleTimeout: TimeAmount
 
-    init(registry: ServerSessionRegistry, connector: OutboundConnector, handle: ServerSessionRegistry.Handle, logger: Logger) {
+    init(
+        registry: ServerSessionRegistry,
+        connector: OutboundConnector,
+        handle: ServerSessionRegistry.Handle,
+        udpIdleTimeout: TimeAmount,
+        logger: Logger
+    ) {
+        self.udpIdleTimeout = udpIdleTimeout
         self.registry = registry
         self.connector = connector
         self.handle = handle
@@ -53,6 +61,11 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
+        if stream.kind == .udp {
+            ServerUDPAssociation(stream: stream, tunnel: tunnel, connector: self.connector, idleTimeout: self.udpIdleTimeout, logger: self.logger)
+                .start()
+            return
+        }
         self.connector.connect(to: stream.target, on: self.handle.eventLoop).assumeIsolated().whenSuccess { outcome in
             switch outcome {
             case .connected(let channel):

@@ -31,6 +31,11 @@ public final class TunnelClient: Sendable {
         if let user = self.resolved.settings.socksUser, let pass = self.resolved.settings.socksPassword {
             proxyConfiguration.credentials = ProxyCredentials(username: user, password: pass)
         }
+        if self.resolved.settings.udp {
+            proxyConfiguration.udpRelay = ClientUDPRelay(
+                manager: manager, idleTimeout: .nanoseconds(self.resolved.settings.udpIdleTimeout)
+            )
+        }
         let configuration = proxyConfiguration
         let channel = try await ServerBootstrap(group: self.eventLoop)
             .serverChannelOption(.backlog, value: 1024)

@@ -40,6 +40,7 @@ public final class TunnelServer: Sendable {
         let registry = self.registry
         let connector = self.connector
         let logger = self.logger
+        let udpIdleTimeout = TimeAmount.nanoseconds(settings.udpIdleTimeout)
         let channel = try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -60,7 +61,9 @@ public final class TunnelServer: Sendable {
                         channel.close(promise: nil)
                         return
                     }
-                    handler.delegate = ServerSession(registry: registry, connector: connector, handle: handle, logger: logger)
+                    handler.delegate = ServerSession(
+                        registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, logger: logger
+                    )
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }

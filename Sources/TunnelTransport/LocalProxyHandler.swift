@@ -245,6 +245,8 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             }
             self.phase = .finished
             self.timeout?.cancel()
+            // The relay takes the control connection over; this handler steps aside.
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             relay.associate(control: context.channel, announced: client, logger: self.logger)
         }
     }

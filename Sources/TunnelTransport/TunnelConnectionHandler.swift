@@ -517,8 +517,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
     /// Returns false when this connection cannot open a stream now.
-    public func openStream(to target: TargetAddress, local: any StreamEndpoint) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer, let stream = mux.openStream(to: target) else { return false }
+    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, local: any StreamEndpoint) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer, let stream = mux.openStream(to: target, kind: kind) else {
+            return false
+        }
         local.attach(stream: stream, tunnel: self)
         stream.context = local
         return true
@@ -550,6 +552,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.delegate?.tunnelStreamReleased(self)
         self.checkDrained()
     }
+
+    /// The connection's event loop (while attached to a channel).
+    public var eventLoop: (any EventLoop)? { self.context?.eventLoop }
 
     /// Whether the tunnel is up.
     public var isEstablished: Bool { self.phase == .established }

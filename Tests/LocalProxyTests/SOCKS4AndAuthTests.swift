@@ -127,3 +127,24 @@ struct SOCKS4Tests {
         #expect(LocalProxyProtocol.detect(firstByte: UInt8(ascii: "g")) == nil)
     }
 }
+
+struct SOCKS5UDPTests {
+    @Test func applicationDatagramBecomesTunnelPayloadAndBack() throws {
+        let datagram = ByteBuffer(bytes: [0, 0, 0, 0x01, 10, 0, 0, 1, 0, 53] + Array("query".utf8))
+        let payload = try SOCKS5UDP.tunnelPayload(fromApplication: datagram).get()
+        #expect(Array(payload.readableBytesView) == [0x01, 10, 0, 0, 1, 0, 53] + Array("query".utf8))
+        let (address, data) = try #require(SOCKS5UDP.split(payload))
+        #expect(address == TargetAddress(host: .ipv4(0x0A00_0001), port: 53))
+        #expect(String(buffer: data) == "query")
+        let back = SOCKS5UDP.applicationDatagram(fromTunnel: payload, allocator: ByteBufferAllocator())
+        #expect(back == datagram)
+    }
+
+    @Test func dropsFragmentsReservedBitsAndGarbage() {
+        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 1, 0x01, 1, 2, 3, 4, 0, 1])) == .failure(.fragmented))
+        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 1, 0, 0x01, 1, 2, 3, 4, 0, 1])) == .failure(.reserved))
+        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x09, 1, 2, 3, 4, 0, 1])) == .failure(.badAddress))
+        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0])) == .failure(.truncated))
+        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x03, 20, 0x61, 0x61, 0x61, 0, 1])) == .failure(.truncated))
+    }
+}

@@ -11,7 +11,7 @@ import TunnelProtocol
 final class FakeProvider: TunnelStreamProvider {
     var requests: [(TargetAddress, any StreamEndpoint)] = []
     var cancelled = 0
-    func requestStream(to target: TargetAddress, local: any StreamEndpoint) { self.requests.append((target, local)) }
+    func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) { self.requests.append((target, local)) }
     func cancelStreamRequest(_ local: any StreamEndpoint) { self.cancelled += 1 }
 }
 

@@ -1,0 +1,265 @@
+import Logging
+import LocalProxy
+import NIOCore
+import NIOPosix
+import TunnelProtocol
+import TunnelTransport
+
+/// SOCKS5 UDP ASSOCIATE on the client (RFC 1928 §7): each association gets a UDP socket on the address the
+/// application reached the proxy on, and a tunnel stream of kind UDP whose DATAGRAM frames carry the
+/// datagrams. The association lives as long as its TCP control connection (or until it idles out).
+final class ClientUDPRelay: UDPRelayProvider, @unchecked Sendable {
+    // Confined to the client's one event loop, like everything else on the client.
+    private let manager: NIOLoopBoundBox<ClientTunnelManager>
+    private let idleTimeout: TimeAmount
+
+    init(manager: NIOLoopBoundBox<ClientTunnelManager>, idleTimeout: TimeAmount) {
+        self.manager = manager
+        self.idleTimeout = idleTimeout
+    }
+
+    func associate(control: any Channel, announced: TargetAddress, logger: Logger) {
+        let association = ClientUDPAssociation(
+            control: control, announced: announced, provider: self.manager.value, idleTimeout: self.idleTimeout, logger: logger
+        )
+        association.start()
+    }
+}
+
+/// One UDP association on the client.
+final class ClientUDPAssociation: StreamEndpoint {
+    private let control: any Channel
+    private let provider: any TunnelStreamProvider
+    private let idleTimeout: TimeAmount
+    private var logger: Logger
+    /// The application's address as the control connection shows it; datagrams from anywhere else are dropped.
+    private let applicationIP: [UInt8]?
+    private let announcedPort: Int
+    private var applicationAddress: SocketAddress?
+
+    private var udp: (any Channel)?
+    private var stream: MuxStream?
+    private weak var tunnel: TunnelConnectionHandler?
+    private var streamOpen = false
+    private var replied = false
+    private var closed = false
+    private var lastActivity = NIODeadline.now()
+    private var timer: Scheduled<Void>?
+    private var sent = 0
+    private var received = 0
+    private var dropped = 0
+
+    init(control: any Channel, announced: TargetAddress, provider: any TunnelStreamProvider, idleTimeout: TimeAmount, logger: Logger) {
+        self.control = control
+        self.provider = provider
+        self.idleTimeout = idleTimeout
+        self.logger = logger
+        self.applicationIP = control.remoteAddress?.packedBytes
+        self.announcedPort = Int(announced.port)
+    }
+
+    func start() {
+        do {
+            try self.control.pipeline.syncOperations.addHandler(UDPControlHandler(association: self))
+        } catch {
+            self.control.close(promise: nil)
+            return
+        }
+        let host = self.control.localAddress?.ipAddress ?? "127.0.0.1"
+        let bound = NIOLoopBound(self, eventLoop: self.control.eventLoop)
+        DatagramBootstrap(group: self.control.eventLoop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(UDPApplicationHandler(association: bound))
+                }
+            }
+            .bind(host: host, port: 0)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    if self.closed {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    self.udp = channel
+                    self.replyIfReady()
+                case .failure(let error):
+                    self.logger.info("UDP ASSOCIATE: cannot bind a relay socket: \(error)")
+                    self.fail(.generalFailure)
+                }
+            }
+        self.provider.requestStream(to: .unspecified, kind: .udp, local: self)
+        self.armIdleTimer()
+    }
+
+    private func armIdleTimer() {
+        let deadline = self.lastActivity + self.idleTimeout
+        self.timer = self.control.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            guard !self.closed else { return }
+            if NIODeadline.now() - self.lastActivity >= self.idleTimeout {
+                self.logger.debug("UDP association idle for \(self.idleTimeout.nanoseconds / 1_000_000_000) s")
+                self.close()
+            } else {
+                self.armIdleTimer()
+            }
+        }
+    }
+
+    private func replyIfReady() {
+        guard !self.replied, !self.closed, self.streamOpen, let udp = self.udp, let bound = udp.localAddress else { return }
+        self.replied = true
+        self.control.writeAndFlush(SOCKS5.reply(.succeeded, bound: bound.targetAddress), promise: nil)
+        self.logger.debug("UDP ASSOCIATE: relay on \(bound.hostPortDescription)")
+    }
+
+    private func fail(_ reply: ReplyCode) {
+        guard !self.closed else { return }
+        if !self.replied {
+            self.replied = true
+            let control = self.control
+            control.writeAndFlush(SOCKS5.reply(reply)).assumeIsolated().whenComplete { _ in control.close(promise: nil) }
+        }
+        self.close()
+    }
+
+    /// Ends the association: the relay socket, the tunnel stream and the control connection.
+    func close() {
+        guard !self.closed else { return }
+        self.closed = true
+        self.timer?.cancel()
+        self.udp?.close(promise: nil)
+        if let stream = self.stream, let tunnel = self.tunnel { tunnel.release(stream) }
+        self.stream = nil
+        if self.replied { self.control.close(promise: nil) }
+        if self.sent + self.received > 0 {
+            self.logger.debug("UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(self.dropped) dropped")
+        }
+    }
+
+    // MARK: - From the application
+
+    func applicationDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
+        guard !self.closed, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+        // Only the application that asked may use the relay (RFC 1928 §7).
+        if let fixed = self.applicationAddress {
+            guard envelope.remoteAddress == fixed else { return self.drop() }
+        } else {
+            guard envelope.remoteAddress.packedBytes == self.applicationIP,
+                self.announcedPort == 0 || envelope.remoteAddress.port == self.announcedPort
+            else { return self.drop() }
+            self.applicationAddress = envelope.remoteAddress
+        }
+        switch SOCKS5UDP.tunnelPayload(fromApplication: envelope.data) {
+        case .success(let payload):
+            if mux.sendDatagram(payload, on: stream) {
+                self.sent += 1
+                self.lastActivity = .now()
+            } else {
+                self.drop()
+            }
+        case .failure:
+            self.drop()
+        }
+    }
+
+    private func drop() {
+        self.dropped += 1
+    }
+
+    // MARK: - StreamEndpoint
+
+    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+        self.stream = stream
+        self.tunnel = tunnel
+    }
+
+    func openCompleted(reply: ReplyCode, bound: TargetAddress) {
+        guard reply == .succeeded else {
+            self.stream = nil
+            self.fail(reply)
+            return
+        }
+        self.streamOpen = true
+        self.replyIfReady()
+    }
+
+    func cancelPendingOpen() {
+        self.close()
+    }
+
+    func deliverDatagram(_ payload: ByteBuffer) {
+        guard !self.closed, let udp = self.udp, let application = self.applicationAddress else { return }
+        guard udp.isWritable else { return self.drop() }
+        self.received += 1
+        self.lastActivity = .now()
+        let datagram = SOCKS5UDP.applicationDatagram(fromTunnel: payload, allocator: udp.allocator)
+        udp.writeAndFlush(AddressedEnvelope(remoteAddress: application, data: datagram), promise: nil)
+    }
+
+    func deliver(_ data: ByteBuffer) {}
+    func flushDelivered() {}
+    func peerFinished() { self.close() }
+    func streamClosed(reset: ErrorCode?) {
+        self.stream = nil
+        self.close()
+    }
+    func readIfWanted() {}
+}
+
+/// Reads the application's datagrams on the relay socket.
+final class UDPApplicationHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    private let association: NIOLoopBound<ClientUDPAssociation>
+
+    init(association: NIOLoopBound<ClientUDPAssociation>) {
+        self.association = association
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.association.value.applicationDatagram(self.unwrapInboundIn(data))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ICMP errors (e.g. the application's port went away) are not fatal for a UDP socket.
+    }
+}
+
+/// Watches the association's TCP control connection: when it ends, so does the association.
+final class UDPControlHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    private let association: ClientUDPAssociation
+
+    init(association: ClientUDPAssociation) {
+        self.association = association
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        context.read()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.read()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            self.association.close()
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.association.close()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

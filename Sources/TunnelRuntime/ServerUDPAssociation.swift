@@ -1,0 +1,213 @@
+import Logging
+import LocalProxy
+import NIOCore
+import NIOPosix
+import TunnelProtocol
+import TunnelTransport
+
+/// One UDP association on the server: an IPv4 and (where the host has IPv6) an IPv6 socket of its own, from
+/// which the client's datagrams go out and whose replies come back through the tunnel tagged with their
+/// source. Names are resolved here (the client never does DNS), with a small cache; the deny list applies to
+/// every destination. The association ends with its stream, or after `idleTimeout` without traffic.
+final class ServerUDPAssociation: MuxStreamContext {
+    private let stream: MuxStream
+    private weak var tunnel: TunnelConnectionHandler?
+    private let connector: OutboundConnector
+    private let eventLoop: any EventLoop
+    private var logger: Logger
+    private let idleTimeout: TimeAmount
+    private var ipv4: (any Channel)?
+    private var ipv6: (any Channel)?
+    private var names: [String: (addresses: [SocketAddress], expires: NIODeadline)] = [:]
+    /// Datagrams waiting for a name to resolve (bounded per name and in total).
+    private var waitingForName: [String: [ByteBuffer]] = [:]
+    private var waitingCount = 0
+    private var closed = false
+    private var lastActivity = NIODeadline.now()
+    private var timer: Scheduled<Void>?
+    private var sent = 0
+    private var received = 0
+    private var dropped = 0
+
+    static let maxNames = 256
+    static let maxWaiting = 64
+
+    init(stream: MuxStream, tunnel: TunnelConnectionHandler, connector: OutboundConnector, idleTimeout: TimeAmount, logger: Logger) {
+        self.stream = stream
+        self.tunnel = tunnel
+        self.connector = connector
+        self.eventLoop = connector.eventLoopOf(tunnel)
+        self.idleTimeout = idleTimeout
+        self.logger = logger
+    }
+
+    /// Binds the sockets, then answers the OPEN.
+    func start() {
+        self.stream.context = self
+        let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
+        func bind(_ host: String) -> EventLoopFuture<any Channel> {
+            DatagramBootstrap(group: self.eventLoop)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
+                .channelOption(.maxMessagesPerRead, value: 16)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ServerUDPSocketHandler(association: bound))
+                    }
+                }
+                .bind(host: host, port: 0)
+        }
+        bind("0.0.0.0").assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let channel):
+                self.ipv4 = channel
+                bind("::").assumeIsolated().whenComplete { v6 in
+                    if case .success(let channel) = v6 { self.ipv6 = channel }
+                    guard !self.closed, self.stream.state == .opening else {
+                        self.close()
+                        return
+                    }
+                    self.tunnel?.completeOpen(self.stream, reply: .succeeded, bound: self.ipv4?.localAddress?.targetAddress ?? .unspecified)
+                    self.armIdleTimer()
+                }
+            case .failure(let error):
+                self.logger.info("UDP association: cannot bind a socket: \(error)")
+                self.closed = true
+                self.tunnel?.completeOpen(self.stream, reply: .generalFailure, bound: .unspecified)
+            }
+        }
+    }
+
+    private func armIdleTimer() {
+        self.timer = self.eventLoop.assumeIsolated().scheduleTask(deadline: self.lastActivity + self.idleTimeout) {
+            guard !self.closed else { return }
+            if NIODeadline.now() - self.lastActivity >= self.idleTimeout {
+                self.close()
+            } else {
+                self.armIdleTimer()
+            }
+        }
+    }
+
+    private func close() {
+        guard !self.closed else { return }
+        self.closed = true
+        self.timer?.cancel()
+        self.ipv4?.close(promise: nil)
+        self.ipv6?.close(promise: nil)
+        self.tunnel?.release(self.stream)
+        self.logger.debug("UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(self.dropped) dropped")
+    }
+
+    // MARK: - From the client (through the tunnel)
+
+    func deliverDatagram(_ payload: ByteBuffer) {
+        guard !self.closed, let (target, data) = SOCKS5UDP.split(payload) else { return self.dropped += 1 }
+        self.lastActivity = .now()
+        switch target.host {
+        case .ipv4, .ipv6:
+            guard let address = target.socketAddress, !self.connector.isDenied(address) else { return self.dropped += 1 }
+            self.send(data, to: address)
+        case .domain(let name):
+            let key = "\(name.lowercased())"
+            if let cached = self.names[key], cached.expires > .now() {
+                guard var address = cached.addresses.first else { return self.dropped += 1 }
+                address.port = Int(target.port)
+                self.send(data, to: address)
+                return
+            }
+            guard self.waitingCount < Self.maxWaiting else { return self.dropped += 1 }
+            self.waitingCount += 1
+            if self.waitingForName[key] != nil {
+                self.waitingForName[key]!.append(payload)
+                return
+            }
+            self.waitingForName[key] = [payload]
+            self.connector.resolveAllowed(target, on: self.eventLoop).assumeIsolated().whenSuccess { addresses in
+                let usable = addresses.filter { self.canSend(to: $0) }
+                if self.names.count >= Self.maxNames { self.names.removeAll() }
+                self.names[key] = (usable, .now() + .seconds(60))
+                let queued = self.waitingForName.removeValue(forKey: key) ?? []
+                self.waitingCount -= queued.count
+                for payload in queued { self.deliverDatagram(payload) }
+            }
+        }
+    }
+
+    private func canSend(to address: SocketAddress) -> Bool {
+        switch address {
+        case .v4: return self.ipv4 != nil
+        case .v6: return self.ipv6 != nil
+        default: return false
+        }
+    }
+
+    private func send(_ data: ByteBuffer, to address: SocketAddress) {
+        let channel: (any Channel)?
+        switch address {
+        case .v4: channel = self.ipv4
+        case .v6: channel = self.ipv6
+        default: channel = nil
+        }
+        guard let channel, channel.isWritable else { return self.dropped += 1 }
+        self.sent += 1
+        channel.writeAndFlush(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
+    }
+
+    // MARK: - From the internet
+
+    func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
+        guard !self.closed, let mux = self.tunnel?.multiplexer else { return }
+        self.lastActivity = .now()
+        var source = envelope.remoteAddress.targetAddress
+        if case .ipv6(let bytes) = source.host, bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF {
+            source.host = .ipv4(UInt32(bytes[12]) << 24 | UInt32(bytes[13]) << 16 | UInt32(bytes[14]) << 8 | UInt32(bytes[15]))
+        }
+        let payload = SOCKS5UDP.tunnelPayload(from: source, data: envelope.data, allocator: ByteBufferAllocator())
+        if mux.sendDatagram(payload, on: self.stream) {
+            self.received += 1
+        } else {
+            self.dropped += 1
+        }
+    }
+
+    // MARK: - MuxStreamContext
+
+    func deliver(_ data: ByteBuffer) {}
+    func peerFinished() { self.close() }
+    func streamClosed(reset: ErrorCode?) { self.close() }
+    func readIfWanted() {}
+}
+
+/// Reads replies on one of an association's sockets.
+final class ServerUDPSocketHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    private let association: NIOLoopBound<ServerUDPAssociation>
+
+    init(association: NIOLoopBound<ServerUDPAssociation>) {
+        self.association = association
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.association.value.remoteDatagram(self.unwrapInboundIn(data))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ICMP port unreachable and the like: not fatal for an unconnected UDP socket.
+    }
+}
+
+extension TargetAddress {
+    /// The address as a socket address (IP literals only).
+    var socketAddress: SocketAddress? {
+        switch self.host {
+        case .ipv4(let a):
+            var packed = ByteBuffer()
+            packed.writeInteger(a)
+            return try? SocketAddress(packedIPAddress: packed, port: Int(self.port))
+        case .ipv6(let bytes):
+            return try? SocketAddress(packedIPAddress: ByteBuffer(bytes: bytes), port: Int(self.port))
+        case .domain:
+            return nil
+        }
+    }
+}

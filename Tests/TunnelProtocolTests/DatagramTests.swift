@@ -1,0 +1,120 @@
+import NIOCore
+import Testing
+
+@testable import TunnelProtocol
+
+/// Records datagrams delivered to a UDP association's endpoint.
+final class DatagramSink: MuxStreamContext {
+    var datagrams: [[UInt8]] = []
+    func deliver(_ data: ByteBuffer) {}
+    func peerFinished() {}
+    func streamClosed(reset: ErrorCode?) {}
+    func readIfWanted() {}
+    func deliverDatagram(_ payload: ByteBuffer) { self.datagrams.append(Array(payload.readableBytesView)) }
+}
+
+struct DatagramTests {
+    func openAssociation(_ pair: MuxPair) throws -> (MuxStream, MuxStream) {
+        let c = try #require(pair.client.openStream(to: .unspecified, kind: .udp))
+        try pair.pump()
+        let s = try #require(pair.server.stream(c.id))
+        #expect(s.kind == .udp)
+        pair.server.completeOpen(s, reply: .succeeded, bound: .unspecified)
+        try pair.pump()
+        #expect(c.state == .open)
+        return (c, s)
+    }
+
+    @Test func datagramsTravelBothWays() throws {
+        let pair = MuxPair()
+        let (c, s) = try self.openAssociation(pair)
+        let clientSink = DatagramSink()
+        let serverSink = DatagramSink()
+        c.context = clientSink
+        s.context = serverSink
+        #expect(pair.client.sendDatagram(ByteBuffer(bytes: [1, 2, 3]), on: c))
+        #expect(pair.server.sendDatagram(ByteBuffer(bytes: [4, 5]), on: s))
+        try pair.pump()
+        #expect(serverSink.datagrams == [[1, 2, 3]])
+        #expect(clientSink.datagrams == [[4, 5]])
+    }
+
+    @Test func aFullQueueDropsAndCounts() throws {
+        var config = Multiplexer.Configuration()
+        config.maxQueuedDatagramBytes = 10_000
+        let pair = MuxPair(client: config, server: config)
+        let (c, _) = try self.openAssociation(pair)
+        var accepted = 0
+        for _ in 0..<20 where pair.client.sendDatagram(ByteBuffer(repeating: 7, count: 1000), on: c) { accepted += 1 }
+        #expect(accepted == 10)
+        #expect(pair.client.droppedDatagrams == 10)
+    }
+
+    @Test func datagramsOnlyOnOpenUDPAssociations() throws {
+        let pair = MuxPair()
+        let (tcp, _) = try pair.openAccepted()
+        #expect(!pair.client.sendDatagram(ByteBuffer(bytes: [1]), on: tcp))
+        let pending = try #require(pair.client.openStream(to: .unspecified, kind: .udp))
+        #expect(!pair.client.sendDatagram(ByteBuffer(bytes: [1]), on: pending), "not before OPEN_RESULT")
+    }
+
+    @Test func datagramsGetAtMostHalfARecordWhileStreamsHaveData() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        let (stream, _) = try pair.openAccepted()
+        for _ in 0..<100 { pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 1000), on: c) }
+        pair.client.localRead(bytes(200_000), on: stream)
+        var record = ByteBuffer()
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        var datagramBytes = 0
+        var dataBytes = 0
+        while let (header, payload) = try record.readFrame() {
+            if header.type == .datagram { datagramBytes += payload.readableBytes }
+            if header.type == .data { dataBytes += payload.readableBytes }
+        }
+        #expect(datagramBytes <= WireLimits.maxRecordPlaintext / 2)
+        #expect(dataBytes >= WireLimits.maxRecordPlaintext / 2 - 2000)
+    }
+
+    @Test func datagramsFillRecordsWhenNoStreamHasData() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        for _ in 0..<100 { pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 1000), on: c) }
+        var record = ByteBuffer()
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(record.readableBytes > WireLimits.maxRecordPlaintext - 1100)
+    }
+
+    @Test func aDatagramLargerThanHalfARecordStillGoesOut() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        let (stream, _) = try pair.openAccepted()
+        pair.client.localRead(bytes(500_000), on: stream)
+        #expect(pair.client.sendDatagram(ByteBuffer(repeating: 9, count: 50_000), on: c))
+        var record = ByteBuffer()
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        var sawDatagram = false
+        while let (header, _) = try record.readFrame() {
+            if header.type == .datagram { sawDatagram = true }
+        }
+        #expect(sawDatagram)
+    }
+
+    @Test func datagramOnATCPStreamIsAProtocolError() throws {
+        let pair = MuxPair()
+        let (c, _) = try pair.openAccepted()
+        var record = ByteBuffer()
+        record.writeFrameHeader(FrameHeader(type: .datagram, streamID: c.id, length: 1))
+        record.writeInteger(UInt8(0))
+        #expect(throws: ProtocolError.self) { _ = try pair.server.receivedRecord(&record, now: pair.now) }
+    }
+
+    @Test func lateDatagramsForEndedAssociationsAreIgnored() throws {
+        let pair = MuxPair()
+        let (c, s) = try self.openAssociation(pair)
+        pair.server.sendDatagram(ByteBuffer(bytes: [1]), on: s)
+        pair.client.release(c)
+        try pair.pump()
+        #expect(pair.client.streamCount == 0)
+    }
+}
