@@ -180,9 +180,9 @@ def test_unresolvable_name_is_host_unreachable(tunnel):
     s.close()
 
 
-def test_bind_and_udp_associate_not_supported(tunnel):
+def test_bind_and_unknown_commands_not_supported(tunnel):
     tunnel.start()
-    for command in (2, 3):
+    for command in (2, 9):
         s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", 80, command=command)
         assert rep == 0x07
         assert s.recv(1) == b""  # closed after the reply
