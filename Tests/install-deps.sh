@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on Debian 12, skipping what is already there.
-# System: libsodium-dev, zlib1g-dev (linked by the product), curl, iproute2 (tests), python3 + pip.
+# System: libsodium-dev, zlib1g-dev (linked by the product); curl, iproute2, openssl, chromium (tests); python3 + pip.
 # Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer).
 set -euo pipefail
 
 need_apt=()
-for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 python3 python3-pip; do
+for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 openssl chromium python3 python3-pip; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -190,7 +190,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             self.responseState = .head(method: rewritten.method)
             self.responseHead.clear()
             let headBytes = rewritten.encoded()
-            self.logger.debug("HTTP \(rewritten.method) \(target)")
+            self.logger.debug("HTTP \(rewritten.method) \(target)\(rewritten.target)")
             if self.streamUsable, self.streamTarget == target, let stream = self.stream, let mux = self.tunnel?.multiplexer {
                 mux.localRead(headBytes, on: stream)
                 self.requestState = body == .none ? .awaitingResponse : .body(HTTPBodyFramer(body))
