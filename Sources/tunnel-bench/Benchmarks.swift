@@ -213,3 +213,95 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
     let index = min(sorted.count - 1, max(0, Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1))
     return sorted[index]
 }
+
+extension Bench {
+    /// Downloads `bytes` through an HTTP CONNECT tunnel on the same port. Returns seconds.
+    func downloadViaHTTPConnect(_ bytes: UInt64) throws -> Double {
+        guard let proxyPort = self.proxyPort else { return try self.download(bytes) }
+        let fd = try Sock.httpConnect(proxyPort: proxyPort, targetPort: self.targets.sourcePort)
+        defer { close(fd) }
+        let start = monotonicNanos()
+        try Sock.sendAll(fd, Self.header(bytes))
+        var buffer = [UInt8](repeating: 0, count: 256 << 10)
+        var offset: UInt64 = 0
+        try buffer.withUnsafeMutableBytes { out in
+            try pattern.withUnsafeBytes { expected in
+                while true {
+                    let n = recv(fd, out.baseAddress!, out.count, 0)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw Sock.Failure("recv")
+                    }
+                    if n == 0 { break }
+                    guard matches(out.baseAddress!, n, expected, offset) else { throw Sock.Failure(message: "corrupt data") }
+                    offset += UInt64(n)
+                }
+            }
+        }
+        guard offset == bytes else { throw Sock.Failure(message: "download ended early") }
+        return Double(monotonicNanos() - start) / 1e9
+    }
+
+    /// The SOCKS5 UDP header for a datagram to the UDP target.
+    static func udpHeader(_ port: UInt16) -> [UInt8] {
+        [0, 0, 0, 0x01, 127, 0, 0, 1, UInt8(port >> 8), UInt8(port & 0xFF)]
+    }
+
+    /// `count` UDP round trips of `size` bytes through the relay. Returns (sorted latencies in µs, lost).
+    func udpRequestResponse(udp: UDPTarget, count: Int, size: Int) throws -> ([Double], Int) {
+        var relayPort = udp.port
+        var control: Int32 = -1
+        var header: [UInt8] = []
+        if let proxyPort = self.proxyPort {
+            (control, relayPort) = try Sock.socks5Associate(proxyPort: proxyPort)
+            header = Self.udpHeader(udp.port)
+        }
+        defer { if control >= 0 { close(control) } }
+        let fd = try Sock.udpSocket(timeoutMilliseconds: 500)
+        defer { close(fd) }
+        udp.setEcho(true)
+        var latencies: [Double] = []
+        var lost = 0
+        var reply = [UInt8](repeating: 0, count: 65536)
+        for i in 0..<(count + 50) {
+            var message = header + [UInt8](repeating: 0x33, count: size)
+            message[header.count] = UInt8(truncatingIfNeeded: i)
+            let t0 = monotonicNanos()
+            guard Sock.sendDatagram(fd, message, to: relayPort) else { throw Sock.Failure("sendto") }
+            let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            if n <= 0 {
+                lost += 1
+                continue
+            }
+            if i >= 50 { latencies.append(Double(monotonicNanos() - t0) / 1000) }
+        }
+        return (latencies.sorted(), lost)
+    }
+
+    /// Sends `datagrams` of `size` bytes, paced in bursts, one way to the UDP target. Returns (seconds, delivered).
+    func udpThroughput(udp: UDPTarget, datagrams: Int, size: Int) throws -> (Double, Int) {
+        var relayPort = udp.port
+        var control: Int32 = -1
+        var header: [UInt8] = []
+        if let proxyPort = self.proxyPort {
+            (control, relayPort) = try Sock.socks5Associate(proxyPort: proxyPort)
+            header = Self.udpHeader(udp.port)
+        }
+        defer { if control >= 0 { close(control) } }
+        let fd = try Sock.udpSocket()
+        defer { close(fd) }
+        udp.setEcho(false)
+        defer { udp.setEcho(true) }
+        let before = udp.receivedDatagrams()
+        let message = header + [UInt8](repeating: 0x44, count: size)
+        let start = monotonicNanos()
+        for i in 0..<datagrams {
+            _ = Sock.sendDatagram(fd, message, to: relayPort)
+            if i % 64 == 63 { usleep(50) }  // bursts, as a real sender would, not a busy loop
+        }
+        usleep(300_000)  // let the last ones arrive
+        let seconds = Double(monotonicNanos() - start) / 1e9 - 0.3
+        let delivered = udp.receivedDatagrams() - before
+        return (seconds, delivered)
+    }
+}

@@ -147,3 +147,72 @@ func spawn(_ body: @escaping @Sendable () -> Void) {
     precondition(rc == 0, "pthread_create failed")
     pthread_attr_destroy(&attributes)
 }
+
+extension Sock {
+    /// HTTP CONNECT to 127.0.0.1:port through the proxy (RFC 9110 §9.3.6).
+    static func httpConnect(proxyPort: UInt16, targetPort: UInt16) throws -> Int32 {
+        let fd = try connect(port: proxyPort)
+        do {
+            try sendAll(fd, Array("CONNECT 127.0.0.1:\(targetPort) HTTP/1.1\r\nHost: 127.0.0.1:\(targetPort)\r\n\r\n".utf8))
+            var head: [UInt8] = []
+            while !head.suffix(4).elementsEqual([13, 10, 13, 10]) {
+                guard let byte = try recvExact(fd, 1) else { throw Failure(message: "proxy closed during CONNECT") }
+                head += byte
+                guard head.count < 4096 else { throw Failure(message: "CONNECT answer too long") }
+            }
+            guard String(decoding: head.prefix(12), as: UTF8.self).hasPrefix("HTTP/1.1 200") else {
+                throw Failure(message: "CONNECT refused: \(String(decoding: head.prefix(40), as: UTF8.self))")
+            }
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// SOCKS5 UDP ASSOCIATE: returns the control connection and the relay port on 127.0.0.1.
+    static func socks5Associate(proxyPort: UInt16) throws -> (control: Int32, relayPort: UInt16) {
+        let fd = try connect(port: proxyPort)
+        do {
+            try sendAll(fd, [0x05, 0x01, 0x00])
+            guard try recvExact(fd, 2) == [0x05, 0x00] else { throw Failure(message: "SOCKS method refused") }
+            try sendAll(fd, [0x05, 0x03, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
+            guard let reply = try recvExact(fd, 10), reply[1] == 0, reply[3] == 1 else {
+                throw Failure(message: "UDP ASSOCIATE refused")
+            }
+            return (fd, UInt16(reply[8]) << 8 | UInt16(reply[9]))
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    static func udpSocket(timeoutMilliseconds: Int = 1000) throws -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { throw Failure("socket") }
+        var tv = timeval(tv_sec: timeoutMilliseconds / 1000, tv_usec: (timeoutMilliseconds % 1000) * 1000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var size: Int32 = 4 << 20
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        return fd
+    }
+
+    static func loopback(port: UInt16) -> sockaddr_in {
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        addr.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        return addr
+    }
+
+    static func sendDatagram(_ fd: Int32, _ bytes: [UInt8], to port: UInt16) -> Bool {
+        var addr = loopback(port: port)
+        return bytes.withUnsafeBytes { raw in
+            withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, raw.baseAddress!, raw.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == raw.count
+                }
+            }
+        }
+    }
+}

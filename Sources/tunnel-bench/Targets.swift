@@ -105,3 +105,54 @@ func matches(_ data: UnsafeRawPointer, _ count: Int, _ expected: UnsafeRawBuffer
     }
     return true
 }
+
+/// A UDP echo target that also counts what it receives (for the datagram throughput test).
+final class UDPTarget: Sendable {
+    final class Counters: Sendable {
+        let received = Mutex((datagrams: 0, bytes: 0))
+        let echo = Mutex(true)
+    }
+    let port: UInt16
+    let counters = Counters()
+    func receivedDatagrams() -> Int { self.counters.received.withLock { $0.datagrams } }
+    func setEcho(_ on: Bool) { self.counters.echo.withLock { $0 = on } }
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { throw Sock.Failure("socket") }
+        var size: Int32 = 8 << 20
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        var addr = Sock.loopback(port: 0)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { throw Sock.Failure("bind udp") }
+        var bound = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        self.port = UInt16(bigEndian: bound.sin_port)
+        let counters = self.counters
+        spawn {
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            var from = sockaddr_storage()
+            buffer.withUnsafeMutableBytes { raw in
+                while true {
+                    var fromLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
+                    let n = withUnsafeMutablePointer(to: &from) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, raw.baseAddress!, raw.count, 0, $0, &fromLength) }
+                    }
+                    if n < 0 { continue }
+                    counters.received.withLock {
+                        $0.datagrams += 1
+                        $0.bytes += n
+                    }
+                    if counters.echo.withLock({ $0 }) {
+                        _ = withUnsafePointer(to: &from) {
+                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, raw.baseAddress!, n, 0, $0, fromLength) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

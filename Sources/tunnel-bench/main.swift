@@ -23,12 +23,14 @@ func runBenchmarks() {
             connections per second (8 threads: connect + SOCKS + 32 B echo + close), and memory per idle stream with
             1000 and 5000 streams. Without --proxy/--direct it starts tunnel-server and tunnel-client from --bin-dir
             (default: the directory of this binary) with fresh keys, and also reports their CPU seconds per GiB and RSS.
-            LIST: any of bulk, parallel, rr, connect, idle (default: all).
+            It also measures UDP through SOCKS5 UDP ASSOCIATE (64 B round trips, and 1200 B datagram throughput with the
+            share delivered) and a download through HTTP CONNECT on the same port.
+            LIST: any of bulk, parallel, rr, connect, idle, udp, http (default: all).
             """)
         exit(0)
     }
     let quick = arguments.contains("--quick")
-    let only = Set((option("--only") ?? "bulk,parallel,rr,connect,idle").split(separator: ",").map(String.init))
+    let only = Set((option("--only") ?? "bulk,parallel,rr,connect,idle,udp,http").split(separator: ",").map(String.init))
     signal(SIGPIPE, SIG_IGN)
     Sock.raiseFileLimit()
 
@@ -104,6 +106,29 @@ func runBenchmarks() {
             report(
                 "rr 64 B, beside a bulk download",
                 String(format: "p50 %6.1f us  p99 %6.1f us  (bulk ran at %.0f MiB/s)", percentile(beside, 50), percentile(beside, 99), bulkRate)
+            )
+        }
+        if only.contains("http") {
+            let mib: UInt64 = quick ? 128 : 1024
+            let before = cpu()
+            let seconds = try bench.downloadViaHTTPConnect(mib << 20)
+            report("HTTP CONNECT down, \(mib) MiB", String(format: "%7.1f MiB/s", Double(mib) / seconds) + cpuNote(before, gib: Double(mib) / 1024))
+        }
+        if only.contains("udp") {
+            let udp = try UDPTarget()
+            let count = quick ? 1000 : 5000
+            let (latencies, lost) = try bench.udpRequestResponse(udp: udp, count: count, size: 64)
+            report(
+                "udp rr 64 B",
+                String(format: "p50 %6.1f us  p99 %6.1f us  (%d of %d lost)", percentile(latencies, 50), percentile(latencies, 99), lost, count + 50)
+            )
+            let datagrams = quick ? 20_000 : 200_000
+            let (seconds, delivered) = try bench.udpThroughput(udp: udp, datagrams: datagrams, size: 1200)
+            report(
+                "udp 1200 B datagrams, one way",
+                String(format: "%7.1f MiB/s delivered, %.0f datagrams/s sent, %.1f%% dropped",
+                       Double(delivered * 1200) / seconds / 1048576, Double(datagrams) / seconds,
+                       100 * Double(datagrams - delivered) / Double(datagrams))
             )
         }
         if only.contains("connect") {
