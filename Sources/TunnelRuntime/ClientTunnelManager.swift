@@ -84,6 +84,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
             .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
+            .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(boundHandler.value)

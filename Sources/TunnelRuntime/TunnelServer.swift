@@ -47,6 +47,7 @@ public final class TunnelServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
             .childChannelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .childChannelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
+            .childChannelOption(.maxMessagesPerRead, value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = TunnelConnectionHandler(

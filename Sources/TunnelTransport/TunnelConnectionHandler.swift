@@ -148,6 +148,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             guard self.phase != .closed else { return }
         }
         self.process(&buffer, context: context)
+        // Hand what this read delivered to the local sockets now rather than after the whole read burst: a
+        // small reply behind a bulk transfer should not wait for a megabyte of other streams' records.
+        self.flushLocalStreams()
     }
 
     /// Whether the length prefix at the front of `partial` is worth waiting for.
