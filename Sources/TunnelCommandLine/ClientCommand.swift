@@ -80,33 +80,10 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
-        let service = ClientService(client: client)
-        let serviceGroup = ServiceGroup(
-            configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let service = ListenerService(
+            readyPrefix: "SOCKS5 listening on", failurePrefix: "cannot listen for SOCKS5",
+            start: { try await client.start() }, stop: { await client.shutdown() }
         )
-        do {
-            try await serviceGroup.run()
-        } catch {
-            try? await group.shutdownGracefully()
-            throw RuntimeFailure(message: "\(error)")
-        }
-        try? await group.shutdownGracefully()
-        logger.info("stopped")
-    }
-}
-
-private struct ClientService: Service {
-    let client: TunnelClient
-
-    func run() async throws {
-        let address: String
-        do {
-            address = formatBound(try await self.client.start())
-        } catch {
-            throw RuntimeFailure(message: "cannot listen for SOCKS5: \(error)")
-        }
-        printFlushed("SOCKS5 listening on \(address)")
-        try? await gracefulShutdown()
-        await self.client.shutdown()
+        try await runUntilSignalled(service, group: group, logger: logger)
     }
 }

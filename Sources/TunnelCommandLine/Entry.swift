@@ -6,6 +6,8 @@ import Darwin
 import ArgumentParser
 import Logging
 import NIOCore
+import NIOPosix
+import ServiceLifecycle
 import TunnelConfig
 
 /// Runs a root command with the exit codes scripts rely on: 0 on success and for `--help`, 2 for bad
@@ -100,7 +102,7 @@ func printFlushed(_ line: String) {
 }
 
 /// A failure while running (not a usage error): exit code 1.
-struct RuntimeFailure: Error {
+struct RuntimeFailure: Error, Sendable {
     var message: String
 }
 
@@ -130,4 +132,41 @@ func parseEndpointFlag(_ text: String, flag: String) throws(ConfigError) -> Endp
     case .success(let endpoint): return endpoint
     case .failure(let problem): throw ConfigError("\(flag): \(problem.message)")
     }
+}
+
+/// A listener as a ServiceLifecycle service: starts, prints its readiness line with the real bound address,
+/// waits for SIGINT/SIGTERM, then stops gracefully.
+struct ListenerService: Service {
+    let readyPrefix: String
+    let failurePrefix: String
+    let start: @Sendable () async throws -> SocketAddress
+    let stop: @Sendable () async -> Void
+
+    func run() async throws {
+        let address: String
+        do {
+            address = formatBound(try await self.start())
+        } catch {
+            throw RuntimeFailure(message: "\(self.failurePrefix): \(error)")
+        }
+        printFlushed("\(self.readyPrefix) \(address)")
+        try? await gracefulShutdown()
+        await self.stop()
+    }
+}
+
+/// Runs `service` until a signal ends it, then shuts `group` down; exit code 1 on a run-time failure.
+func runUntilSignalled(_ service: ListenerService, group: MultiThreadedEventLoopGroup, logger: Logger) async throws {
+    let serviceGroup = ServiceGroup(
+        configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    )
+    do {
+        try await serviceGroup.run()
+    } catch {
+        try? await group.shutdownGracefully()
+        if let failure = error as? RuntimeFailure { throw failure }
+        throw RuntimeFailure(message: "\(error)")
+    }
+    try? await group.shutdownGracefully()
+    logger.info("stopped")
 }

@@ -61,39 +61,10 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
-        let service = ServerService(server: server, logger: logger)
-        let serviceGroup = ServiceGroup(
-            configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let service = ListenerService(
+            readyPrefix: "tunnel-server listening on", failurePrefix: "cannot listen",
+            start: { try await server.start() }, stop: { await server.shutdown() }
         )
-        do {
-            try await serviceGroup.run()
-        } catch {
-            try? await group.shutdownGracefully()
-            throw RuntimeFailure(message: "\(error)")
-        }
-        try? await group.shutdownGracefully()
-        logger.info("stopped")
+        try await runUntilSignalled(service, group: group, logger: logger)
     }
-}
-
-private struct ServerService: Service {
-    let server: TunnelServer
-    let logger: Logger
-
-    func run() async throws {
-        let address: SocketAddressDescription
-        do {
-            address = SocketAddressDescription(formatBound(try await self.server.start()))
-        } catch {
-            throw RuntimeFailure(message: "cannot listen: \(error)")
-        }
-        printFlushed("tunnel-server listening on \(address.text)")
-        try? await gracefulShutdown()
-        await self.server.shutdown()
-    }
-}
-
-struct SocketAddressDescription: Sendable {
-    let text: String
-    init(_ text: String) { self.text = text }
 }

@@ -66,13 +66,15 @@ final class ClientUDPAssociation: StreamEndpoint {
             return
         }
         let host = self.control.localAddress?.ipAddress ?? "127.0.0.1"
-        let bound = NIOLoopBound(self, eventLoop: self.control.eventLoop)
+        let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
+            { [weak self] in self?.applicationDatagram($0) }, eventLoop: self.control.eventLoop
+        )
         DatagramBootstrap(group: self.control.eventLoop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
             .channelOption(.maxMessagesPerRead, value: 16)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(UDPApplicationHandler(association: bound))
+                    try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
                 }
             }
             .bind(host: host, port: 0)
@@ -209,22 +211,21 @@ final class ClientUDPAssociation: StreamEndpoint {
     func readIfWanted() {}
 }
 
-/// Reads the application's datagrams on the relay socket.
-final class UDPApplicationHandler: ChannelInboundHandler {
+/// Hands every datagram a UDP socket reads to `receive` (on the socket's event loop). ICMP errors such as
+/// port unreachable are not fatal for an unconnected UDP socket and are ignored.
+final class DatagramReader: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    private let association: NIOLoopBound<ClientUDPAssociation>
+    private let receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
 
-    init(association: NIOLoopBound<ClientUDPAssociation>) {
-        self.association = association
+    init(_ receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>) {
+        self.receive = receive
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.association.value.applicationDatagram(self.unwrapInboundIn(data))
+        self.receive.value(self.unwrapInboundIn(data))
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // ICMP errors (e.g. the application's port went away) are not fatal for a UDP socket.
-    }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {}
 }
 
 /// Watches the association's TCP control connection: when it ends, so does the association.

@@ -44,14 +44,16 @@ final class ServerUDPAssociation: MuxStreamContext {
     /// Binds the sockets, then answers the OPEN.
     func start() {
         self.stream.context = self
-        let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
+        let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
+            { [weak self] in self?.remoteDatagram($0) }, eventLoop: self.eventLoop
+        )
         func bind(_ host: String) -> EventLoopFuture<any Channel> {
             DatagramBootstrap(group: self.eventLoop)
                 .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
                 .channelOption(.maxMessagesPerRead, value: 16)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ServerUDPSocketHandler(association: bound))
+                        try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
                     }
                 }
                 .bind(host: host, port: 0)
@@ -176,24 +178,6 @@ final class ServerUDPAssociation: MuxStreamContext {
     func peerFinished() { self.close() }
     func streamClosed(reset: ErrorCode?) { self.close() }
     func readIfWanted() {}
-}
-
-/// Reads replies on one of an association's sockets.
-final class ServerUDPSocketHandler: ChannelInboundHandler {
-    typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    private let association: NIOLoopBound<ServerUDPAssociation>
-
-    init(association: NIOLoopBound<ServerUDPAssociation>) {
-        self.association = association
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.association.value.remoteDatagram(self.unwrapInboundIn(data))
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // ICMP port unreachable and the like: not fatal for an unconnected UDP socket.
-    }
 }
 
 extension TargetAddress {

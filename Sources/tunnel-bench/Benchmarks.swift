@@ -26,6 +26,11 @@ final class Bench: Sendable {
     func download(_ bytes: UInt64) throws -> Double {
         let fd = try self.open(self.targets.sourcePort)
         defer { close(fd) }
+        return try Self.receiveChecked(fd, bytes)
+    }
+
+    /// Asks the source on `fd` for `bytes` and receives them, checking each against the pattern. Returns seconds.
+    static func receiveChecked(_ fd: Int32, _ bytes: UInt64) throws -> Double {
         let start = monotonicNanos()
         try Sock.sendAll(fd, Self.header(bytes))
         var buffer = [UInt8](repeating: 0, count: 256 << 10)
@@ -220,26 +225,7 @@ extension Bench {
         guard let proxyPort = self.proxyPort else { return try self.download(bytes) }
         let fd = try Sock.httpConnect(proxyPort: proxyPort, targetPort: self.targets.sourcePort)
         defer { close(fd) }
-        let start = monotonicNanos()
-        try Sock.sendAll(fd, Self.header(bytes))
-        var buffer = [UInt8](repeating: 0, count: 256 << 10)
-        var offset: UInt64 = 0
-        try buffer.withUnsafeMutableBytes { out in
-            try pattern.withUnsafeBytes { expected in
-                while true {
-                    let n = recv(fd, out.baseAddress!, out.count, 0)
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        throw Sock.Failure("recv")
-                    }
-                    if n == 0 { break }
-                    guard matches(out.baseAddress!, n, expected, offset) else { throw Sock.Failure(message: "corrupt data") }
-                    offset += UInt64(n)
-                }
-            }
-        }
-        guard offset == bytes else { throw Sock.Failure(message: "download ended early") }
-        return Double(monotonicNanos() - start) / 1e9
+        return try Self.receiveChecked(fd, bytes)
     }
 
     /// The SOCKS5 UDP header for a datagram to the UDP target.
