@@ -81,3 +81,17 @@ def test_connect_timeout_is_ttl_expired(ns_tunnel, netns):
 
 def test_ipv6_without_route_is_network_unreachable(ns_tunnel, netns):
     assert probe(netns, ns_tunnel.socks_port, "2001:db8::1", 80) in (0x03, 0x04)
+
+
+def http_probe(netns, proxy_port, request):
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, os.path.join(HERE, "http_probe.py"),
+                          str(proxy_port), request], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_http_proxy_timeout_is_504_and_unreachable_is_502(ns_tunnel, netns):
+    assert http_probe(netns, ns_tunnel.socks_port, "CONNECT 10.99.0.2:443 HTTP/1.1\\r\\n\\r\\n").startswith("HTTP/1.1 504")
+    assert http_probe(netns, ns_tunnel.socks_port,
+                      "GET http://10.99.0.2/ HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n").startswith("HTTP/1.1 504")
+    assert http_probe(netns, ns_tunnel.socks_port, "CONNECT 10.97.1.1:443 HTTP/1.1\\r\\n\\r\\n").startswith("HTTP/1.1 502")
