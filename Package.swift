@@ -41,9 +41,15 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "TunnelCompression",
+            dependencies: ["CZlib", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "TunnelProtocol",
             dependencies: [
                 "TunnelCrypto",
+                "TunnelCompression",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
@@ -106,6 +112,10 @@ let package = Package(
 
         // MARK: - Tests
         .testTarget(name: "TunnelCryptoTests", dependencies: ["TunnelCrypto"], resources: [.copy("Fixtures")]),
+        .testTarget(
+            name: "TunnelCompressionTests",
+            dependencies: ["TunnelCompression", .product(name: "NIOCore", package: "swift-nio")]
+        ),
         .testTarget(
             name: "TunnelProtocolTests",
             dependencies: ["TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
