@@ -43,6 +43,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     @Option(name: .customLong("socks-pass"), help: ArgumentHelp("The password that goes with --socks-user.", valueName: "password"))
     var socksPass: String?
 
+    @Flag(name: .long, help: "Compress stream data with zlib when the server agrees (default: off; only worth it on slow links, and see the README on what compression can leak).")
+    var compress = false
+
     @Flag(name: .customLong("allow-open-proxy"), help: "Allow --socks on a non-loopback address without --socks-user (default: refused).")
     var allowOpenProxy = false
 
@@ -70,6 +73,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if let v = self.socksUser { settings.socksUser = v }
         if let v = self.socksPass { settings.socksPassword = v }
         if self.allowOpenProxy { settings.allowOpenProxy = true }
+        if self.compress { settings.compress = true }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         let resolved = try settings.resolve()
 

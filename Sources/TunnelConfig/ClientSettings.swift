@@ -20,6 +20,8 @@ public struct ClientSettings: Sendable {
     public var socksPassword: String?
     /// Allow the local proxy on a non-loopback address without credentials.
     public var allowOpenProxy = false
+    /// Ask the server to compress stream data (off by default; see the README on when it is safe).
+    public var compress = false
     /// Serve SOCKS5 UDP ASSOCIATE.
     public var udp = true
     /// A UDP association with no traffic for this long is closed (with its control connection).
@@ -48,6 +50,7 @@ public struct ClientSettings: Sendable {
         if let v = try file.string("socks_pass") { self.socksPassword = v }
         if let v = try file.boolean("allow_open_proxy") { self.allowOpenProxy = v }
         if let v = try file.boolean("udp") { self.udp = v }
+        if let v = try file.boolean("compress") { self.compress = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
         if let v = try file.string("cipher") {

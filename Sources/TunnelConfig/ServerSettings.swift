@@ -14,6 +14,8 @@ public struct ServerSettings: Sendable {
     public var ciphers: [NoiseCipher] = [.aesGCM, .chaChaPoly]
     /// Most unauthenticated connections handshaking at once; more are closed at once.
     public var maxPendingHandshakes = 256
+    /// Accept a client's request to compress stream data.
+    public var allowCompression = true
     /// A UDP association with no traffic for this long is closed.
     public var udpIdleTimeout: Int64 = 300_000_000_000
     public var timings = TunnelTimings()
@@ -29,6 +31,7 @@ public struct ServerSettings: Sendable {
         if let v = try file.duration("connect_timeout", min: 1_000_000) { self.connectTimeout = v }
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
+        if let v = try file.boolean("allow_compression") { self.allowCompression = v }
         if let list = try file.strings("deny") {
             self.deny = []
             for text in list {

@@ -64,8 +64,11 @@ public struct FrameFlags: OptionSet, Hashable, Sendable {
     public static let fin = FrameFlags(rawValue: 0x01)
     /// On PING: this is the answer.
     public static let ack = FrameFlags(rawValue: 0x02)
-    /// On DATA: the payload is deflate-compressed (negotiated; see PROTOCOL.md §4).
+    /// On DATA: the payload is `u16 original length ‖ raw deflate` ending in a sync flush (negotiated; PROTOCOL.md §4).
     public static let compressed = FrameFlags(rawValue: 0x04)
+    /// On a compressed DATA frame: the sender's deflate context starts afresh here (the receiver starts a new
+    /// inflate context too).
+    public static let compressionStart = FrameFlags(rawValue: 0x08)
 }
 
 /// A stream identifier. Client-opened streams are odd, server-opened even, 0 is the connection itself.

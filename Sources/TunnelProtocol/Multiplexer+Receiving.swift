@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelCompression
 
 /// What a record asked of the record layer, beyond its frames.
 public struct RecordOutcome: Hashable, Sendable {
@@ -53,7 +54,20 @@ extension Multiplexer {
     }
 
     private func receivedData(_ header: FrameHeader, _ payload: ByteBuffer, recordSize: Int, now: NIODeadline) throws(ProtocolError) {
-        let count = payload.readableBytes
+        var payload = payload
+        let compressed = header.flags.contains(.compressed)
+        // Credit is counted in plaintext bytes: a compressed frame declares its original length up front, so
+        // even frames for streams that are already gone are accounted exactly.
+        var count = payload.readableBytes
+        if compressed {
+            guard self.configuration.compression else {
+                throw ProtocolError.malformedFrame("compressed DATA, but compression was not negotiated")
+            }
+            guard let original = payload.readInteger(as: UInt16.self), Int(original) <= self.configuration.compressedFrameLimit else {
+                throw ProtocolError.malformedFrame("compressed DATA declares more than \(self.configuration.compressedFrameLimit) bytes")
+            }
+            count = Int(original)
+        }
         if count > 0 { try self.connectionReceiveWindow.received(count) }
         guard let stream = self.streams[header.streamID.rawValue] else {
             try self.checkUnknownStream(header.streamID)
@@ -69,14 +83,17 @@ extension Multiplexer {
         case .open:
             break
         }
+        if compressed {
+            payload = try self.inflate(payload, declared: count, header: header, stream: stream, now: now)
+        }
         guard !stream.finReceived else {
             throw ProtocolError.malformedFrame("DATA on stream \(stream.id) after its FIN")
         }
         if count > 0 {
             try stream.receiveWindow.received(count)
             // A slice keeps its whole record alive. Small frames in a shared record are copied, so a stalled
-            // reader pins at most about twice what its window allows.
-            let data = count * 2 < recordSize ? ByteBuffer(buffer: payload) : payload
+            // reader pins at most about twice what its window allows. (Inflated data is a buffer of its own.)
+            let data = compressed || count * 2 >= recordSize ? payload : ByteBuffer(buffer: payload)
             self.delegate?.multiplexer(self, received: data, on: stream)
         }
         if header.flags.contains(.fin), stream.state == .open {
@@ -89,6 +106,32 @@ extension Multiplexer {
                 self.delegate?.multiplexer(self, receivedEndOfStream: stream)
             }
         }
+    }
+
+    /// Inflates a compressed frame with the stream's context (a new one when the frame starts one). The
+    /// result must have exactly the declared length, which is at most the frame limit: a decompression bomb
+    /// ends the connection after inflating no more than that.
+    private func inflate(_ payload: ByteBuffer, declared: Int, header: FrameHeader, stream: MuxStream, now: NIODeadline) throws(ProtocolError)
+        -> ByteBuffer
+    {
+        if header.flags.contains(.compressionStart) {
+            stream.inflater = Inflater()
+            self.compressingStreams[stream.id.rawValue] = stream
+        }
+        guard let inflater = stream.inflater else {
+            throw ProtocolError.malformedFrame("compressed DATA on stream \(stream.id) without a started context")
+        }
+        stream.lastInflate = now
+        let output: ByteBuffer
+        do {
+            output = try inflater.inflate(payload, limit: declared, allocator: ByteBufferAllocator())
+        } catch {
+            throw ProtocolError.malformedFrame("compressed DATA on stream \(stream.id) does not inflate to its declared \(declared) bytes (\(error))")
+        }
+        guard output.readableBytes == declared else {
+            throw ProtocolError.malformedFrame("compressed DATA on stream \(stream.id) inflates to \(output.readableBytes), not \(declared) bytes")
+        }
+        return output
     }
 
     private func receivedOpen(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {

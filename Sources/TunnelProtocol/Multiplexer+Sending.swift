@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelCompression
 
 extension Multiplexer {
     // MARK: - Producing records
@@ -41,35 +42,49 @@ extension Multiplexer {
                 self.activeStreams.prepend(stream)
                 break
             }
+            let deflater = self.deflater(for: stream)
+            // A compressed frame needs room for the deflate bound, never extends, and holds at most the limit.
+            let maxInput = deflater == nil ? max(room, 0) : min(max(space - FrameHeader.byteCount - 2 - 256, 0), self.configuration.compressedFrameLimit)
             let count = min(
                 stream.pendingBytes, stream.sendCredit.available, self.connectionSendCredit.available,
-                self.configuration.quantum, max(room, 0)
+                self.configuration.quantum, maxInput
             )
             if count == 0 && stream.pendingBytes > 0 {
+                if deflater != nil && self.connectionSendCredit.available > 0 {
+                    // No room for a compressed frame in this record: the stream keeps its place at the front.
+                    stream.scheduled = true
+                    self.activeStreams.prepend(stream)
+                    break
+                }
                 // Only the connection window can be short here (hasSendableWork checked the stream's own).
                 stream.scheduled = true
                 self.streamsAwaitingConnectionCredit.append(stream)
                 continue
             }
             let fin = stream.localEndOfStream && count == stream.pendingBytes
-            if extending {
+            if let deflater, count > 0 {
+                let written = self.writeCompressedFrame(count, of: stream, deflater: deflater, fin: fin, into: &buffer)
+                space -= FrameHeader.byteCount + written
+                lastStream = nil
+            } else if extending {
                 lastLength += count
                 buffer.setInteger(UInt16(lastLength), at: lastLengthIndex)
                 if fin { buffer.setInteger(FrameFlags.fin.rawValue, at: lastLengthIndex - 5) }
                 space -= count
+                lastStream = stream
             } else {
                 lastLengthIndex = buffer.writeFrameHeader(
                     FrameHeader(type: .data, flags: fin ? .fin : [], streamID: stream.id, length: count)
                 )
                 lastLength = count
                 space -= FrameHeader.byteCount + count
+                lastStream = stream
             }
             if count > 0 {
-                self.copyPending(count, of: stream, into: &buffer)
+                if deflater == nil { self.copyPending(count, of: stream, into: &buffer) }
                 stream.sendCredit.spend(count)
                 self.connectionSendCredit.spend(count)
             }
-            lastStream = stream
             if fin {
                 stream.finSent = true
                 lastStream = nil
@@ -103,6 +118,76 @@ extension Multiplexer {
             budget -= size
         }
         return budget
+    }
+
+    /// The deflate context to use for the stream's next frame, deciding (once) whether the stream compresses.
+    private func deflater(for stream: MuxStream) -> Deflater? {
+        guard self.configuration.compression else { return nil }
+        switch stream.compression {
+        case .off:
+            return nil
+        case .active(let deflater, _, _):
+            return deflater
+        case .undecided:
+            guard stream.kind == .tcp, let first = stream.pending.first, !CompressibilityHint.looksIncompressible(first) else {
+                stream.compression = .off
+                return nil
+            }
+            fallthrough
+        case .idle:
+            guard let deflater = Deflater() else {
+                stream.compression = .off
+                return nil
+            }
+            stream.compression = .active(deflater, fresh: true, lastUse: .now())
+            self.compressingStreams[stream.id.rawValue] = stream
+            return deflater
+        }
+    }
+
+    /// Writes one compressed DATA frame (`u16 original length ‖ raw deflate`) of the next `count` pending bytes.
+    /// Returns its payload size. Stops compressing a stream whose data does not shrink by 10%.
+    private func writeCompressedFrame(_ count: Int, of stream: MuxStream, deflater: Deflater, fin: Bool, into buffer: inout ByteBuffer) -> Int {
+        guard case .active(_, let fresh, _) = stream.compression else { return 0 }
+        var flags: FrameFlags = [.compressed]
+        if fresh { flags.insert(.compressionStart) }
+        if fin { flags.insert(.fin) }
+        let lengthIndex = buffer.writeFrameHeader(FrameHeader(type: .data, flags: flags, streamID: stream.id, length: 0))
+        buffer.writeInteger(UInt16(count))
+        let input = self.takePending(count, of: stream)
+        let written = 2 + deflater.compress(input, into: &buffer)
+        buffer.setInteger(UInt16(written), at: lengthIndex)
+        stream.compression = .active(deflater, fresh: false, lastUse: .now())
+        self.compressedInput += count
+        self.compressedOutput += written
+        stream.probeInput += count
+        stream.probeOutput += written
+        if stream.probeInput >= 32 << 10 {
+            if stream.probeOutput * 10 > stream.probeInput * 9 {
+                // Incompressible (media, TLS, random): send it as it is from now on, at no CPU cost.
+                stream.compression = .off
+                if stream.inflater == nil { self.compressingStreams.removeValue(forKey: stream.id.rawValue) }
+            }
+            stream.probeInput = 0
+            stream.probeOutput = 0
+        }
+        return written
+    }
+
+    /// Removes the next `count` pending bytes as one buffer (a slice when they lie in one buffer).
+    private func takePending(_ count: Int, of stream: MuxStream) -> ByteBuffer {
+        let index = stream.pending.startIndex
+        if stream.pending[index].readableBytes >= count {
+            let slice = stream.pending[index].readSlice(length: count)!
+            if stream.pending[index].readableBytes == 0 { stream.pending.removeFirst() }
+            stream.pendingBytes -= count
+            self.totalPendingBytes -= count
+            return slice
+        }
+        var gathered = ByteBuffer()
+        gathered.reserveCapacity(count)
+        self.copyPending(count, of: stream, into: &gathered)
+        return gathered
     }
 
     /// Moves `count` bytes from the front of the stream's pending buffers into the record.

@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelCompression
 
 /// What the multiplexer asks of whoever runs its I/O. All calls happen synchronously inside the
 /// multiplexer's own methods, on the connection's event loop.
@@ -50,6 +51,14 @@ public final class Multiplexer {
         public var totalPendingLimit: Int = 4 << 20
         /// Most bytes of control frames that may wait (a peer that never reads PING answers hits this).
         public var maxQueuedControlBytes: Int = 1 << 20
+        /// Whether stream data may be compressed (negotiated in the handshake; both sides must agree).
+        public var compression = false
+        /// Most plaintext in one compressed frame; the receiver refuses frames that inflate to more.
+        public var compressedFrameLimit = 16 << 10
+        /// A sending context unused this long is freed (the next frame starts a new one).
+        public var compressorIdleTimeout: TimeAmount = .seconds(30)
+        /// A receiving context unused this long is freed (longer than the sender's, so it is never needed again).
+        public var decompressorIdleTimeout: TimeAmount = .seconds(60)
         /// Datagrams waiting to be sent are dropped beyond this many bytes (UDP has no flow control: a
         /// bounded queue that drops is its congestion signal).
         public var maxQueuedDatagramBytes: Int = 1 << 20
@@ -86,6 +95,13 @@ public final class Multiplexer {
     var datagramQueueBytes = 0
     /// Datagrams dropped because the queue was full (sending side).
     public internal(set) var droppedDatagrams = 0
+
+    // MARK: - Compression
+    /// Streams holding a deflate or inflate context, swept for idle ones (only these, never all streams).
+    var compressingStreams: [UInt32: MuxStream] = [:]
+    /// Plaintext bytes sent compressed, and what they became on the wire.
+    public internal(set) var compressedInput = 0
+    public internal(set) var compressedOutput = 0
     var totalPendingBytes = 0
     var tunnelWritable = true
 
@@ -266,6 +282,9 @@ public final class Multiplexer {
         guard !stream.released else { return }
         stream.released = true
         stream.context = nil
+        stream.compression = .off
+        stream.inflater = nil
+        self.compressingStreams.removeValue(forKey: stream.id.rawValue)
         self.streams.removeValue(forKey: stream.id.rawValue)
         if stream.id.isClientInitiated == (self.role == .client) {
             self.localStreamCount -= 1
@@ -322,6 +341,24 @@ public final class Multiplexer {
             self.markClosed(stream, reset: code)
         }
     }
+
+    /// Frees compression contexts that idled (call every few seconds). Touches only streams that hold one.
+    public func releaseIdleCompressionContexts(now: NIODeadline) {
+        for stream in self.compressingStreams.values {
+            if case .active(_, _, let lastUse) = stream.compression, now - lastUse >= self.configuration.compressorIdleTimeout {
+                stream.compression = .idle
+            }
+            if stream.inflater != nil && now - stream.lastInflate >= self.configuration.decompressorIdleTimeout {
+                stream.inflater = nil
+            }
+            if case .active = stream.compression {} else if stream.inflater == nil {
+                self.compressingStreams.removeValue(forKey: stream.id.rawValue)
+            }
+        }
+    }
+
+    /// How many streams hold a compression context now.
+    public var streamsWithCompressionContexts: Int { self.compressingStreams.count }
 
     // MARK: - Internals shared by receiving and sending
 

@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelCompression
 
 /// The object that performs a stream's local I/O; the transport layer refines it.
 public protocol MuxStreamContext: AnyObject {
@@ -62,6 +63,25 @@ public final class MuxStream {
     var released = false
     /// The local socket is gone but the FIN still has to go out; the stream leaves the table after it.
     var releaseWhenFinished = false
+
+    /// Sending-side compression of this stream (only when the session negotiated compression).
+    enum Compression {
+        /// No data sent yet: decided on the first bytes.
+        case undecided
+        /// Compressing with this context; `fresh` until its first frame went out.
+        case active(Deflater, fresh: Bool, lastUse: NIODeadline)
+        /// Was compressing, context freed after idling: the next frame starts a new one.
+        case idle
+        /// Not worth it (incompressible data, or not a TCP stream).
+        case off
+    }
+    var compression = Compression.undecided
+    /// Input and output bytes since the last compressibility check.
+    var probeInput = 0
+    var probeOutput = 0
+    /// Receiving-side inflate context, created by a frame with `compressionStart`.
+    var inflater: Inflater?
+    var lastInflate = NIODeadline.distantPast
 
     /// Bytes received for this stream and not yet consumed by the local socket.
     public var bufferedBytes: Int { self.receiveWindow.buffered }

@@ -49,7 +49,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     init(eventLoop: any EventLoop, resolved: ClientSettings.Resolved, logger: Logger) {
         self.eventLoop = eventLoop
         self.resolved = resolved
-        self.configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
+        var configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
+        configuration.compression = resolved.settings.compress
+        self.configuration = configuration
         self.logger = logger
         switch resolved.settings.cipher {
         case .fixed(let cipher): self.nextCipher = cipher
@@ -72,7 +74,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let cipher = self.nextCipher
         let machine = ClientHandshakeStateMachine(
             cipher: cipher, staticKey: self.resolved.key, serverKey: self.resolved.serverKey,
-            parameters: Multiplexer.announcedParameters(for: self.configuration.multiplexer)
+            parameters: Multiplexer.announcedParameters(
+                for: self.configuration.multiplexer, features: self.configuration.compression ? [.compression] : []
+            )
         )
         let handler = TunnelConnectionHandler(role: .client(machine), configuration: self.configuration, logger: self.logger)
         handler.delegate = self
@@ -132,7 +136,13 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.nextCipher = session.cipher
         self.backoff = .milliseconds(250)
         self.consecutiveFailures = 0
-        self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher))")
+        let compression: String
+        if self.configuration.compression {
+            compression = tunnel.compressionActive ? ", compression on" : ", compression refused by the server"
+        } else {
+            compression = ""
+        }
+        self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher)\(compression))")
         self.serveWaiting()
     }
 

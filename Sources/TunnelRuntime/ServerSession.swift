@@ -49,7 +49,9 @@ final class ServerSession: TunnelConnectionDelegate {
         self.finishHandshake()
         self.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
         tunnel.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
-        self.logger.info("\(self.clientName) connected from \(tunnel.remoteDescription) (\(session.cipher))")
+        let compression = session.peerParameters.features.contains(.compression)
+            ? (tunnel.compressionActive ? ", compression on" : ", compression refused by policy") : ""
+        self.logger.info("\(self.clientName) connected from \(tunnel.remoteDescription) (\(session.cipher)\(compression))")
     }
 
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {

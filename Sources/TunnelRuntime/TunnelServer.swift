@@ -34,7 +34,9 @@ public final class TunnelServer: Sendable {
     /// Binds the listening socket; returns the real bound address (also when the port was 0).
     public func start() async throws -> SocketAddress {
         let settings = self.resolved.settings
-        let configuration = TunnelConnectionHandler.Configuration(settings.timings)
+        var connectionConfiguration = TunnelConnectionHandler.Configuration(settings.timings)
+        connectionConfiguration.compression = settings.allowCompression
+        let configuration = connectionConfiguration
         let key = self.resolved.key
         let ciphers = settings.ciphers
         let registry = self.registry

@@ -34,6 +34,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         public var maxHandshakeMessage = 4096
         /// Bytes of records built per flush before handing them to the socket.
         public var outputBatchBytes = 256 << 10
+        /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
+        public var compression = false
         public init() {}
     }
 
@@ -307,7 +309,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             case .flood:
                 throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
             }
-            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer)
+            let accepted: SessionFeatures = self.configuration.compression && initiation.parameters.features.contains(.compression)
+                ? [.compression] : []
+            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
             let (response, session) = try machine.respond(parameters: parameters)
             self.role = .server(machine)
             context.writeAndFlush(self.wrapOutboundOut(response), promise: nil)
@@ -321,7 +325,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.sealer = RecordSealer(cipher: session.transport.send, policy: self.configuration.rekeyPolicy, now: now)
         self.opener = RecordOpener(cipher: session.transport.receive)
         let role: Multiplexer.Role = if case .client = self.role { .client } else { .server }
-        let mux = Multiplexer(role: role, configuration: self.configuration.multiplexer, peerParameters: session.peerParameters)
+        var muxConfiguration = self.configuration.multiplexer
+        // Client: the server's answer; server: the client's request. Either way both sides agree.
+        muxConfiguration.compression = self.configuration.compression && session.peerParameters.features.contains(.compression)
+        let mux = Multiplexer(role: role, configuration: muxConfiguration, peerParameters: session.peerParameters)
         mux.delegate = self
         mux.tunnelWritabilityChanged(context.channel.isWritable)
         self.multiplexer = mux
@@ -412,6 +419,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             if idle >= self.configuration.keepaliveInterval {
                 self.multiplexer?.sendPing(now: now)
             }
+            self.multiplexer?.releaseIdleCompressionContexts(now: now)
             if self.sealer?.needsRekey(now: now) == true {
                 // A record carries the REKEY; a PING makes sure there is one even when idle.
                 self.multiplexer?.sendPing(now: now)
@@ -558,6 +566,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// The connection's event loop (while attached to a channel).
     public var eventLoop: (any EventLoop)? { self.context?.eventLoop }
+
+    /// Whether this connection compresses stream data (negotiated).
+    public var compressionActive: Bool { self.multiplexer?.configuration.compression ?? false }
 
     /// Whether the tunnel is up.
     public var isEstablished: Bool { self.phase == .established }
