@@ -45,9 +45,10 @@ extension Multiplexer {
             let deflater = self.deflater(for: stream)
             // A compressed frame needs room for the deflate bound, never extends, and holds at most the limit.
             let maxInput = deflater == nil ? max(room, 0) : min(max(space - FrameHeader.byteCount - 2 - 256, 0), self.configuration.compressedFrameLimit)
+            // Compressed frames may take a whole frame limit per turn: their wire size is a fraction of it.
             let count = min(
                 stream.pendingBytes, stream.sendCredit.available, self.connectionSendCredit.available,
-                self.configuration.quantum, maxInput
+                deflater == nil ? self.configuration.quantum : self.configuration.compressedFrameLimit, maxInput
             )
             if count == 0 && stream.pendingBytes > 0 {
                 if deflater != nil && self.connectionSendCredit.available > 0 {

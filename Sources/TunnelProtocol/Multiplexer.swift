@@ -54,7 +54,7 @@ public final class Multiplexer {
         /// Whether stream data may be compressed (negotiated in the handshake; both sides must agree).
         public var compression = false
         /// Most plaintext in one compressed frame; the receiver refuses frames that inflate to more.
-        public var compressedFrameLimit = 16 << 10
+        public var compressedFrameLimit = 60 << 10
         /// A sending context unused this long is freed (the next frame starts a new one).
         public var compressorIdleTimeout: TimeAmount = .seconds(30)
         /// A receiving context unused this long is freed (longer than the sender's, so it is never needed again).
