@@ -34,6 +34,9 @@ let package = Package(
             providers: [.apt(["zlib1g-dev"])]
         ),
 
+        /// TUNSETIFF is a function-like macro Swift cannot import: a few lines of C open the device.
+        .target(name: "CTUN", path: "Sources/CTUN"),
+
         // MARK: - Pure, I/O-free core
         .target(
             name: "TunnelCrypto",
@@ -68,6 +71,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        /// Full-tunnel mode's host side: the TUN device, packet header fields, the address pool, and the
+        /// journalled host changes (routes, resolver, nftables). No NIOPosix.
+        .target(
+            name: "TunnelTUN",
+            dependencies: ["CTUN", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: - SwiftNIO handlers around the core, and the runtime that wires sockets
         .target(
             name: "TunnelTransport",
@@ -84,6 +95,7 @@ let package = Package(
             dependencies: [
                 "TunnelTransport",
                 "TunnelConfig",
+                "TunnelTUN",
                 "LocalProxy",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -98,6 +110,7 @@ let package = Package(
             dependencies: [
                 "TunnelRuntime",
                 "TunnelConfig",
+                "TunnelProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -123,6 +136,10 @@ let package = Package(
         .testTarget(
             name: "LocalProxyTests",
             dependencies: ["LocalProxy", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "TunnelTUNTests",
+            dependencies: ["TunnelTUN", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
         .testTarget(

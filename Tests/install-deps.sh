@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on Debian 12, skipping what is already there.
-# System: libsodium-dev, zlib1g-dev (linked by the product); curl, iproute2, openssl, chromium (tests); python3 + pip.
+# System: libsodium-dev, zlib1g-dev (linked by the product); iproute2, nftables (full-tunnel mode);
+# curl, openssl, chromium, tcpdump, iperf3, iputils-ping (tests); python3 + pip.
 # Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer).
 set -euo pipefail
 
 need_apt=()
-for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 openssl chromium python3 python3-pip; do
+for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 nftables openssl chromium tcpdump iperf3 iputils-ping \
+    python3 python3-pip; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

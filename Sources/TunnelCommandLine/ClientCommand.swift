@@ -20,7 +20,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             "SOCKS5 listening on HOST:PORT" when ready. Reconnects with backoff when the tunnel drops. \
             Subcommands: "tunnel-client keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
             public key; "tunnel-client pubkey --key PATH" prints the public key of a key file. \
-            SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), then exit 0.
+            With --full-tunnel, every app's traffic goes through the tunnel (a TUN device, routes, DNS; see the \
+            README). SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), undo \
+            any full-tunnel changes, then exit 0.
             """,
         subcommands: []
     )
@@ -49,6 +51,21 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     @Flag(name: .customLong("allow-open-proxy"), help: "Allow --socks on a non-loopback address without --socks-user (default: refused).")
     var allowOpenProxy = false
 
+    @Flag(name: .customLong("full-tunnel"), help: "Send all of this machine's IP traffic through the tunnel via a TUN device (needs root or CAP_NET_ADMIN, and tunnel-server --tun). Routes, DNS and firewall changes are undone on exit.")
+    var fullTunnel = false
+
+    @Option(name: .long, help: ArgumentHelp("With --full-tunnel: keep this network off the tunnel (repeatable; e.g. your LAN).", valueName: "cidr"))
+    var exclude: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("With --full-tunnel: the DNS server to use through the tunnel (repeatable). Default: the server's. 'off' leaves /etc/resolv.conf alone (DNS may leak).", valueName: "ip|off"))
+    var dns: [String] = []
+
+    @Flag(name: .customLong("kill-switch"), help: "With --full-tunnel: block all traffic outside the tunnel (except to the server) while the client runs, also while the tunnel is down (needs nftables).")
+    var killSwitch = false
+
+    @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --full-tunnel: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
+    var tunName: String?
+
     @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/client.toml); flags override its values. Default: none.", valueName: "file"))
     var config: String?
 
@@ -74,6 +91,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if let v = self.socksPass { settings.socksPassword = v }
         if self.allowOpenProxy { settings.allowOpenProxy = true }
         if self.compress { settings.compress = true }
+        if self.fullTunnel { settings.fullTunnel.enabled = true }
+        if !self.exclude.isEmpty { settings.fullTunnel.exclude = try ClientFullTunnelSettings.parseExcludes(self.exclude, origin: "--exclude") }
+        if !self.dns.isEmpty { settings.fullTunnel.dns = try ClientFullTunnelSettings.parseDNS(self.dns, origin: "--dns") }
+        if self.killSwitch { settings.fullTunnel.killSwitch = true }
+        if let v = self.tunName { settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         let resolved = try settings.resolve()
 
@@ -89,5 +111,6 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             start: { try await client.start() }, stop: { await client.shutdown() }
         )
         try await runUntilSignalled(service, group: group, logger: logger)
+        if let failure = client.failure { throw RuntimeFailure(message: failure) }
     }
 }

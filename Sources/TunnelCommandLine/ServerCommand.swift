@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import TunnelConfig
+import TunnelProtocol
 import TunnelRuntime
 
 /// `tunnel-server`: the remote end. Accepts tunnel connections from authorized clients and opens the
@@ -32,6 +33,24 @@ public struct TunnelServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("authorized-keys"), help: ArgumentHelp("File of client public keys allowed to connect: one base64 key per line, optional comment after whitespace, '#' lines ignored. Required unless set in --config.", valueName: "path"))
     var authorizedKeys: String?
 
+    @Flag(name: .long, help: "Offer full-tunnel mode: a TUN device, an address per client, forwarding and NAT (nftables) to the outside (needs root or CAP_NET_ADMIN).")
+    var tun = false
+
+    @Option(name: .customLong("tun-pool"), help: ArgumentHelp("With --tun: the IPv4 network for clients; the server takes host 1 (default 10.77.0.0/24).", valueName: "cidr"))
+    var tunPool: String?
+
+    @Option(name: .customLong("tun-pool6"), help: ArgumentHelp("With --tun: the IPv6 network for clients: auto (a unique local /64 derived from the server key; the default), none (clients block IPv6), or a CIDR.", valueName: "auto|none|cidr"))
+    var tunPool6: String?
+
+    @Option(name: .customLong("tun-mtu"), help: ArgumentHelp("With --tun: MTU of the TUN devices at both ends (default 1420).", valueName: "bytes"))
+    var tunMTU: Int?
+
+    @Option(name: .customLong("tun-dns"), help: ArgumentHelp("With --tun: DNS server to tell clients (repeatable). Default: the server's own forwarder on its pool address, which asks this host's resolvers.", valueName: "ip"))
+    var tunDNS: [String] = []
+
+    @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --tun: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
+    var tunName: String?
+
     @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/server.toml); flags override its values. Default: none.", valueName: "file"))
     var config: String?
 
@@ -50,6 +69,17 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.key { settings.keyPath = v }
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if self.tun { settings.tun.enabled = true }
+        if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }
+        if let v = self.tunPool6 { settings.tun.pool6 = try ServerTUNSettings.parsePool6(v, origin: "--tun-pool6") }
+        if let v = self.tunMTU {
+            guard TunnelAssignment.mtuRange.contains(v) else {
+                throw ConfigError("--tun-mtu: \(v) is out of range (\(TunnelAssignment.mtuRange.lowerBound)...\(TunnelAssignment.mtuRange.upperBound))")
+            }
+            settings.tun.mtu = v
+        }
+        if !self.tunDNS.isEmpty { settings.tun.dns = try ServerTUNSettings.parseAddresses(self.tunDNS, origin: "--tun-dns") }
+        if let v = self.tunName { settings.tun.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
         let resolved = try settings.resolve()
 
         let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")

@@ -35,6 +35,8 @@ public struct ClientSettings: Sendable {
     /// Longest pause between reconnect attempts.
     public var reconnectMax: Int64 = 30_000_000_000
     public var timings = TunnelTimings()
+    /// Full-tunnel mode (`--full-tunnel`).
+    public var fullTunnel = ClientFullTunnelSettings()
 
     public init() {}
 
@@ -63,6 +65,7 @@ public struct ClientSettings: Sendable {
         if let v = try file.integer("max_waiting_requests", range: 0...1_000_000) { self.maxWaitingRequests = v }
         if let v = try file.duration("reconnect_max", min: 100_000_000) { self.reconnectMax = v }
         try self.timings.apply(&file)
+        try self.fullTunnel.apply(file: &file)
         try file.finish()
     }
 

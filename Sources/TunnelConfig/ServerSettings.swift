@@ -19,6 +19,8 @@ public struct ServerSettings: Sendable {
     /// A UDP association with no traffic for this long is closed.
     public var udpIdleTimeout: Int64 = 300_000_000_000
     public var timings = TunnelTimings()
+    /// Full-tunnel mode (`--tun`).
+    public var tun = ServerTUNSettings()
 
     public init() {}
 
@@ -50,6 +52,7 @@ public struct ServerSettings: Sendable {
             guard !self.ciphers.isEmpty else { throw ConfigError("\(file.path): ciphers: must list at least one cipher") }
         }
         try self.timings.apply(&file)
+        try self.tun.apply(file: &file)
         try file.finish()
     }
 

@@ -45,6 +45,11 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
     public var address: IPAddress
     public var prefixLength: Int
 
+    public init(address: IPAddress, prefixLength: Int) {
+        self.address = address
+        self.prefixLength = prefixLength
+    }
+
     public static func parse(_ text: String) -> CIDR? {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
         guard parts.count <= 2, let address = IPAddress.parse(String(parts[0])) else { return nil }

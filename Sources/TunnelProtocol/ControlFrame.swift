@@ -8,6 +8,7 @@ enum ControlFrame {
     case reset(StreamID, ErrorCode)
     case goAway(lastStreamID: StreamID, ErrorCode)
     case ping(UInt64, ack: Bool)
+    case control(ByteBuffer)
 
     /// Size on the wire, header included.
     var encodedLength: Int {
@@ -22,6 +23,7 @@ enum ControlFrame {
         case .reset: return 4
         case .goAway: return 8
         case .ping: return 8
+        case .control(let payload): return payload.readableBytes
         }
     }
 
@@ -51,6 +53,9 @@ enum ControlFrame {
         case .ping(let opaque, let ack):
             buffer.writeFrameHeader(FrameHeader(type: .ping, flags: ack ? .ack : [], streamID: .connection, length: 8))
             buffer.writeInteger(opaque)
+        case .control(let payload):
+            buffer.writeFrameHeader(FrameHeader(type: .control, streamID: .connection, length: payload.readableBytes))
+            buffer.writeImmutableBuffer(payload)
         }
     }
 }

@@ -34,8 +34,20 @@ extension Multiplexer {
                 var payload = payload
                 outcome.close = ErrorCode(rawValue: payload.readInteger(as: UInt32.self) ?? 0)
             case .datagram: try self.receivedDatagram(header, payload)
-            case .ipPacket, .control, .padding:
-                // IP-packet and control frames belong to features this session did not negotiate.
+            case .ipPacket:
+                guard header.streamID == .connection else {
+                    throw ProtocolError.invalidStreamID("IP_PACKET on stream \(header.streamID)")
+                }
+                // Ignored unless full-tunnel mode was negotiated.
+                if self.configuration.fullTunnel, payload.readableBytes > 0 {
+                    self.delegate?.multiplexer(self, receivedIPPacket: payload)
+                }
+            case .control:
+                guard header.streamID == .connection else {
+                    throw ProtocolError.invalidStreamID("CONTROL on stream \(header.streamID)")
+                }
+                try self.delegate?.multiplexer(self, receivedControl: payload)
+            case .padding:
                 break
             default:
                 guard header.type.rawValue >= FrameType.firstExtension else { throw ProtocolError.unknownFrameType(header.type) }

@@ -106,7 +106,7 @@ extension Multiplexer {
         return buffer.writerIndex > start
     }
 
-    /// Writes queued datagrams that fit in `budget`; returns the budget left.
+    /// Writes queued datagrams and IP packets that fit in `budget`; returns the budget left.
     private func writeDatagrams(into buffer: inout ByteBuffer, budget: Int) -> Int {
         var budget = budget
         while let (id, payload) = self.datagramQueue.first {
@@ -114,7 +114,14 @@ extension Multiplexer {
             guard size <= budget else { break }
             self.datagramQueue.removeFirst()
             self.datagramQueueBytes -= payload.readableBytes
-            buffer.writeFrameHeader(FrameHeader(type: .datagram, streamID: id, length: payload.readableBytes))
+            let type: FrameType
+            if id == .connection {
+                self.queuedPackets -= 1
+                type = .ipPacket
+            } else {
+                type = .datagram
+            }
+            buffer.writeFrameHeader(FrameHeader(type: type, streamID: id, length: payload.readableBytes))
             buffer.writeImmutableBuffer(payload)
             budget -= size
         }

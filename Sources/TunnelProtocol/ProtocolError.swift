@@ -110,6 +110,8 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let timeout = ErrorCode(rawValue: 7)
     /// A newer session for the same client key took over.
     public static let replaced = ErrorCode(rawValue: 8)
+    /// The server has no room for this client (full-tunnel address pool exhausted).
+    public static let resourceExhausted = ErrorCode(rawValue: 9)
 
     public var description: String {
         switch self {
@@ -122,6 +124,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .shutdown: "shutting down"
         case .timeout: "timeout"
         case .replaced: "replaced by a newer session"
+        case .resourceExhausted: "no room on the server (its full-tunnel address pool is full)"
         default: "code \(self.rawValue)"
         }
     }

@@ -20,7 +20,7 @@ import TunnelTransport
 final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate {
     private let eventLoop: any EventLoop
     private let resolved: ClientSettings.Resolved
-    private let configuration: TunnelConnectionHandler.Configuration
+    private var configuration: TunnelConnectionHandler.Configuration
     private var logger: Logger
 
     /// The tunnel new streams go to, once established.
@@ -45,6 +45,17 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
     private var waiting = CircularBuffer<Waiter>()
     private var waiterTimer: Scheduled<Void>?
+
+    /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
+    var fullTunnel: ClientFullTunnel? {
+        didSet { self.configuration.fullTunnel = self.fullTunnel != nil }
+    }
+    /// Connect to this address instead of resolving the server's name each time (full-tunnel mode pins it:
+    /// its routes are for that address).
+    var connectHost: String?
+    /// Called once when the client cannot go on (the server refuses full-tunnel mode, the host cannot be
+    /// configured).
+    var onFatal: ((String) -> Void)?
 
     init(eventLoop: any EventLoop, resolved: ClientSettings.Resolved, logger: Logger) {
         self.eventLoop = eventLoop
@@ -72,11 +83,12 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.connecting = true
         self.lastAttempt = .now()
         let cipher = self.nextCipher
+        var features: SessionFeatures = []
+        if self.configuration.compression { features.insert(.compression) }
+        if self.configuration.fullTunnel { features.insert(.fullTunnel) }
         let machine = ClientHandshakeStateMachine(
             cipher: cipher, staticKey: self.resolved.key, serverKey: self.resolved.serverKey,
-            parameters: Multiplexer.announcedParameters(
-                for: self.configuration.multiplexer, features: self.configuration.compression ? [.compression] : []
-            )
+            parameters: Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: features)
         )
         let handler = TunnelConnectionHandler(role: .client(machine), configuration: self.configuration, logger: self.logger)
         handler.delegate = self
@@ -94,7 +106,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                     try channel.pipeline.syncOperations.addHandler(boundHandler.value)
                 }
             }
-            .connect(host: server.host, port: server.port)
+            .connect(host: self.connectHost ?? server.host, port: server.port)
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
@@ -143,7 +155,33 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             compression = ""
         }
         self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher)\(compression))")
+        if self.fullTunnel != nil && !tunnel.fullTunnelActive {
+            self.fatal("the server does not offer full-tunnel mode (start tunnel-server with --tun)")
+            return
+        }
         self.serveWaiting()
+    }
+
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError) {
+        guard let fullTunnel = self.fullTunnel, tunnel.fullTunnelActive else { return }
+        let assignment = try TunnelAssignment.decode(payload)
+        do {
+            try fullTunnel.assigned(assignment, on: tunnel)
+        } catch {
+            self.fatal(error.description)
+        }
+    }
+
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
+        self.fullTunnel?.packetFromTunnel(packet)
+    }
+
+    private func fatal(_ message: String) {
+        guard let report = self.onFatal else { return }
+        self.onFatal = nil
+        self.stopped = true
+        self.logger.critical("\(message)")
+        report(message)
     }
 
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {
@@ -159,6 +197,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.live.removeValue(forKey: ObjectIdentifier(tunnel))
+        self.fullTunnel?.tunnelLost(tunnel)
         let wasCurrent = self.current === tunnel
         if wasCurrent { self.current = nil }
         if tunnel.session == nil {

@@ -3,6 +3,7 @@ import NIOCore
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
+import TunnelTUN
 import TunnelTransport
 
 /// The server's view of one tunnel connection: authorizes the client key, checks replays, logs who connected
@@ -16,15 +17,23 @@ final class ServerSession: TunnelConnectionDelegate {
     private var clientName = "unauthenticated client"
     private var handshaking = true
     private let udpIdleTimeout: TimeAmount
+    private let tun: ServerTUN?
+    /// Full tunnel: the client's inner addresses (packets from any other source are dropped).
+    private var ipv4: PacketAddress?
+    private var ipv6: PacketAddress?
+    private var spoofedPackets = 0
+    private var undeliveredPackets = 0
 
     init(
         registry: ServerSessionRegistry,
         connector: OutboundConnector,
         handle: ServerSessionRegistry.Handle,
         udpIdleTimeout: TimeAmount,
+        tun: ServerTUN?,
         logger: Logger
     ) {
         self.udpIdleTimeout = udpIdleTimeout
+        self.tun = tun
         self.registry = registry
         self.connector = connector
         self.handle = handle
@@ -55,11 +64,45 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {
-        guard let key = self.clientKey, let previous = self.registry.activate(key: key, handle: self.handle) else { return }
-        self.logger.info("\(self.clientName) reconnected: closing its previous session")
-        previous.eventLoop.execute {
-            previous.handler.value.close(code: .replaced)
+        guard let key = self.clientKey else { return }
+        if let previous = self.registry.activate(key: key, handle: self.handle) {
+            self.logger.info("\(self.clientName) reconnected: closing its previous session")
+            previous.eventLoop.execute {
+                previous.handler.value.close(code: .replaced)
+            }
         }
+        if tunnel.fullTunnelActive, let tun = self.tun {
+            self.startFullTunnel(tunnel, tun: tun, key: key)
+        }
+    }
+
+    private func startFullTunnel(_ tunnel: TunnelConnectionHandler, tun: ServerTUN, key: PublicKey) {
+        guard let assignment = tun.attach(key: key, route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)) else {
+            self.logger.warning("\(self.clientName): the full-tunnel address pool is full; closing")
+            tunnel.close(code: .resourceExhausted)
+            return
+        }
+        self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
+        self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
+        var payload = ByteBuffer()
+        assignment.encode(into: &payload)
+        tunnel.sendControl(payload)
+        self.logger.info(
+            "\(self.clientName): full tunnel with \(assignment.ipv4.map(\.description) ?? "-")\(assignment.ipv6.map { " and \($0)" } ?? "")"
+        )
+    }
+
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
+        guard let tun = self.tun, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else {
+            // Anti-spoofing: only the client's own addresses get onto the server's network.
+            if self.spoofedPackets == 0 {
+                let from = IPPacket.source(of: packet).map { "\($0)" } ?? "a malformed header"
+                self.logger.info("\(self.clientName): dropping packets from \(from), which is not its address")
+            }
+            self.spoofedPackets += 1
+            return
+        }
+        if !tun.device.write(packet) { self.undeliveredPackets += 1 }
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
@@ -102,6 +145,14 @@ final class ServerSession: TunnelConnectionDelegate {
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.finishHandshake()
         self.registry.remove(self.handle, key: self.clientKey)
+        if let tun = self.tun, let key = self.clientKey, let ipv4 = self.ipv4 {
+            tun.detach(key: key, id: self.handle.id, addresses: [ipv4] + (self.ipv6.map { [$0] } ?? []))
+            if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 {
+                self.logger.info(
+                    "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit"
+                )
+            }
+        }
         if tunnel.session == nil {
             // Handshake failures were logged by the handler; nothing was served.
             return

@@ -1,9 +1,13 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import LocalProxy
 import TunnelConfig
+import TunnelProtocol
 import TunnelTransport
 
 /// `tunnel-client`: the local SOCKS5 listener and the tunnel manager, all on one event loop.
@@ -13,6 +17,11 @@ public final class TunnelClient: Sendable {
     private let logger: Logger
     private let manager: NIOLoopBoundBox<ClientTunnelManager>
     private let listener = NIOLockedValueBoxChannel()
+    private let fatalMessage = NIOLockedValueBox<String?>(nil)
+    private let hasFullTunnel = NIOLockedValueBox(false)
+
+    /// Why the client stopped on its own (it raised SIGTERM to shut down gracefully), if it did.
+    public var failure: String? { self.fatalMessage.withLockedValue { $0 } }
 
     public init(resolved: ClientSettings.Resolved, eventLoop: any EventLoop, logger: Logger) {
         self.resolved = resolved
@@ -37,7 +46,28 @@ public final class TunnelClient: Sendable {
             )
         }
         let configuration = proxyConfiguration
-        let channel = try await ServerBootstrap(group: self.eventLoop)
+        if self.resolved.settings.fullTunnel.enabled {
+            try await self.prepareFullTunnel()
+        }
+        let channel: any Channel
+        do {
+            channel = try await self.bind(configuration: configuration)
+        } catch {
+            if self.hasFullTunnel.withLockedValue({ $0 }) {
+                try? await self.eventLoop.submit { manager.value.fullTunnel?.shutdown() }.get()
+            }
+            throw error
+        }
+        self.listener.set(channel)
+        self.eventLoop.execute { manager.value.start() }
+        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
+        return address
+    }
+
+    private func bind(configuration: LocalProxyHandler.Configuration) async throws -> any Channel {
+        let manager = self.manager
+        let logger = self.logger
+        return try await ServerBootstrap(group: self.eventLoop)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
@@ -53,19 +83,70 @@ public final class TunnelClient: Sendable {
             }
             .bind(host: self.resolved.settings.socks.host, port: self.resolved.settings.socks.port)
             .get()
-        self.listener.set(channel)
-        self.eventLoop.execute { manager.value.start() }
-        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
-        return address
     }
 
-    /// Graceful shutdown: stop accepting SOCKS connections, let streams drain, CLOSE the tunnel.
+    /// Full tunnel: pins the server's address, prepares the host (device, kill switch) and hands it to the
+    /// manager, which brings it up at the first assignment.
+    private func prepareFullTunnel() async throws {
+        let server = self.resolved.server
+        guard let address = IPAddress.parse(server.host) ?? resolveHost(server.host) else {
+            throw ClientFullTunnel.SetupError(description: "cannot resolve the server \(server.host)")
+        }
+        let manager = self.manager
+        let settings = self.resolved.settings.fullTunnel
+        let logger = self.logger
+        let fatalMessage = self.fatalMessage
+        let loop = self.eventLoop
+        try await self.eventLoop.submit {
+            let fullTunnel = try ClientFullTunnel(eventLoop: loop, settings: settings, server: address, port: server.port, logger: logger)
+            manager.value.fullTunnel = fullTunnel
+            manager.value.connectHost = address.description
+            manager.value.onFatal = { message in
+                fatalMessage.withLockedValue { $0 = message }
+                // Shut down the normal way (undoing every host change) and exit with an error.
+                kill(getpid(), SIGTERM)
+            }
+        }.get()
+        self.hasFullTunnel.withLockedValue { $0 = true }
+    }
+
+    /// Graceful shutdown: stop accepting SOCKS connections, let streams drain, CLOSE the tunnel, and undo the
+    /// full tunnel's host changes.
     public func shutdown() async {
         if let channel = self.listener.take() { try? await channel.close() }
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)
         let manager = self.manager
         let done = self.eventLoop.flatSubmit { manager.value.shutdown(drainTimeout: timeout) }
         try? await done.get()
+        if self.hasFullTunnel.withLockedValue({ $0 }) {
+            try? await self.eventLoop.submit { manager.value.fullTunnel?.shutdown() }.get()
+        }
     }
+}
+
+/// Resolves a host name to its first address (blocking; once, at start).
+func resolveHost(_ host: String) -> IPAddress? {
+    var hints = addrinfo()
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    var result: UnsafeMutablePointer<addrinfo>?
+    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return nil }
+    defer { freeaddrinfo(result) }
+    var pointer: UnsafeMutablePointer<addrinfo>? = first
+    while let info = pointer {
+        if let address = info.pointee.ai_addr {
+            switch Int32(address.pointee.sa_family) {
+            case AF_INET:
+                let bytes = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { withUnsafeBytes(of: $0.pointee.sin_addr) { Array($0) } }
+                return IPAddress(bytes: bytes)
+            case AF_INET6:
+                let bytes = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { withUnsafeBytes(of: $0.pointee.sin6_addr) { Array($0) } }
+                return IPAddress(bytes: bytes)
+            default:
+                break
+            }
+        }
+        pointer = info.pointee.ai_next
+    }
+    return nil
 }
 

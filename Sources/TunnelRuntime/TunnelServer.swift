@@ -16,6 +16,7 @@ public final class TunnelServer: Sendable {
     private let resolverPool: NIOThreadPool
     private let logger: Logger
     private let listener = NIOLockedValueBoxChannel()
+    private let tun = NIOLockedValueBox<ServerTUN?>(nil)
 
     public init(resolved: ServerSettings.Resolved, group: any EventLoopGroup, logger: Logger) {
         self.resolved = resolved
@@ -36,14 +37,34 @@ public final class TunnelServer: Sendable {
         let settings = self.resolved.settings
         var connectionConfiguration = TunnelConnectionHandler.Configuration(settings.timings)
         connectionConfiguration.compression = settings.allowCompression
+        connectionConfiguration.fullTunnel = settings.tun.enabled
         let configuration = connectionConfiguration
+        var tun: ServerTUN? = nil
+        if settings.tun.enabled {
+            tun = try await ServerTUN.start(settings: settings.tun, serverKey: self.resolved.key.publicKey, group: self.group, logger: self.logger)
+            self.tun.withLockedValue { $0 = tun }
+        }
+        let udpIdleTimeout = TimeAmount.nanoseconds(settings.udpIdleTimeout)
+        let channel: any Channel
+        do {
+            channel = try await self.bind(configuration: configuration, tun: tun, udpIdleTimeout: udpIdleTimeout)
+        } catch {
+            // Undo the full-tunnel setup when the port cannot be had.
+            await tun?.stop()
+            throw error
+        }
+        self.listener.set(channel)
+        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
+        return address
+    }
+
+    private func bind(configuration: TunnelConnectionHandler.Configuration, tun: ServerTUN?, udpIdleTimeout: TimeAmount) async throws -> any Channel {
         let key = self.resolved.key
-        let ciphers = settings.ciphers
+        let ciphers = self.resolved.settings.ciphers
         let registry = self.registry
         let connector = self.connector
         let logger = self.logger
-        let udpIdleTimeout = TimeAmount.nanoseconds(settings.udpIdleTimeout)
-        let channel = try await ServerBootstrap(group: self.group)
+        return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
@@ -65,16 +86,14 @@ public final class TunnelServer: Sendable {
                         return
                     }
                     handler.delegate = ServerSession(
-                        registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, logger: logger
+                        registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, tun: tun,
+                        logger: logger
                     )
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
             .bind(host: self.resolved.listen.host, port: self.resolved.listen.port)
             .get()
-        self.listener.set(channel)
-        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
-        return address
     }
 
     /// Graceful shutdown: stop accepting, GOAWAY to every client, let streams drain up to the drain timeout,
@@ -95,6 +114,7 @@ public final class TunnelServer: Sendable {
         if let loop = futures.first?.eventLoop {
             try? await EventLoopFuture.andAllComplete(futures, on: loop).get()
         }
+        if let tun = self.tun.withLockedValue({ $0 }) { await tun.stop() }
         try? await self.resolverPool.shutdownGracefully()
     }
 }

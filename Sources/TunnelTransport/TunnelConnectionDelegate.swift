@@ -18,6 +18,10 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler)
     /// A stream left the table (a slot for a new one may be free).
     func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler)
+    /// Full tunnel: one IP packet from the peer (valid only during the call).
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer)
+    /// A CONTROL frame from the peer; throwing ends the connection with that error.
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError)
     /// The connection is over. `error` is nil after an authenticated CLOSE; otherwise it says why.
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?)
 }
@@ -31,4 +35,6 @@ extension TunnelConnectionDelegate {
     }
     public func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {}
     public func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {}
+    public func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {}
+    public func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError) {}
 }

@@ -36,6 +36,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         public var outputBatchBytes = 256 << 10
         /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
         public var compression = false
+        /// Client: ask for full-tunnel mode (IP packets). Server: allow it (it has a TUN device).
+        public var fullTunnel = false
         public init() {}
     }
 
@@ -309,8 +311,13 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             case .flood:
                 throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
             }
-            let accepted: SessionFeatures = self.configuration.compression && initiation.parameters.features.contains(.compression)
-                ? [.compression] : []
+            var accepted: SessionFeatures = []
+            if self.configuration.compression && initiation.parameters.features.contains(.compression) {
+                accepted.insert(.compression)
+            }
+            if self.configuration.fullTunnel && initiation.parameters.features.contains(.fullTunnel) {
+                accepted.insert(.fullTunnel)
+            }
             let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
             let (response, session) = try machine.respond(parameters: parameters)
             self.role = .server(machine)
@@ -328,6 +335,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         var muxConfiguration = self.configuration.multiplexer
         // Client: the server's answer; server: the client's request. Either way both sides agree.
         muxConfiguration.compression = self.configuration.compression && session.peerParameters.features.contains(.compression)
+        muxConfiguration.fullTunnel = self.configuration.fullTunnel && session.peerParameters.features.contains(.fullTunnel)
         let mux = Multiplexer(role: role, configuration: muxConfiguration, peerParameters: session.peerParameters)
         mux.delegate = self
         mux.tunnelWritabilityChanged(context.channel.isWritable)
@@ -572,6 +580,27 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Whether the tunnel is up.
     public var isEstablished: Bool { self.phase == .established }
+
+    // MARK: - Full tunnel
+
+    /// Whether IP packets flow on this connection (negotiated).
+    public var fullTunnelActive: Bool { self.multiplexer?.configuration.fullTunnel ?? false }
+
+    /// Queues one IP packet for the peer; false when it was dropped (queue full, or not a full tunnel).
+    @discardableResult
+    public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        return mux.sendIPPacket(packet)
+    }
+
+    /// IP packets dropped because the send queue was full.
+    public var droppedPackets: Int { self.multiplexer?.droppedPackets ?? 0 }
+
+    /// Sends a CONTROL frame ahead of stream data.
+    public func sendControl(_ payload: ByteBuffer) {
+        guard self.phase == .established, let mux = self.multiplexer else { return }
+        mux.sendControl(payload)
+    }
 }
 
 extension TunnelConnectionHandler: MultiplexerDelegate {
@@ -619,6 +648,14 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
 
     public func multiplexerHasOutput(_ mux: Multiplexer) {
         self.scheduleFlush()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedIPPacket packet: ByteBuffer) {
+        self.delegate?.tunnel(self, receivedIPPacket: packet)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedControl payload: ByteBuffer) throws(ProtocolError) {
+        try self.delegate?.tunnel(self, receivedControl: payload)
     }
 }
 

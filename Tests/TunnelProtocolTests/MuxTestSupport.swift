@@ -15,6 +15,9 @@ final class RecordingDelegate: MultiplexerDelegate {
 
     var events: [Event] = []
     var outputSignals = 0
+    /// IP packets and CONTROL payloads received (full tunnel).
+    var packets: [[UInt8]] = []
+    var controls: [[UInt8]] = []
     /// Bytes delivered per stream (what the local socket received).
     var delivered: [UInt32: [UInt8]] = [:]
 
@@ -42,6 +45,12 @@ final class RecordingDelegate: MultiplexerDelegate {
     }
     func multiplexerHasOutput(_ mux: Multiplexer) {
         self.outputSignals += 1
+    }
+    func multiplexer(_ mux: Multiplexer, receivedIPPacket packet: ByteBuffer) {
+        self.packets.append(Array(packet.readableBytesView))
+    }
+    func multiplexer(_ mux: Multiplexer, receivedControl payload: ByteBuffer) throws(ProtocolError) {
+        self.controls.append(Array(payload.readableBytesView))
     }
 
     func take() -> [Event] {

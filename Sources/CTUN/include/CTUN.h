@@ -1,0 +1,18 @@
+#ifndef CTUN_H
+#define CTUN_H
+
+#include <stddef.h>
+
+/// Opens /dev/net/tun and attaches a TUN device (IFF_TUN | IFF_NO_PI: one read or write is one bare IP
+/// packet). `requested` may be a name or a pattern such as "tunnel%d"; the kernel's chosen name is copied to
+/// `name_out` (at least IFNAMSIZ bytes). Returns the non-blocking, close-on-exec descriptor, or -errno.
+int ctun_open(const char *requested, char *name_out, size_t name_out_len);
+
+/// The size a `name_out` buffer needs (IFNAMSIZ).
+int ctun_name_size(void);
+
+/// The inode of this process's network namespace (/proc/self/ns/net), or 0 when unknown: tells apart
+/// namespaces that share one /run.
+unsigned long long ctun_netns_inode(void);
+
+#endif

@@ -1,0 +1,58 @@
+#include <errno.h>
+#ifdef __linux__
+#include <fcntl.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+#endif
+#include "CTUN.h"
+
+int ctun_name_size(void) {
+#ifdef __linux__
+    return IFNAMSIZ;
+#else
+    return 16;
+#endif
+}
+
+int ctun_open(const char *requested, char *name_out, size_t name_out_len) {
+#ifdef __linux__
+    struct ifreq ifr;
+    if (requested == NULL || strlen(requested) >= IFNAMSIZ || name_out_len < IFNAMSIZ) {
+        return -EINVAL;
+    }
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        return -errno;
+    }
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+    strncpy(ifr.ifr_name, requested, IFNAMSIZ - 1);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+        int saved = errno;
+        close(fd);
+        return -saved;
+    }
+    memset(name_out, 0, name_out_len);
+    strncpy(name_out, ifr.ifr_name, IFNAMSIZ - 1);
+    return fd;
+#else
+    (void)requested; (void)name_out; (void)name_out_len;
+    return -ENOSYS;
+#endif
+}
+
+unsigned long long ctun_netns_inode(void) {
+#ifdef __linux__
+    struct stat st;
+    if (stat("/proc/self/ns/net", &st) != 0) {
+        return 0;
+    }
+    return (unsigned long long)st.st_ino;
+#else
+    return 0;
+#endif
+}

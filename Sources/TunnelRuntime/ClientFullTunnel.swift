@@ -1,0 +1,293 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import TunnelConfig
+import TunnelProtocol
+import TunnelTUN
+import TunnelTransport
+
+/// `tunnel-client --full-tunnel`: the client's TUN device and everything it changes on the host to send
+/// all traffic into it (PROTOCOL.md §5).
+///
+/// At start it undoes what a crashed run left behind, notes how the host reaches the server (and the
+/// excluded networks) before anything changes, creates the device and, with `--kill-switch`, blocks all
+/// other traffic. The first assignment from the server then brings up the addresses, the routes (two
+/// half-default routes per family, so the original default route stays), and the resolver. Every change is
+/// journalled and undone on exit, or at the next start after a crash. When the tunnel drops, the device and
+/// routes stay (nothing leaks; packets are dropped) until the manager has reconnected.
+///
+/// Runs on the client's one event loop.
+final class ClientFullTunnel {
+    private let eventLoop: any EventLoop
+    private let settings: ClientFullTunnelSettings
+    private let server: IPAddress
+    private let device: TUNDevice
+    private let journal: HostChangeJournal
+    private let serverPath: HostNetwork.Path?
+    private let excludePaths: [(CIDR, HostNetwork.Path)]
+    private var logger: Logger
+    private var assignment: TunnelAssignment?
+    private var ipv4: PacketAddress?
+    private var ipv6: PacketAddress?
+    /// The tunnel packets go to (nil while it is down).
+    private var tunnel: TunnelConnectionHandler?
+    private var readChannel: (any Channel)?
+    private var droppedWhileDown = 0
+    private var undeliverable = 0
+
+    struct SetupError: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// Prepares the host: crash recovery, the original paths, the device, and the kill switch.
+    init(eventLoop: any EventLoop, settings: ClientFullTunnelSettings, server: IPAddress, port: Int, logger: Logger) throws {
+        self.eventLoop = eventLoop
+        self.settings = settings
+        self.server = server
+        self.logger = logger
+        guard SystemCommand.locate("ip") != nil else {
+            throw SetupError(description: "--full-tunnel needs the ip tool (apt-get install iproute2)")
+        }
+        if settings.killSwitch, SystemCommand.locate("nft") == nil {
+            throw SetupError(description: "--kill-switch needs nftables (apt-get install nftables)")
+        }
+        let statePath = settings.stateFile ?? HostChangeJournal.defaultPath(program: "tunnel-client")
+        let recovered = HostChangeJournal.recover(path: statePath)
+        if recovered.undone > 0 {
+            logger.notice("undid \(recovered.undone) change(s) left by a previous run that did not exit cleanly")
+        }
+        for problem in recovered.problems { logger.warning("undoing a previous run's change: \(problem)") }
+
+        // How the host reaches the server and the excluded networks now, before the tunnel takes over.
+        self.serverPath = HostNetwork.currentPath(to: server)
+        var excludePaths: [(CIDR, HostNetwork.Path)] = []
+        for network in settings.exclude {
+            guard let path = HostNetwork.currentPath(to: network.address) else {
+                logger.warning("--exclude \(network): no route to it now; it will go through the tunnel")
+                continue
+            }
+            excludePaths.append((network, path))
+        }
+        self.excludePaths = excludePaths
+
+        do {
+            self.device = try TUNDevice(requested: settings.deviceName)
+        } catch {
+            throw SetupError(description: "\(error)")
+        }
+        self.journal = HostChangeJournal(path: statePath)
+        if settings.killSwitch {
+            let table = Self.killSwitchTable
+            do {
+                try HostNetwork.installTable(
+                    family: "inet", name: table,
+                    ruleset: FirewallRules.killSwitchTable(
+                        name: table, device: self.device.name, server: server, port: port, exclude: settings.exclude.map(\.description)
+                    ),
+                    journal: self.journal
+                )
+            } catch {
+                self.journal.rollback()
+                self.device.closeWriter()
+                Glibc.close(self.device.readDescriptorForChannel)
+                throw SetupError(description: "--kill-switch: \(error)")
+            }
+            logger.info("kill switch on: only the tunnel (\(self.device.name)) and the server \(server) are reachable")
+        }
+    }
+
+    static let killSwitchTable = "tunnel_client_killswitch"
+
+    /// Starts reading packets from the device, in buffers that fit the MTU (a read never truncates a packet:
+    /// the kernel hands the device nothing larger).
+    private func startReading(mtu: Int) {
+        let capacity = mtu + 64
+        let owner = NIOLoopBound(self, eventLoop: self.eventLoop)
+        return NIOPipeBootstrap(group: self.eventLoop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
+            .channelOption(.maxMessagesPerRead, value: 32)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ClientTUNReader(owner: owner.value))
+                }
+            }
+            .takingOwnershipOfDescriptor(input: self.device.readDescriptorForChannel)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel): self.readChannel = channel
+                case .failure(let error): self.logger.error("cannot read from \(self.device.name): \(error)")
+                }
+            }
+    }
+
+    // MARK: - Assignments
+
+    /// The server assigned addresses on `tunnel`. The first assignment brings the tunnel up; later ones
+    /// (after a reconnect) only change what changed.
+    func assigned(_ assignment: TunnelAssignment, on tunnel: TunnelConnectionHandler) throws(SetupError) {
+        if let current = self.assignment {
+            if current != assignment { try self.reconfigure(from: current, to: assignment) }
+        } else {
+            try self.bringUp(assignment)
+        }
+        self.assignment = assignment
+        self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
+        self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
+        self.tunnel = tunnel
+        if self.droppedWhileDown > 0 {
+            self.logger.info("dropped \(self.droppedWhileDown) packet(s) while the tunnel was down")
+            self.droppedWhileDown = 0
+        }
+    }
+
+    private func bringUp(_ assignment: TunnelAssignment) throws(SetupError) {
+        let name = self.device.name
+        do {
+            // The server and the excluded networks keep their original way out.
+            if let path = self.serverPath {
+                try HostNetwork.addRoute(self.hostPrefix(self.server), ipv6: self.server.isIPv6, along: path, journal: self.journal)
+            }
+            for (network, path) in self.excludePaths {
+                try HostNetwork.addRoute(network.description, ipv6: network.address.isIPv6, along: path, journal: self.journal)
+            }
+            let addresses = [assignment.ipv4, assignment.ipv6].compactMap { $0 }
+            try HostNetwork.configureDevice(name, mtu: assignment.mtu, addresses: addresses)
+            // Routes through the device vanish with it, so they need no journal entry.
+            let journal = HostChangeJournal(path: nil)
+            for half in ["0.0.0.0/1", "128.0.0.0/1"] {
+                try HostNetwork.addRoute(half, ipv6: false, arguments: ["dev", name], journal: journal)
+            }
+            if assignment.ipv6 != nil {
+                for half in ["::/1", "8000::/1"] {
+                    try HostNetwork.addRoute(half, ipv6: true, arguments: ["dev", name], journal: journal)
+                }
+            } else if Self.hostHasIPv6 {
+                // No IPv6 inside the tunnel: block it rather than let it leak past.
+                for half in ["::/1", "8000::/1"] {
+                    try HostNetwork.addRoute(half, ipv6: true, type: "unreachable", arguments: [], journal: self.journal)
+                }
+            }
+        } catch {
+            throw SetupError(description: "setting up full-tunnel routes: \(error)")
+        }
+        try self.pointResolver(assignment)
+        self.startReading(mtu: assignment.mtu)
+        var summary = "full tunnel up on \(name): \(assignment.ipv4.map(\.description) ?? "-")"
+        if let v6 = assignment.ipv6 { summary += " and \(v6)" } else { summary += ", IPv6 blocked (the server has no IPv6 pool)" }
+        summary += ", MTU \(assignment.mtu)"
+        self.logger.notice("\(summary)")
+    }
+
+    private func pointResolver(_ assignment: TunnelAssignment) throws(SetupError) {
+        let servers: [IPAddress]
+        switch self.settings.dns {
+        case .unchanged:
+            self.logger.warning("--dns off: /etc/resolv.conf is left alone, so DNS queries may go around the tunnel")
+            return
+        case .servers(let list): servers = list
+        case .fromServer: servers = assignment.dnsServers
+        }
+        guard !servers.isEmpty else {
+            self.logger.warning("the server named no DNS server: /etc/resolv.conf is left alone (DNS may leak); pass --dns IP")
+            return
+        }
+        // DNS servers always go through the tunnel, even one on the local network (unless excluded).
+        let journal = HostChangeJournal(path: nil)
+        for server in servers where !self.settings.exclude.contains(where: { $0.contains(server.bytes) }) {
+            let route = self.hostPrefix(server)
+            if !server.isIPv6 || assignment.ipv6 != nil {
+                do {
+                    try HostNetwork.addRoute(route, ipv6: server.isIPv6, arguments: ["dev", self.device.name], journal: journal)
+                } catch {
+                    self.logger.warning("cannot route DNS server \(server) into the tunnel: \(error)")
+                }
+            }
+        }
+        if let problem = HostNetwork.pointResolver(at: servers, journal: self.journal) {
+            throw SetupError(description: "pointing the resolver at \(servers.map(\.description).joined(separator: ", ")): \(problem)")
+        }
+        self.logger.info("DNS through the tunnel: \(servers.map(\.description).joined(separator: ", "))")
+    }
+
+    private func reconfigure(from old: TunnelAssignment, to new: TunnelAssignment) throws(SetupError) {
+        do {
+            if let a = old.ipv4, let b = new.ipv4, a != b { try HostNetwork.readdress(self.device.name, from: a, to: b) }
+            if let a = old.ipv6, let b = new.ipv6, a != b { try HostNetwork.readdress(self.device.name, from: a, to: b) }
+        } catch {
+            throw SetupError(description: "changing the tunnel's addresses: \(error)")
+        }
+        if (old.ipv6 == nil) != (new.ipv6 == nil) || old.mtu != new.mtu {
+            self.logger.warning("the server's full-tunnel settings changed (IPv6 pool or MTU); restart tunnel-client to apply them")
+        }
+        self.logger.notice("the server assigned new addresses: \(new.ipv4.map(\.description) ?? "-")\(new.ipv6.map { " and \($0)" } ?? "")")
+    }
+
+    private func hostPrefix(_ address: IPAddress) -> String {
+        "\(address)/\(address.isIPv6 ? 128 : 32)"
+    }
+
+    private static var hostHasIPv6: Bool {
+        HostNetwork.sysctl("net.ipv6.conf.all.disable_ipv6").map { $0 != "1" } ?? false
+    }
+
+    // MARK: - Packets
+
+    /// The tunnel `tunnel` is gone: packets are dropped until a new one is assigned.
+    func tunnelLost(_ tunnel: TunnelConnectionHandler) {
+        if self.tunnel === tunnel { self.tunnel = nil }
+    }
+
+    /// A packet the device read (from an app on this host).
+    func packetFromDevice(_ packet: ByteBuffer) {
+        guard let tunnel = self.tunnel else {
+            self.droppedWhileDown += 1
+            return
+        }
+        // Only packets from our own addresses: the server would drop anything else (link-local chatter).
+        guard let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else { return }
+        tunnel.sendIPPacket(packet)
+    }
+
+    /// A packet from the server, for an app on this host.
+    func packetFromTunnel(_ packet: ByteBuffer) {
+        if !self.device.write(packet) { self.undeliverable += 1 }
+    }
+
+    // MARK: - Shutdown
+
+    /// Undoes every change (routes, resolver, kill switch) and removes the device.
+    func shutdown() {
+        self.tunnel = nil
+        for problem in self.journal.rollback() { self.logger.warning("undoing full-tunnel changes: \(problem)") }
+        if let channel = self.readChannel {
+            channel.close(promise: nil)
+            self.readChannel = nil
+        } else {
+            Glibc.close(self.device.readDescriptorForChannel)
+        }
+        self.device.closeWriter()
+        self.logger.info("full tunnel down: routes, resolver and firewall restored")
+    }
+}
+
+/// Hands each packet the client's device reads to the full tunnel.
+final class ClientTUNReader: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    private let owner: ClientFullTunnel
+
+    init(owner: ClientFullTunnel) {
+        self.owner = owner
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.owner.packetFromDevice(self.unwrapInboundIn(data))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,117 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// The server's DNS forwarder for full-tunnel clients: listens on the server's own pool addresses (port 53,
+/// UDP) and asks the server's resolvers, so clients resolve names through the tunnel even when the server's
+/// resolver is on its loopback (systemd-resolved, dnsmasq, unbound).
+///
+/// Each query goes out from a fresh socket (a random source port, so answers cannot be spoofed by guessing
+/// ports), rotating over the upstream servers; the first answer from that server with the query's ID goes
+/// back to the client. Queries in flight are bounded; beyond that they are dropped (the client retries).
+final class DNSForwarder {
+    private let eventLoop: any EventLoop
+    private let upstreams: [SocketAddress]
+    private let logger: Logger
+    private var listeners: [any Channel] = []
+    private var inFlight = 0
+    private var next = 0
+    private(set) var dropped = 0
+
+    static let maxInFlight = 512
+    static let timeout: TimeAmount = .seconds(5)
+
+    init(eventLoop: any EventLoop, upstreams: [SocketAddress], logger: Logger) {
+        self.eventLoop = eventLoop
+        self.upstreams = upstreams
+        self.logger = logger
+    }
+
+    /// Binds UDP port 53 on each address (which must be configured on this host).
+    func start(on addresses: [SocketAddress]) -> EventLoopFuture<Void> {
+        let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>({ [weak self] envelope in
+            self?.query(envelope)
+        }, eventLoop: self.eventLoop)
+        let futures = addresses.map { address -> EventLoopFuture<Void> in
+            DatagramBootstrap(group: self.eventLoop)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 4096))
+                .channelOption(.maxMessagesPerRead, value: 16)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
+                    }
+                }
+                .bind(to: address)
+                .map { channel in self.listeners.append(channel) }
+        }
+        return EventLoopFuture.andAllSucceed(futures, on: self.eventLoop)
+    }
+
+    func stop() {
+        for channel in self.listeners { channel.close(promise: nil) }
+        self.listeners.removeAll()
+    }
+
+    private func query(_ envelope: AddressedEnvelope<ByteBuffer>) {
+        // A DNS message has a 12-byte header; anything shorter is not a query.
+        guard envelope.data.readableBytes >= 12, !self.upstreams.isEmpty, let listener = self.listeners.first(where: {
+            $0.localAddress?.protocol == envelope.remoteAddress.protocol
+        }) else { return }
+        guard self.inFlight < Self.maxInFlight else {
+            self.dropped += 1
+            return
+        }
+        self.inFlight += 1
+        let upstream = self.upstreams[self.next % self.upstreams.count]
+        self.next &+= 1
+        let id = envelope.data.getInteger(at: envelope.data.readerIndex, as: UInt16.self)!
+        let client = envelope.remoteAddress
+        let done = NIOLoopBound<() -> Void>({ [weak self] in self?.inFlight -= 1 }, eventLoop: self.eventLoop)
+        let answer = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Bool>({ reply in
+            guard reply.remoteAddress == upstream, reply.data.readableBytes >= 12,
+                reply.data.getInteger(at: reply.data.readerIndex, as: UInt16.self) == id
+            else { return false }
+            listener.writeAndFlush(AddressedEnvelope(remoteAddress: client, data: reply.data), promise: nil)
+            return true
+        }, eventLoop: self.eventLoop)
+        DatagramBootstrap(group: self.eventLoop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(DNSAnswerHandler(answer))
+                }
+            }
+            .bind(host: upstream.protocol == .inet6 ? "::" : "0.0.0.0", port: 0)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .failure(let error):
+                    self.logger.debug("DNS forwarder: cannot open a socket: \(error)")
+                    done.value()
+                case .success(let channel):
+                    channel.closeFuture.assumeIsolated().whenComplete { _ in done.value() }
+                    channel.writeAndFlush(AddressedEnvelope(remoteAddress: upstream, data: envelope.data), promise: nil)
+                    channel.eventLoop.assumeIsolated().scheduleTask(in: Self.timeout) { channel.close(promise: nil) }
+                }
+            }
+    }
+}
+
+/// One query's socket: passes the first matching answer on, then closes.
+private final class DNSAnswerHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    private let answer: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Bool>
+
+    init(_ answer: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Bool>) {
+        self.answer = answer
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if self.answer.value(self.unwrapInboundIn(data)) { context.close(promise: nil) }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ICMP port unreachable from the upstream: give up on this query now.
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TunnelConfig
+import TunnelCrypto
+import TunnelProtocol
+import TunnelTUN
+import TunnelTransport
+
+/// `tunnel-server --tun`: the server's TUN device, the address pools, NAT, the DNS forwarder, and the
+/// routing of packets between the device and the client sessions (PROTOCOL.md §5).
+///
+/// Packets from a client go to the device only when their source is that client's address (anti-spoofing,
+/// like WireGuard's cryptokey routing); packets the device reads go to the session that owns their
+/// destination. Writes to the device happen on each session's own event loop, one `write(2)` per packet;
+/// reads happen on one loop, which hands packets to other loops in batches.
+final class ServerTUN: Sendable {
+    /// A session's place in the routing table.
+    struct Route: Sendable {
+        let id: ObjectIdentifier
+        let handler: NIOLoopBound<TunnelConnectionHandler>
+    }
+
+    private struct State {
+        var pool: AddressPool<PublicKey>
+        var routes: [PacketAddress: Route] = [:]
+        var closed = false
+    }
+
+    let device: TUNDevice
+    /// What every client is told besides its own addresses.
+    let template: TunnelAssignment
+    private let state: NIOLockedValueBox<State>
+    private let prefix4: Int
+    private let prefix6: Int?
+    private let journal: NIOLockedValueBox<HostChangeJournal>
+    private let readChannel = NIOLockedValueBoxChannel()
+    private let forwarder: NIOLoopBoundBox<DNSForwarder?>
+    private let loop: any EventLoop
+    private let logger: Logger
+
+    private init(
+        device: TUNDevice, pool: AddressPool<PublicKey>, template: TunnelAssignment, journal: HostChangeJournal,
+        forwarder: NIOLoopBoundBox<DNSForwarder?>, loop: any EventLoop, logger: Logger
+    ) {
+        self.device = device
+        self.state = NIOLockedValueBox(State(pool: pool))
+        self.prefix4 = pool.ipv4.prefixLength
+        self.prefix6 = pool.ipv6?.prefixLength
+        self.template = template
+        self.journal = NIOLockedValueBox(journal)
+        self.forwarder = forwarder
+        self.loop = loop
+        self.logger = logger
+    }
+
+    struct SetupError: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// The nftables table of a device.
+    static func tableName(device: String) -> String {
+        "tunnel_server_" + String(device.map { $0.isLetter || $0.isNumber ? $0 : "_" })
+    }
+
+    /// Creates and configures the device, forwarding, NAT and the DNS forwarder, and starts reading.
+    static func start(settings: ServerTUNSettings, serverKey: PublicKey, group: any EventLoopGroup, logger: Logger) async throws -> ServerTUN {
+        let pool6: (IPAddress, Int)?
+        switch settings.pool6 {
+        case .none: pool6 = nil
+        case .network(let cidr): pool6 = (cidr.address, cidr.prefixLength)
+        case .automatic:
+            // A unique local /64 (RFC 4193) whose global ID comes from the server key: stable across restarts.
+            let id = serverKey.bytes
+            pool6 = (IPAddress(bytes: [0xFD, id[0], id[1], id[2], id[3], id[4], 0x00, 0x77] + [UInt8](repeating: 0, count: 8))!, 64)
+        }
+        let pool: AddressPool<PublicKey>
+        do {
+            pool = try AddressPool(ipv4: settings.pool.address, prefixLength: settings.pool.prefixLength, ipv6: pool6?.0, prefixLength: pool6?.1 ?? 64)
+        } catch {
+            throw SetupError(description: "--tun-pool: \(error)")
+        }
+        guard SystemCommand.locate("ip") != nil else {
+            throw SetupError(description: "--tun needs the ip tool (apt-get install iproute2)")
+        }
+        guard SystemCommand.locate("nft") != nil else {
+            throw SetupError(description: "--tun needs nftables for NAT (apt-get install nftables)")
+        }
+        let device: TUNDevice
+        do {
+            device = try TUNDevice(requested: settings.deviceName)
+        } catch {
+            throw SetupError(description: "\(error)")
+        }
+        let journal = HostChangeJournal(path: nil)
+        let gateway4 = TunnelAssignment.Interface(address: pool.gatewayV4.ipAddress, prefixLength: pool.ipv4.prefixLength)
+        let gateway6 = pool.gatewayV6.map { TunnelAssignment.Interface(address: $0.ipAddress, prefixLength: pool.ipv6!.prefixLength) }
+        let loop = group.next()
+        let forwarder = NIOLoopBoundBox<DNSForwarder?>.makeEmptyBox(eventLoop: loop)
+        var template = TunnelAssignment(mtu: settings.mtu, dnsServers: settings.dns)
+        do {
+            try HostNetwork.configureDevice(device.name, mtu: settings.mtu, addresses: [gateway4] + (gateway6.map { [$0] } ?? []))
+            guard HostNetwork.setSysctl("net.ipv4.ip_forward", "1", journal: journal) else {
+                throw SetupError(description: "cannot turn on IPv4 forwarding (net.ipv4.ip_forward)")
+            }
+            if pool.ipv6 != nil, !HostNetwork.setSysctl("net.ipv6.conf.all.forwarding", "1", journal: journal) {
+                throw SetupError(description: "cannot turn on IPv6 forwarding (net.ipv6.conf.all.forwarding); use --tun-pool6 none")
+            }
+            let table = Self.tableName(device: device.name)
+            try HostNetwork.installTable(
+                family: "inet", name: table,
+                ruleset: FirewallRules.serverTable(name: table, device: device.name, pool4: "\(pool.ipv4)", pool6: pool.ipv6.map { "\($0)" }),
+                journal: journal
+            )
+            if settings.dns.isEmpty {
+                // Our own forwarder on the gateway addresses, asking this host's resolvers.
+                let text = HostChangeJournal.readFile("/etc/resolv.conf").map { String(decoding: $0, as: UTF8.self) } ?? ""
+                let upstreams = ResolverFile.nameservers(in: text).compactMap { try? SocketAddress(ipAddress: $0.description, port: 53) }
+                if upstreams.isEmpty {
+                    logger.warning("no nameserver in /etc/resolv.conf: full-tunnel clients get no DNS server (set --tun-dns)")
+                } else {
+                    var listen = [try SocketAddress(ipAddress: gateway4.address.description, port: 53)]
+                    if let gateway6 { listen.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53)) }
+                    try await loop.flatSubmit {
+                        let dns = DNSForwarder(eventLoop: loop, upstreams: upstreams, logger: logger)
+                        forwarder.value = dns
+                        return dns.start(on: listen)
+                    }.get()
+                    template.dnsServers = [gateway4.address] + (gateway6.map { [$0.address] } ?? [])
+                }
+            }
+        } catch {
+            try? await loop.submit { forwarder.value?.stop() }.get()
+            journal.rollback()
+            device.closeWriter()
+            Glibc.close(device.readDescriptorForChannel)
+            throw error as? SetupError ?? SetupError(description: "setting up \(device.name): \(error)")
+        }
+
+        let tun = ServerTUN(device: device, pool: pool, template: template, journal: journal, forwarder: forwarder, loop: loop, logger: logger)
+        let channel = try await NIOPipeBootstrap(group: loop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
+            .channelOption(.maxMessagesPerRead, value: 32)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+                }
+            }
+            .takingOwnershipOfDescriptor(input: device.readDescriptorForChannel)
+            .get()
+        tun.readChannel.set(channel)
+        let dns = template.dnsServers.isEmpty ? "none" : template.dnsServers.map(\.description).joined(separator: ", ")
+        logger.info(
+            "full tunnel on \(device.name): pool \(pool.ipv4)\(pool.ipv6.map { " and \($0)" } ?? ""), MTU \(settings.mtu), DNS \(dns), NAT table inet \(Self.tableName(device: device.name))"
+        )
+        return tun
+    }
+
+    /// Removes NAT, restores forwarding, stops the forwarder and closes the device.
+    func stop() async {
+        self.state.withLockedValue { $0.closed = true; $0.routes.removeAll() }
+        if let channel = self.readChannel.take() { try? await channel.close() }
+        let forwarder = self.forwarder
+        try? await self.loop.submit { forwarder.value?.stop() }.get()
+        let problems = self.journal.withLockedValue { $0.rollback() }
+        for problem in problems { self.logger.warning("undoing the full-tunnel setup: \(problem)") }
+        self.device.closeWriter()
+    }
+
+    // MARK: - Sessions
+
+    /// Gives a client its addresses and routes packets for them to `route`. Nil when the pool is full.
+    func attach(key: PublicKey, route: Route) -> TunnelAssignment? {
+        let lease: AddressPool<PublicKey>.Lease? = self.state.withLockedValue { state in
+            guard !state.closed else { return nil }
+            let seed = key.bytes.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            guard let lease = state.pool.lease(for: key, seed: seed) else { return nil }
+            state.routes[lease.ipv4] = route
+            if let v6 = lease.ipv6 { state.routes[v6] = route }
+            return lease
+        }
+        guard let lease else { return nil }
+        var assignment = self.template
+        assignment.ipv4 = TunnelAssignment.Interface(address: lease.ipv4.ipAddress, prefixLength: self.prefix4)
+        if let v6 = lease.ipv6, let prefix6 = self.prefix6 {
+            assignment.ipv6 = TunnelAssignment.Interface(address: v6.ipAddress, prefixLength: prefix6)
+        }
+        return assignment
+    }
+
+    /// The session `id` of `key` ended: its routes go (unless a newer session of the key took them).
+    func detach(key: PublicKey, id: ObjectIdentifier, addresses: [PacketAddress]) {
+        self.state.withLockedValue { state in
+            var stillRouted = false
+            for address in addresses {
+                if state.routes[address]?.id == id {
+                    state.routes.removeValue(forKey: address)
+                } else if state.routes[address] != nil {
+                    stillRouted = true
+                }
+            }
+            if !stillRouted { state.pool.release(key) }
+        }
+    }
+
+    /// The session that owns `destination`.
+    func route(to destination: PacketAddress) -> Route? {
+        self.state.withLockedValue { $0.routes[destination] }
+    }
+}
+
+/// Reads packets from the server's TUN device and hands each to the session owning its destination: at once
+/// when that session runs on this loop, else in one batch per session and read burst.
+final class ServerTUNReader: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    private let tun: ServerTUN
+    private var batches: [ObjectIdentifier: (ServerTUN.Route, [ByteBuffer])] = [:]
+    private(set) var unroutable = 0
+
+    init(tun: ServerTUN) {
+        self.tun = tun
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let packet = self.unwrapInboundIn(data)
+        guard let destination = IPPacket.destination(of: packet), let route = self.tun.route(to: destination) else {
+            self.unroutable += 1
+            return
+        }
+        if route.handler.eventLoop.inEventLoop {
+            route.handler.value.sendIPPacket(packet)
+        } else {
+            self.batches[route.id, default: (route, [])].1.append(packet)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        guard !self.batches.isEmpty else { return }
+        for (_, (route, packets)) in self.batches {
+            route.handler.eventLoop.execute {
+                let handler = route.handler.value
+                for packet in packets { handler.sendIPPacket(packet) }
+            }
+        }
+        self.batches.removeAll(keepingCapacity: true)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // EIO: the device went away (deleted by hand). Nothing more can be read.
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,398 @@
+"""Full-tunnel mode (tunnel-client --full-tunnel, tunnel-server --tun) on real TUN devices, in network
+namespaces this module makes and removes:
+
+    client (ftc) --veth 10.231.1.0/24, fd31:1::/64-- server (fts) --veth 10.231.2.0/24, fd31:2::/64-- web (ftw)
+    client2 (ftd) --veth 10.231.3.0/24-------------/
+
+The web host has no route to the client networks: it is reachable from the clients only through the server's
+NAT, so anything that works from the client went through the tunnel. A capture on the client's outside
+interface shows what left the client host. DNS: a small server on the web host answers for web.test; the
+server host's resolver points at it, the client host's at an address where nothing answers.
+"""
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import harness
+from conftest import have_root_netns
+from harness import CLIENT_BIN, SERVER_BIN, Process, keygen
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def have_tun():
+    return os.path.exists("/dev/net/tun")
+
+
+def missing_tools():
+    return [tool for tool in ("nft", "tcpdump", "iperf3", "ping", "curl") if shutil.which(tool) is None]
+
+
+pytestmark = [
+    pytest.mark.skipif(not have_root_netns(), reason="needs root and `ip netns` (network namespaces)"),
+    pytest.mark.skipif(not have_tun(), reason="needs /dev/net/tun (TUN devices)"),
+    pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} (Tests/install-deps.sh)"),
+]
+
+PID = os.getpid() % 100000
+NS_C, NS_S, NS_W, NS_D = f"ftc{PID}", f"fts{PID}", f"ftw{PID}", f"ftd{PID}"
+WEB4, WEB6 = "10.231.2.2", "fd31:2::2"
+SERVER_C, SERVER_D = "10.231.1.1", "10.231.3.1"
+PORT = 7443
+PORT_NO_V6 = 7444
+
+
+def sh(*args, check=True, timeout=30):
+    out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {out.stdout}{out.stderr}")
+    return out
+
+
+def ns(name, *args, **kwargs):
+    return sh("ip", "netns", "exec", name, *args, **kwargs)
+
+
+def host_state(name):
+    """Everything full-tunnel mode may touch on a client host."""
+    return {
+        "routes4": ns(name, "ip", "-4", "route", "show", "table", "all").stdout,
+        "routes6": ns(name, "ip", "-6", "route", "show", "table", "main").stdout,
+        "rules": ns(name, "ip", "rule").stdout,
+        "resolv": ns(name, "cat", "/etc/resolv.conf").stdout,
+        "nft": ns(name, "nft", "list", "ruleset").stdout,
+        "links": re.sub(r"\d+: ", "", "\n".join(sorted(
+            line.split("@")[0] for line in ns(name, "ip", "-o", "link").stdout.splitlines()))),
+    }
+
+
+class Network:
+    def __init__(self, directory):
+        self.dir = directory
+        self.processes = []
+        self.server_key = os.path.join(directory, "server.key")
+        self.server_pub = keygen(SERVER_BIN, self.server_key)
+        self.keys = {}
+        for name in ("c1", "c2", "peer"):
+            path = os.path.join(directory, f"{name}.key")
+            self.keys[name] = (path, keygen(CLIENT_BIN, path))
+        self.authorized = os.path.join(directory, "authorized_keys")
+        with open(self.authorized, "w") as f:
+            for name, (_, pub) in self.keys.items():
+                f.write(f"{pub} {name}\n")
+
+    def build(self):
+        for name in (NS_C, NS_S, NS_W, NS_D):
+            sh("ip", "netns", "add", name)
+            ns(name, "ip", "link", "set", "lo", "up")
+        resolvers = {NS_C: SERVER_C, NS_S: WEB4, NS_D: SERVER_D, NS_W: WEB4}
+        for name, resolver in resolvers.items():
+            os.makedirs(f"/etc/netns/{name}", exist_ok=True)
+            with open(f"/etc/netns/{name}/resolv.conf", "w") as f:
+                f.write(f"# test resolver of {name}\nnameserver {resolver}\nsearch test\n")
+        links = [
+            (NS_S, "s0", NS_C, "c0", "10.231.1", "fd31:1::"),
+            (NS_S, "s1", NS_W, "w0", "10.231.2", "fd31:2::"),
+            (NS_S, "s2", NS_D, "d0", "10.231.3", "fd31:3::"),
+        ]
+        for near, near_if, far, far_if, v4, v6 in links:
+            sh("ip", "-n", near, "link", "add", near_if, "type", "veth", "peer", "name", far_if, "netns", far)
+            sh("ip", "-n", near, "addr", "add", f"{v4}.1/24", "dev", near_if)
+            sh("ip", "-n", far, "addr", "add", f"{v4}.2/24", "dev", far_if)
+            sh("ip", "-n", near, "-6", "addr", "add", f"{v6}1/64", "dev", near_if, "nodad")
+            sh("ip", "-n", far, "-6", "addr", "add", f"{v6}2/64", "dev", far_if, "nodad")
+            sh("ip", "-n", near, "link", "set", near_if, "up")
+            sh("ip", "-n", far, "link", "set", far_if, "up")
+        # The client hosts' own default routes lead to the server host (their "ISP"); the web host has none.
+        sh("ip", "-n", NS_C, "route", "add", "default", "via", SERVER_C)
+        sh("ip", "-n", NS_C, "-6", "route", "add", "default", "via", "fd31:1::1")
+        sh("ip", "-n", NS_D, "route", "add", "default", "via", SERVER_D)
+        sh("ip", "-n", NS_D, "-6", "route", "add", "default", "via", "fd31:3::1")
+
+        www = os.path.join(self.dir, "www")
+        os.makedirs(www)
+        with open(os.path.join(www, "hello.txt"), "w") as f:
+            f.write("hello through the tunnel\n")
+        with open(os.path.join(www, "big.bin"), "wb") as f:
+            f.write(os.urandom(4 << 20))
+        self.start("web", NS_W, [sys.executable, "-m", "http.server", "--bind", "::", "--directory", www, "8080"],
+                   r"Serving HTTP on (\S+)", stream="stdout")
+        self.start("dns", NS_W, [sys.executable, os.path.join(HERE, "dns_server.py"), WEB4, f"web.test={WEB4},{WEB6}"],
+                   r"(dns ready)", stream="stdout")
+        self.server = self.start_server(PORT, [])
+
+    def start(self, label, netns, args, ready, stream="stderr"):
+        log = os.path.join(self.dir, f"{label}.log")
+        if stream == "stdout":
+            # Readiness on stdout: Process reads it there; stderr goes to the log.
+            process = Process(args, ready, log, netns=netns, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        else:
+            process = Process(args, ready, log, netns=netns)
+        self.processes.append(process)
+        return process
+
+    def start_server(self, port, extra, label="server"):
+        return self.start(label, NS_S, [SERVER_BIN, "--listen", f"0.0.0.0:{port}", "--key", self.server_key,
+                                        "--authorized-keys", self.authorized, "--tun", "--log-level", "debug", *extra],
+                          r"tunnel-server listening on (\S+)")
+
+    def start_client(self, netns, key, server, port=PORT, extra=(), label="client"):
+        args = [CLIENT_BIN, "--server", f"{server}:{port}", "--server-key", self.server_pub, "--key", self.keys[key][0],
+                "--socks", "127.0.0.1:1080", "--full-tunnel", "--log-level", "debug", *extra]
+        client = self.start(label, netns, args, r"SOCKS5 listening on (\S+)")
+        ok = harness.wait_for(lambda: "full tunnel up" in client.stderr_text() or client.proc.poll() is not None,
+                              timeout=20)
+        assert ok and client.proc.poll() is None, "full tunnel did not come up:\n" + client.stderr_text()
+        return client
+
+    def logs(self):
+        return "\n".join(f"--- {' '.join(p.args[:2])} ---\n{p.stderr_text()[-5000:]}" for p in self.processes)
+
+    def teardown(self):
+        for p in reversed(self.processes):
+            p.kill()
+        for name in (NS_C, NS_S, NS_W, NS_D):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    network = Network(str(tmp_path_factory.mktemp("fulltunnel")))
+    try:
+        network.build()
+        yield network
+    except Exception:
+        print(network.logs())
+        raise
+    finally:
+        network.teardown()
+
+
+@pytest.fixture
+def dump_logs_on_failure(net, request):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(net.logs())
+
+
+class Capture:
+    """tcpdump on an interface of a namespace, for leak checks."""
+
+    def __init__(self, netns, interface, path):
+        self.path = path
+        self.log = open(path + ".log", "wb")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-n", "-U", "-w", path],
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        assert harness.wait_for(lambda: b"listening on" in open(path + ".log", "rb").read(), timeout=10), "tcpdump did not start"
+
+    def stop(self):
+        time.sleep(0.5)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        self.log.close()
+        out = sh("tcpdump", "-r", self.path, "-n", "ip or ip6")
+        return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def is_link_chatter(line):
+    """IPv6 neighbour discovery and MLD: link-local housekeeping of the interface itself, not user traffic."""
+    return "ICMP6, neighbor" in line or "ICMP6, router solicitation" in line or "ICMP6, multicast listener" in line \
+        or " > ff02::" in line
+
+
+def curl(netns, url, *extra, timeout=20):
+    return ns(netns, "curl", "-sS", "--max-time", str(timeout), *extra, url, check=False, timeout=timeout + 10)
+
+
+def test_full_tunnel_carries_everything_without_leaks_and_restores_the_host(net, dump_logs_on_failure, tmp_path):
+    before = host_state(NS_C)
+    # Without the tunnel the web host is unreachable from the client host (no route back from it).
+    assert curl(NS_C, f"http://{WEB4}:8080/hello.txt", timeout=3).returncode != 0
+
+    client = net.start_client(NS_C, "c1", SERVER_C)
+    capture = Capture(NS_C, "c0", str(tmp_path / "c0.pcap"))
+    try:
+        devices = re.findall(r"full tunnel up on (\S+): (\S+)/24 and (\S+)/64", client.stderr_text())
+        assert devices, client.stderr_text()
+        device, address4, address6 = devices[0]
+        assert address4.startswith("10.77.0.") and address6.startswith("fd")
+        routes = ns(NS_C, "ip", "route").stdout
+        assert f"0.0.0.0/1 dev {device}" in routes and f"128.0.0.0/1 dev {device}" in routes
+        assert f"{SERVER_C} via" in routes or f"{SERVER_C} dev c0" in routes
+        assert "default via 10.231.1.1" in routes, "the original default route must stay"
+        assert ns(NS_C, "ip", "-6", "route", "get", WEB6).stdout.split(" dev ")[1].split()[0] == device
+
+        # ICMP both families.
+        ping = ns(NS_C, "ping", "-c", "3", "-i", "0.2", "-W", "2", WEB4, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        ping6 = ns(NS_C, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", WEB6, check=False)
+        assert ping6.returncode == 0, ping6.stdout + ping6.stderr
+
+        # TCP both families.
+        out = curl(NS_C, f"http://{WEB4}:8080/hello.txt")
+        assert out.returncode == 0 and out.stdout == "hello through the tunnel\n", out.stderr
+        out = curl(NS_C, f"http://[{WEB6}]:8080/hello.txt")
+        assert out.returncode == 0 and out.stdout == "hello through the tunnel\n", out.stderr
+
+        # DNS: the resolver now points through the tunnel, and names resolve there.
+        resolv = ns(NS_C, "cat", "/etc/resolv.conf").stdout
+        assert "nameserver 10.77.0.1" in resolv and SERVER_C not in resolv, resolv
+        assert "search test" in resolv
+        hosts = ns(NS_C, "getent", "ahostsv4", "web.test", check=False)
+        assert WEB4 in hosts.stdout, hosts.stdout + hosts.stderr
+        out = curl(NS_C, "http://web.test:8080/hello.txt")
+        assert out.returncode == 0 and out.stdout == "hello through the tunnel\n", out.stderr
+        # A whole file arrives intact.
+        out = ns(NS_C, "sh", "-c", f"curl -sS --max-time 30 http://{WEB4}:8080/big.bin | sha256sum", check=False)
+        expected = sh("sha256sum", os.path.join(net.dir, "www", "big.bin")).stdout.split()[0]
+        assert out.stdout.split()[0] == expected
+
+        # iperf3 through the tunnel, both directions.
+        iperf_server = net.start("iperf", NS_W, ["iperf3", "-s", "-B", WEB4, "-p", "5201"], None)
+        time.sleep(0.5)
+        for reverse in ([], ["-R"]):
+            out = ns(NS_C, "iperf3", "-c", WEB4, "-p", "5201", "-t", "2", "-J", *reverse, check=False, timeout=60)
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+            import json
+            received = json.loads(out.stdout)["end"]["sum_received"]["bytes"]
+            assert received > 1 << 20, f"iperf3 moved only {received} bytes"
+        iperf_server.kill()
+
+        # SOCKS keeps working beside the full tunnel.
+        out = curl(NS_C, "http://web.test:8080/hello.txt", "--socks5-hostname", "127.0.0.1:1080")
+        assert out.returncode == 0 and out.stdout == "hello through the tunnel\n", out.stderr
+    finally:
+        lines = capture.stop()
+
+    # Only the tunnel's own TCP connection left the client host, IPv6 included.
+    tunnel_flow = re.compile(rf"IP 10\.231\.1\.2\.\d+ > {re.escape(SERVER_C)}\.{PORT}:|IP {re.escape(SERVER_C)}\.{PORT} > 10\.231\.1\.2\.\d+:")
+    assert any(tunnel_flow.search(line) for line in lines), "the capture saw no tunnel traffic at all"
+    leaks = [line for line in lines if not tunnel_flow.search(line) and not is_link_chatter(line)]
+    assert leaks == [], "traffic left outside the tunnel:\n" + "\n".join(leaks[:20])
+
+    # A clean exit puts back exactly what was there.
+    assert client.terminate() == 0, client.stderr_text()
+    assert host_state(NS_C) == before
+
+
+def test_restart_after_a_crash_undoes_the_previous_runs_changes(net, dump_logs_on_failure):
+    before = host_state(NS_C)
+    client = net.start_client(NS_C, "c1", SERVER_C, label="client-crash")
+    assert "10.77.0.1" in ns(NS_C, "cat", "/etc/resolv.conf").stdout
+    client.proc.kill()  # SIGKILL: no cleanup at all
+    client.proc.wait(timeout=10)
+    client.log.close()
+    assert "10.77.0.1" in ns(NS_C, "cat", "/etc/resolv.conf").stdout, "the crash should have left the resolver changed"
+    assert host_state(NS_C) != before
+
+    client = net.start_client(NS_C, "c1", SERVER_C, label="client-recover")
+    assert "undid" in client.stderr_text() and "left by a previous run" in client.stderr_text()
+    out = curl(NS_C, f"http://{WEB4}:8080/hello.txt")
+    assert out.returncode == 0, out.stderr
+    assert client.terminate() == 0
+    assert host_state(NS_C) == before
+
+
+def test_clients_get_their_own_addresses_and_cannot_spoof_each_other(net, dump_logs_on_failure, tmp_path):
+    first = net.start_client(NS_C, "c1", SERVER_C, label="client-first")
+    try:
+        first_address = re.findall(r"full tunnel up on \S+: (\S+)/24", first.stderr_text())[0]
+        second = net.start_client(NS_D, "c2", SERVER_D, label="client-second")
+        second_address = re.findall(r"full tunnel up on \S+: (\S+)/24", second.stderr_text())[0]
+        assert second_address != first_address
+        assert ns(NS_D, "ping", "-c", "2", "-i", "0.2", "-W", "2", WEB4, check=False).returncode == 0
+        second.terminate()
+
+        # A hostile client (its own Noise implementation, so no client-side filter) sends one packet from its
+        # own address and one claiming the first client's. Only the first may reach the server's network.
+        device = re.findall(r"full tunnel on (\S+):", net.server.stderr_text())[0]
+        capture = Capture(NS_S, device, str(tmp_path / "server-tun.pcap"))
+        peer, assigned, replies = hostile_peer(net, NS_D, SERVER_D, [(None, 0x1111), (first_address, 0x2222)])
+        lines = capture.stop()
+        assert assigned != first_address
+        assert any(f"IP {assigned} > {WEB4}: ICMP echo request, id {0x1111}" in line for line in lines), "\n".join(lines)
+        assert not any(f"{first_address} > {WEB4}: ICMP echo request, id {0x2222}" in line for line in lines), "\n".join(lines)
+        assert replies == [0x1111], replies
+        assert harness.wait_for(lambda: f"dropping packets from {first_address}" in net.server.stderr_text(), timeout=5)
+        # The first client is unharmed.
+        assert ns(NS_C, "ping", "-c", "2", "-i", "0.2", "-W", "2", WEB4, check=False).returncode == 0
+    finally:
+        first.terminate()
+
+
+def hostile_peer(net, netns, server, packets):
+    """Runs full_tunnel_peer.py inside `netns`: returns (None, assigned address, echo reply ids)."""
+    script = os.path.join(HERE, "full_tunnel_peer.py")
+    spec = ",".join(f"{source or '-'}:{ident}" for source, ident in packets)
+    out = ns(netns, sys.executable, script, f"{server}:{PORT}", harness_key(net.keys["peer"][0]), net.server_pub, WEB4,
+             spec, check=False, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assigned = re.findall(r"assigned (\S+)", out.stdout)[0]
+    replies = [int(x) for x in re.findall(r"reply (\d+)", out.stdout)]
+    return None, assigned, replies
+
+
+def harness_key(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def test_ipv6_is_blocked_when_the_server_has_no_ipv6_pool(net, dump_logs_on_failure, tmp_path):
+    server = net.start_server(PORT_NO_V6, ["--tun-pool", "10.78.0.0/24", "--tun-pool6", "none"], label="server-no-v6")
+    before = host_state(NS_C)
+    client = net.start_client(NS_C, "c1", SERVER_C, port=PORT_NO_V6, label="client-no-v6")
+    capture = Capture(NS_C, "c0", str(tmp_path / "c0-v6.pcap"))
+    try:
+        assert "IPv6 blocked" in client.stderr_text()
+        out = ns(NS_C, "ip", "-6", "route", "get", WEB6, check=False)
+        assert out.returncode != 0 or "unreachable" in out.stdout, out.stdout + out.stderr
+        assert curl(NS_C, f"http://[{WEB6}]:8080/hello.txt", timeout=5).returncode != 0
+        assert ns(NS_C, "ping", "-6", "-c", "1", "-W", "1", WEB6, check=False).returncode != 0
+        # IPv4 works.
+        out = curl(NS_C, f"http://{WEB4}:8080/hello.txt")
+        assert out.returncode == 0, out.stderr
+    finally:
+        lines = capture.stop()
+    leaks = [line for line in lines if line.split(" ")[1:2] == ["IP6"] and not is_link_chatter(line)]
+    assert leaks == [], "IPv6 left outside the tunnel:\n" + "\n".join(leaks)
+    assert client.terminate() == 0
+    assert host_state(NS_C) == before
+    server.terminate()
+
+
+def test_kill_switch_blocks_everything_outside_the_tunnel(net, dump_logs_on_failure, tmp_path):
+    before = host_state(NS_C)
+    # Something on the server host outside the tunnel port: reachable directly unless the kill switch blocks it.
+    other = net.start("other", NS_S, [sys.executable, "-m", "http.server", "--bind", SERVER_C, "8081"],
+                      r"Serving HTTP on (\S+)", stream="stdout")
+    assert curl(NS_C, f"http://{SERVER_C}:8081/", timeout=5).returncode == 0
+    client = net.start_client(NS_C, "c1", SERVER_C, extra=["--kill-switch"], label="client-ks")
+    try:
+        assert "kill switch on" in client.stderr_text()
+        assert curl(NS_C, f"http://{WEB4}:8080/hello.txt").returncode == 0
+        assert curl(NS_C, f"http://{SERVER_C}:8081/", timeout=5).returncode != 0
+        # The tunnel goes down (server gone): still nothing gets out, and the client keeps trying.
+        net.server.terminate()
+        assert harness.wait_for(lambda: "tunnel lost" in client.stderr_text() or "peer closed" in client.stderr_text(), timeout=15)
+        assert curl(NS_C, f"http://{SERVER_C}:8081/", timeout=3).returncode != 0
+        assert ns(NS_C, "ping", "-c", "1", "-W", "1", "10.231.1.1", check=False).returncode != 0
+        # Back up: the client reconnects on its own and traffic flows again, with the same address.
+        net.server = net.start_server(PORT, [], label="server-again")
+        assert harness.wait_for(lambda: client.stderr_text().count("tunnel up to") >= 2, timeout=30), client.stderr_text()
+        assert harness.wait_for(lambda: curl(NS_C, f"http://{WEB4}:8080/hello.txt", timeout=3).returncode == 0, timeout=15)
+    finally:
+        assert client.terminate() == 0
+        other.kill()
+    assert host_state(NS_C) == before

@@ -1,0 +1,197 @@
+import NIOCore
+import Testing
+import TunnelProtocol
+
+@testable import TunnelTUN
+
+struct PacketHeaderTests {
+    func ipv4(source: [UInt8], destination: [UInt8], ihl: UInt8 = 5, length: Int = 40) -> ByteBuffer {
+        var bytes = [UInt8](repeating: 0, count: max(length, 20))
+        bytes[0] = 0x40 | ihl
+        bytes.replaceSubrange(12..<16, with: source)
+        bytes.replaceSubrange(16..<20, with: destination)
+        return ByteBuffer(bytes: bytes.prefix(length))
+    }
+
+    @Test func readsIPv4Addresses() {
+        let packet = self.ipv4(source: [10, 77, 0, 2], destination: [192, 0, 2, 7])
+        #expect(IPPacket.source(of: packet) == PacketAddress(IPAddress.parse("10.77.0.2")!))
+        #expect(IPPacket.destination(of: packet) == PacketAddress(IPAddress.parse("192.0.2.7")!))
+    }
+
+    @Test func readsIPv6Addresses() {
+        var bytes = [UInt8](repeating: 0, count: 60)
+        bytes[0] = 0x60
+        let source = IPAddress.parse("fd00:77::2")!
+        let destination = IPAddress.parse("2001:db8::1234:5678")!
+        bytes.replaceSubrange(8..<24, with: source.bytes)
+        bytes.replaceSubrange(24..<40, with: destination.bytes)
+        let packet = ByteBuffer(bytes: bytes)
+        #expect(IPPacket.source(of: packet) == PacketAddress(source))
+        #expect(IPPacket.destination(of: packet) == PacketAddress(destination))
+        #expect(PacketAddress(destination).ipAddress == destination)
+    }
+
+    @Test func rejectsWhatIsNotAnIPHeader() {
+        #expect(IPPacket.source(of: ByteBuffer()) == nil)
+        #expect(IPPacket.source(of: self.ipv4(source: [1, 2, 3, 4], destination: [5, 6, 7, 8], length: 19)) == nil)
+        #expect(IPPacket.source(of: self.ipv4(source: [1, 2, 3, 4], destination: [5, 6, 7, 8], ihl: 4)) == nil)
+        #expect(IPPacket.source(of: self.ipv4(source: [1, 2, 3, 4], destination: [5, 6, 7, 8], ihl: 15)) == nil)
+        #expect(IPPacket.source(of: ByteBuffer(bytes: [0x60] + [UInt8](repeating: 0, count: 38))) == nil)
+        #expect(IPPacket.source(of: ByteBuffer(bytes: [0x20] + [UInt8](repeating: 0, count: 60))) == nil)
+    }
+
+    @Test func readsFromASlice() {
+        var buffer = ByteBuffer(bytes: [9, 9, 9])
+        buffer.writeImmutableBuffer(self.ipv4(source: [10, 0, 0, 1], destination: [10, 0, 0, 2]))
+        buffer.moveReaderIndex(forwardBy: 3)
+        #expect(IPPacket.destination(of: buffer) == .v4(0x0A00_0002))
+    }
+}
+
+struct AddressPoolTests {
+    func key(_ n: UInt8) -> [UInt8] { [n] }
+
+    @Test func leasesAreStablePerKeyAndDistinct() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("fd00:1:2:77::")!)
+        #expect(pool.capacity == 253)
+        #expect(pool.gatewayV4 == PacketAddress(IPAddress.parse("10.77.0.1")!))
+        #expect(pool.gatewayV6 == PacketAddress(IPAddress.parse("fd00:1:2:77::1")!))
+        let leaseA = pool.lease(for: self.key(1), seed: 0)
+        let leaseB = pool.lease(for: self.key(2), seed: 0)
+        let a = try #require(leaseA)
+        let b = try #require(leaseB)
+        #expect(a.ipv4 == PacketAddress(IPAddress.parse("10.77.0.2")!))
+        #expect(a.ipv6 == PacketAddress(IPAddress.parse("fd00:1:2:77::2")!))
+        #expect(b.ipv4 == PacketAddress(IPAddress.parse("10.77.0.3")!))
+        pool.release(self.key(1))
+        // The same key gets the same address back, whatever its seed says.
+        let again = pool.lease(for: self.key(1), seed: 99)
+        #expect(again == a)
+    }
+
+    @Test func theSeedPicksTheFirstChoice() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 16)
+        let leased = pool.lease(for: self.key(1), seed: 1000)
+        let lease = try #require(leased)
+        #expect(lease.ipv4 == PacketAddress(IPAddress.parse("10.0.3.234")!))  // host 1002
+        #expect(lease.ipv6 == nil)
+    }
+
+    @Test func aFullPoolReusesTheLeaseOfAnAbsentClientOnly() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.9.9.0")!, prefixLength: 30)
+        #expect(pool.capacity == 1)
+        let leased = pool.lease(for: self.key(1), seed: 0)
+        let first = try #require(leased)
+        let refused = pool.lease(for: self.key(2), seed: 0)
+        #expect(refused == nil)
+        pool.release(self.key(1))
+        let reused = pool.lease(for: self.key(2), seed: 0)
+        #expect(reused == first)
+        #expect(pool.leaseCount == 1)
+    }
+
+    @Test func hostBitsOfTheNetworkAreIgnored() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.200")!, prefixLength: 24)
+        let lease = pool.lease(for: self.key(1), seed: 0)
+        #expect(lease?.ipv4 == PacketAddress(IPAddress.parse("10.77.0.2")!))
+    }
+
+    @Test func refusesUnusableNetworks() {
+        #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 31) }
+        #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("fd00::")!, prefixLength: 24) }
+        #expect(throws: AddressPool<[UInt8]>.PoolError.self) {
+            try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("10.1.0.0")!)
+        }
+    }
+}
+
+struct HostChangeJournalTests {
+    @Test func stateFileRoundTrips() {
+        let undos: [HostChangeJournal.Undo] = [
+            .command(["ip", "-4", "route", "del", "192.0.2.1/32", "via", "10.0.0.1", "dev", "eth0"]),
+            .restoreFile(path: "/etc/resolv.conf", original: Array("nameserver 1.1.1.1\n".utf8), written: Array("nameserver 10.77.0.1\n".utf8)),
+            .restoreSymlink(path: "/etc/resolv.conf", target: "../run/systemd/resolve/stub-resolv.conf", written: []),
+            .removeFile(path: "/etc/x y", written: [0, 1, 255]),
+        ]
+        let text = HostChangeJournal.encode(undos)
+        #expect(HostChangeJournal.decode(text) == undos)
+        #expect(HostChangeJournal.decode("something else\n") == nil)
+        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\ncmd zz\n") == nil)
+        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\nfile 00\n") == nil)
+    }
+
+    @Test func rollbackRestoresFilesInReverseOrderUnlessRewrittenSince() throws {
+        let directory = "/tmp/tunnel-journal-test-\(UInt32.random(in: 0...UInt32.max))"
+        let path = directory + "/state"
+        let file = "/tmp/tunnel-journal-test-file-\(UInt32.random(in: 0...UInt32.max))"
+        let other = file + "-other"
+        defer { _ = SystemCommand.run(["rm", "-rf", directory, file, other]) }
+        HostChangeJournal.writeFile(file, Array("original\n".utf8), mode: 0o644, create: true)
+        HostChangeJournal.writeFile(other, Array("theirs\n".utf8), mode: 0o644, create: true)
+
+        let journal = HostChangeJournal(path: path)
+        journal.record(.restoreFile(path: file, original: Array("original\n".utf8), written: Array("ours\n".utf8)))
+        HostChangeJournal.writeFile(file, Array("ours\n".utf8), mode: 0o644, create: false)
+        // Somebody else rewrote this one after us: theirs stays.
+        journal.record(.restoreFile(path: other, original: Array("before\n".utf8), written: Array("ours\n".utf8)))
+        #expect(HostChangeJournal.readFile(path) != nil)
+
+        // A crash: a new process recovers from the state file.
+        let recovered = HostChangeJournal.recover(path: path)
+        #expect(recovered.undone == 2)
+        #expect(recovered.problems.isEmpty)
+        #expect(HostChangeJournal.readFile(file) == Array("original\n".utf8))
+        #expect(HostChangeJournal.readFile(other) == Array("theirs\n".utf8))
+        #expect(HostChangeJournal.readFile(path) == nil)
+        #expect(HostChangeJournal.recover(path: path).undone == 0)
+    }
+}
+
+struct HostNetworkTests {
+    @Test func parsesRouteGet() {
+        #expect(
+            HostNetwork.parseRouteGet("203.0.113.5 via 192.168.1.1 dev wlan0 src 192.168.1.20 uid 0 \n    cache ")
+                == HostNetwork.Path(gateway: "192.168.1.1", device: "wlan0")
+        )
+        #expect(HostNetwork.parseRouteGet("10.223.0.2 dev veth0 src 10.223.0.1 uid 0") == HostNetwork.Path(gateway: nil, device: "veth0"))
+        #expect(
+            HostNetwork.parseRouteGet("2001:db8::1 from :: via fe80::1 dev eth0 proto ra src 2001:db8::9 metric 100 pref medium")
+                == HostNetwork.Path(gateway: "fe80::1", device: "eth0")
+        )
+        #expect(HostNetwork.parseRouteGet("8.8.8.8 via inet6 fe80::1 dev eth0 src 10.0.0.2") == HostNetwork.Path(gateway: "fe80::1", device: "eth0"))
+        #expect(HostNetwork.parseRouteGet("local 127.0.0.1 dev lo table local src 127.0.0.1 uid 0") == nil)
+        #expect(HostNetwork.parseRouteGet("unreachable 10.1.1.1") == nil)
+        #expect(HostNetwork.parseRouteGet("") == nil)
+    }
+
+    @Test func resolverFileKeepsSearchAndOptions() {
+        let original = "# generated\nnameserver 192.168.1.1\nnameserver fe80::1%eth0\nsearch lan example.com\noptions edns0\n"
+        let rewritten = ResolverFile.rewrite(original, servers: [IPAddress.parse("10.77.0.1")!])
+        #expect(ResolverFile.nameservers(in: rewritten) == [IPAddress.parse("10.77.0.1")!])
+        #expect(rewritten.contains("search lan example.com\n"))
+        #expect(rewritten.contains("options edns0\n"))
+        #expect(!rewritten.contains("192.168.1.1"))
+        #expect(ResolverFile.nameservers(in: original) == [IPAddress.parse("192.168.1.1")!, IPAddress.parse("fe80::1")!])
+    }
+
+    @Test func firewallTablesNameTheirDeviceAndPools() {
+        let server = FirewallRules.serverTable(name: "tunnel_server_tunnel0", device: "tunnel0", pool4: "10.77.0.0/24", pool6: "fd00:77::/64")
+        #expect(server.hasPrefix("table inet tunnel_server_tunnel0 {"))
+        #expect(server.contains("ip saddr 10.77.0.0/24 oifname != \"tunnel0\" masquerade"))
+        #expect(server.contains("ip6 saddr fd00:77::/64 oifname != \"tunnel0\" masquerade"))
+        #expect(server.contains("maxseg size set rt mtu"))
+        #expect(server.contains("iifname \"tunnel0\" oifname \"tunnel0\" drop"))
+        let noV6 = FirewallRules.serverTable(name: "t", device: "tunnel0", pool4: "10.77.0.0/24", pool6: nil)
+        #expect(!noV6.contains("ip6 saddr"))
+
+        let killSwitch = FirewallRules.killSwitchTable(
+            name: "ks", device: "tunnel1", server: IPAddress.parse("203.0.113.9")!, port: 7443, exclude: ["192.168.1.0/24", "fd00:1::/64"]
+        )
+        #expect(killSwitch.contains("oifname \"tunnel1\" accept"))
+        #expect(killSwitch.contains("ip daddr 203.0.113.9 tcp dport 7443 accept"))
+        #expect(killSwitch.contains("ip daddr 192.168.1.0/24 accept"))
+        #expect(killSwitch.contains("ip6 daddr fd00:1::/64 accept"))
+        #expect(killSwitch.contains("reject"))
+    }
+}
