@@ -18,7 +18,7 @@ int ctun_name_size(void) {
 #endif
 }
 
-int ctun_open(const char *requested, char *name_out, size_t name_out_len) {
+int ctun_open(const char *requested, int multi_queue, char *name_out, size_t name_out_len) {
 #ifdef __linux__
     struct ifreq ifr;
     if (requested == NULL || strlen(requested) >= IFNAMSIZ || name_out_len < IFNAMSIZ) {
@@ -29,7 +29,7 @@ int ctun_open(const char *requested, char *name_out, size_t name_out_len) {
         return -errno;
     }
     memset(&ifr, 0, sizeof(ifr));
-    ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | (multi_queue ? IFF_MULTI_QUEUE : 0);
     strncpy(ifr.ifr_name, requested, IFNAMSIZ - 1);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
         int saved = errno;
@@ -40,7 +40,7 @@ int ctun_open(const char *requested, char *name_out, size_t name_out_len) {
     strncpy(name_out, ifr.ifr_name, IFNAMSIZ - 1);
     return fd;
 #else
-    (void)requested; (void)name_out; (void)name_out_len;
+    (void)requested; (void)multi_queue; (void)name_out; (void)name_out_len;
     return -ENOSYS;
 #endif
 }

@@ -9,6 +9,7 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import TunnelConfig
+import TunnelRuntime
 
 /// Runs a root command with the exit codes scripts rely on: 0 on success and for `--help`, 2 for bad
 /// arguments and unreadable or malformed files (one line on standard error), 1 for failures at run time.
@@ -146,6 +147,8 @@ struct ListenerService: Service {
         let address: String
         do {
             address = formatBound(try await self.start())
+        } catch let failure as any StartupFailure {
+            throw RuntimeFailure(message: failure.description)
         } catch {
             throw RuntimeFailure(message: "\(self.failurePrefix): \(error)")
         }

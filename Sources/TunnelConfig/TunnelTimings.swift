@@ -18,6 +18,9 @@ public struct TunnelTimings: Sendable, Equatable {
     public var maxStreams = 16384
     /// Rekey after this many bytes in one direction.
     public var rekeyBytes = 1 << 30
+    /// TCP congestion control of the tunnel connection: `auto` (BBR where the kernel offers it, else the
+    /// system default), `system` (leave the system default), or an algorithm name (`cubic`, `bbr`, ...).
+    public var congestionControl = "auto"
 
     public init() {}
 
@@ -32,6 +35,14 @@ public struct TunnelTimings: Sendable, Equatable {
         if let v = try file.byteSize("connection_window", range: 65536...(1 << 30)) { self.connectionWindow = v }
         if let v = try file.integer("max_streams", range: 1...1_000_000) { self.maxStreams = v }
         if let v = try file.byteSize("rekey_bytes", range: (1 << 16)...(1 << 40)) { self.rekeyBytes = v }
+        if let v = try file.string("congestion_control") {
+            let valid = !v.isEmpty && v.utf8.count <= 15
+                && v.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x5F }
+            guard valid else {
+                throw ConfigError("\(file.path): congestion_control must be auto, system, or an algorithm name like cubic or bbr")
+            }
+            self.congestionControl = v
+        }
         guard self.maxStreamWindow >= self.streamWindow else {
             throw ConfigError("\(file.path): max_stream_window must be at least stream_window")
         }

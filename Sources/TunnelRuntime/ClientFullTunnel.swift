@@ -38,7 +38,7 @@ final class ClientFullTunnel {
     private var droppedWhileDown = 0
     private var undeliverable = 0
 
-    struct SetupError: Error, CustomStringConvertible {
+    struct SetupError: StartupFailure {
         var description: String
     }
 
@@ -91,8 +91,8 @@ final class ClientFullTunnel {
                 )
             } catch {
                 self.journal.rollback()
-                self.device.closeWriter()
-                Glibc.close(self.device.readDescriptorForChannel)
+                self.device.closeWriters()
+                self.device.closeReaders()
                 throw SetupError(description: "--kill-switch: \(error)")
             }
             logger.info("kill switch on: only the tunnel (\(self.device.name)) and the server \(server) are reachable")
@@ -114,7 +114,7 @@ final class ClientFullTunnel {
                     try channel.pipeline.syncOperations.addHandler(ClientTUNReader(owner: owner.value))
                 }
             }
-            .takingOwnershipOfDescriptor(input: self.device.readDescriptorForChannel)
+            .takingOwnershipOfDescriptor(input: self.device.readDescriptor())
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
@@ -252,6 +252,11 @@ final class ClientFullTunnel {
         tunnel.sendIPPacket(packet)
     }
 
+    /// The device's read burst is over: send what it queued now.
+    func deviceReadComplete() {
+        self.tunnel?.flushNow()
+    }
+
     /// A packet from the server, for an app on this host.
     func packetFromTunnel(_ packet: ByteBuffer) {
         if !self.device.write(packet) { self.undeliverable += 1 }
@@ -267,9 +272,9 @@ final class ClientFullTunnel {
             channel.close(promise: nil)
             self.readChannel = nil
         } else {
-            Glibc.close(self.device.readDescriptorForChannel)
+            self.device.closeReaders()
         }
-        self.device.closeWriter()
+        self.device.closeWriters()
         self.logger.info("full tunnel down: routes, resolver and firewall restored")
     }
 }
@@ -285,6 +290,10 @@ final class ClientTUNReader: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.owner.packetFromDevice(self.unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.owner.deviceReadComplete()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

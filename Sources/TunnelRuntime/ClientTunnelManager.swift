@@ -94,6 +94,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         handler.delegate = self
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
         let server = self.resolved.server
+        let congestionControl = self.resolved.settings.timings.congestionControl
+        let logger = self.logger
         self.logger.debug("connecting to \(server) (\(cipher))")
         ClientBootstrap(group: self.eventLoop)
             .connectTimeout(.nanoseconds(self.configuration.handshakeTimeout.nanoseconds))
@@ -102,7 +104,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
             .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(boundHandler.value)
                 }
             }

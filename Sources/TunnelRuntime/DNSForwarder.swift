@@ -6,19 +6,23 @@ import NIOPosix
 /// UDP) and asks the server's resolvers, so clients resolve names through the tunnel even when the server's
 /// resolver is on its loopback (systemd-resolved, dnsmasq, unbound).
 ///
-/// Each query goes out from a fresh socket (a random source port, so answers cannot be spoofed by guessing
+/// UDP: each query goes out from a fresh socket (a random source port, so answers cannot be spoofed by guessing
 /// ports), rotating over the upstream servers; the first answer from that server with the query's ID goes
 /// back to the client. Queries in flight are bounded; beyond that they are dropped (the client retries).
+/// TCP (for answers too large for UDP): each connection is joined to a connection to an upstream server.
 final class DNSForwarder {
     private let eventLoop: any EventLoop
     private let upstreams: [SocketAddress]
     private let logger: Logger
     private var listeners: [any Channel] = []
+    private var tcpListeners: [any Channel] = []
+    private var tcpConnections = 0
     private var inFlight = 0
     private var next = 0
     private(set) var dropped = 0
 
     static let maxInFlight = 512
+    static let maxTCPConnections = 256
     static let timeout: TimeAmount = .seconds(5)
 
     init(eventLoop: any EventLoop, upstreams: [SocketAddress], logger: Logger) {
@@ -44,12 +48,65 @@ final class DNSForwarder {
                 .bind(to: address)
                 .map { channel in self.listeners.append(channel) }
         }
-        return EventLoopFuture.andAllSucceed(futures, on: self.eventLoop)
+        let tcp = addresses.map { self.listenTCP(on: $0) }
+        return EventLoopFuture.andAllSucceed(futures + tcp, on: self.eventLoop)
     }
 
     func stop() {
-        for channel in self.listeners { channel.close(promise: nil) }
+        for channel in self.listeners + self.tcpListeners { channel.close(promise: nil) }
         self.listeners.removeAll()
+        self.tcpListeners.removeAll()
+    }
+
+    private func listenTCP(on address: SocketAddress) -> EventLoopFuture<Void> {
+        let forwarder = NIOLoopBound(self, eventLoop: self.eventLoop)
+        return ServerBootstrap(group: self.eventLoop)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { forwarder.value.acceptTCP(channel) }
+            }
+            .bind(to: address)
+            .map { channel in forwarder.value.tcpListeners.append(channel) }
+    }
+
+    private func acceptTCP(_ client: any Channel) {
+        guard self.tcpConnections < Self.maxTCPConnections, !self.upstreams.isEmpty else {
+            client.close(promise: nil)
+            return
+        }
+        self.tcpConnections += 1
+        let done = NIOLoopBound<() -> Void>({ [weak self] in self?.tcpConnections -= 1 }, eventLoop: self.eventLoop)
+        client.closeFuture.assumeIsolated().whenComplete { _ in done.value() }
+        let upstream = self.upstreams[self.next % self.upstreams.count]
+        self.next &+= 1
+        ClientBootstrap(group: self.eventLoop)
+            .connectTimeout(.seconds(5))
+            .channelOption(.autoRead, value: false)
+            .connect(to: upstream)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .failure:
+                    client.close(promise: nil)
+                case .success(let server):
+                    client.closeFuture.whenComplete { _ in server.close(promise: nil) }
+                    let (a, b) = GlueHandler.matchedPair()
+                    do {
+                        try client.pipeline.syncOperations.addHandler(a)
+                        try server.pipeline.syncOperations.addHandler(b)
+                    } catch {
+                        client.close(promise: nil)
+                        server.close(promise: nil)
+                        return
+                    }
+                    // Reading starts now that bytes have somewhere to go (the glue paces it from here on).
+                    client.setOption(.autoRead, value: true).whenFailure { _ in client.close(promise: nil) }
+                    server.setOption(.autoRead, value: true).whenFailure { _ in server.close(promise: nil) }
+                    // An idle or stuck exchange does not hold a slot for ever.
+                    client.eventLoop.assumeIsolated().scheduleTask(in: .seconds(30)) { client.close(promise: nil) }
+                }
+            }
     }
 
     private func query(_ envelope: AddressedEnvelope<ByteBuffer>) {

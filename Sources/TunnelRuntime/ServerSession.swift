@@ -102,7 +102,7 @@ final class ServerSession: TunnelConnectionDelegate {
             self.spoofedPackets += 1
             return
         }
-        if !tun.device.write(packet) { self.undeliveredPackets += 1 }
+        if !tun.write(packet, from: self.handle.eventLoop) { self.undeliveredPackets += 1 }
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {

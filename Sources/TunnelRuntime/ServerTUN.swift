@@ -32,22 +32,27 @@ final class ServerTUN: Sendable {
     }
 
     let device: TUNDevice
+    /// The device queue each event loop reads and writes (one queue per loop).
+    private let queueOfLoop: [ObjectIdentifier: Int]
     /// What every client is told besides its own addresses.
     let template: TunnelAssignment
     private let state: NIOLockedValueBox<State>
     private let prefix4: Int
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
-    private let readChannel = NIOLockedValueBoxChannel()
+    private let readChannels = NIOLockedValueBox<[any Channel]>([])
     private let forwarder: NIOLoopBoundBox<DNSForwarder?>
     private let loop: any EventLoop
     private let logger: Logger
 
     private init(
-        device: TUNDevice, pool: AddressPool<PublicKey>, template: TunnelAssignment, journal: HostChangeJournal,
+        device: TUNDevice, loops: [any EventLoop], pool: AddressPool<PublicKey>, template: TunnelAssignment, journal: HostChangeJournal,
         forwarder: NIOLoopBoundBox<DNSForwarder?>, loop: any EventLoop, logger: Logger
     ) {
         self.device = device
+        var queueOfLoop: [ObjectIdentifier: Int] = [:]
+        for (index, loop) in loops.enumerated() { queueOfLoop[ObjectIdentifier(loop)] = index }
+        self.queueOfLoop = queueOfLoop
         self.state = NIOLockedValueBox(State(pool: pool))
         self.prefix4 = pool.ipv4.prefixLength
         self.prefix6 = pool.ipv6?.prefixLength
@@ -58,7 +63,7 @@ final class ServerTUN: Sendable {
         self.logger = logger
     }
 
-    struct SetupError: Error, CustomStringConvertible {
+    struct SetupError: StartupFailure {
         var description: String
     }
 
@@ -90,9 +95,11 @@ final class ServerTUN: Sendable {
         guard SystemCommand.locate("nft") != nil else {
             throw SetupError(description: "--tun needs nftables for NAT (apt-get install nftables)")
         }
+        // One device queue per event loop: replies to a session's packets come back on its own loop.
+        let loops = Array(group.makeIterator())
         let device: TUNDevice
         do {
-            device = try TUNDevice(requested: settings.deviceName)
+            device = try TUNDevice(requested: settings.deviceName, queues: loops.count)
         } catch {
             throw SetupError(description: "\(error)")
         }
@@ -113,7 +120,10 @@ final class ServerTUN: Sendable {
             let table = Self.tableName(device: device.name)
             try HostNetwork.installTable(
                 family: "inet", name: table,
-                ruleset: FirewallRules.serverTable(name: table, device: device.name, pool4: "\(pool.ipv4)", pool6: pool.ipv6.map { "\($0)" }),
+                ruleset: FirewallRules.serverTable(
+                    name: table, device: device.name, pool4: "\(pool.ipv4)", pool6: pool.ipv6.map { "\($0)" },
+                    gateways: [gateway4.address] + (gateway6.map { [$0.address] } ?? [])
+                ),
                 journal: journal
             )
             if settings.dns.isEmpty {
@@ -136,23 +146,27 @@ final class ServerTUN: Sendable {
         } catch {
             try? await loop.submit { forwarder.value?.stop() }.get()
             journal.rollback()
-            device.closeWriter()
-            Glibc.close(device.readDescriptorForChannel)
+            device.closeWriters()
+            device.closeReaders()
             throw error as? SetupError ?? SetupError(description: "setting up \(device.name): \(error)")
         }
 
-        let tun = ServerTUN(device: device, pool: pool, template: template, journal: journal, forwarder: forwarder, loop: loop, logger: logger)
-        let channel = try await NIOPipeBootstrap(group: loop)
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
-            .channelOption(.maxMessagesPerRead, value: 32)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+        let tun = ServerTUN(
+            device: device, loops: loops, pool: pool, template: template, journal: journal, forwarder: forwarder, loop: loop, logger: logger
+        )
+        for (queue, queueLoop) in loops.enumerated() {
+            let channel = try await NIOPipeBootstrap(group: queueLoop)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
+                .channelOption(.maxMessagesPerRead, value: 32)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+                    }
                 }
-            }
-            .takingOwnershipOfDescriptor(input: device.readDescriptorForChannel)
-            .get()
-        tun.readChannel.set(channel)
+                .takingOwnershipOfDescriptor(input: device.readDescriptor(queue: queue))
+                .get()
+            tun.readChannels.withLockedValue { $0.append(channel) }
+        }
         let dns = template.dnsServers.isEmpty ? "none" : template.dnsServers.map(\.description).joined(separator: ", ")
         logger.info(
             "full tunnel on \(device.name): pool \(pool.ipv4)\(pool.ipv6.map { " and \($0)" } ?? ""), MTU \(settings.mtu), DNS \(dns), NAT table inet \(Self.tableName(device: device.name))"
@@ -163,12 +177,18 @@ final class ServerTUN: Sendable {
     /// Removes NAT, restores forwarding, stops the forwarder and closes the device.
     func stop() async {
         self.state.withLockedValue { $0.closed = true; $0.routes.removeAll() }
-        if let channel = self.readChannel.take() { try? await channel.close() }
+        let channels = self.readChannels.withLockedValue { channels in defer { channels = [] }; return channels }
+        for channel in channels { try? await channel.close() }
         let forwarder = self.forwarder
         try? await self.loop.submit { forwarder.value?.stop() }.get()
         let problems = self.journal.withLockedValue { $0.rollback() }
         for problem in problems { self.logger.warning("undoing the full-tunnel setup: \(problem)") }
-        self.device.closeWriter()
+        self.device.closeWriters()
+    }
+
+    /// Writes a packet from a client to the device, on the queue of the calling event loop.
+    func write(_ packet: ByteBuffer, from loop: any EventLoop) -> Bool {
+        self.device.write(packet, queue: self.queueOfLoop[ObjectIdentifier(loop)] ?? 0)
     }
 
     // MARK: - Sessions
@@ -219,6 +239,8 @@ final class ServerTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let tun: ServerTUN
     private var batches: [ObjectIdentifier: (ServerTUN.Route, [ByteBuffer])] = [:]
+    /// Sessions on this loop that got packets in this read burst (flushed at its end).
+    private var local: [ObjectIdentifier: TunnelConnectionHandler] = [:]
     private(set) var unroutable = 0
 
     init(tun: ServerTUN) {
@@ -232,18 +254,25 @@ final class ServerTUNReader: ChannelInboundHandler {
             return
         }
         if route.handler.eventLoop.inEventLoop {
-            route.handler.value.sendIPPacket(packet)
+            let handler = route.handler.value
+            handler.sendIPPacket(packet)
+            self.local[route.id] = handler
         } else {
             self.batches[route.id, default: (route, [])].1.append(packet)
         }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        if !self.local.isEmpty {
+            for handler in self.local.values { handler.flushNow() }
+            self.local.removeAll(keepingCapacity: true)
+        }
         guard !self.batches.isEmpty else { return }
         for (_, (route, packets)) in self.batches {
             route.handler.eventLoop.execute {
                 let handler = route.handler.value
                 for packet in packets { handler.sendIPPacket(packet) }
+                handler.flushNow()
             }
         }
         self.batches.removeAll(keepingCapacity: true)

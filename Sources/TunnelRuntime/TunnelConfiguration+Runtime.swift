@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 import NIOCore
 import TunnelConfig
 import TunnelProtocol
@@ -43,4 +44,37 @@ enum TunnelSocket {
     /// `TCP_NOTSENT_LOWAT` (Linux option 25).
     static let notSentLowWater = ChannelOptions.Types.SocketOption(level: .init(rawValue: Int32(IPPROTO_TCP)), name: .init(rawValue: 25))
     static let notSentLowWaterBytes = 128 << 10
+
+    /// `TCP_CONGESTION` (Linux option 13).
+    static let congestionOption = NIOBSDSocket.Option(rawValue: 13)
+
+    /// An algorithm name as `setsockopt(TCP_CONGESTION)` takes it (NUL-padded, at most 15 characters).
+    struct AlgorithmName: Sendable {
+        var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        init(_ name: String) {
+            withUnsafeMutableBytes(of: &self.bytes) { raw in
+                for (i, byte) in name.utf8.prefix(15).enumerated() { raw[i] = byte }
+            }
+        }
+    }
+
+    /// Sets the congestion control of a tunnel connection. `auto` asks for BBR: a tunnel carries other
+    /// flows' congestion control inside one TCP connection, and a loss-based outer algorithm (cubic) falls
+    /// to a few Mbit/s at 1% random loss, stalling every inner flow with it (TCP-over-TCP); BBR paces to
+    /// the measured bottleneck instead. Where BBR is not available (or not allowed for this user) the
+    /// system default stays, silently for `auto` and with a warning for an explicit name.
+    static func applyCongestionControl(_ choice: String, to channel: any Channel, logger: Logger) {
+        guard choice != "system", let provider = channel as? any SocketOptionProvider else { return }
+        let name = choice == "auto" ? "bbr" : choice
+        provider.unsafeSetSocketOption(level: .tcp, name: Self.congestionOption, value: AlgorithmName(name)).whenFailure { error in
+            if choice != "auto" {
+                logger.warning("cannot use congestion control \(name) on the tunnel connection (\(error)); using the system default")
+            }
+        }
+    }
 }
+
+/// A start-up failure whose description is the whole story (it names what failed and what to do), so the
+/// command line prints it as it is.
+public protocol StartupFailure: Error, CustomStringConvertible {}

@@ -64,6 +64,7 @@ public final class TunnelServer: Sendable {
         let registry = self.registry
         let connector = self.connector
         let logger = self.logger
+        let congestionControl = self.resolved.settings.timings.congestionControl
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -72,7 +73,8 @@ public final class TunnelServer: Sendable {
             .childChannelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
             .childChannelOption(.maxMessagesPerRead, value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
+                return channel.eventLoop.makeCompletedFuture {
                     let handler = TunnelConnectionHandler(
                         role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
                         configuration: configuration, logger: logger

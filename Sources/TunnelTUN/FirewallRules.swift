@@ -3,11 +3,19 @@ import TunnelProtocol
 /// The nftables rulesets of full-tunnel mode, each in a table of its own so it can be removed (and a stale
 /// one replaced) without touching anyone else's rules.
 public enum FirewallRules {
-    /// Server: NAT for the pools out of every other interface, MSS clamping both ways, and no forwarding
-    /// between clients.
-    public static func serverTable(name: String, device: String, pool4: String, pool6: String?) -> String {
+    /// Server: NAT for the pools out of every other interface, MSS clamping both ways, no forwarding
+    /// between clients, and the DNS forwarder on the gateway addresses only for packets from the tunnel.
+    public static func serverTable(name: String, device: String, pool4: String, pool6: String?, gateways: [IPAddress] = []) -> String {
         var lines = [
             "table inet \(name) {",
+            "    chain input {",
+            "        type filter hook input priority filter; policy accept;",
+        ]
+        for gateway in gateways {
+            lines.append("        iifname != \"\(device)\" \(gateway.isIPv6 ? "ip6" : "ip") daddr \(gateway) meta l4proto { tcp, udp } th dport 53 drop")
+        }
+        lines += [
+            "    }",
             "    chain forward {",
             "        type filter hook forward priority filter; policy accept;",
             "        iifname \"\(device)\" oifname \"\(device)\" drop",

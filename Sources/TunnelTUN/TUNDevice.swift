@@ -8,16 +8,18 @@ import NIOCore
 
 /// A Linux TUN device (IFF_TUN | IFF_NO_PI): each read returns one IP packet, each write sends one.
 ///
-/// The device exists while its descriptor is open; closing it (or the process ending, even by a crash)
-/// removes the device and every route through it. Reads go through a SwiftNIO pipe channel that owns
-/// `takeReadDescriptor()`; writes go straight to `write(2)` on a second descriptor, one packet per call,
-/// because NIO's pipe channel would coalesce buffers into one `writev` (one corrupt packet on a TUN).
+/// The device exists while a descriptor of it is open; closing them (or the process ending, even by a
+/// crash) removes the device and every route through it. A device may have several queues (one per event
+/// loop): the kernel hands packets of a flow to the queue that flow's packets were last written on, so
+/// replies come back on the thread that sent the request. Reads go through a SwiftNIO pipe channel that
+/// owns a queue's read descriptor; writes go straight to `write(2)` on a second descriptor of that queue,
+/// one packet per call, because NIO's pipe channel would coalesce buffers into one `writev` (one corrupt
+/// packet on a TUN).
 public final class TUNDevice: Sendable {
     /// The kernel's name for the device (`tunnel0`, ...).
     public let name: String
-    /// Descriptor for writes; owned here, closed by `close()`.
-    private let writeDescriptor: Int32
-    private let readDescriptor: Int32
+    private let readDescriptors: [Int32]
+    private let writeDescriptors: [Int32]
 
     public struct OpenError: Error, CustomStringConvertible {
         public var errno: Int32
@@ -37,38 +39,59 @@ public final class TUNDevice: Sendable {
         }
     }
 
-    /// Creates a device; `requested` may be a pattern such as `tunnel%d`.
-    public init(requested: String) throws(OpenError) {
+    /// Creates a device with `queues` queues; `requested` may be a pattern such as `tunnel%d`.
+    public init(requested: String, queues: Int = 1) throws(OpenError) {
+        precondition(queues >= 1 && queues <= 256)
         let size = Int(ctun_name_size())
         var name = [CChar](repeating: 0, count: size)
-        let fd = ctun_open(requested, &name, size)
-        guard fd >= 0 else { throw OpenError(errno: -fd, requested: requested) }
-        let second = dup(fd)
-        guard second >= 0 else {
-            let saved = errno
-            Glibc.close(fd)
-            throw OpenError(errno: saved, requested: requested)
+        var reads: [Int32] = []
+        var writes: [Int32] = []
+        func closeAll() {
+            for fd in reads + writes { Glibc.close(fd) }
         }
-        _ = fcntl(second, F_SETFD, FD_CLOEXEC)
-        self.readDescriptor = fd
-        self.writeDescriptor = second
-        self.name = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var actual = requested
+        for index in 0..<queues {
+            let fd = ctun_open(actual, queues > 1 ? 1 : 0, &name, size)
+            guard fd >= 0 else {
+                closeAll()
+                throw OpenError(errno: -fd, requested: requested)
+            }
+            let second = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            guard second >= 0 else {
+                let saved = errno
+                Glibc.close(fd)
+                closeAll()
+                throw OpenError(errno: saved, requested: requested)
+            }
+            reads.append(fd)
+            writes.append(second)
+            if index == 0 {
+                actual = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            }
+        }
+        self.name = actual
+        self.readDescriptors = reads
+        self.writeDescriptors = writes
     }
 
-    /// The descriptor to hand to `NIOPipeBootstrap.takingOwnershipOfDescriptor(input:)`, which closes it.
-    public var readDescriptorForChannel: Int32 { self.readDescriptor }
+    /// Number of queues.
+    public var queueCount: Int { self.readDescriptors.count }
 
-    /// Writes one packet. False when the kernel would block (its queue is full: the packet is dropped, as a
-    /// router would) or refused the packet.
+    /// The read descriptor of a queue, to hand to `NIOPipeBootstrap.takingOwnershipOfDescriptor(input:)`,
+    /// which closes it.
+    public func readDescriptor(queue: Int = 0) -> Int32 { self.readDescriptors[queue] }
+
+    /// Writes one packet on a queue. False when the kernel would block (its queue is full: the packet is
+    /// dropped, as a router would) or refused the packet.
     @inlinable
-    public func write(_ packet: ByteBuffer) -> Bool {
+    public func write(_ packet: ByteBuffer, queue: Int = 0) -> Bool {
         packet.withUnsafeReadableBytes { bytes in
-            Self.write(descriptor: self.descriptorForWrites, bytes)
+            Self.write(descriptor: self.writeDescriptor(queue: queue), bytes)
         }
     }
 
     @usableFromInline
-    var descriptorForWrites: Int32 { self.writeDescriptor }
+    func writeDescriptor(queue: Int) -> Int32 { self.writeDescriptors[queue] }
 
     @usableFromInline
     static func write(descriptor: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
@@ -80,9 +103,14 @@ public final class TUNDevice: Sendable {
         }
     }
 
-    /// Closes the write descriptor (the read one belongs to the channel). The device goes away once both
-    /// are closed.
-    public func closeWriter() {
-        Glibc.close(self.writeDescriptor)
+    /// Closes the write descriptors (the read ones belong to their channels). The device goes away once all
+    /// are closed. Call only when no thread writes any more.
+    public func closeWriters() {
+        for fd in self.writeDescriptors { Glibc.close(fd) }
+    }
+
+    /// Closes the read descriptors that were never handed to a channel.
+    public func closeReaders() {
+        for fd in self.readDescriptors { Glibc.close(fd) }
     }
 }

@@ -593,6 +593,14 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         return mux.sendIPPacket(packet)
     }
 
+    /// Builds and writes records for whatever is queued now, instead of at the end of this event-loop tick
+    /// (a TUN reader calls it when its read burst is over: the packets go out without another turn of the
+    /// loop).
+    public func flushNow() {
+        guard let context = self.context else { return }
+        self.produceOutput(context: context)
+    }
+
     /// IP packets dropped because the send queue was full.
     public var droppedPackets: Int { self.multiplexer?.droppedPackets ?? 0 }
 

@@ -1,5 +1,5 @@
 """A minimal authoritative DNS server for the full-tunnel tests: answers A and AAAA for the names given on the
-command line (NAME=IPv4,IPv6 ...), NXDOMAIN for anything else, over UDP. Logs each query to stdout.
+command line (NAME=IPv4,IPv6 ...), NXDOMAIN for anything else, over UDP and TCP. Logs each query to stdout.
 
     python3 dns_server.py 10.231.2.2 web.test=10.231.2.2,fd31:2::2
 """
@@ -7,6 +7,7 @@ command line (NAME=IPv4,IPv6 ...), NXDOMAIN for anything else, over UDP. Logs ea
 import socket
 import struct
 import sys
+import threading
 
 
 def parse_name(data, offset):
@@ -49,6 +50,11 @@ def main():
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind((listen, 53))
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((listen, 53))
+    tcp.listen(16)
+    threading.Thread(target=serve_tcp, args=(tcp, records), daemon=True).start()
     print("dns ready", flush=True)
     while True:
         data, peer = sock.recvfrom(4096)
@@ -58,6 +64,31 @@ def main():
             continue
         print(f"query {name} type {qtype} from {peer[0]}", flush=True)
         sock.sendto(reply, peer)
+
+
+def serve_tcp(listener, records):
+    while True:
+        conn, peer = listener.accept()
+        try:
+            conn.settimeout(5)
+            length = struct.unpack(">H", recv_exact(conn, 2))[0]
+            reply, name, qtype = answer(recv_exact(conn, length), records)
+            print(f"tcp query {name} type {qtype} from {peer[0]}", flush=True)
+            conn.sendall(struct.pack(">H", len(reply)) + reply)
+        except Exception:
+            pass
+        finally:
+            conn.close()
+
+
+def recv_exact(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
 
 
 if __name__ == "__main__":

@@ -220,6 +220,10 @@ def test_full_tunnel_carries_everything_without_leaks_and_restores_the_host(net,
     before = host_state(NS_C)
     # Without the tunnel the web host is unreachable from the client host (no route back from it).
     assert curl(NS_C, f"http://{WEB4}:8080/hello.txt", timeout=3).returncode != 0
+    # The server's DNS forwarder answers only what comes through the tunnel, not its other interfaces.
+    for transport in ("udp", "tcp"):
+        answer = ns(NS_C, sys.executable, os.path.join(HERE, "dns_query.py"), "10.77.0.1", "web.test", transport, "1.5", check=False)
+        assert answer.returncode != 0 and WEB4 not in answer.stdout, transport
 
     client = net.start_client(NS_C, "c1", SERVER_C)
     capture = Capture(NS_C, "c0", str(tmp_path / "c0.pcap"))
@@ -252,6 +256,10 @@ def test_full_tunnel_carries_everything_without_leaks_and_restores_the_host(net,
         assert "search test" in resolv
         hosts = ns(NS_C, "getent", "ahostsv4", "web.test", check=False)
         assert WEB4 in hosts.stdout, hosts.stdout + hosts.stderr
+        # Over TCP too (what resolvers fall back to for answers too large for UDP).
+        for transport in ("udp", "tcp"):
+            answer = ns(NS_C, sys.executable, os.path.join(HERE, "dns_query.py"), "10.77.0.1", "web.test", transport, check=False)
+            assert answer.stdout.split() == [WEB4], transport + ": " + answer.stdout + answer.stderr
         out = curl(NS_C, "http://web.test:8080/hello.txt")
         assert out.returncode == 0 and out.stdout == "hello through the tunnel\n", out.stderr
         # A whole file arrives intact.
@@ -396,3 +404,28 @@ def test_kill_switch_blocks_everything_outside_the_tunnel(net, dump_logs_on_fail
         assert client.terminate() == 0
         other.kill()
     assert host_state(NS_C) == before
+
+
+def test_without_privileges_both_ends_say_what_they_need(net, tmp_path):
+    """As an unprivileged user (no CAP_NET_ADMIN), --tun and --full-tunnel fail at once with a clear reason."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="tunnel-unpriv-")
+    try:
+        os.chmod(directory, 0o755)
+        for source in (net.server_key, net.keys["c1"][0], net.authorized):
+            shutil.copy(source, directory)
+            os.chmod(os.path.join(directory, os.path.basename(source)), 0o644)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+        server = ns(NS_S, *nobody, SERVER_BIN, "--listen", "127.0.0.1:0", "--key", f"{directory}/server.key",
+                    "--authorized-keys", f"{directory}/authorized_keys", "--tun", check=False)
+        assert server.returncode == 1, server.stdout + server.stderr
+        assert "needs root or CAP_NET_ADMIN" in server.stderr, server.stderr
+        client = ns(NS_C, *nobody, CLIENT_BIN, "--server", f"{SERVER_C}:{PORT}", "--server-key", net.server_pub,
+                    "--key", f"{directory}/c1.key", "--socks", "127.0.0.1:0", "--full-tunnel", check=False)
+        assert client.returncode == 1, client.stdout + client.stderr
+        assert "needs root or CAP_NET_ADMIN" in client.stderr, client.stderr
+        assert "cannot listen" not in client.stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

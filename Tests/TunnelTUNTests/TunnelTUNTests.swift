@@ -176,7 +176,12 @@ struct HostNetworkTests {
     }
 
     @Test func firewallTablesNameTheirDeviceAndPools() {
-        let server = FirewallRules.serverTable(name: "tunnel_server_tunnel0", device: "tunnel0", pool4: "10.77.0.0/24", pool6: "fd00:77::/64")
+        let server = FirewallRules.serverTable(
+            name: "tunnel_server_tunnel0", device: "tunnel0", pool4: "10.77.0.0/24", pool6: "fd00:77::/64",
+            gateways: [IPAddress.parse("10.77.0.1")!, IPAddress.parse("fd00:77::1")!]
+        )
+        #expect(server.contains("iifname != \"tunnel0\" ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 drop"))
+        #expect(server.contains("iifname != \"tunnel0\" ip6 daddr fd00:77::1 meta l4proto"))
         #expect(server.hasPrefix("table inet tunnel_server_tunnel0 {"))
         #expect(server.contains("ip saddr 10.77.0.0/24 oifname != \"tunnel0\" masquerade"))
         #expect(server.contains("ip6 saddr fd00:77::/64 oifname != \"tunnel0\" masquerade"))

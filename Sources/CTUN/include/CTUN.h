@@ -5,8 +5,10 @@
 
 /// Opens /dev/net/tun and attaches a TUN device (IFF_TUN | IFF_NO_PI: one read or write is one bare IP
 /// packet). `requested` may be a name or a pattern such as "tunnel%d"; the kernel's chosen name is copied to
-/// `name_out` (at least IFNAMSIZ bytes). Returns the non-blocking, close-on-exec descriptor, or -errno.
-int ctun_open(const char *requested, char *name_out, size_t name_out_len);
+/// `name_out` (at least IFNAMSIZ bytes). With `multi_queue`, the device has one queue per descriptor
+/// (IFF_MULTI_QUEUE): open it again by its name for each further queue. Returns the non-blocking,
+/// close-on-exec descriptor, or -errno.
+int ctun_open(const char *requested, int multi_queue, char *name_out, size_t name_out_len);
 
 /// The size a `name_out` buffer needs (IFNAMSIZ).
 int ctun_name_size(void);
