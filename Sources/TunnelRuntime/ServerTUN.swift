@@ -238,9 +238,11 @@ final class ServerTUN: Sendable {
 final class ServerTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let tun: ServerTUN
-    private var batches: [ObjectIdentifier: (ServerTUN.Route, [ByteBuffer])] = [:]
-    /// Sessions on this loop that got packets in this read burst (flushed at its end).
-    private var local: [ObjectIdentifier: TunnelConnectionHandler] = [:]
+    /// Packets for sessions on other loops, one batch per session, handed over at the end of the read burst.
+    private var batches: [(route: ServerTUN.Route, packets: [ByteBuffer])] = []
+    /// Sessions on this loop that got packets in this read burst (flushed at its end). A burst reaches a
+    /// handful of sessions at most, so small arrays beat dictionaries here.
+    private var local: [TunnelConnectionHandler] = []
     private(set) var unroutable = 0
 
     init(tun: ServerTUN) {
@@ -256,19 +258,21 @@ final class ServerTUNReader: ChannelInboundHandler {
         if route.handler.eventLoop.inEventLoop {
             let handler = route.handler.value
             handler.sendIPPacket(packet)
-            self.local[route.id] = handler
+            if !self.local.contains(where: { $0 === handler }) { self.local.append(handler) }
+        } else if let index = self.batches.firstIndex(where: { $0.route.id == route.id }) {
+            self.batches[index].packets.append(packet)
         } else {
-            self.batches[route.id, default: (route, [])].1.append(packet)
+            self.batches.append((route, [packet]))
         }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if !self.local.isEmpty {
-            for handler in self.local.values { handler.flushNow() }
+            for handler in self.local { handler.flushNow() }
             self.local.removeAll(keepingCapacity: true)
         }
         guard !self.batches.isEmpty else { return }
-        for (_, (route, packets)) in self.batches {
+        for (route, packets) in self.batches {
             route.handler.eventLoop.execute {
                 let handler = route.handler.value
                 for packet in packets { handler.sendIPPacket(packet) }
