@@ -36,32 +36,20 @@ public struct SessionParameters: Hashable, Sendable {
 
     /// Appends the TLVs.
     public func encode(into buffer: inout ByteBuffer) {
-        func tlv(_ tag: UInt8, _ write: (inout ByteBuffer) -> Void) {
-            buffer.writeInteger(tag)
-            let lengthIndex = buffer.writerIndex
-            buffer.writeInteger(UInt16(0))
-            let start = buffer.writerIndex
-            write(&buffer)
-            buffer.setInteger(UInt16(buffer.writerIndex - start), at: lengthIndex)
-        }
-        tlv(Tag.minorVersion) { $0.writeInteger(self.minorVersion) }
-        tlv(Tag.features) { $0.writeInteger(self.features.rawValue) }
-        tlv(Tag.maxConcurrentStreams) { $0.writeInteger(self.maxConcurrentStreams) }
-        tlv(Tag.connectionWindow) { $0.writeInteger(self.connectionWindow) }
+        buffer.writeTLV(Tag.minorVersion) { $0.writeInteger(self.minorVersion) }
+        buffer.writeTLV(Tag.features) { $0.writeInteger(self.features.rawValue) }
+        buffer.writeTLV(Tag.maxConcurrentStreams) { $0.writeInteger(self.maxConcurrentStreams) }
+        buffer.writeTLV(Tag.connectionWindow) { $0.writeInteger(self.connectionWindow) }
     }
 
     /// Parses TLVs; unknown tags are skipped, known tags must have their exact size.
     public static func decode(_ buffer: inout ByteBuffer) throws(ProtocolError) -> SessionParameters {
         var parameters = SessionParameters()
-        while buffer.readableBytes > 0 {
-            guard let tag = buffer.readInteger(as: UInt8.self), let length = buffer.readInteger(as: UInt16.self),
-                var value = buffer.readSlice(length: Int(length))
-            else {
-                throw ProtocolError.handshakeFailed("truncated handshake parameter")
-            }
+        while let (tag, field) = try buffer.readTLV(malformed: ProtocolError.handshakeFailed("truncated handshake parameter")) {
+            var value = field
             func exact<T: FixedWidthInteger>(_: T.Type) throws(ProtocolError) -> T {
                 guard value.readableBytes == MemoryLayout<T>.size, let v = value.readInteger(as: T.self) else {
-                    throw ProtocolError.handshakeFailed("handshake parameter \(tag) has length \(length)")
+                    throw ProtocolError.handshakeFailed("handshake parameter \(tag) has length \(field.readableBytes)")
                 }
                 return v
             }

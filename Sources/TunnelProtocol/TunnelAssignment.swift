@@ -48,9 +48,7 @@ public struct TunnelAssignment: Hashable, Sendable {
     /// Appends the TLVs.
     public func encode(into buffer: inout ByteBuffer) {
         func tlv(_ tag: UInt8, _ bytes: [UInt8]) {
-            buffer.writeInteger(tag)
-            buffer.writeInteger(UInt16(bytes.count))
-            buffer.writeBytes(bytes)
+            buffer.writeTLV(tag) { $0.writeBytes(bytes) }
         }
         if let v4 = self.ipv4 { tlv(Tag.ipv4, v4.address.bytes + [UInt8(v4.prefixLength)]) }
         if let v6 = self.ipv6 { tlv(Tag.ipv6, v6.address.bytes + [UInt8(v6.prefixLength)]) }
@@ -62,12 +60,8 @@ public struct TunnelAssignment: Hashable, Sendable {
     public static func decode(_ buffer: ByteBuffer) throws(ProtocolError) -> TunnelAssignment {
         var buffer = buffer
         var assignment = TunnelAssignment()
-        while buffer.readableBytes > 0 {
-            guard let tag = buffer.readInteger(as: UInt8.self), let length = buffer.readInteger(as: UInt16.self),
-                let value = buffer.readBytes(length: Int(length))
-            else {
-                throw ProtocolError.malformedFrame("truncated CONTROL field")
-            }
+        while let (tag, field) = try buffer.readTLV(malformed: ProtocolError.malformedFrame("truncated CONTROL field")) {
+            let value = Array(field.readableBytesView)
             switch tag {
             case Tag.ipv4: assignment.ipv4 = try Self.interface(value, addressBytes: 4)
             case Tag.ipv6: assignment.ipv6 = try Self.interface(value, addressBytes: 16)

@@ -69,15 +69,7 @@ final class ClientUDPAssociation: StreamEndpoint {
         let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
             { [weak self] in self?.applicationDatagram($0) }, eventLoop: self.control.eventLoop
         )
-        DatagramBootstrap(group: self.control.eventLoop)
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
-            .channelOption(.maxMessagesPerRead, value: 16)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
-                }
-            }
-            .bind(host: host, port: 0)
+        DatagramReader.bind(host: host, port: 0, on: self.control.eventLoop, receive: reader)
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
@@ -226,6 +218,23 @@ final class DatagramReader: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {}
+
+    /// A UDP socket bound to `host:port` on `loop` whose datagrams (up to `capacity` bytes each, so none is
+    /// truncated) go to `receive`.
+    static func bind(
+        host: String, port: Int, on loop: any EventLoop, capacity: Int = 65536 + 64,
+        receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
+    ) -> EventLoopFuture<any Channel> {
+        DatagramBootstrap(group: loop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(DatagramReader(receive))
+                }
+            }
+            .bind(host: host, port: port)
+    }
 }
 
 /// Watches the association's TCP control connection: when it ends, so does the association.

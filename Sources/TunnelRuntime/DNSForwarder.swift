@@ -37,15 +37,7 @@ final class DNSForwarder {
             self?.query(envelope)
         }, eventLoop: self.eventLoop)
         let futures = addresses.map { address -> EventLoopFuture<Void> in
-            DatagramBootstrap(group: self.eventLoop)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 4096))
-                .channelOption(.maxMessagesPerRead, value: 16)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
-                    }
-                }
-                .bind(to: address)
+            DatagramReader.bind(host: address.ipAddress ?? "", port: address.port ?? 53, on: self.eventLoop, capacity: 4096, receive: reader)
                 .map { channel in self.listeners.append(channel) }
         }
         let tcp = addresses.map { self.listenTCP(on: $0) }

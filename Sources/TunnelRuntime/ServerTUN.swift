@@ -155,16 +155,24 @@ final class ServerTUN: Sendable {
             device: device, loops: loops, pool: pool, template: template, journal: journal, forwarder: forwarder, loop: loop, logger: logger
         )
         for (queue, queueLoop) in loops.enumerated() {
-            let channel = try await NIOPipeBootstrap(group: queueLoop)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
-                .channelOption(.maxMessagesPerRead, value: 32)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+            let channel: any Channel
+            do {
+                channel = try await NIOPipeBootstrap(group: queueLoop)
+                    .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
+                    .channelOption(.maxMessagesPerRead, value: 32)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+                        }
                     }
-                }
-                .takingOwnershipOfDescriptor(input: device.readDescriptor(queue: queue))
-                .get()
+                    .takingOwnershipOfDescriptor(input: device.readDescriptor(queue: queue))
+                    .get()
+            } catch {
+                // Undo everything: the channels made so far own (and close) their descriptors; the rest are ours.
+                for unused in queue..<loops.count { Glibc.close(device.readDescriptor(queue: unused)) }
+                await tun.stop()
+                throw SetupError(description: "reading from \(device.name): \(error)")
+            }
             tun.readChannels.withLockedValue { $0.append(channel) }
         }
         let dns = template.dnsServers.isEmpty ? "none" : template.dnsServers.map(\.description).joined(separator: ", ")

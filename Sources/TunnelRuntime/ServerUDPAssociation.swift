@@ -48,15 +48,7 @@ final class ServerUDPAssociation: MuxStreamContext {
             { [weak self] in self?.remoteDatagram($0) }, eventLoop: self.eventLoop
         )
         func bind(_ host: String) -> EventLoopFuture<any Channel> {
-            DatagramBootstrap(group: self.eventLoop)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536 + 64))
-                .channelOption(.maxMessagesPerRead, value: 16)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(DatagramReader(reader))
-                    }
-                }
-                .bind(host: host, port: 0)
+            DatagramReader.bind(host: host, port: 0, on: self.eventLoop, receive: reader)
         }
         bind("0.0.0.0").assumeIsolated().whenComplete { result in
             switch result {

@@ -70,15 +70,14 @@ public enum SystemCommand {
             return Result(status: -1, output: "\(path): \(String(cString: strerror(spawned)))")
         }
         if let input {
-            var bytes = Array(input.utf8)
+            let bytes = Array(input.utf8)
             var offset = 0
             while offset < bytes.count {
-                let n = bytes.withUnsafeMutableBytes { write(inputPipe[1], $0.baseAddress! + offset, $0.count - offset) }
+                let n = bytes.withUnsafeBytes { write(inputPipe[1], $0.baseAddress! + offset, $0.count - offset) }
                 if n < 0 && errno == EINTR { continue }
                 if n <= 0 { break }
                 offset += n
             }
-            bytes.removeAll()
         }
         close(inputPipe[1])
         var output: [UInt8] = []

@@ -219,23 +219,14 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.inbound = ByteBuffer()
         local.onOpenResult = { [weak self] reply, _ in
             guard let self, let context = self.context else { return }
-            guard reply == .succeeded, let stream = local.stream else {
+            guard reply == .succeeded, local.stream != nil else {
                 let (status, _) = HTTPProxy.status(for: reply)
                 self.fail(status: status, message: "\(reply)")
                 return
             }
             context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: HTTPProxy.connectEstablished)), promise: nil)
             self.requestState = .done
-            do {
-                try context.pipeline.syncOperations.addHandler(local)
-                context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            } catch {
-                context.close(promise: nil)
-                return
-            }
-            if early.readableBytes > 0, let mux = local.multiplexer { mux.localRead(early, on: stream) }
-            if self.clientEOF, let mux = local.multiplexer { mux.localEndOfStream(on: stream) }
-            local.streamStarted()
+            local.takeOver(from: context, early: early, inputClosed: self.clientEOF)
         }
         _ = context
         self.provider.requestStream(to: target, local: local)

@@ -261,7 +261,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         guard case .waiting = self.phase else { return }
         self.phase = .finished
         self.timeout?.cancel()
-        guard reply == .succeeded, let stream = local.stream else {
+        guard reply == .succeeded, local.stream != nil else {
             self.logger.debug("CONNECT failed: \(reply)")
             let answer: ByteBuffer
             switch style {
@@ -283,22 +283,9 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         case .httpConnect: answer = ByteBuffer(string: HTTPProxy.connectEstablished)
         }
         context.writeAndFlush(self.wrapOutboundOut(answer), promise: nil)
-        let early = self.buffered.flatMap { $0.readableBytes > 0 ? $0 : nil }
+        let early = self.buffered
         self.buffered = nil
-        do {
-            try context.pipeline.syncOperations.addHandler(local)
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        } catch {
-            context.close(promise: nil)
-            return
-        }
-        if let early, let mux = local.multiplexer {
-            mux.localRead(early, on: stream)
-        }
-        if self.inputClosed, let mux = local.multiplexer {
-            mux.localEndOfStream(on: stream)
-        }
-        local.streamStarted()
+        local.takeOver(from: context, early: early, inputClosed: self.inputClosed)
     }
 }
 

@@ -64,6 +64,24 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
         self.readIfWanted()
     }
 
+    /// Takes the application's connection over from the front-end handler at `context` (SOCKS or HTTP
+    /// CONNECT, whose reply is written): bytes the application sent early and an EOF it already sent go
+    /// into the stream first, then reading starts.
+    func takeOver(from context: ChannelHandlerContext, early: ByteBuffer?, inputClosed: Bool) {
+        do {
+            try context.pipeline.syncOperations.addHandler(self)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        if let stream = self.stream, let mux = self.multiplexer {
+            if let early, early.readableBytes > 0 { mux.localRead(early, on: stream) }
+            if inputClosed { mux.localEndOfStream(on: stream) }
+        }
+        self.streamStarted()
+    }
+
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
         mux.localRead(self.unwrapInboundIn(data), on: stream)
