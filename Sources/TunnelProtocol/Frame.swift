@@ -102,6 +102,19 @@ public struct FrameHeader: Hashable, Sendable {
     }
 }
 
+/// One frame read from a record: its header and a slice of the record holding its payload. (A named struct
+/// rather than a tuple: an optional tuple goes through the runtime's generic value witnesses on every frame.)
+public struct DecodedFrame: Sendable {
+    public var header: FrameHeader
+    public var payload: ByteBuffer
+
+    @inlinable
+    public init(header: FrameHeader, payload: ByteBuffer) {
+        self.header = header
+        self.payload = payload
+    }
+}
+
 /// Limits of the record layer and the frame layer.
 public enum WireLimits {
     /// Largest Noise message (Noise §3): the u16 length prefix.
@@ -132,7 +145,7 @@ extension ByteBuffer {
     ///
     /// A record holds whole frames only, so a partial header or payload is a protocol error, never a "wait".
     @inlinable
-    public mutating func readFrame() throws(ProtocolError) -> (header: FrameHeader, payload: ByteBuffer)? {
+    public mutating func readFrame() throws(ProtocolError) -> DecodedFrame? {
         guard self.readableBytes > 0 else { return nil }
         guard self.readableBytes >= FrameHeader.byteCount else {
             throw ProtocolError.malformedFrame("\(self.readableBytes) trailing bytes are not a frame header")
@@ -146,6 +159,9 @@ extension ByteBuffer {
                 "frame \(FrameType(rawValue: type)) declares \(length) bytes, record has \(self.readableBytes)"
             )
         }
-        return (FrameHeader(type: FrameType(rawValue: type), flags: FrameFlags(rawValue: flags), streamID: StreamID(stream), length: length), payload)
+        return DecodedFrame(
+            header: FrameHeader(type: FrameType(rawValue: type), flags: FrameFlags(rawValue: flags), streamID: StreamID(stream), length: length),
+            payload: payload
+        )
     }
 }

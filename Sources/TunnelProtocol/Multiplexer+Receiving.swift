@@ -17,7 +17,8 @@ extension Multiplexer {
     public func receivedRecord(_ record: inout ByteBuffer, now: NIODeadline) throws(ProtocolError) -> RecordOutcome {
         let recordSize = record.readableBytes
         var outcome = RecordOutcome()
-        while let (header, payload) = try record.readFrame() {
+        while let frame = try record.readFrame() {
+            let header = frame.header, payload = frame.payload
             if outcome.rekey || outcome.close != nil {
                 throw ProtocolError.malformedRecord("a frame follows \(outcome.rekey ? "REKEY" : "CLOSE") in its record")
             }

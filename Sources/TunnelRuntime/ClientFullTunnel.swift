@@ -249,7 +249,7 @@ final class ClientFullTunnel {
         }
         // Only packets from our own addresses: the server would drop anything else (link-local chatter).
         guard let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else { return }
-        tunnel.sendIPPacket(packet)
+        tunnel.enqueueIPPacket(packet)  // flushed by `deviceReadComplete`
     }
 
     /// The device's read burst is over: send what it queued now.

@@ -21,6 +21,9 @@ final class ServerSession: TunnelConnectionDelegate {
     /// Full tunnel: the client's inner addresses (packets from any other source are dropped).
     private var ipv4: PacketAddress?
     private var ipv6: PacketAddress?
+    /// Full tunnel: the client's slot in the server's routing table, and the device queue of this loop.
+    private var slot: Int?
+    private var queue = 0
     private var spoofedPackets = 0
     private var undeliveredPackets = 0
 
@@ -77,11 +80,13 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     private func startFullTunnel(_ tunnel: TunnelConnectionHandler, tun: ServerTUN, key: PublicKey) {
-        guard let assignment = tun.attach(key: key, route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)) else {
+        guard let (assignment, slot) = tun.attach(key: key, route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)) else {
             self.logger.warning("\(self.clientName): the full-tunnel address pool is full; closing")
             tunnel.close(code: .resourceExhausted)
             return
         }
+        self.slot = slot
+        self.queue = tun.queue(of: self.handle.eventLoop)
         self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
         self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
         var payload = ByteBuffer()
@@ -102,7 +107,7 @@ final class ServerSession: TunnelConnectionDelegate {
             self.spoofedPackets += 1
             return
         }
-        if !tun.write(packet, from: self.handle.eventLoop) { self.undeliveredPackets += 1 }
+        if !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
@@ -145,8 +150,8 @@ final class ServerSession: TunnelConnectionDelegate {
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.finishHandshake()
         self.registry.remove(self.handle, key: self.clientKey)
-        if let tun = self.tun, let key = self.clientKey, let ipv4 = self.ipv4 {
-            tun.detach(key: key, id: self.handle.id, addresses: [ipv4] + (self.ipv6.map { [$0] } ?? []))
+        if let tun = self.tun, let key = self.clientKey, let slot = self.slot {
+            tun.detach(key: key, id: self.handle.id, slot: slot)
             if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 {
                 self.logger.info(
                     "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit"

@@ -23,12 +23,26 @@ final class ServerTUN: Sendable {
     struct Route: Sendable {
         let id: ObjectIdentifier
         let handler: NIOLoopBound<TunnelConnectionHandler>
+        /// The session's event loop, compared by identity per packet.
+        let loop: ObjectIdentifier
+
+        init(id: ObjectIdentifier, handler: NIOLoopBound<TunnelConnectionHandler>) {
+            self.id = id
+            self.handler = handler
+            self.loop = ObjectIdentifier(handler.eventLoop)
+        }
     }
 
     private struct State {
         var pool: AddressPool<PublicKey>
-        var routes: [PacketAddress: Route] = [:]
+        /// The session of each pool slot: routing a packet is arithmetic and an index, no hashing.
+        var routes: [Route?]
         var closed = false
+
+        init(pool: AddressPool<PublicKey>) {
+            self.pool = pool
+            self.routes = Array(repeating: nil, count: pool.capacity)
+        }
     }
 
     let device: TUNDevice
@@ -37,6 +51,7 @@ final class ServerTUN: Sendable {
     /// What every client is told besides its own addresses.
     let template: TunnelAssignment
     private let state: NIOLockedValueBox<State>
+    private let slots: AddressSlotMap
     private let prefix4: Int
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
@@ -54,6 +69,7 @@ final class ServerTUN: Sendable {
         for (index, loop) in loops.enumerated() { queueOfLoop[ObjectIdentifier(loop)] = index }
         self.queueOfLoop = queueOfLoop
         self.state = NIOLockedValueBox(State(pool: pool))
+        self.slots = pool.slotMap
         self.prefix4 = pool.ipv4.prefixLength
         self.prefix6 = pool.ipv6?.prefixLength
         self.template = template
@@ -184,7 +200,10 @@ final class ServerTUN: Sendable {
 
     /// Removes NAT, restores forwarding, stops the forwarder and closes the device.
     func stop() async {
-        self.state.withLockedValue { $0.closed = true; $0.routes.removeAll() }
+        self.state.withLockedValue { state in
+            state.closed = true
+            for slot in state.routes.indices { state.routes[slot] = nil }
+        }
         let channels = self.readChannels.withLockedValue { channels in defer { channels = [] }; return channels }
         for channel in channels { try? await channel.close() }
         let forwarder = self.forwarder
@@ -194,21 +213,25 @@ final class ServerTUN: Sendable {
         self.device.closeWriters()
     }
 
-    /// Writes a packet from a client to the device, on the queue of the calling event loop.
-    func write(_ packet: ByteBuffer, from loop: any EventLoop) -> Bool {
-        self.device.write(packet, queue: self.queueOfLoop[ObjectIdentifier(loop)] ?? 0)
+    /// The device queue `loop` writes to (its own: replies then come back on that loop).
+    func queue(of loop: any EventLoop) -> Int {
+        self.queueOfLoop[ObjectIdentifier(loop)] ?? 0
+    }
+
+    /// Writes a packet from a client to the device, on `queue` (see `queue(of:)`).
+    func write(_ packet: ByteBuffer, queue: Int) -> Bool {
+        self.device.write(packet, queue: queue)
     }
 
     // MARK: - Sessions
 
     /// Gives a client its addresses and routes packets for them to `route`. Nil when the pool is full.
-    func attach(key: PublicKey, route: Route) -> TunnelAssignment? {
+    func attach(key: PublicKey, route: Route) -> (assignment: TunnelAssignment, slot: Int)? {
         let lease: AddressPool<PublicKey>.Lease? = self.state.withLockedValue { state in
             guard !state.closed else { return nil }
             let seed = key.bytes.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
             guard let lease = state.pool.lease(for: key, seed: seed) else { return nil }
-            state.routes[lease.ipv4] = route
-            if let v6 = lease.ipv6 { state.routes[v6] = route }
+            state.routes[lease.slot] = route
             return lease
         }
         guard let lease else { return nil }
@@ -217,27 +240,26 @@ final class ServerTUN: Sendable {
         if let v6 = lease.ipv6, let prefix6 = self.prefix6 {
             assignment.ipv6 = TunnelAssignment.Interface(address: v6.ipAddress, prefixLength: prefix6)
         }
-        return assignment
+        return (assignment, lease.slot)
     }
 
-    /// The session `id` of `key` ended: its routes go (unless a newer session of the key took them).
-    func detach(key: PublicKey, id: ObjectIdentifier, addresses: [PacketAddress]) {
+    /// The session `id` of `key` ended: its route goes, unless a newer session of the key took the slot.
+    func detach(key: PublicKey, id: ObjectIdentifier, slot: Int) {
         self.state.withLockedValue { state in
-            var stillRouted = false
-            for address in addresses {
-                if state.routes[address]?.id == id {
-                    state.routes.removeValue(forKey: address)
-                } else if state.routes[address] != nil {
-                    stillRouted = true
-                }
+            guard !state.closed else { return }
+            if state.routes[slot]?.id == id {
+                state.routes[slot] = nil
+                state.pool.release(key)
+            } else if state.routes[slot] == nil {
+                state.pool.release(key)
             }
-            if !stillRouted { state.pool.release(key) }
         }
     }
 
     /// The session that owns `destination`.
     func route(to destination: PacketAddress) -> Route? {
-        self.state.withLockedValue { $0.routes[destination] }
+        guard let slot = self.slots.slot(of: destination) else { return nil }
+        return self.state.withLockedValue { $0.routes[slot] }
     }
 }
 
@@ -251,10 +273,15 @@ final class ServerTUNReader: ChannelInboundHandler {
     /// Sessions on this loop that got packets in this read burst (flushed at its end). A burst reaches a
     /// handful of sessions at most, so small arrays beat dictionaries here.
     private var local: [TunnelConnectionHandler] = []
+    private var loop: ObjectIdentifier?
     private(set) var unroutable = 0
 
     init(tun: ServerTUN) {
         self.tun = tun
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.loop = ObjectIdentifier(context.eventLoop)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -263,9 +290,10 @@ final class ServerTUNReader: ChannelInboundHandler {
             self.unroutable += 1
             return
         }
-        if route.handler.eventLoop.inEventLoop {
+        if route.loop == self.loop {
+            // Queued without a flush of its own: the whole read burst goes out in `channelReadComplete`.
             let handler = route.handler.value
-            handler.sendIPPacket(packet)
+            handler.enqueueIPPacket(packet)
             if !self.local.contains(where: { $0 === handler }) { self.local.append(handler) }
         } else if let index = self.batches.firstIndex(where: { $0.route.id == route.id }) {
             self.batches[index].packets.append(packet)
@@ -283,7 +311,7 @@ final class ServerTUNReader: ChannelInboundHandler {
         for (route, packets) in self.batches {
             route.handler.eventLoop.execute {
                 let handler = route.handler.value
-                for packet in packets { handler.sendIPPacket(packet) }
+                for packet in packets { handler.enqueueIPPacket(packet) }
                 handler.flushNow()
             }
         }

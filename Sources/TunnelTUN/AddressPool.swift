@@ -16,6 +16,8 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
 
     /// What one client gets.
     public struct Lease: Hashable, Sendable {
+        /// The lease's index, `0..<capacity`: what `AddressSlotMap.slot(of:)` gives for either address.
+        public var slot: Int
         public var ipv4: PacketAddress
         public var ipv6: PacketAddress?
     }
@@ -110,7 +112,15 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
     public var leaseCount: Int { self.slotOf.count }
 
     private func lease(slot: Int) -> Lease {
-        Lease(ipv4: self.address(v4Host: slot + 2), ipv6: self.address(v6Host: slot + 2))
+        Lease(slot: slot, ipv4: self.address(v4Host: slot + 2), ipv6: self.address(v6Host: slot + 2))
+    }
+
+    /// Maps client addresses to slots by arithmetic alone, for the per-packet routing (no hashing, no lock).
+    public var slotMap: AddressSlotMap {
+        guard case .v4(let v4) = self.ipv4.address else { preconditionFailure() }
+        var v6Network: (UInt64, UInt64)? = nil
+        if let v6 = self.ipv6, case .v6(let high, let low) = v6.address { v6Network = (high, low) }
+        return AddressSlotMap(v4Network: v4, v6High: v6Network?.0, v6Low: v6Network?.1 ?? 0, capacity: self.capacity)
     }
 
     private func address(v4Host host: Int) -> PacketAddress {
@@ -121,5 +131,29 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
     private func address(v6Host host: Int) -> PacketAddress? {
         guard let v6 = self.ipv6, case .v6(let high, let low) = v6.address else { return nil }
         return .v6(high, low + UInt64(host))
+    }
+}
+
+/// Which pool slot an address belongs to: slot `n` holds host `n + 2` of each network (host 1 is the gateway).
+public struct AddressSlotMap: Sendable, Hashable {
+    @usableFromInline let v4Network: UInt32
+    @usableFromInline let v6High: UInt64?
+    @usableFromInline let v6Low: UInt64
+    public let capacity: Int
+
+    /// The slot of a client address of the pool; nil for any other address (the gateway, the network and
+    /// broadcast addresses, hosts past the pool's capacity, other networks).
+    @inlinable
+    public func slot(of address: PacketAddress) -> Int? {
+        let host: UInt64
+        switch address {
+        case .v4(let value):
+            host = UInt64(value &- self.v4Network)  // wraps to a huge value below the network
+        case .v6(let high, let low):
+            guard high == self.v6High else { return nil }
+            host = low &- self.v6Low
+        }
+        guard host >= 2, host - 2 < UInt64(self.capacity) else { return nil }
+        return Int(host - 2)
     }
 }

@@ -73,7 +73,13 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var confirmed = false
 
     private var cumulation: ByteBuffer?
+    /// The last record's plaintext buffer, reused for the next record when no frame of it is still held.
+    private var plaintextScratch: ByteBuffer?
     private var flushScheduled = false
+    /// Set while `enqueueIPPacket` queues: output waits for the caller's `flushNow()` instead of a task.
+    private var flushHeld = false
+    /// Output was queued under `flushHeld` and not flushed yet.
+    private var flushOwed = false
     private var streamsToFlush: [any StreamEndpoint] = []
     private var lastReceive = NIODeadline.now()
     private var timer: Scheduled<Void>?
@@ -262,23 +268,21 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     private func receivedRecord(_ buffer: inout ByteBuffer, length: Int, context: ChannelHandlerContext) throws(ProtocolError) {
-        let allocator = context.channel.allocator
+        var plaintext = self.plaintextBuffer(capacity: length, allocator: context.channel.allocator)
         var failure: ProtocolError?
-        var plaintext: ByteBuffer? = buffer.withUnsafeReadableBytes { raw in
-            let result: Result<ByteBuffer, ProtocolError> = Result { () throws(ProtocolError) -> ByteBuffer in
-                try self.opener!.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), allocator: allocator)
-            }
-            switch result {
-            case .success(let plaintext): return plaintext
-            case .failure(let error):
+        buffer.withUnsafeReadableBytes { raw in
+            do throws(ProtocolError) {
+                try self.opener!.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), appendingTo: &plaintext)
+            } catch {
                 failure = error
-                return nil
             }
         }
         if let failure { throw failure }
         buffer.moveReaderIndex(forwardBy: 2 + length)
-        let now = NIODeadline.now()
-        let outcome = try self.multiplexer!.receivedRecord(&plaintext!, now: now)
+        // The time of this read: one clock read per read, not one per record.
+        let now = self.lastReceive
+        let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: now)
+        self.plaintextScratch = plaintext
         if !self.confirmed {
             self.confirmed = true
             self.delegate?.tunnelConfirmed(self)
@@ -290,6 +294,20 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         if let code = outcome.close {
             self.peerClosed(code: code, context: context)
         }
+    }
+
+    /// An empty buffer for a record's plaintext: the previous record's buffer when nothing holds on to it
+    /// any more (the usual case: IP packets are written to the device at once), else a new one.
+    private func plaintextBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+        if var previous = self.plaintextScratch {
+            self.plaintextScratch = nil
+            let reusable = previous.modifyIfUniquelyOwned { buffer in
+                buffer.clear()
+                return buffer.capacity >= capacity
+            }
+            if reusable == true { return previous }
+        }
+        return allocator.buffer(capacity: max(capacity, 2048))
     }
 
     private func receivedHandshakeMessage(_ message: [UInt8], context: ChannelHandlerContext) throws(ProtocolError) {
@@ -347,6 +365,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     // MARK: - Outbound records
 
     private func scheduleFlush() {
+        if self.flushHeld {
+            self.flushOwed = true
+            return
+        }
         guard !self.flushScheduled, let context = self.context else { return }
         self.flushScheduled = true
         context.eventLoop.assumeIsolated().execute {
@@ -357,6 +379,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Builds records from whatever the multiplexer has queued, up to the batch size, and writes them in one go.
     private func produceOutput(context: ChannelHandlerContext) {
+        self.flushOwed = false
         guard self.phase == .established, let mux = self.multiplexer else { return }
         let maxPlaintext = WireLimits.maxRecordPlaintext - FrameHeader.byteCount
         while mux.hasOutput && context.channel.isWritable {
@@ -428,6 +451,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
                 self.multiplexer?.sendPing(now: now)
             }
             self.multiplexer?.releaseIdleCompressionContexts(now: now)
+            if self.flushOwed {
+                // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug,
+                // but the packets still go.
+                self.produceOutput(context: context)
+            }
             if self.sealer?.needsRekey(now: now) == true {
                 // A record carries the REKEY; a PING makes sure there is one even when idle.
                 self.multiplexer?.sendPing(now: now)
@@ -590,6 +618,17 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     @discardableResult
     public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
         guard self.phase == .established, let mux = self.multiplexer else { return false }
+        return mux.sendIPPacket(packet)
+    }
+
+    /// Queues one IP packet like `sendIPPacket` but without scheduling a flush for it: the caller (a TUN
+    /// reader, handing over a read burst) calls `flushNow()` before this event-loop tick ends. One task per
+    /// packet less on the latency path.
+    @discardableResult
+    public func enqueueIPPacket(_ packet: ByteBuffer) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        self.flushHeld = true
+        defer { self.flushHeld = false }
         return mux.sendIPPacket(packet)
     }
 

@@ -68,7 +68,8 @@ struct DatagramTests {
         #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
         var datagramBytes = 0
         var dataBytes = 0
-        while let (header, payload) = try record.readFrame() {
+        while let frame = try record.readFrame() {
+            let (header, payload) = (frame.header, frame.payload)
             if header.type == .datagram { datagramBytes += payload.readableBytes }
             if header.type == .data { dataBytes += payload.readableBytes }
         }
@@ -94,7 +95,7 @@ struct DatagramTests {
         var record = ByteBuffer()
         #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
         var sawDatagram = false
-        while let (header, _) = try record.readFrame() {
+        while let header = try record.readFrame()?.header {
             if header.type == .datagram { sawDatagram = true }
         }
         #expect(sawDatagram)

@@ -31,7 +31,8 @@ struct FullTunnelMuxTests {
         let pair = MuxPair(client: Self.fullTunnel, server: Self.fullTunnel)
         pair.client.sendIPPacket(self.packet(100, tag: 9))
         var record = try #require(MuxPair.produce(pair.client).first)
-        let (header, payload) = try #require(try record.readFrame())
+        let frame = try #require(try record.readFrame())
+        let (header, payload) = (frame.header, frame.payload)
         #expect(header.type == .ipPacket)
         #expect(header.streamID == .connection)
         #expect(payload.readableBytes == 100)
@@ -77,7 +78,7 @@ struct FullTunnelMuxTests {
             var buffer = ByteBuffer()
             #expect(pair.client.produceRecord(into: &buffer, limit: WireLimits.maxRecordPlaintext))
             var types: Set<UInt8> = []
-            while let (header, _) = try buffer.readFrame() { types.insert(header.type.rawValue) }
+            while let header = try buffer.readFrame()?.header { types.insert(header.type.rawValue) }
             #expect(types == [FrameType.data.rawValue, FrameType.ipPacket.rawValue])
         }
     }

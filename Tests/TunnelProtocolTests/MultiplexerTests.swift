@@ -227,7 +227,8 @@ struct MultiplexerTests {
         var record = ByteBuffer()
         #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
         var perStream: [UInt32: Int] = [:]
-        while let (header, payload) = try record.readFrame() {
+        while let frame = try record.readFrame() {
+            let (header, payload) = (frame.header, frame.payload)
             guard header.type == .data else { continue }
             perStream[header.streamID.rawValue, default: 0] += payload.readableBytes
         }

@@ -97,6 +97,32 @@ struct AddressPoolTests {
         #expect(lease?.ipv4 == PacketAddress(IPAddress.parse("10.77.0.2")!))
     }
 
+    @Test func slotMapFindsTheLeaseOfEitherAddress() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("fd00:1:2:77::")!)
+        let map = pool.slotMap
+        for n in UInt8(1)...5 {
+            let leased = pool.lease(for: self.key(n), seed: UInt64(n) * 40)
+            let lease = try #require(leased)
+            let ipv6 = try #require(lease.ipv6)
+            #expect(map.slot(of: lease.ipv4) == lease.slot)
+            #expect(map.slot(of: ipv6) == lease.slot)
+        }
+        #expect(map.slot(of: PacketAddress(IPAddress.parse("10.77.0.2")!)) == 0)
+        #expect(map.slot(of: PacketAddress(IPAddress.parse("10.77.0.254")!)) == 252)
+        // Not client addresses: network, gateway, broadcast, neighbours, other networks.
+        for text in ["10.77.0.0", "10.77.0.1", "10.77.0.255", "10.77.1.2", "10.76.255.255", "0.0.0.0", "255.255.255.255",
+                     "fd00:1:2:77::1", "fd00:1:2:77::", "fd00:1:2:77::ff", "fd00:1:2:78::2", "fd00:1:2:77:1::2", "::2"] {
+            #expect(map.slot(of: PacketAddress(IPAddress.parse(text)!)) == nil, "\(text)")
+        }
+    }
+
+    @Test func slotMapWithoutIPv6() throws {
+        let pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.9.9.0")!, prefixLength: 30)
+        #expect(pool.slotMap.slot(of: PacketAddress(IPAddress.parse("10.9.9.2")!)) == 0)
+        #expect(pool.slotMap.slot(of: PacketAddress(IPAddress.parse("10.9.9.3")!)) == nil)
+        #expect(pool.slotMap.slot(of: PacketAddress(IPAddress.parse("fd00::2")!)) == nil)
+    }
+
     @Test func refusesUnusableNetworks() {
         #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 31) }
         #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("fd00::")!, prefixLength: 24) }

@@ -14,6 +14,7 @@ final class TestDelegate: TunnelConnectionDelegate {
     var confirmed = false
     var closedWith: ProtocolError?? = nil
     var replay = ReplayTable()
+    var packets: [[UInt8]] = []
 
     init(allowed: PublicKey? = nil) { self.allowed = allowed }
 
@@ -24,6 +25,7 @@ final class TestDelegate: TunnelConnectionDelegate {
     func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) { self.established = session }
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) { self.confirmed = true }
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) { self.closedWith = .some(error) }
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) { self.packets.append(Array(packet.readableBytesView)) }
 }
 
 struct TunnelConnectionHandlerTests {
@@ -31,17 +33,21 @@ struct TunnelConnectionHandlerTests {
     let clientKey = PrivateKey()
     let logger = Logger(label: "test")
 
-    func makePair(authorized: Bool = true, cipher: NoiseCipher = .chaChaPoly) throws
+    func makePair(authorized: Bool = true, cipher: NoiseCipher = .chaChaPoly, fullTunnel: Bool = false) throws
         -> (client: EmbeddedChannel, server: EmbeddedChannel, clientDelegate: TestDelegate, serverDelegate: TestDelegate)
     {
+        var configuration = TunnelConnectionHandler.Configuration()
+        configuration.fullTunnel = fullTunnel
         let clientMachine = ClientHandshakeStateMachine(
-            cipher: cipher, staticKey: self.clientKey, serverKey: self.serverKey.publicKey, parameters: SessionParameters()
+            cipher: cipher, staticKey: self.clientKey, serverKey: self.serverKey.publicKey,
+            parameters: Multiplexer.announcedParameters(for: configuration.multiplexer, features: fullTunnel ? [.fullTunnel] : [])
         )
-        let clientHandler = TunnelConnectionHandler(role: .client(clientMachine), logger: self.logger)
+        let clientHandler = TunnelConnectionHandler(role: .client(clientMachine), configuration: configuration, logger: self.logger)
         let clientDelegate = TestDelegate()
         clientHandler.delegate = clientDelegate
         let serverHandler = TunnelConnectionHandler(
-            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.aesGCM, .chaChaPoly])), logger: self.logger
+            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.aesGCM, .chaChaPoly])),
+            configuration: configuration, logger: self.logger
         )
         let serverDelegate = TestDelegate(allowed: authorized ? self.clientKey.publicKey : nil)
         serverHandler.delegate = serverDelegate
@@ -121,6 +127,30 @@ struct TunnelConnectionHandlerTests {
         #expect(clientDelegate.established?.cipher == cipher)
         #expect(serverDelegate.established?.peerStaticKey == self.clientKey.publicKey)
         #expect(serverDelegate.confirmed, "the client's first record (its PING) confirms the session")
+        _ = try? client.finish()
+        _ = try? server.finish()
+    }
+
+    @Test func enqueuedPacketsLeaveOnFlushNowInOneWrite() throws {
+        let (client, server, _, serverDelegate) = try self.makePair(fullTunnel: true)
+        try self.shuttle(client, server)
+        let clientHandler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        #expect(clientHandler.fullTunnelActive)
+        let sent: [[UInt8]] = (0..<5).map { n in [0x45] + [UInt8](repeating: UInt8(n), count: 59 + n) }
+        for packet in sent { #expect(clientHandler.enqueueIPPacket(ByteBuffer(bytes: packet))) }
+        // Nothing goes out by itself: no task was scheduled for them ...
+        client.embeddedEventLoop.run()
+        #expect(try client.readOutbound(as: ByteBuffer.self) == nil)
+        // ... until the reader's burst ends; then all of them leave in one write.
+        clientHandler.flushNow()
+        let written = try #require(try client.readOutbound(as: ByteBuffer.self))
+        #expect(try client.readOutbound(as: ByteBuffer.self) == nil)
+        try server.writeInbound(written)
+        #expect(serverDelegate.packets == sent)
+        // `sendIPPacket` still flushes on its own.
+        #expect(clientHandler.sendIPPacket(ByteBuffer(bytes: sent[0])))
+        try self.shuttle(client, server)
+        #expect(serverDelegate.packets.count == 6)
         _ = try? client.finish()
         _ = try? server.finish()
     }
