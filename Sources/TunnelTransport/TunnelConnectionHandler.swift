@@ -75,6 +75,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var cumulation: ByteBuffer?
     /// The last record's plaintext buffer, reused for the next record when no frame of it is still held.
     private var plaintextScratch: ByteBuffer?
+    /// The last small output buffer, reused once the socket has written it.
+    private var outputScratch: ByteBuffer?
     private var flushScheduled = false
     /// Set while `enqueueIPPacket` queues: output waits for the caller's `flushNow()` instead of a task.
     private var flushHeld = false
@@ -282,7 +284,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         // The time of this read: one clock read per read, not one per record.
         let now = self.lastReceive
         let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: now)
-        self.plaintextScratch = plaintext
+        if plaintext.capacity <= Self.reusableOutputCapacity { self.plaintextScratch = plaintext }
         if !self.confirmed {
             self.confirmed = true
             self.delegate?.tunnelConfirmed(self)
@@ -307,7 +309,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             }
             if reusable == true { return previous }
         }
-        return allocator.buffer(capacity: max(capacity, 2048))
+        return allocator.buffer(capacity: capacity < 2048 ? 2048 : capacity)
     }
 
     private func receivedHandshakeMessage(_ message: [UInt8], context: ChannelHandlerContext) throws(ProtocolError) {
@@ -385,7 +387,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         while mux.hasOutput && context.channel.isWritable {
             let estimate = mux.queuedOutputBytes
             let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
-            var buffer = context.channel.allocator.buffer(capacity: capacity)
+            var buffer = self.outputBuffer(capacity: capacity, allocator: context.channel.allocator)
             let now = NIODeadline.now()
             do {
                 while buffer.readableBytes < self.configuration.outputBatchBytes {
@@ -407,9 +409,28 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
                 return
             }
             guard buffer.readableBytes > 0 else { break }
+            if buffer.capacity <= Self.reusableOutputCapacity { self.outputScratch = buffer }
             context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
         }
         self.checkDrained()
+    }
+
+    /// Largest record or output buffer kept for reuse: small ones (packets, replies) are the latency path;
+    /// bulk batches are worth their allocation, and an idle connection should not keep a big buffer.
+    private static let reusableOutputCapacity = 16 << 10
+
+    /// A buffer for a batch of records: the last small one when the socket has written it and let go of it
+    /// (the usual case), else a new one.
+    private func outputBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+        if var previous = self.outputScratch {
+            self.outputScratch = nil
+            let reusable = previous.modifyIfUniquelyOwned { buffer in
+                buffer.clear()
+                return buffer.capacity >= capacity
+            }
+            if reusable == true { return previous }
+        }
+        return allocator.buffer(capacity: capacity)
     }
 
     private func flushLocalStreams() {
