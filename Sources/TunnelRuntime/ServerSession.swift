@@ -24,6 +24,8 @@ final class ServerSession: TunnelConnectionDelegate {
     /// Full tunnel: the client's slot in the server's routing table, and the device queue of this loop.
     private var slot: Int?
     private var queue = 0
+    /// Packets from the client waiting for the end of the current socket read.
+    private var pendingPackets: [ByteBuffer] = []
     private var spoofedPackets = 0
     private var undeliveredPackets = 0
 
@@ -107,7 +109,15 @@ final class ServerSession: TunnelConnectionDelegate {
             self.spoofedPackets += 1
             return
         }
-        if !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
+        self.pendingPackets.append(packet)
+    }
+
+    /// Writes the packets of one socket read to the device, after the read's records are processed: the
+    /// writes (which run the kernel's whole forwarding path) come together, not between records.
+    func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {
+        guard !self.pendingPackets.isEmpty, let tun = self.tun else { return }
+        for packet in self.pendingPackets where !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
+        self.pendingPackets.removeAll(keepingCapacity: true)
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
@@ -149,6 +159,7 @@ final class ServerSession: TunnelConnectionDelegate {
 
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.finishHandshake()
+        self.pendingPackets.removeAll()
         self.registry.remove(self.handle, key: self.clientKey)
         if let tun = self.tun, let key = self.clientKey, let slot = self.slot {
             tun.detach(key: key, id: self.handle.id, slot: slot)

@@ -18,8 +18,10 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler)
     /// A stream left the table (a slot for a new one may be free).
     func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler)
-    /// Full tunnel: one IP packet from the peer (valid only during the call).
+    /// Full tunnel: one IP packet from the peer.
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer)
+    /// The bytes of one socket read have been processed (a delegate may hold packets until then).
+    func tunnelReadFinished(_ tunnel: TunnelConnectionHandler)
     /// A CONTROL frame from the peer; throwing ends the connection with that error.
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError)
     /// The connection is over. `error` is nil after an authenticated CLOSE; otherwise it says why.
@@ -36,5 +38,6 @@ extension TunnelConnectionDelegate {
     public func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {}
     public func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {}
     public func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {}
+    public func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {}
     public func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError) {}
 }

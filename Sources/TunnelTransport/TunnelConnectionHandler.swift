@@ -140,6 +140,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         let incoming = self.unwrapInboundIn(data)
         self.lastReceive = .now()
         guard self.phase != .closed else { return }
+        defer { self.delegate?.tunnelReadFinished(self) }
         var buffer = incoming
         if var partial = self.cumulation {
             // Complete the one message that straddles the read boundary by copying only what it still lacks;
