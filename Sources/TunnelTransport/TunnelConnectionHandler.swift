@@ -271,7 +271,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     private func receivedRecord(_ buffer: inout ByteBuffer, length: Int, context: ChannelHandlerContext) throws(ProtocolError) {
-        var plaintext = self.plaintextBuffer(capacity: length, allocator: context.channel.allocator)
+        var plaintext = Self.reuse(&self.plaintextScratch, capacity: max(length, 2048), allocator: context.channel.allocator)
         var failure: ProtocolError?
         buffer.withUnsafeReadableBytes { raw in
             do throws(ProtocolError) {
@@ -285,7 +285,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         // The time of this read: one clock read per read, not one per record.
         let now = self.lastReceive
         let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: now)
-        if plaintext.capacity <= Self.reusableOutputCapacity { self.plaintextScratch = plaintext }
+        Self.keep(plaintext, in: &self.plaintextScratch)
         if !self.confirmed {
             self.confirmed = true
             self.delegate?.tunnelConfirmed(self)
@@ -297,20 +297,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         if let code = outcome.close {
             self.peerClosed(code: code, context: context)
         }
-    }
-
-    /// An empty buffer for a record's plaintext: the previous record's buffer when nothing holds on to it
-    /// any more (the usual case: IP packets are written to the device at once), else a new one.
-    private func plaintextBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
-        if var previous = self.plaintextScratch {
-            self.plaintextScratch = nil
-            let reusable = previous.modifyIfUniquelyOwned { buffer in
-                buffer.clear()
-                return buffer.capacity >= capacity
-            }
-            if reusable == true { return previous }
-        }
-        return allocator.buffer(capacity: capacity < 2048 ? 2048 : capacity)
     }
 
     private func receivedHandshakeMessage(_ message: [UInt8], context: ChannelHandlerContext) throws(ProtocolError) {
@@ -388,7 +374,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         while mux.hasOutput && context.channel.isWritable {
             let estimate = mux.queuedOutputBytes
             let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
-            var buffer = self.outputBuffer(capacity: capacity, allocator: context.channel.allocator)
+            var buffer = Self.reuse(&self.outputScratch, capacity: capacity, allocator: context.channel.allocator)
             let now = NIODeadline.now()
             do {
                 while buffer.readableBytes < self.configuration.outputBatchBytes {
@@ -410,7 +396,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
                 return
             }
             guard buffer.readableBytes > 0 else { break }
-            if buffer.capacity <= Self.reusableOutputCapacity { self.outputScratch = buffer }
+            Self.keep(buffer, in: &self.outputScratch)
             context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
         }
         self.checkDrained()
@@ -418,20 +404,22 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Largest record or output buffer kept for reuse: small ones (packets, replies) are the latency path;
     /// bulk batches are worth their allocation, and an idle connection should not keep a big buffer.
-    private static let reusableOutputCapacity = 16 << 10
+    private static let reusableCapacity = 16 << 10
 
-    /// A buffer for a batch of records: the last small one when the socket has written it and let go of it
-    /// (the usual case), else a new one.
-    private func outputBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
-        if var previous = self.outputScratch {
-            self.outputScratch = nil
-            let reusable = previous.modifyIfUniquelyOwned { buffer in
-                buffer.clear()
-                return buffer.capacity >= capacity
-            }
-            if reusable == true { return previous }
+    /// An empty buffer of at least `capacity` bytes: the one `kept` (which it empties) when nothing else holds
+    /// it any more (the socket has written it; no frame of it is still queued) and it is big enough, else a
+    /// new one. Saves the two allocations of a ByteBuffer per small record and per small flush.
+    private static func reuse(_ kept: inout ByteBuffer?, capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+        if var previous = kept {
+            kept = nil
+            if previous.modifyIfUniquelyOwned({ $0.clear(); return $0.capacity >= capacity }) == true { return previous }
         }
         return allocator.buffer(capacity: capacity)
+    }
+
+    /// Keeps `buffer` for the next `reuse` if it is small.
+    private static func keep(_ buffer: ByteBuffer, in kept: inout ByteBuffer?) {
+        if buffer.capacity <= Self.reusableCapacity { kept = buffer }
     }
 
     private func flushLocalStreams() {

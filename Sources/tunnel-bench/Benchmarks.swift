@@ -233,15 +233,18 @@ extension Bench {
         [0, 0, 0, 0x01, 127, 0, 0, 1, UInt8(port >> 8), UInt8(port & 0xFF)]
     }
 
+    /// Where datagrams for the UDP target go: through a SOCKS5 UDP association when measuring a proxy (its
+    /// control connection, to close when done, the relay's port, and the header each datagram needs), else
+    /// straight to the target (control -1, no header).
+    func udpRoute(to udp: UDPTarget) throws -> (control: Int32, relayPort: UInt16, header: [UInt8]) {
+        guard let proxyPort = self.proxyPort else { return (-1, udp.port, []) }
+        let (control, relayPort) = try Sock.socks5Associate(proxyPort: proxyPort)
+        return (control, relayPort, Self.udpHeader(udp.port))
+    }
+
     /// `count` UDP round trips of `size` bytes through the relay. Returns (sorted latencies in µs, lost).
     func udpRequestResponse(udp: UDPTarget, count: Int, size: Int) throws -> ([Double], Int) {
-        var relayPort = udp.port
-        var control: Int32 = -1
-        var header: [UInt8] = []
-        if let proxyPort = self.proxyPort {
-            (control, relayPort) = try Sock.socks5Associate(proxyPort: proxyPort)
-            header = Self.udpHeader(udp.port)
-        }
+        let (control, relayPort, header) = try self.udpRoute(to: udp)
         defer { if control >= 0 { close(control) } }
         let fd = try Sock.udpSocket(timeoutMilliseconds: 500)
         defer { close(fd) }
@@ -266,13 +269,7 @@ extension Bench {
 
     /// Sends `datagrams` of `size` bytes, paced in bursts, one way to the UDP target. Returns (seconds, delivered).
     func udpThroughput(udp: UDPTarget, datagrams: Int, size: Int) throws -> (Double, Int) {
-        var relayPort = udp.port
-        var control: Int32 = -1
-        var header: [UInt8] = []
-        if let proxyPort = self.proxyPort {
-            (control, relayPort) = try Sock.socks5Associate(proxyPort: proxyPort)
-            header = Self.udpHeader(udp.port)
-        }
+        let (control, relayPort, header) = try self.udpRoute(to: udp)
         defer { if control >= 0 { close(control) } }
         let fd = try Sock.udpSocket()
         defer { close(fd) }

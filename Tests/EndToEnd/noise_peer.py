@@ -75,6 +75,15 @@ class NoisePeer:
     def recv_frames(self):
         return parse_frames(self.noise.decrypt(recv_msg(self.sock)))
 
+    def wait_closed(self, timeout):
+        """Reads and discards until the server closes or resets the connection, or `timeout` seconds pass."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except (ConnectionResetError, socket.timeout):
+            pass
+
     def close(self):
         self.sock.close()
 
