@@ -24,6 +24,8 @@ final class ServerSession: TunnelConnectionDelegate {
     /// Full tunnel: the client's slot in the server's routing table, and the device queue of this loop.
     private var slot: Int?
     private var queue = 0
+    /// Full tunnel: the reader of that queue, to pick up replies the device already holds after a write.
+    private var reader: NIOLoopBound<ServerTUNReader>?
     /// Packets from the client waiting for the end of the current socket read.
     private var pendingPackets: [ByteBuffer] = []
     private var spoofedPackets = 0
@@ -89,6 +91,7 @@ final class ServerSession: TunnelConnectionDelegate {
         }
         self.slot = slot
         self.queue = tun.queue(of: self.handle.eventLoop)
+        self.reader = tun.reader(of: self.handle.eventLoop)
         self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
         self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
         var payload = ByteBuffer()
@@ -118,6 +121,8 @@ final class ServerSession: TunnelConnectionDelegate {
         guard !self.pendingPackets.isEmpty, let tun = self.tun else { return }
         for packet in self.pendingPackets where !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
         self.pendingPackets.removeAll(keepingCapacity: true)
+        // The kernel forwarded them inside those writes: replies may be waiting already.
+        self.reader?.value.readBack()
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {

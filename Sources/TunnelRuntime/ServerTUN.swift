@@ -16,8 +16,9 @@ import TunnelTransport
 ///
 /// Packets from a client go to the device only when their source is that client's address (anti-spoofing,
 /// like WireGuard's cryptokey routing); packets the device reads go to the session that owns their
-/// destination. Writes to the device happen on each session's own event loop, one `write(2)` per packet;
-/// reads happen on one loop, which hands packets to other loops in batches.
+/// destination. The device has one queue per event loop; a session writes to its own loop's queue, one
+/// `write(2)` per packet, and the kernel steers a flow's replies to the queue its packets came from, so they
+/// are read on the session's loop (packets for a session on another loop go there in batches).
 final class ServerTUN: Sendable {
     /// A session's place in the routing table.
     struct Route: Sendable {
@@ -56,6 +57,8 @@ final class ServerTUN: Sendable {
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
     private let readChannels = NIOLockedValueBox<[any Channel]>([])
+    /// The reader of each queue, for `readBack(loop:)`.
+    private let readers: NIOLockedValueBox<[NIOLoopBound<ServerTUNReader>?]>
     private let forwarder: NIOLoopBoundBox<DNSForwarder?>
     private let loop: any EventLoop
     private let logger: Logger
@@ -68,6 +71,7 @@ final class ServerTUN: Sendable {
         var queueOfLoop: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { queueOfLoop[ObjectIdentifier(loop)] = index }
         self.queueOfLoop = queueOfLoop
+        self.readers = NIOLockedValueBox(Array(repeating: nil, count: loops.count))
         self.state = NIOLockedValueBox(State(pool: pool))
         self.slots = pool.slotMap
         self.prefix4 = pool.ipv4.prefixLength
@@ -178,7 +182,9 @@ final class ServerTUN: Sendable {
                     .channelOption(.maxMessagesPerRead, value: 32)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            try channel.pipeline.syncOperations.addHandler(ServerTUNReader(tun: tun))
+                            let reader = ServerTUNReader(tun: tun, descriptor: device.readDescriptor(queue: queue), packetCapacity: settings.mtu + 64)
+                            try channel.pipeline.syncOperations.addHandler(reader)
+                            tun.readers.withLockedValue { $0[queue] = NIOLoopBound(reader, eventLoop: channel.eventLoop) }
                         }
                     }
                     .takingOwnershipOfDescriptor(input: device.readDescriptor(queue: queue))
@@ -223,6 +229,15 @@ final class ServerTUN: Sendable {
         self.device.write(packet, queue: queue)
     }
 
+    /// The reader of the device queue `loop` reads, for a session on `loop` to call `readBack()` on after
+    /// writing packets.
+    func reader(of loop: any EventLoop) -> NIOLoopBound<ServerTUNReader>? {
+        guard let queue = self.queueOfLoop[ObjectIdentifier(loop)],
+            let reader = self.readers.withLockedValue({ $0[queue] }), reader.eventLoop === loop
+        else { return nil }
+        return reader
+    }
+
     // MARK: - Sessions
 
     /// Gives a client its addresses and routes packets for them to `route`. Nil when the pool is full.
@@ -265,9 +280,22 @@ final class ServerTUN: Sendable {
 
 /// Reads packets from the server's TUN device and hands each to the session owning its destination: at once
 /// when that session runs on this loop, else in one batch per session and read burst.
+///
+/// Besides NIO's reads on readiness, a session calls `readBack()` right after writing a client's packets to
+/// this queue. Forwarding a packet runs inside the `write(2)`, so when the host answers at once (a ping to a
+/// nearby host, a TCP ACK) the reply is often already queued when the write returns; reading it there sends
+/// it on without another turn of the event loop (an epoll round and NIO's dispatch) on the round trip.
 final class ServerTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let tun: ServerTUN
+    /// This queue's read descriptor (owned, and closed, by the channel).
+    private let descriptor: Int32
+    private let packetCapacity: Int
+    /// The channel is open, so `descriptor` is still this queue's (checked on the loop that closes it).
+    private var open = false
+    /// A burst of packets is being routed (NIO's or `readBack`'s): a nested `readBack` must wait.
+    private var routing = false
+    private var allocator = ByteBufferAllocator()
     /// Packets for sessions on other loops, one batch per session, handed over at the end of the read burst.
     private var batches: [(route: ServerTUN.Route, packets: [ByteBuffer])] = []
     /// Sessions on this loop that got packets in this read burst (flushed at its end). A burst reaches a
@@ -276,22 +304,68 @@ final class ServerTUNReader: ChannelInboundHandler {
     private var loop: ObjectIdentifier?
     private(set) var unroutable = 0
 
-    init(tun: ServerTUN) {
+    /// Most packets one `readBack` takes; the rest wait for NIO's next read.
+    static let readBackLimit = 32
+
+    init(tun: ServerTUN, descriptor: Int32, packetCapacity: Int) {
         self.tun = tun
+        self.descriptor = descriptor
+        self.packetCapacity = packetCapacity
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.loop = ObjectIdentifier(context.eventLoop)
+        self.allocator = context.channel.allocator
+        self.open = context.channel.isActive
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.open = true
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // NIO has closed the descriptor: its number may soon name another file.
+        self.open = false
+        context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let packet = self.unwrapInboundIn(data)
+        self.routing = true
+        self.route(self.unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.finishBurst()
+    }
+
+    /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
+    /// reader's loop.
+    func readBack() {
+        guard self.open, !self.routing else { return }
+        self.routing = true
+        for _ in 0..<Self.readBackLimit {
+            var packet = self.allocator.buffer(capacity: self.packetCapacity)
+            let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: self.packetCapacity) { space in
+                while true {
+                    let count = Glibc.read(self.descriptor, space.baseAddress, space.count)
+                    if count >= 0 || errno != EINTR { return max(count, 0) }
+                }
+            }
+            // Nothing more (EAGAIN), or an error NIO's own next read will see and report.
+            guard count > 0 else { break }
+            self.route(packet)
+        }
+        self.finishBurst()
+    }
+
+    private func route(_ packet: ByteBuffer) {
         guard let destination = IPPacket.destination(of: packet), let route = self.tun.route(to: destination) else {
             self.unroutable += 1
             return
         }
         if route.loop == self.loop {
-            // Queued without a flush of its own: the whole read burst goes out in `channelReadComplete`.
+            // Queued without a flush of its own: the whole read burst goes out in `finishBurst`.
             let handler = route.handler.value
             handler.enqueueIPPacket(packet)
             if !self.local.contains(where: { $0 === handler }) { self.local.append(handler) }
@@ -302,7 +376,8 @@ final class ServerTUNReader: ChannelInboundHandler {
         }
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    private func finishBurst() {
+        defer { self.routing = false }
         if !self.local.isEmpty {
             for handler in self.local { handler.flushNow() }
             self.local.removeAll(keepingCapacity: true)
