@@ -35,6 +35,10 @@ final class ClientFullTunnel {
     /// The tunnel packets go to (nil while it is down).
     private var tunnel: TunnelConnectionHandler?
     private var readChannel: (any Channel)?
+    /// The device's reader, for `readBack()` after writes.
+    private var reader: ClientTUNReader?
+    /// A packet from the tunnel was written to the device in the current socket read.
+    private var wroteToDevice = false
     private var droppedWhileDown = 0
     private var undeliverable = 0
 
@@ -111,7 +115,9 @@ final class ClientFullTunnel {
             .channelOption(.maxMessagesPerRead, value: 32)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ClientTUNReader(owner: owner.value))
+                    let reader = ClientTUNReader(owner: owner.value, descriptor: owner.value.device.readDescriptor(), packetCapacity: capacity)
+                    try channel.pipeline.syncOperations.addHandler(reader)
+                    owner.value.reader = reader
                 }
             }
             .takingOwnershipOfDescriptor(input: self.device.readDescriptor())
@@ -259,7 +265,20 @@ final class ClientFullTunnel {
 
     /// A packet from the server, for an app on this host.
     func packetFromTunnel(_ packet: ByteBuffer) {
-        if !self.device.write(packet) { self.undeliverable += 1 }
+        if self.device.write(packet) {
+            self.wroteToDevice = true
+        } else {
+            self.undeliverable += 1
+        }
+    }
+
+    /// The tunnel's socket read is processed. The kernel ran the written packets through this host's stack
+    /// inside the writes, so what they set off (a TCP ACK, the next segments of an upload the ACKs let go)
+    /// may be queued on the device already: send it now rather than after another turn of the event loop.
+    func tunnelReadFinished() {
+        guard self.wroteToDevice else { return }
+        self.wroteToDevice = false
+        self.reader?.readBack()
     }
 
     // MARK: - Shutdown
@@ -267,6 +286,7 @@ final class ClientFullTunnel {
     /// Undoes every change (routes, resolver, kill switch) and removes the device.
     func shutdown() {
         self.tunnel = nil
+        self.reader = nil
         for problem in self.journal.rollback() { self.logger.warning("undoing full-tunnel changes: \(problem)") }
         if let channel = self.readChannel {
             channel.close(promise: nil)
@@ -279,21 +299,60 @@ final class ClientFullTunnel {
     }
 }
 
-/// Hands each packet the client's device reads to the full tunnel.
+/// Hands each packet the client's device reads to the full tunnel: on NIO's reads, and on `readBack()`.
 final class ClientTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let owner: ClientFullTunnel
+    /// The device's read descriptor (owned, and closed, by the channel).
+    private let descriptor: Int32
+    private let packetCapacity: Int
+    /// The channel is open, so `descriptor` is still the device's (checked on the loop that closes it).
+    private var open = false
+    /// A burst of packets is being handed over: a nested `readBack` must wait.
+    private var reading = false
+    private var allocator = ByteBufferAllocator()
 
-    init(owner: ClientFullTunnel) {
+    init(owner: ClientFullTunnel, descriptor: Int32, packetCapacity: Int) {
         self.owner = owner
+        self.descriptor = descriptor
+        self.packetCapacity = packetCapacity
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.allocator = context.channel.allocator
+        self.open = context.channel.isActive
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.open = true
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // NIO has closed the descriptor: its number may soon name another file.
+        self.open = false
+        context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.reading = true
         self.owner.packetFromDevice(self.unwrapInboundIn(data))
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        self.reading = false
         self.owner.deviceReadComplete()
+    }
+
+    /// Reads and sends the packets the device holds now, without waiting for readiness.
+    func readBack() {
+        guard self.open, !self.reading else { return }
+        self.reading = true
+        defer { self.reading = false }
+        let count = TUNDevice.readAvailable(
+            descriptor: self.descriptor, allocator: self.allocator, capacity: self.packetCapacity, limit: ServerTUNReader.readBackLimit
+        ) { self.owner.packetFromDevice($0) }
+        if count > 0 { self.owner.deviceReadComplete() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

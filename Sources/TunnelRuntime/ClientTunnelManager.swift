@@ -179,6 +179,10 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.fullTunnel?.packetFromTunnel(packet)
     }
 
+    func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {
+        self.fullTunnel?.tunnelReadFinished()
+    }
+
     private func fatal(_ message: String) {
         guard let report = self.onFatal else { return }
         self.onFatal = nil

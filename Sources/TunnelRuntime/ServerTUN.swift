@@ -57,7 +57,7 @@ final class ServerTUN: Sendable {
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
     private let readChannels = NIOLockedValueBox<[any Channel]>([])
-    /// The reader of each queue, for `readBack(loop:)`.
+    /// The reader of each queue, for `reader(of:)`.
     private let readers: NIOLockedValueBox<[NIOLoopBound<ServerTUNReader>?]>
     private let forwarder: NIOLoopBoundBox<DNSForwarder?>
     private let loop: any EventLoop
@@ -344,17 +344,8 @@ final class ServerTUNReader: ChannelInboundHandler {
     func readBack() {
         guard self.open, !self.routing else { return }
         self.routing = true
-        for _ in 0..<Self.readBackLimit {
-            var packet = self.allocator.buffer(capacity: self.packetCapacity)
-            let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: self.packetCapacity) { space in
-                while true {
-                    let count = Glibc.read(self.descriptor, space.baseAddress, space.count)
-                    if count >= 0 || errno != EINTR { return max(count, 0) }
-                }
-            }
-            // Nothing more (EAGAIN), or an error NIO's own next read will see and report.
-            guard count > 0 else { break }
-            self.route(packet)
+        TUNDevice.readAvailable(descriptor: self.descriptor, allocator: self.allocator, capacity: self.packetCapacity, limit: Self.readBackLimit) {
+            self.route($0)
         }
         self.finishBurst()
     }
