@@ -158,6 +158,10 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             compression = ""
         }
         self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher)\(compression))")
+        // Records skip NIO's write path: the client has few descriptors to scan, once per connection.
+        if !tunnel.enableDirectWrites() {
+            self.logger.debug("tunnel socket descriptor not found; writing through the channel")
+        }
         if self.fullTunnel != nil && !tunnel.fullTunnelActive {
             self.fatal("the server does not offer full-tunnel mode (start tunnel-server with --tun)")
             return

@@ -94,6 +94,10 @@ final class ServerSession: TunnelConnectionDelegate {
         self.reader = tun.reader(of: self.handle.eventLoop)
         self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
         self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
+        // Its packets are the latency path: skip NIO's write path for them (one descriptor scan per session).
+        if !tunnel.enableDirectWrites() {
+            self.logger.debug("\(self.clientName): socket descriptor not found; writing through the channel")
+        }
         var payload = ByteBuffer()
         assignment.encode(into: &payload)
         tunnel.sendControl(payload)

@@ -144,6 +144,37 @@ def test_frozen_server_is_detected_by_keepalive(tunnel, target, tmp_path):
         s.close()
 
 
+def test_upload_through_a_paused_server_arrives_whole_and_in_order(tunnel, target):
+    """The client writes records to its socket with send(2) itself while NIO holds nothing earlier. A server
+    that stops reading fills the socket: the client must hand the rest to NIO, then stay behind NIO's queue
+    until it drains. Any byte lost or reordered on the way changes the digest."""
+    tunnel.start()
+    n = 96 << 20
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SINK {n}\n".encode())
+    mv = memoryview(harness.PATTERN)
+    sent = 0
+    paused = 0
+    while sent < n:
+        if paused < 3 and sent >= (paused + 1) * (24 << 20):
+            # Pause the server mid-transfer: the tunnel socket fills and the client's sends come back short.
+            tunnel.server.signal(signal.SIGSTOP)
+            time.sleep(0.7)
+            tunnel.server.signal(signal.SIGCONT)
+            paused += 1
+        start = sent % len(harness.PATTERN)
+        take = min(n - sent, len(harness.PATTERN) - start, 1 << 20)
+        s.sendall(mv[start:start + take])
+        sent += take
+    reply = recv_all(s).decode().split()
+    s.close()
+    assert paused == 3
+    assert int(reply[0]) == n
+    assert reply[1] == pattern_digest(n)
+    assert "tunnel lost" not in tunnel.client.stderr_text()
+
+
 def test_idle_tunnel_stays_up_with_keepalive(tunnel, target, tmp_path):
     config = tmp_path / "timers.toml"
     config.write_text('keepalive_interval = "500ms"\ndead_timeout = "2s"\n')
