@@ -37,8 +37,8 @@ final class ClientFullTunnel {
     private var readChannel: (any Channel)?
     /// The device's reader, for `readBack()` after writes.
     private var reader: ClientTUNReader?
-    /// A packet from the tunnel was written to the device in the current socket read.
-    private var wroteToDevice = false
+    /// A TCP packet from the tunnel was written to the device in the current socket read.
+    private var wroteTCPToDevice = false
     private var droppedWhileDown = 0
     private var undeliverable = 0
 
@@ -266,7 +266,9 @@ final class ClientFullTunnel {
     /// A packet from the server, for an app on this host.
     func packetFromTunnel(_ packet: ByteBuffer) {
         if self.device.write(packet) {
-            self.wroteToDevice = true
+            // Only TCP gets an answer inside the write (an ACK, the next segments): after a ping reply or a
+            // DNS answer the read would find nothing, and it would delay the app the packet woke.
+            if !self.wroteTCPToDevice && IPPacket.isTCP(packet) { self.wroteTCPToDevice = true }
         } else {
             self.undeliverable += 1
         }
@@ -276,8 +278,8 @@ final class ClientFullTunnel {
     /// inside the writes, so what they set off (a TCP ACK, the next segments of an upload the ACKs let go)
     /// may be queued on the device already: send it now rather than after another turn of the event loop.
     func tunnelReadFinished() {
-        guard self.wroteToDevice else { return }
-        self.wroteToDevice = false
+        guard self.wroteTCPToDevice else { return }
+        self.wroteTCPToDevice = false
         self.reader?.readBack()
     }
 

@@ -45,6 +45,20 @@ public enum IPPacket {
         Self.address(of: packet, v4Offset: 16, v6Offset: 24)
     }
 
+    /// Whether the packet is TCP (IPv4 protocol or IPv6 next header 6; a packet with IPv6 extension
+    /// headers counts as not TCP). A host answers TCP at once (ACKs; an ACK releases more data), so it is
+    /// worth looking for the answer right after writing such a packet to the device.
+    @inlinable
+    public static func isTCP(_ packet: ByteBuffer) -> Bool {
+        let start = packet.readerIndex
+        guard let first = packet.getInteger(at: start, as: UInt8.self) else { return false }
+        switch first >> 4 {
+        case 4: return packet.readableBytes >= 20 && packet.getInteger(at: start + 9, as: UInt8.self) == 6
+        case 6: return packet.readableBytes >= 40 && packet.getInteger(at: start + 6, as: UInt8.self) == 6
+        default: return false
+        }
+    }
+
     @inlinable
     static func address(of packet: ByteBuffer, v4Offset: Int, v6Offset: Int) -> PacketAddress? {
         let start = packet.readerIndex

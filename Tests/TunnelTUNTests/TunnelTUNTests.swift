@@ -41,6 +41,23 @@ struct PacketHeaderTests {
         #expect(IPPacket.source(of: ByteBuffer(bytes: [0x20] + [UInt8](repeating: 0, count: 60))) == nil)
     }
 
+    @Test func tellsTCPFromOtherProtocols() {
+        var v4 = [UInt8](self.ipv4(source: [10, 0, 0, 1], destination: [10, 0, 0, 2]).readableBytesView)
+        v4[9] = 6
+        #expect(IPPacket.isTCP(ByteBuffer(bytes: v4)))
+        v4[9] = 1  // ICMP
+        #expect(!IPPacket.isTCP(ByteBuffer(bytes: v4)))
+        var v6 = [UInt8](repeating: 0, count: 60)
+        v6[0] = 0x60
+        v6[6] = 6
+        #expect(IPPacket.isTCP(ByteBuffer(bytes: v6)))
+        v6[6] = 58  // ICMPv6
+        #expect(!IPPacket.isTCP(ByteBuffer(bytes: v6)))
+        #expect(!IPPacket.isTCP(ByteBuffer(bytes: v6.prefix(39))))
+        #expect(!IPPacket.isTCP(ByteBuffer(bytes: v4.prefix(19))))
+        #expect(!IPPacket.isTCP(ByteBuffer()))
+    }
+
     @Test func readsFromASlice() {
         var buffer = ByteBuffer(bytes: [9, 9, 9])
         buffer.writeImmutableBuffer(self.ipv4(source: [10, 0, 0, 1], destination: [10, 0, 0, 2]))
