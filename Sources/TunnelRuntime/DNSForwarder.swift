@@ -38,7 +38,7 @@ final class DNSForwarder {
         }, eventLoop: self.eventLoop)
         let futures = addresses.map { address -> EventLoopFuture<Void> in
             DatagramReader.bind(host: address.ipAddress ?? "", port: address.port ?? 53, on: self.eventLoop, capacity: 4096, receive: reader)
-                .map { channel in self.listeners.append(channel) }
+                .assumeIsolated().map { channel in self.listeners.append(channel) }.nonisolated()
         }
         let tcp = addresses.map { self.listenTCP(on: $0) }
         return EventLoopFuture.andAllSucceed(futures + tcp, on: self.eventLoop)

@@ -107,7 +107,7 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
-        guard let tun = self.tun, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else {
+        guard self.tun != nil, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else {
             // Anti-spoofing: only the client's own addresses get onto the server's network.
             if self.spoofedPackets == 0 {
                 let from = IPPacket.source(of: packet).map { "\($0)" } ?? "a malformed header"

@@ -153,8 +153,9 @@ final class ServerTUN: Sendable {
                 if upstreams.isEmpty {
                     logger.warning("no nameserver in /etc/resolv.conf: full-tunnel clients get no DNS server (set --tun-dns)")
                 } else {
-                    var listen = [try SocketAddress(ipAddress: gateway4.address.description, port: 53)]
-                    if let gateway6 { listen.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53)) }
+                    var addresses = [try SocketAddress(ipAddress: gateway4.address.description, port: 53)]
+                    if let gateway6 { addresses.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53)) }
+                    let listen = addresses
                     try await loop.flatSubmit {
                         let dns = DNSForwarder(eventLoop: loop, upstreams: upstreams, logger: logger)
                         forwarder.value = dns

@@ -35,7 +35,6 @@ public final class TunnelClient: Sendable {
     /// Binds the SOCKS listener and starts the tunnel; returns the bound SOCKS address.
     public func start() async throws -> SocketAddress {
         let manager = self.manager
-        let logger = self.logger
         var proxyConfiguration = LocalProxyHandler.Configuration()
         if let user = self.resolved.settings.socksUser, let pass = self.resolved.settings.socksPassword {
             proxyConfiguration.credentials = ProxyCredentials(username: user, password: pass)

@@ -682,9 +682,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         return true
     }
 
-    /// Whether records go to the socket with send(2) when they can (`enableDirectWrites()`).
-    public var writesDirectly: Bool { self.socketDescriptor != nil }
-
     /// Whether IP packets flow on this connection (negotiated).
     public var fullTunnelActive: Bool { self.multiplexer?.configuration.fullTunnel ?? false }
 
