@@ -305,56 +305,43 @@ final class ClientFullTunnel {
 final class ClientTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let owner: ClientFullTunnel
-    /// The device's read descriptor (owned, and closed, by the channel).
-    private let descriptor: Int32
-    private let packetCapacity: Int
-    /// The channel is open, so `descriptor` is still the device's (checked on the loop that closes it).
-    private var open = false
-    /// A burst of packets is being handed over: a nested `readBack` must wait.
-    private var reading = false
-    private var allocator = ByteBufferAllocator()
+    private var readBackState: DeviceReadBack
 
     init(owner: ClientFullTunnel, descriptor: Int32, packetCapacity: Int) {
         self.owner = owner
-        self.descriptor = descriptor
-        self.packetCapacity = packetCapacity
+        self.readBackState = DeviceReadBack(descriptor: descriptor, packetCapacity: packetCapacity)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        self.allocator = context.channel.allocator
-        self.open = context.channel.isActive
+        self.readBackState.attached(to: context.channel)
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        self.open = true
+        self.readBackState.channel(active: true)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        // NIO has closed the descriptor: its number may soon name another file.
-        self.open = false
+        self.readBackState.channel(active: false)
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.reading = true
+        self.readBackState.busy = true
         self.owner.packetFromDevice(self.unwrapInboundIn(data))
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        self.reading = false
+        self.readBackState.busy = false
         self.owner.deviceReadComplete()
     }
 
     /// Reads and sends the packets the device holds now, without waiting for readiness.
     func readBack() {
-        guard self.open, !self.reading else { return }
-        self.reading = true
-        defer { self.reading = false }
-        let count = TUNDevice.readAvailable(
-            descriptor: self.descriptor, allocator: self.allocator, capacity: self.packetCapacity, limit: ServerTUNReader.readBackLimit
-        ) { self.owner.packetFromDevice($0) }
-        if count > 0 { self.owner.deviceReadComplete() }
+        guard self.readBackState.ready else { return }
+        self.readBackState.busy = true
+        defer { self.readBackState.busy = false }
+        if self.readBackState.read({ self.owner.packetFromDevice($0) }) > 0 { self.owner.deviceReadComplete() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -289,14 +289,7 @@ final class ServerTUN: Sendable {
 final class ServerTUNReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     private let tun: ServerTUN
-    /// This queue's read descriptor (owned, and closed, by the channel).
-    private let descriptor: Int32
-    private let packetCapacity: Int
-    /// The channel is open, so `descriptor` is still this queue's (checked on the loop that closes it).
-    private var open = false
-    /// A burst of packets is being routed (NIO's or `readBack`'s): a nested `readBack` must wait.
-    private var routing = false
-    private var allocator = ByteBufferAllocator()
+    private var readBackState: DeviceReadBack
     /// Packets for sessions on other loops, one batch per session, handed over at the end of the read burst.
     private var batches: [(route: ServerTUN.Route, packets: [ByteBuffer])] = []
     /// Sessions on this loop that got packets in this read burst (flushed at its end). A burst reaches a
@@ -305,34 +298,28 @@ final class ServerTUNReader: ChannelInboundHandler {
     private var loop: ObjectIdentifier?
     private(set) var unroutable = 0
 
-    /// Most packets one `readBack` takes; the rest wait for NIO's next read.
-    static let readBackLimit = 32
-
     init(tun: ServerTUN, descriptor: Int32, packetCapacity: Int) {
         self.tun = tun
-        self.descriptor = descriptor
-        self.packetCapacity = packetCapacity
+        self.readBackState = DeviceReadBack(descriptor: descriptor, packetCapacity: packetCapacity)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.loop = ObjectIdentifier(context.eventLoop)
-        self.allocator = context.channel.allocator
-        self.open = context.channel.isActive
+        self.readBackState.attached(to: context.channel)
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        self.open = true
+        self.readBackState.channel(active: true)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        // NIO has closed the descriptor: its number may soon name another file.
-        self.open = false
+        self.readBackState.channel(active: false)
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.routing = true
+        self.readBackState.busy = true
         self.route(self.unwrapInboundIn(data))
     }
 
@@ -343,11 +330,9 @@ final class ServerTUNReader: ChannelInboundHandler {
     /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
     /// reader's loop.
     func readBack() {
-        guard self.open, !self.routing else { return }
-        self.routing = true
-        TUNDevice.readAvailable(descriptor: self.descriptor, allocator: self.allocator, capacity: self.packetCapacity, limit: Self.readBackLimit) {
-            self.route($0)
-        }
+        guard self.readBackState.ready else { return }
+        self.readBackState.busy = true
+        self.readBackState.read { self.route($0) }
         self.finishBurst()
     }
 
@@ -369,7 +354,7 @@ final class ServerTUNReader: ChannelInboundHandler {
     }
 
     private func finishBurst() {
-        defer { self.routing = false }
+        defer { self.readBackState.busy = false }
         if !self.local.isEmpty {
             for handler in self.local { handler.flushNow() }
             self.local.removeAll(keepingCapacity: true)

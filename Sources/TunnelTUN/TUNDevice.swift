@@ -103,30 +103,6 @@ public final class TUNDevice: Sendable {
         }
     }
 
-    /// Reads the packets a queue holds now, up to `limit`, handing each to `body`, without waiting: stops at
-    /// the first read that finds nothing (or fails; the channel that owns `descriptor` sees that error on its
-    /// own next read). `descriptor` must be a non-blocking read descriptor of a queue that is still open.
-    /// Returns how many packets it read.
-    @discardableResult
-    public static func readAvailable(
-        descriptor: Int32, allocator: ByteBufferAllocator, capacity: Int, limit: Int, _ body: (ByteBuffer) -> Void
-    ) -> Int {
-        var packets = 0
-        while packets < limit {
-            var packet = allocator.buffer(capacity: capacity)
-            let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { space in
-                while true {
-                    let count = Glibc.read(descriptor, space.baseAddress, space.count)
-                    if count >= 0 || errno != EINTR { return max(count, 0) }
-                }
-            }
-            guard count > 0 else { break }
-            packets += 1
-            body(packet)
-        }
-        return packets
-    }
-
     /// Closes the write descriptors (the read ones belong to their channels). The device goes away once all
     /// are closed. Call only when no thread writes any more.
     public func closeWriters() {

@@ -1,0 +1,62 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+
+/// Reading a TUN queue outside SwiftNIO's reads, for the readers' read-back: right after writing packets to
+/// the device, what the host answered inside those writes is read and sent at once (README, full-tunnel data
+/// path). The queue's read descriptor belongs to a NIO pipe channel; the reader's handler keeps this state
+/// from the channel's events, on the channel's event loop, so a read never uses a closed descriptor.
+public struct DeviceReadBack {
+    /// Most packets one read-back takes; the rest wait for NIO's next read.
+    public static let limit = 32
+
+    private let descriptor: Int32
+    private let packetCapacity: Int
+    private var allocator = ByteBufferAllocator()
+    /// The channel is open, so `descriptor` is still the queue's. NIO closes it and then reports the channel
+    /// inactive before any other callback runs.
+    private var open = false
+    /// A burst of packets is being handed on (by NIO's reads or a read-back): a nested read-back waits.
+    public var busy = false
+
+    public init(descriptor: Int32, packetCapacity: Int) {
+        self.descriptor = descriptor
+        self.packetCapacity = packetCapacity
+    }
+
+    /// From the handler's `handlerAdded`.
+    public mutating func attached(to channel: any Channel) {
+        self.allocator = channel.allocator
+        self.open = channel.isActive
+    }
+
+    /// From `channelActive` (true) and `channelInactive` (false).
+    public mutating func channel(active: Bool) {
+        self.open = active
+    }
+
+    /// Whether a read-back may run now (the channel is open and no burst is being handed on).
+    public var ready: Bool { self.open && !self.busy }
+
+    /// Reads the packets the queue holds now, up to `limit`, handing each to `body`, without waiting: stops
+    /// at the first read that finds nothing (or fails: the channel meets that error on its own next read).
+    /// Returns how many packets it read. Call only when `ready`.
+    @discardableResult
+    public func read(limit: Int = Self.limit, _ body: (ByteBuffer) -> Void) -> Int {
+        var packets = 0
+        while packets < limit {
+            var packet = self.allocator.buffer(capacity: self.packetCapacity)
+            let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: self.packetCapacity) { space in
+                while true {
+                    let count = Glibc.read(self.descriptor, space.baseAddress, space.count)
+                    if count >= 0 || errno != EINTR { return max(count, 0) }
+                }
+            }
+            guard count > 0 else { break }
+            packets += 1
+            body(packet)
+        }
+        return packets
+    }
+}
