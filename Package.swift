@@ -142,7 +142,10 @@ let package = Package(
         ),
         .testTarget(
             name: "TunnelTUNTests",
-            dependencies: ["TunnelTUN", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "TunnelTUN", "TunnelProtocol", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
         ),
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
         .testTarget(

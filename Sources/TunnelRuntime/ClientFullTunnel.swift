@@ -341,7 +341,12 @@ final class ClientTUNReader: ChannelInboundHandler {
         guard self.readBackState.ready else { return }
         self.readBackState.busy = true
         defer { self.readBackState.busy = false }
-        if self.readBackState.read({ self.owner.packetFromDevice($0) }) > 0 { self.owner.deviceReadComplete() }
+        var read = 0
+        while read < DeviceReadBack.limit, let packet = self.readBackState.readPacket() {
+            self.owner.packetFromDevice(packet)
+            read += 1
+        }
+        if read > 0 { self.owner.deviceReadComplete() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

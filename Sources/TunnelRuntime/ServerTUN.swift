@@ -332,7 +332,10 @@ final class ServerTUNReader: ChannelInboundHandler {
     func readBack() {
         guard self.readBackState.ready else { return }
         self.readBackState.busy = true
-        self.readBackState.read { self.route($0) }
+        for _ in 0..<DeviceReadBack.limit {
+            guard let packet = self.readBackState.readPacket() else { break }
+            self.route(packet)
+        }
         self.finishBurst()
     }
 

@@ -19,6 +19,8 @@ public struct DeviceReadBack {
     private var open = false
     /// A burst of packets is being handed on (by NIO's reads or a read-back): a nested read-back waits.
     public var busy = false
+    /// The buffer of the last read that found nothing.
+    private var spare: ByteBuffer?
 
     public init(descriptor: Int32, packetCapacity: Int) {
         self.descriptor = descriptor
@@ -39,24 +41,21 @@ public struct DeviceReadBack {
     /// Whether a read-back may run now (the channel is open and no burst is being handed on).
     public var ready: Bool { self.open && !self.busy }
 
-    /// Reads the packets the queue holds now, up to `limit`, handing each to `body`, without waiting: stops
-    /// at the first read that finds nothing (or fails: the channel meets that error on its own next read).
-    /// Returns how many packets it read. Call only when `ready`.
-    @discardableResult
-    public func read(limit: Int = Self.limit, _ body: (ByteBuffer) -> Void) -> Int {
-        var packets = 0
-        while packets < limit {
-            var packet = self.allocator.buffer(capacity: self.packetCapacity)
-            let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: self.packetCapacity) { space in
-                while true {
-                    let count = Glibc.read(self.descriptor, space.baseAddress, space.count)
-                    if count >= 0 || errno != EINTR { return max(count, 0) }
-                }
+    /// One packet the queue holds now, or nil when it holds none (or the read failed: the channel meets that
+    /// error on its own next read). Never waits. Call only when `ready`, and at most `limit` times per
+    /// read-back. A read that finds nothing keeps its buffer for the next one: no allocation per empty read.
+    public mutating func readPacket() -> ByteBuffer? {
+        var packet = self.spare.take() ?? self.allocator.buffer(capacity: self.packetCapacity)
+        let count = packet.writeWithUnsafeMutableBytes(minimumWritableBytes: self.packetCapacity) { space in
+            while true {
+                let count = Glibc.read(self.descriptor, space.baseAddress, space.count)
+                if count >= 0 || errno != EINTR { return max(count, 0) }
             }
-            guard count > 0 else { break }
-            packets += 1
-            body(packet)
         }
-        return packets
+        guard count > 0 else {
+            self.spare = packet
+            return nil
+        }
+        return packet
     }
 }

@@ -1,4 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
+import NIOEmbedded
 import Testing
 import TunnelProtocol
 
@@ -63,6 +67,48 @@ struct PacketHeaderTests {
         buffer.writeImmutableBuffer(self.ipv4(source: [10, 0, 0, 1], destination: [10, 0, 0, 2]))
         buffer.moveReaderIndex(forwardBy: 3)
         #expect(IPPacket.destination(of: buffer) == .v4(0x0A00_0002))
+    }
+}
+
+/// A non-blocking SOCK_SEQPACKET socket pair (each send is one packet, each read returns one) stands in for a
+/// TUN queue.
+struct DeviceReadBackTests {
+    @Test func readsQueuedPacketsInOrderThenNothing() throws {
+        var fds: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        try #require(fcntl(fds[0], F_SETFL, O_NONBLOCK) == 0)
+        let channel = EmbeddedChannel()
+        var state = DeviceReadBack(descriptor: fds[0], packetCapacity: 2048)
+        state.attached(to: channel)
+        #expect(!state.ready)  // the channel is not active yet
+        state.channel(active: true)
+        #expect(state.ready)
+        let none = state.readPacket()
+        #expect(none == nil)  // empty queue: no packet, and no wait
+        for n in 1...3 {
+            let packet = [UInt8](repeating: UInt8(n), count: 100 * n)
+            #expect(packet.withUnsafeBytes { write(fds[1], $0.baseAddress, $0.count) } == 100 * n)
+        }
+        for n in 1...3 {
+            let read = state.readPacket()
+            let packet = try #require(read)
+            #expect(packet.readableBytes == 100 * n)
+            #expect(packet.readableBytesView.allSatisfy { $0 == UInt8(n) })
+        }
+        let after = state.readPacket()
+        #expect(after == nil)
+    }
+
+    @Test func notReadyWhileBusyOrAfterTheChannelClosed() {
+        var state = DeviceReadBack(descriptor: -1, packetCapacity: 2048)
+        state.channel(active: true)
+        state.busy = true
+        #expect(!state.ready)
+        state.busy = false
+        #expect(state.ready)
+        state.channel(active: false)
+        #expect(!state.ready)
     }
 }
 
