@@ -334,6 +334,9 @@ final class ClientTUNReader: ChannelInboundHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         self.readBackState.busy = false
         self.owner.deviceReadComplete()
+        // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
+        // way, take what else the device holds in one batch instead of one wake-up each.
+        self.readBack()
     }
 
     /// Reads and sends the packets the device holds now, without waiting for readiness.

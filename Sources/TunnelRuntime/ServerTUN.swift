@@ -325,6 +325,9 @@ final class ServerTUNReader: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         self.finishBurst()
+        // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
+        // way, take what else the queue holds in one batch instead of one wake-up each.
+        self.readBack()
     }
 
     /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
