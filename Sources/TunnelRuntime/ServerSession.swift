@@ -123,10 +123,11 @@ final class ServerSession: TunnelConnectionDelegate {
     /// writes (which run the kernel's whole forwarding path) come together, not between records.
     func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {
         guard !self.pendingPackets.isEmpty, let tun = self.tun else { return }
+        let written = self.pendingPackets.count
         for packet in self.pendingPackets where !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
         self.pendingPackets.removeAll(keepingCapacity: true)
         // The kernel forwarded them inside those writes: replies may be waiting already.
-        self.reader?.value.readBack()
+        self.reader?.value.readBack(sendingFirstAtOnce: written <= DeviceReadBack.fewWrites)
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {

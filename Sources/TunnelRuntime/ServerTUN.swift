@@ -326,18 +326,23 @@ final class ServerTUNReader: ChannelInboundHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         self.finishBurst()
         // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
-        // way, take what else the queue holds in one batch instead of one wake-up each.
-        self.readBack()
+        // way, take what else a busy queue holds in one batch instead of one wake-up each.
+        if self.readBackState.delivered(at: .now()) { self.readBack(sendingFirstAtOnce: false) }
     }
 
     /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
     /// reader's loop.
-    func readBack() {
+    ///
+    /// With `sendingFirstAtOnce` (after a few writes: an exchange, not a transfer) the first packet goes out
+    /// before the next read, which most often finds the queue empty: a ping reply or an ACK does not wait for
+    /// that read. After many writes the answers go out as one batch.
+    func readBack(sendingFirstAtOnce: Bool) {
         guard self.readBackState.ready else { return }
         self.readBackState.busy = true
-        for _ in 0..<DeviceReadBack.limit {
+        for index in 0..<DeviceReadBack.limit {
             guard let packet = self.readBackState.readPacket() else { break }
             self.route(packet)
+            if sendingFirstAtOnce && index == 0 { self.flushLocal() }
         }
         self.finishBurst()
     }
@@ -359,12 +364,16 @@ final class ServerTUNReader: ChannelInboundHandler {
         }
     }
 
+    /// Sends what this burst queued for sessions on this loop.
+    private func flushLocal() {
+        guard !self.local.isEmpty else { return }
+        for handler in self.local { handler.flushNow() }
+        self.local.removeAll(keepingCapacity: true)
+    }
+
     private func finishBurst() {
         defer { self.readBackState.busy = false }
-        if !self.local.isEmpty {
-            for handler in self.local { handler.flushNow() }
-            self.local.removeAll(keepingCapacity: true)
-        }
+        self.flushLocal()
         guard !self.batches.isEmpty else { return }
         for (route, packets) in self.batches {
             route.handler.eventLoop.execute {

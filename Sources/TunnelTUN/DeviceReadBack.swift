@@ -10,6 +10,9 @@ import NIOCore
 public struct DeviceReadBack {
     /// Most packets one read-back takes; the rest wait for NIO's next read.
     public static let limit = 32
+    /// A socket read that wrote at most this many packets was an exchange (a ping, a request, an ACK), not a
+    /// transfer: the read-back after it sends its first packet before reading on.
+    public static let fewWrites = 2
 
     private let descriptor: Int32
     private let packetCapacity: Int
@@ -21,6 +24,11 @@ public struct DeviceReadBack {
     public var busy = false
     /// The buffer of the last read that found nothing.
     private var spare: ByteBuffer?
+    /// When NIO last delivered a packet of this queue.
+    private var lastDelivery: NIODeadline?
+
+    /// Packets NIO delivers closer together than this mean the queue is busy: drain it after each delivery.
+    public static let busyGap: TimeAmount = .milliseconds(2)
 
     public init(descriptor: Int32, packetCapacity: Int) {
         self.descriptor = descriptor
@@ -40,6 +48,16 @@ public struct DeviceReadBack {
 
     /// Whether a read-back may run now (the channel is open and no burst is being handed on).
     public var ready: Bool { self.open && !self.busy }
+
+    /// NIO delivered a packet of this queue at `now` (one per wake-up: a device read never fills NIO's
+    /// buffer). Whether to drain the queue after it: yes while packets come close together (a transfer, where
+    /// the drain takes the rest of the burst in one batch); no for a packet after a quiet spell (a ping, a
+    /// lone reply), where the drain would find nothing and only delay the process the packet just woke.
+    public mutating func delivered(at now: NIODeadline) -> Bool {
+        defer { self.lastDelivery = now }
+        guard let last = self.lastDelivery else { return false }
+        return now - last < Self.busyGap
+    }
 
     /// One packet the queue holds now, or nil when it holds none (or the read failed: the channel meets that
     /// error on its own next read). Never waits. Call only when `ready`, and at most `limit` times per

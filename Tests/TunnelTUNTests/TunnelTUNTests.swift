@@ -110,6 +110,18 @@ struct DeviceReadBackTests {
         state.channel(active: false)
         #expect(!state.ready)
     }
+
+    @Test func drainsOnlyWhilePacketsComeCloseTogether() {
+        var state = DeviceReadBack(descriptor: -1, packetCapacity: 2048)
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        let quiet = start + .microseconds(100) + DeviceReadBack.busyGap
+        let times = [start, start + .microseconds(50), start + .microseconds(100), quiet, quiet + .milliseconds(1)]
+        let drains = times.map { state.delivered(at: $0) }
+        // The first packet: nothing known about the queue yet. Then a burst: drain. Then a packet after a
+        // quiet spell (a ping, a lone reply), where the drain would find nothing. The next one soon after:
+        // busy again.
+        #expect(drains == [false, true, true, false, true])
+    }
 }
 
 struct AddressPoolTests {
