@@ -39,8 +39,6 @@ final class ClientFullTunnel {
     private var reader: ClientTUNReader?
     /// A TCP packet from the tunnel was written to the device in the current socket read.
     private var wroteTCPToDevice = false
-    /// Packets written to the device in the current socket read.
-    private var writtenToDevice = 0
     private var droppedWhileDown = 0
     private var undeliverable = 0
 
@@ -268,7 +266,6 @@ final class ClientFullTunnel {
     /// A packet from the server, for an app on this host.
     func packetFromTunnel(_ packet: ByteBuffer) {
         if self.device.write(packet) {
-            self.writtenToDevice += 1
             // Only TCP gets an answer inside the write (an ACK, the next segments): after a ping reply or a
             // DNS answer the read would find nothing, and it would delay the app the packet woke.
             if !self.wroteTCPToDevice && IPPacket.isTCP(packet) { self.wroteTCPToDevice = true }
@@ -281,11 +278,9 @@ final class ClientFullTunnel {
     /// inside the writes, so what they set off (a TCP ACK, the next segments of an upload the ACKs let go)
     /// may be queued on the device already: send it now rather than after another turn of the event loop.
     func tunnelReadFinished() {
-        let written = self.writtenToDevice
-        self.writtenToDevice = 0
         guard self.wroteTCPToDevice else { return }
         self.wroteTCPToDevice = false
-        self.reader?.readBack(sendingFirstAtOnce: written <= DeviceReadBack.fewWrites)
+        self.reader?.readBack()
     }
 
     // MARK: - Shutdown
@@ -341,27 +336,20 @@ final class ClientTUNReader: ChannelInboundHandler {
         self.owner.deviceReadComplete()
         // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
         // way, take what else a busy device holds in one batch instead of one wake-up each.
-        if self.readBackState.delivered(at: .now()) { self.readBack(sendingFirstAtOnce: false) }
+        if self.readBackState.delivered(at: .now()) { self.readBack() }
     }
 
-    /// Reads and sends the packets the device holds now, without waiting for readiness. With
-    /// `sendingFirstAtOnce` (after a few writes: an exchange, not a transfer) the first packet goes out
-    /// before the next read, which most often finds nothing.
-    func readBack(sendingFirstAtOnce: Bool) {
+    /// Reads and sends the packets the device holds now, without waiting for readiness.
+    func readBack() {
         guard self.readBackState.ready else { return }
         self.readBackState.busy = true
         defer { self.readBackState.busy = false }
         var read = 0
-        var sent = 0
         while read < DeviceReadBack.limit, let packet = self.readBackState.readPacket() {
             self.owner.packetFromDevice(packet)
             read += 1
-            if sendingFirstAtOnce && read == 1 {
-                self.owner.deviceReadComplete()
-                sent = 1
-            }
         }
-        if read > sent { self.owner.deviceReadComplete() }
+        if read > 0 { self.owner.deviceReadComplete() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -126,8 +126,9 @@ final class ServerSession: TunnelConnectionDelegate {
         let written = self.pendingPackets.count
         for packet in self.pendingPackets where !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
         self.pendingPackets.removeAll(keepingCapacity: true)
-        // The kernel forwarded them inside those writes: replies may be waiting already.
-        self.reader?.value.readBack(sendingFirstAtOnce: written <= DeviceReadBack.fewWrites)
+        // The kernel forwarded them inside those writes: replies may be waiting already. The answer to a
+        // lone packet (a ping, a request to a host nearby) goes out before the read that finds the queue empty.
+        self.reader?.value.readBack(sendingFirstAtOnce: written == 1)
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {

@@ -333,9 +333,9 @@ final class ServerTUNReader: ChannelInboundHandler {
     /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
     /// reader's loop.
     ///
-    /// With `sendingFirstAtOnce` (after a few writes: an exchange, not a transfer) the first packet goes out
-    /// before the next read, which most often finds the queue empty: a ping reply or an ACK does not wait for
-    /// that read. After many writes the answers go out as one batch.
+    /// With `sendingFirstAtOnce` (after writing one packet) the first packet found goes out before the next
+    /// read, which most often finds the queue empty: a ping reply does not wait for that read. After more
+    /// writes (a transfer's ACKs) the answers go out as one batch, in one send.
     func readBack(sendingFirstAtOnce: Bool) {
         guard self.readBackState.ready else { return }
         self.readBackState.busy = true

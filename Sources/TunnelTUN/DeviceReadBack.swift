@@ -10,9 +10,6 @@ import NIOCore
 public struct DeviceReadBack {
     /// Most packets one read-back takes; the rest wait for NIO's next read.
     public static let limit = 32
-    /// A socket read that wrote at most this many packets was an exchange (a ping, a request, an ACK), not a
-    /// transfer: the read-back after it sends its first packet before reading on.
-    public static let fewWrites = 2
 
     private let descriptor: Int32
     private let packetCapacity: Int
