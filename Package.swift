@@ -11,8 +11,10 @@ let swiftSettings: [SwiftSetting] = [
 ]
 
 /// The two programs carry the Swift runtime inside them: they run on a host without a Swift toolchain (copy
-/// the binary, install libsodium and zlib), and the runtime's calls on the packet path are direct, with no
-/// PLT hop or dynamic TLS lookup per retain or exclusivity check (about 25 us less per full-tunnel ping).
+/// the binary; the host needs libsodium, zlib and libstdc++), and the runtime's calls on the packet path are
+/// direct, with no PLT hop or dynamic TLS lookup per retain or exclusivity check (about 25 us less per
+/// full-tunnel ping). ArgumentParser imports FoundationEssentials and is compiled without -static-stdlib, so
+/// the static archive's two shim libraries are named here. (Importing all of Foundation would not link.)
 let programLinkerSettings: [LinkerSetting] = [
     .unsafeFlags(["-static-stdlib", "-l_FoundationCShims", "-l_FoundationCollections"], .when(platforms: [.linux]))
 ]
