@@ -155,7 +155,7 @@ final class ServerTUN: Sendable {
                 } else {
                     var addresses = [try SocketAddress(ipAddress: gateway4.address.description, port: 53)]
                     if let gateway6 { addresses.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53)) }
-                    let listen = addresses
+                    let listen = addresses  // a constant, for the closure sent to the loop
                     try await loop.flatSubmit {
                         let dns = DNSForwarder(eventLoop: loop, upstreams: upstreams, logger: logger)
                         forwarder.value = dns

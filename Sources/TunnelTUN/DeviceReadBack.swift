@@ -3,10 +3,11 @@ import Glibc
 #endif
 import NIOCore
 
-/// Reading a TUN queue outside SwiftNIO's reads, for the readers' read-back: right after writing packets to
-/// the device, what the host answered inside those writes is read and sent at once (README, full-tunnel data
-/// path). The queue's read descriptor belongs to a NIO pipe channel; the reader's handler keeps this state
-/// from the channel's events, on the channel's event loop, so a read never uses a closed descriptor.
+/// Reading a TUN queue outside SwiftNIO's reads, for the readers' read-back (README, full-tunnel data path):
+/// right after writing packets to the device, what the host answered inside those writes is read and sent at
+/// once; and after NIO's one-packet read while the queue is busy (`delivered(at:)`), the rest of the burst is
+/// taken in one batch. The queue's read descriptor belongs to a NIO pipe channel; the reader's handler keeps
+/// this state from the channel's events, on the channel's event loop, so a read never uses a closed descriptor.
 public struct DeviceReadBack {
     /// Most packets one read-back takes; the rest wait for NIO's next read.
     public static let limit = 32
