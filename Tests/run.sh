@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 Tests/install-deps.sh
-swift build -c release
+swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections  # the release build, as README says
 swift test
 python3 -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"

@@ -18,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== building (release)"
-swift build -c release 2>&1 | tail -n 1
+swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections 2>&1 | tail -n 1
 BIN="$ROOT/.build/release"
 
 WORK=$(mktemp -d)
