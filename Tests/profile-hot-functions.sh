@@ -49,7 +49,8 @@ CP=$!; PIDS+=($CP)
 for _ in $(seq 100); do ip -n $C route | grep -q "0.0.0.0/1" && break; sleep 0.1; done
 ip -n $C route | grep -q "0.0.0.0/1" || { echo "the full tunnel did not come up" >&2; cat "$W"/*.log >&2; exit 1; }
 
-ip netns exec $WEB iperf3 -s -D -1 --logfile "$W/iperf-up.log"
+ip netns exec $WEB iperf3 -s -1 --logfile "$W/iperf-up.log" &
+PIDS+=($!)
 head -c 300000000 /dev/zero >"$W/blob"
 (cd "$W" && exec ip netns exec $WEB python3 -m http.server --bind 10.231.2.2 8080 >/dev/null 2>&1) &
 PIDS+=($!)
@@ -71,7 +72,8 @@ symbols() { # symbols NAME: the programs' functions in NAME's samples (any frame
 
 record ping 6 ip netns exec $C ping -q -c 10000 -i 0.0005 10.231.2.2
 record up 5 ip netns exec $C iperf3 -c 10.231.2.2 -t 4
-ip netns exec $WEB iperf3 -s -D -1 --logfile "$W/iperf-down.log"; sleep 0.3
+ip netns exec $WEB iperf3 -s -1 --logfile "$W/iperf-down.log" &
+PIDS+=($!); sleep 0.3
 record down 5 ip netns exec $C iperf3 -c 10.231.2.2 -t 4 -R
 record socks 5 ip netns exec $C curl -s --max-time 4 --socks5 127.0.0.1:1080 -o /dev/null http://10.231.2.2:8080/blob
 
