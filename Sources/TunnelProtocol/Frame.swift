@@ -125,6 +125,12 @@ public enum WireLimits {
     public static let minRecordCiphertext = 16
     /// Largest payload one frame can carry inside a record.
     public static let maxFramePayload = maxRecordPlaintext - FrameHeader.byteCount
+    /// Most frame bytes a sender puts in one record: the rest is kept for the REKEY frame a record may end with.
+    public static let maxRecordFrameBytes = maxRecordPlaintext - FrameHeader.byteCount
+    /// Largest payload of a frame that must go out whole in one record (a datagram, an IP packet, a CONTROL
+    /// frame): it must fit an empty record's `maxRecordFrameBytes`. Anything larger could never be sent, and
+    /// would block every frame queued behind it.
+    public static let maxUnsplitFramePayload = maxRecordFrameBytes - FrameHeader.byteCount
 }
 
 extension ByteBuffer {

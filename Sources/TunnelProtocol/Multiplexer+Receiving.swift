@@ -104,6 +104,12 @@ extension Multiplexer {
         }
         if count > 0 {
             try stream.receiveWindow.received(count)
+            self.bufferedReceiveBytes += count
+            if self.bufferedReceiveBytes <= self.configuration.maxBufferedBytes {
+                self.consumeConnection(count, now: now)
+            } else {
+                stream.connectionCreditOwed += count
+            }
             // A slice keeps its whole record alive. Small frames in a shared record are copied, so a stalled
             // reader pins at most about twice what its window allows. (Inflated data is a buffer of its own.)
             let data = compressed || count * 2 >= recordSize ? payload : ByteBuffer(buffer: payload)
@@ -225,11 +231,10 @@ extension Multiplexer {
             let wasBlocked = self.connectionSendCredit.available == 0
             try self.connectionSendCredit.grant(increment)
             if wasBlocked {
-                let wasIdle = !self.hasOutput
                 while let stream = self.streamsAwaitingConnectionCredit.popFirst() {
                     self.activeStreams.append(stream)
                 }
-                if wasIdle && self.hasOutput { self.delegate?.multiplexerHasOutput(self) }
+                if !self.activeStreams.isEmpty { self.delegate?.multiplexerHasOutput(self) }
                 self.resumeBlockedReaders()
             }
             return
@@ -241,6 +246,7 @@ extension Multiplexer {
         guard stream.state == .open else { return }
         let before = stream.sendCredit.available
         try stream.sendCredit.grant(increment)
+        self.clearCreditStalled(stream)
         self.schedule(stream)
         if before <= stream.pendingBytes, !stream.localEndOfStream {
             self.delegate?.multiplexer(self, streamWantsRead: stream)

@@ -30,7 +30,7 @@ extension Multiplexer {
         var lastStream: MuxStream? = nil
         var lastLengthIndex = 0
         var lastLength = 0
-        let pendingBefore = self.totalPendingBytes
+        let pendingBefore = self.sendablePendingBytes
         while space > 0, let stream = self.activeStreams.popFirst() {
             stream.scheduled = false
             guard stream.hasSendableWork else { continue }
@@ -85,6 +85,7 @@ extension Multiplexer {
                 if deflater == nil { self.copyPending(count, of: stream, into: &buffer) }
                 stream.sendCredit.spend(count)
                 self.connectionSendCredit.spend(count)
+                if stream.sendCredit.available == 0 { self.markCreditStalled(stream) }
             }
             if fin {
                 stream.finSent = true
@@ -100,7 +101,7 @@ extension Multiplexer {
             self.schedule(stream)
         }
         if space > 0 { space = self.writeDatagrams(into: &buffer, budget: space) }
-        if pendingBefore >= self.configuration.totalPendingLimit && self.totalPendingBytes < self.configuration.totalPendingLimit {
+        if pendingBefore >= self.configuration.totalPendingLimit && self.sendablePendingBytes < self.configuration.totalPendingLimit {
             self.resumeBlockedReaders()
         }
         return buffer.writerIndex > start

@@ -48,8 +48,14 @@ public final class Multiplexer {
         public var initialStreamWindow: Int = 1 << 20
         /// Largest a stream's receive window may auto-tune to.
         public var maxStreamWindow: Int = 4 << 20
-        /// Connection-level receive window (bounds all buffered receive data).
+        /// Connection-level receive window: bounds the data in flight towards this end. Its credit returns as
+        /// soon as bytes reach their stream's buffer (each stream's own window bounds what a reader that stops
+        /// reading holds), so stalled streams never hold back the others; past `maxBufferedBytes` it returns
+        /// only as bytes are consumed, which bounds the memory of all buffers together.
         public var connectionWindow: Int = 16 << 20
+        /// Received bytes that may wait in stream buffers (for local sockets that do not read) before the
+        /// connection window stops returning credit on arrival.
+        public var maxBufferedBytes: Int = 256 << 20
         /// Most concurrent streams the peer may open here.
         public var maxConcurrentStreams: Int = 16384
         /// Deficit round-robin quantum: bytes a stream may send per turn.
@@ -98,6 +104,8 @@ public final class Multiplexer {
     // MARK: - Flow control
     var connectionSendCredit: SendCredit
     var connectionReceiveWindow: ReceiveWindow
+    /// Bytes received for streams and not yet consumed (written to their local sockets), all streams together.
+    public internal(set) var bufferedReceiveBytes = 0
 
     // MARK: - Scheduler
     var controlQueue = CircularBuffer<ControlFrame>(initialCapacity: 16)
@@ -121,6 +129,10 @@ public final class Multiplexer {
     public internal(set) var compressedInput = 0
     public internal(set) var compressedOutput = 0
     var totalPendingBytes = 0
+    /// The part of `totalPendingBytes` held by streams whose send credit is spent (`MuxStream.creditStalled`).
+    var stalledPendingBytes = 0
+    /// Pending bytes that wait for the tunnel (and not for a peer's reader): what the pending limit bounds.
+    var sendablePendingBytes: Int { self.totalPendingBytes - self.stalledPendingBytes }
     var tunnelWritable = true
 
     // MARK: - Connection state
@@ -172,7 +184,7 @@ public final class Multiplexer {
     var nextLocalStreamIDValue: UInt32 { self.nextLocalStreamID }
 
     /// Bytes of control frames and stream data waiting to be sent (an estimate of the next records' size).
-    public var queuedOutputBytes: Int { self.controlQueueBytes + self.totalPendingBytes + self.datagramQueueBytes }
+    public var queuedOutputBytes: Int { self.controlQueueBytes + self.sendablePendingBytes + self.datagramQueueBytes }
 
     /// Whether frames are waiting to be sent.
     public var hasOutput: Bool { !self.controlQueue.isEmpty || !self.activeStreams.isEmpty || !self.datagramQueue.isEmpty }
@@ -203,49 +215,46 @@ public final class Multiplexer {
         return stream
     }
 
-    /// Queues one datagram (`atyp addr port data`) on a UDP association. Returns false when it was dropped:
-    /// the association is not open, the datagram is too large for a frame, or the queue is full.
+    /// Queues one datagram (`atyp addr port data`) on a UDP association. Returns false when it was dropped
+    /// (and counted in `droppedDatagrams` unless the association is not open): the datagram does not fit one
+    /// record (`WireLimits.maxUnsplitFramePayload`), or the queue is full.
     @discardableResult
     public func sendDatagram(_ payload: ByteBuffer, on stream: MuxStream) -> Bool {
-        guard stream.kind == .udp, stream.state == .open, payload.readableBytes <= WireLimits.maxFramePayload else {
-            return false
-        }
-        guard self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes else {
+        guard stream.kind == .udp, stream.state == .open else { return false }
+        guard payload.readableBytes <= WireLimits.maxUnsplitFramePayload,
+            self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes
+        else {
             self.droppedDatagrams += 1
             return false
         }
-        let wasIdle = !self.hasOutput
         self.datagramQueue.append((stream.id, payload))
         self.datagramQueueBytes += payload.readableBytes
-        if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+        self.delegate?.multiplexerHasOutput(self)
         return true
     }
 
     /// Full tunnel: queues one IP packet. Returns false when it was dropped: full-tunnel mode was not
-    /// negotiated, the packet is too large for a frame, or the queue is full (the packet counts as dropped).
+    /// negotiated, or (counted in `droppedPackets`) the packet does not fit one record or the queue is full.
     /// Packets share the datagram queue, so they get the same fair share against streams as UDP does.
     @discardableResult
     public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
-        guard self.configuration.fullTunnel, packet.readableBytes > 0, packet.readableBytes <= WireLimits.maxFramePayload else {
-            return false
-        }
-        guard self.queuedPackets < self.configuration.maxQueuedPackets,
+        guard self.configuration.fullTunnel, packet.readableBytes > 0 else { return false }
+        guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload, self.queuedPackets < self.configuration.maxQueuedPackets,
             self.datagramQueueBytes + packet.readableBytes <= self.configuration.maxQueuedDatagramBytes
         else {
             self.droppedPackets += 1
             return false
         }
-        let wasIdle = !self.hasOutput
         self.datagramQueue.append((.connection, packet))
         self.datagramQueueBytes += packet.readableBytes
         self.queuedPackets += 1
-        if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+        self.delegate?.multiplexerHasOutput(self)
         return true
     }
 
     /// Sends a CONTROL frame (TLVs) ahead of stream data.
     public func sendControl(_ payload: ByteBuffer) {
-        precondition(payload.readableBytes <= WireLimits.maxFramePayload)
+        precondition(payload.readableBytes <= WireLimits.maxUnsplitFramePayload)
         self.enqueueControl(.control(payload))
     }
 
@@ -271,6 +280,11 @@ public final class Multiplexer {
         stream.pending.append(data)
         stream.pendingBytes += data.readableBytes
         self.totalPendingBytes += data.readableBytes
+        if stream.creditStalled {
+            self.stalledPendingBytes += data.readableBytes
+        } else if stream.sendCredit.available == 0 {
+            self.markCreditStalled(stream)
+        }
         self.schedule(stream)
     }
 
@@ -284,6 +298,11 @@ public final class Multiplexer {
     /// `count` received bytes of `stream` were written to its local socket: credit may go back to the peer.
     public func consumed(_ count: Int, on stream: MuxStream, now: NIODeadline) {
         guard !stream.released, count > 0 else { return }
+        let taken = min(count, stream.receiveWindow.buffered)
+        self.bufferedReceiveBytes -= taken
+        let owed = min(taken, stream.connectionCreditOwed)
+        stream.connectionCreditOwed -= owed
+        if owed > 0 { self.consumeConnection(owed, now: now) }
         if stream.state != .closed, let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip) {
             self.enqueueControl(.windowUpdate(stream.id, increment: increment))
             // Keep RTT samples coming while data flows (at most one PING in flight, ten per second).
@@ -293,7 +312,6 @@ public final class Multiplexer {
         } else if stream.state == .closed {
             _ = stream.receiveWindow.consumed(count, now: now, roundTrip: nil)
         }
-        self.consumeConnection(count, now: now)
     }
 
     /// The local socket of `stream` failed or was reset: RESET the stream.
@@ -337,8 +355,10 @@ public final class Multiplexer {
         } else {
             self.peerStreamCount -= 1
         }
-        let unconsumed = stream.receiveWindow.releaseAll()
-        if unconsumed > 0 { self.consumeConnection(unconsumed, now: .now()) }
+        self.bufferedReceiveBytes -= stream.receiveWindow.releaseAll()
+        let owed = stream.connectionCreditOwed
+        stream.connectionCreditOwed = 0
+        if owed > 0 { self.consumeConnection(owed, now: .now()) }
     }
 
     /// Whether the local socket of `stream` should read now. When only a connection-wide limit is in the way,
@@ -409,15 +429,17 @@ public final class Multiplexer {
     // MARK: - Internals shared by receiving and sending
 
     var readGateOpen: Bool {
-        self.tunnelWritable && self.totalPendingBytes < self.configuration.totalPendingLimit
+        self.tunnelWritable && self.sendablePendingBytes < self.configuration.totalPendingLimit
             && self.connectionSendCredit.available > 0
     }
 
+    /// Every new piece of output tells the delegate, which coalesces these into one flush per tick: a rule of
+    /// "only when the queues were empty" would leave output that no flush ever comes for, should anything stay
+    /// queued after a flush.
     func enqueueControl(_ frame: ControlFrame) {
-        let wasIdle = !self.hasOutput
         self.controlQueue.append(frame)
         self.controlQueueBytes += frame.encodedLength
-        if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+        self.delegate?.multiplexerHasOutput(self)
     }
 
     func schedule(_ stream: MuxStream) {
@@ -426,9 +448,8 @@ public final class Multiplexer {
         if stream.pendingBytes > 0 && self.connectionSendCredit.available == 0 {
             self.streamsAwaitingConnectionCredit.append(stream)
         } else {
-            let wasIdle = !self.hasOutput
             self.activeStreams.append(stream)
-            if wasIdle { self.delegate?.multiplexerHasOutput(self) }
+            self.delegate?.multiplexerHasOutput(self)
         }
     }
 
@@ -443,6 +464,7 @@ public final class Multiplexer {
         guard stream.state != .closed else { return }
         stream.state = .closed
         stream.resetCode = reset
+        self.clearCreditStalled(stream)
         self.totalPendingBytes -= stream.pendingBytes
         stream.pendingBytes = 0
         stream.pending.removeAll()
@@ -451,6 +473,20 @@ public final class Multiplexer {
         } else {
             self.delegate?.multiplexer(self, streamClosed: stream, reset: reset)
         }
+    }
+
+    /// The stream's send credit is spent while bytes wait: they no longer count against the pending limit.
+    func markCreditStalled(_ stream: MuxStream) {
+        guard !stream.creditStalled, stream.pendingBytes > 0 else { return }
+        stream.creditStalled = true
+        self.stalledPendingBytes += stream.pendingBytes
+    }
+
+    /// Credit came back (or the stream ended): its waiting bytes count against the pending limit again.
+    func clearCreditStalled(_ stream: MuxStream) {
+        guard stream.creditStalled else { return }
+        stream.creditStalled = false
+        self.stalledPendingBytes -= stream.pendingBytes
     }
 
     func resumeBlockedReaders() {

@@ -52,9 +52,16 @@ public final class MuxStream {
     var sendCredit = SendCredit(0)
     /// Receive accounting for this stream.
     var receiveWindow: ReceiveWindow
+    /// Received bytes whose connection credit goes back only when they are consumed: they arrived while the
+    /// connection's readers held more than `maxBufferedBytes` (all other bytes return it on arrival).
+    var connectionCreditOwed = 0
     /// Bytes read from the local socket and not yet framed.
     var pending = CircularBuffer<ByteBuffer>(initialCapacity: 2)
     var pendingBytes = 0
+    /// The peer's window for this stream is spent while bytes wait: they wait for the peer's reader, not for
+    /// the tunnel, and are left out of the connection-wide pending limit (a reader that stops reading at the
+    /// far end must not stop the other streams from reading here).
+    var creditStalled = false
     /// In the send queue (either the round-robin queue or the wait for connection credit).
     var scheduled = false
     /// Waiting in the queue of readers held back by a connection-wide limit.

@@ -34,6 +34,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         public var maxHandshakeMessage = 4096
         /// Bytes of records built per flush before handing them to the socket.
         public var outputBatchBytes = 256 << 10
+        /// After CLOSE is queued, how long the peer has to take what is still unsent before the connection is
+        /// cut (a peer that reads nothing must not keep a stopping process alive).
+        public var closeTimeout: TimeAmount = .seconds(1)
         /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
         public var compression = false
         /// Client: ask for full-tunnel mode (IP packets). Server: allow it (it has a TUN device).
@@ -378,7 +381,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func produceOutput(context: ChannelHandlerContext) {
         self.flushOwed = false
         guard self.phase == .established, let mux = self.multiplexer else { return }
-        let maxPlaintext = WireLimits.maxRecordPlaintext - FrameHeader.byteCount
+        let maxPlaintext = WireLimits.maxRecordFrameBytes
         while mux.hasOutput && context.channel.isWritable {
             let estimate = mux.queuedOutputBytes
             let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
@@ -576,7 +579,16 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         }
         let completion = self.drainCompletion
         self.drainCompletion = nil
+        // Cut the connection if the peer does not take the CLOSE (and what is queued before it) in time; the
+        // write then fails, and the completion below runs all the same.
+        let remote = self.remoteDescription
+        let logger = self.logger
+        let cut = context.eventLoop.assumeIsolated().scheduleTask(in: self.configuration.closeTimeout) {
+            logger.info("\(remote) did not take the end of the tunnel within the close timeout: cutting the connection")
+            context.closeAbortively()
+        }
         self.sendThroughChannel(buffer, context: context).assumeIsolated().whenComplete { _ in
+            cut.cancel()
             context.close(promise: nil)
             completion?()
         }

@@ -63,6 +63,46 @@ def test_stalled_reader_stalls_only_itself_and_memory_stays_bounded(tunnel, targ
     stalled.close()
 
 
+@pytest.mark.parametrize("stalled_count", [12, 40])
+def test_many_stalled_readers_leave_the_other_streams_working(tunnel, target, stalled_count):
+    """Dozens of applications that stop reading (paused videos, a suspended process) each pin only their own
+    stream's window: a fresh 20 MiB download and a small echo still go through, and memory stays bounded.
+    (The connection window used to be returned only as bytes reached an application, so ten or so stalled
+    streams spent it and froze every stream of the tunnel.)"""
+    tunnel.start()
+    stalled = []
+    for _ in range(stalled_count):
+        s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+        assert rep == 0
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"INFINITE\n")
+        stalled.append(s)
+    # Let every window and buffer on the way fill up.
+    previous = -1
+    deadline = time.time() + 20
+    while target.infinite_sent != previous and time.time() < deadline:
+        previous = target.infinite_sent
+        time.sleep(0.5)
+    rss_client = tunnel.client.rss_kb()
+    n = 20 << 20
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("rate", download(tunnel.socks_port, target.port, n)))
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the download beside the stalled streams never finished"
+    assert "rate" in result
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=10)
+    assert rep == 0
+    s.sendall(b"ECHO\nping")
+    assert recv_exact(s, 4) == b"ping"
+    s.close()
+    # Each stalled stream holds at most its window (1 MiB, twice that counting the records its slices keep).
+    assert tunnel.client.rss_kb() - rss_client < 64 << 10
+    assert tunnel.client.rss_kb() < (stalled_count * 3 + 100) << 10
+    for s in stalled:
+        s.close()
+
+
 def test_killed_server_resets_streams_and_client_reconnects(tunnel, target, tmp_path):
     config = tmp_path / "client.toml"
     config.write_text('reconnect_max = "1s"\n')
@@ -283,3 +323,34 @@ def test_two_clients_with_their_own_keys_at_once(tunnel, target, tmp_path):
     assert set(results) == {"a", "b"}
     log = tunnel.server.stderr_text()
     assert "(test-client) connected" in log and "(second-client) connected" in log
+
+
+def test_sigterm_ends_the_server_within_its_drain_time_when_a_client_reads_nothing(tunnel, target, tmp_path):
+    """A client that stops reading (frozen, or its socket buffer full) keeps the CLOSE behind unsent records; the
+    stop must still end: after the drain timeout and a short close timeout the server cuts the connection."""
+    from noise_peer import NoisePeer, T_DATA, T_OPEN, T_OPEN_RESULT, frame, read_private_key
+    import struct
+    config = tmp_path / "server.toml"
+    config.write_text('drain_timeout = "1s"\n')
+    tunnel.start_server(config=str(config))
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
+    peer.handshake()
+    target_address = b"\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", target.port)
+    streams = range(1, 48, 2)   # 24 endless downloads: more than every socket buffer on the way holds
+    peer.send_frames(*[frame(T_OPEN, 0, n, b"\x01" + struct.pack(">I", 1 << 20) + target_address) for n in streams])
+    opened = 0
+    while opened < len(streams):
+        opened += sum(1 for t, _, _, payload in peer.recv_frames() if t == T_OPEN_RESULT and payload[0] == 0)
+    peer.send_frames(*[frame(T_DATA, 0, n, b"INFINITE\n") for n in streams])
+    time.sleep(2)   # the peer reads nothing from now on
+    assert harness.wait_for(lambda: target.infinite_sent > (8 << 20)), "the downloads did not fill the buffers"
+
+    started = time.time()
+    tunnel.server.signal(signal.SIGTERM)
+    try:
+        code = tunnel.server.wait(timeout=15)
+    except Exception:
+        pytest.fail("tunnel-server did not stop while its client read nothing")
+    assert code == 0
+    assert time.time() - started < 1 + 3, time.time() - started
+    peer.close()

@@ -33,7 +33,10 @@ class DNSLikeServer:
             except OSError:
                 return
             self.seen.append(addr[0])
-            if len(data) >= 12 and data[2] & 0x80 == 0 and struct.unpack(">H", data[4:6])[0] == 1:
+            if data.startswith(b"BIG "):
+                # A reply as large as UDP allows over IPv4 (asked for by size).
+                self.sock.sendto(b"B" * int(data[4:]), addr)
+            elif len(data) >= 12 and data[2] & 0x80 == 0 and struct.unpack(">H", data[4:6])[0] == 1:
                 # A standard query with one question: answer it.
                 header = data[:2] + b"\x81\x80" + b"\x00\x01\x00\x01\x00\x00\x00\x00"
                 question = data[12:]
@@ -256,4 +259,37 @@ def test_udp_can_be_disabled(tunnel, tmp_path):
     assert recv_exact(control, 2) == b"\x05\x00"
     rep, _, _ = harness.read_socks5_reply(control)
     assert rep == 0x07
+    control.close()
+
+
+@pytest.mark.parametrize("direction", ["app-to-server", "server-to-app"])
+def test_a_datagram_too_large_for_one_record_is_dropped_and_the_tunnel_goes_on(tunnel, dns, target, direction):
+    """A datagram that does not fit one record (a 65,507-byte SOCKS5 datagram from the app, a 65,500-byte reply
+    from a UDP server) is dropped; everything after it in that direction still goes: a CONNECT is answered at
+    once and small datagrams still travel. (It used to sit at the head of the queue for ever and freeze the
+    tunnel: no open result, no window update, no ping answer.)"""
+    tunnel.start()
+    control, relay = associate(tunnel.socks_port)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    header = udp_header("127.0.0.1", dns.port)
+    if direction == "app-to-server":
+        u.sendto(header + b"x" * (65507 - len(header)), relay)   # the largest UDP datagram over IPv4
+    else:
+        u.sendto(header + b"BIG 65500", relay)
+    time.sleep(0.5)
+    started = time.time()
+    s, rep, _, _ = harness.socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=5)
+    assert rep == 0
+    s.sendall(b"ECHO\nhello")
+    assert recv_exact(s, 5) == b"hello"
+    assert time.time() - started < 3, "the CONNECT waited behind the large datagram"
+    s.close()
+    u.sendto(header + b"small", relay)
+    host, port, data = parse_reply(u.recvfrom(65535)[0])
+    assert data == b"echo:small"
+    # The largest datagram that fits one record still goes through whole, both ways.
+    u.sendto(header + b"BIG 65490", relay)
+    assert parse_reply(u.recvfrom(65535)[0])[2] == b"B" * 65490
+    u.close()
     control.close()

@@ -118,4 +118,58 @@ struct DatagramTests {
         try pair.pump()
         #expect(pair.client.streamCount == 0)
     }
+
+    // MARK: - Sizes across the whole range (issue 14, item 1)
+
+    /// Every size a UDP datagram can have, at both ends, beside a busy stream: what fits one record is
+    /// delivered intact, anything larger is refused and counted, and nothing is ever left queued (a stuck head
+    /// would hold back every frame behind it, the peer's answers included).
+    @Test(arguments: [Multiplexer.Role.client, .server])
+    func datagramsOfEverySizeEitherGoOutWholeOrAreCountedAsDropped(sender role: Multiplexer.Role) throws {
+        let pair = MuxPair()
+        let (c, s) = try self.openAssociation(pair)
+        let (clientStream, serverStream) = try pair.openAccepted()
+        let (mux, association, stream) = role == .client ? (pair.client, c, clientStream) : (pair.server, s, serverStream)
+        let sink = DatagramSink()
+        (role == .client ? s : c).context = sink
+        var sizes = Array(stride(from: 0, through: 65_000, by: 997))
+        sizes += Array((WireLimits.maxUnsplitFramePayload - 16)...65_535)
+        var expectedDrops = 0
+        var expectedDelivered: [Int] = []
+        for size in sizes {
+            // A stream with data at the same time, so datagrams share records with DATA frames.
+            mux.localRead(bytes(3000), on: stream)
+            let accepted = mux.sendDatagram(ByteBuffer(repeating: UInt8(truncatingIfNeeded: size), count: size), on: association)
+            #expect(accepted == (size <= WireLimits.maxUnsplitFramePayload), "size \(size)")
+            if accepted { expectedDelivered.append(size) } else { expectedDrops += 1 }
+            try pair.pump()
+            #expect(!mux.hasOutput, "size \(size) left output queued")
+        }
+        #expect(mux.droppedDatagrams == expectedDrops)
+        #expect(sink.datagrams.map(\.count) == expectedDelivered)
+        #expect(zip(sink.datagrams, expectedDelivered).allSatisfy { d, n in d.allSatisfy { $0 == UInt8(truncatingIfNeeded: n) } })
+    }
+
+    @Test func theLargestDatagramFitsARecordThatEndsWithARekey() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        #expect(pair.client.sendDatagram(ByteBuffer(repeating: 1, count: WireLimits.maxUnsplitFramePayload), on: c))
+        var record = ByteBuffer()
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordFrameBytes))
+        pair.client.writeRekeyFrame(into: &record)
+        #expect(record.readableBytes == WireLimits.maxRecordPlaintext)
+        #expect(!pair.client.hasOutput)
+    }
+
+    @Test func everyNewPieceOfOutputAsksForAFlush() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        let (stream, _) = try pair.openAccepted()
+        let before = pair.clientEvents.outputSignals
+        pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 100), on: c)
+        pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 100), on: c)
+        pair.client.sendPing(now: pair.now)
+        pair.client.localRead(bytes(10), on: stream)
+        #expect(pair.clientEvents.outputSignals - before == 4, "output already queued must not silence new output")
+    }
 }

@@ -64,8 +64,10 @@ struct FullTunnelMuxTests {
     @Test func emptyAndOversizedPacketsAreRefused() {
         let pair = MuxPair(client: Self.fullTunnel, server: Self.fullTunnel)
         #expect(!pair.client.sendIPPacket(ByteBuffer()))
-        #expect(!pair.client.sendIPPacket(ByteBuffer(repeating: 0x45, count: WireLimits.maxFramePayload + 1)))
-        #expect(pair.client.droppedPackets == 0)
+        #expect(pair.client.droppedPackets == 0, "an empty read is not a packet")
+        #expect(!pair.client.sendIPPacket(ByteBuffer(repeating: 0x45, count: WireLimits.maxUnsplitFramePayload + 1)))
+        #expect(pair.client.droppedPackets == 1, "a packet that cannot fit one record is dropped and counted")
+        #expect(pair.client.sendIPPacket(ByteBuffer(repeating: 0x45, count: WireLimits.maxUnsplitFramePayload)))
     }
 
     @Test func packetsAndStreamsShareRecordsFairly() throws {

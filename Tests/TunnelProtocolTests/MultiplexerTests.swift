@@ -187,6 +187,81 @@ struct MultiplexerTests {
         #expect(pair.clientEvents.delivered[1]?.count == 64 << 10)
     }
 
+    /// Issue 14, item 9: stalled streams together holding more than the connection window must not stop the
+    /// others (the connection's credit used to return only as bytes reached a local socket).
+    @Test func stalledStreamsTogetherBeyondTheConnectionWindowDoNotFreezeTheOthers() throws {
+        var config = Multiplexer.Configuration()
+        config.initialStreamWindow = 256 << 10
+        config.maxStreamWindow = 256 << 10
+        config.connectionWindow = 1 << 20
+        let pair = MuxPair(client: config, server: config)
+        var stalled: [MuxStream] = []
+        for _ in 0..<12 {  // 12 x 256 KiB = 3 MiB held, three times the connection window
+            let (c, s) = try pair.openAccepted()
+            pair.server.localRead(bytes(300 << 10), on: s)
+            try pair.pump()
+            stalled.append(c)
+        }
+        #expect(stalled.allSatisfy { pair.clientEvents.delivered[$0.id.rawValue]?.count == 256 << 10 })
+        #expect(pair.client.bufferedReceiveBytes == 12 * (256 << 10))
+        let (fast, fastServer) = try pair.openAccepted()
+        pair.server.localRead(bytes(100 << 10), on: fastServer)
+        try pair.pump()
+        #expect(pair.clientEvents.delivered[fast.id.rawValue]?.count == 100 << 10)
+        // Released streams give their buffered bytes back.
+        for c in stalled { pair.client.release(c) }
+        #expect(pair.client.bufferedReceiveBytes == 100 << 10)
+    }
+
+    @Test func pastTheBufferLimitConnectionCreditReturnsOnlyAsBytesAreConsumed() throws {
+        var config = Multiplexer.Configuration()
+        config.initialStreamWindow = 256 << 10
+        config.maxStreamWindow = 256 << 10
+        config.connectionWindow = 1 << 20
+        config.maxBufferedBytes = 1 << 20
+        let pair = MuxPair(client: config, server: config)
+        var opened: [(MuxStream, MuxStream)] = []
+        for _ in 0..<12 {
+            let (c, s) = try pair.openAccepted()
+            pair.server.localRead(bytes(256 << 10), on: s)
+            try pair.pump()
+            opened.append((c, s))
+        }
+        // Memory held for readers that do not read stays within the limit plus one connection window.
+        #expect(pair.client.bufferedReceiveBytes <= (1 << 20) + (1 << 20))
+        #expect(pair.client.bufferedReceiveBytes < 12 * (256 << 10))
+        // Once readers consume, everything arrives, exactly once.
+        for _ in 0..<10 {
+            for (c, _) in opened {
+                let got = c.bufferedBytes
+                if got > 0 { pair.client.consumed(got, on: c, now: pair.now) }
+            }
+            try pair.pump()
+        }
+        #expect(opened.allSatisfy { pair.clientEvents.delivered[$0.0.id.rawValue]?.count == 256 << 10 })
+        #expect(pair.client.bufferedReceiveBytes == 0)
+    }
+
+    /// Issue 14, item 9, the sending side: bytes that wait for a peer that stopped reading are not bytes that
+    /// wait for the tunnel, so they must not close the read gate for every other stream.
+    @Test func bytesWaitingForAStalledPeerDoNotStopOtherStreamsFromReading() throws {
+        var config = Multiplexer.Configuration()
+        config.initialStreamWindow = 64 << 10
+        config.maxStreamWindow = 64 << 10
+        config.streamPendingLimit = 64 << 10
+        config.totalPendingLimit = 256 << 10
+        let pair = MuxPair(client: config, server: config)
+        for _ in 0..<10 {  // 10 x 64 KiB waiting for credit: more than the total pending limit
+            let (_, s) = try pair.openAccepted()
+            pair.server.localRead(bytes(128 << 10), on: s)
+            try pair.pump()
+            #expect(s.pendingSendBytes == 64 << 10)
+        }
+        let (_, other) = try pair.openAccepted()
+        #expect(pair.server.shouldRead(other))
+        #expect(pair.server.queuedOutputBytes < 64 << 10, "the record size estimate counts only sendable bytes")
+    }
+
     @Test func peerOverrunningTheWindowIsAProtocolError() throws {
         var config = Multiplexer.Configuration()
         config.initialStreamWindow = 65536

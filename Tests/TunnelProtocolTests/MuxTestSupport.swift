@@ -82,7 +82,7 @@ final class MuxPair {
     }
 
     /// Drains one side's output into records (as the handler would).
-    static func produce(_ mux: Multiplexer, limit: Int = WireLimits.maxRecordPlaintext) -> [ByteBuffer] {
+    static func produce(_ mux: Multiplexer, limit: Int = WireLimits.maxRecordFrameBytes) -> [ByteBuffer] {
         var records: [ByteBuffer] = []
         while true {
             var buffer = ByteBuffer()
