@@ -126,6 +126,7 @@ let package = Package(
         .target(
             name: "TunnelRuntime",
             dependencies: [
+                "CTUN",
                 "TunnelTransport",
                 "TunnelConfig",
                 "TunnelTUN",

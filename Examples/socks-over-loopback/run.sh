@@ -52,8 +52,9 @@ wait_ready() {
 }
 
 echo "== tunnel-server"
+# The web server below is on this host's loopback, which the server refuses to reach unless told (--allow).
 "$BIN/tunnel-server" --listen 127.0.0.1:0 --key "$WORK/server.key" --authorized-keys "$WORK/authorized_keys" \
-    >"$WORK/server.out" 2>"$WORK/server.log" &
+    --allow 127.0.0.0/8 --allow ::1/128 >"$WORK/server.out" 2>"$WORK/server.log" &
 PIDS+=($!)
 SERVER_ADDR=$(wait_ready "$WORK/server.out" "tunnel-server listening on")
 echo "tunnel-server listening on $SERVER_ADDR"

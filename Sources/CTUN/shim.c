@@ -7,6 +7,9 @@
 #include <unistd.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <sys/socket.h>
 #endif
 #include "CTUN.h"
 
@@ -54,5 +57,26 @@ unsigned long long ctun_netns_inode(void) {
     return (unsigned long long)st.st_ino;
 #else
     return 0;
+#endif
+}
+
+int ctun_open_address_watch(void) {
+#ifdef __linux__
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) {
+        return -errno;
+    }
+    struct sockaddr_nl local;
+    memset(&local, 0, sizeof(local));
+    local.nl_family = AF_NETLINK;
+    local.nl_groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+    if (bind(fd, (struct sockaddr *)&local, sizeof(local)) < 0) {
+        int saved = errno;
+        close(fd);
+        return -saved;
+    }
+    return fd;
+#else
+    return -ENOSYS;
 #endif
 }

@@ -33,6 +33,9 @@ public struct TunnelServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("authorized-keys"), help: ArgumentHelp("File of client public keys allowed to connect: one base64 key per line, optional comment after whitespace, '#' lines ignored. Required unless set in --config.", valueName: "path"))
     var authorizedKeys: String?
 
+    @Option(name: .long, help: ArgumentHelp("Let clients reach this range although the server denies it by default (loopback, private, link-local and unique-local ranges, the unspecified address, this host's own addresses). Repeatable; adds to allow in --config. Example: --allow 192.168.1.0/24 for a home LAN.", valueName: "cidr"))
+    var allow: [String] = []
+
     @Flag(name: .long, help: "Offer full-tunnel mode: a TUN device, an address per client, forwarding and NAT (nftables) to the outside (needs root or CAP_NET_ADMIN).")
     var tun = false
 
@@ -69,6 +72,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.key { settings.keyPath = v }
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
         if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }
         if let v = self.tunPool6 { settings.tun.pool6 = try ServerTUNSettings.parsePool6(v, origin: "--tun-pool6") }

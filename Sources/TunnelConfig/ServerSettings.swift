@@ -8,8 +8,13 @@ public struct ServerSettings: Sendable {
     public var logLevel = "info"
     /// Outbound connects give up after this long (SOCKS reply 0x06).
     public var connectTimeout: Int64 = 10_000_000_000
-    /// Destinations the server refuses to connect to (SOCKS reply 0x02).
+    /// Destinations the server refuses to connect to (SOCKS reply 0x02) beside `DestinationPolicy.builtInDeny`,
+    /// the unspecified addresses and the host's own addresses.
     public var deny: [CIDR] = []
+    /// Prefixes exempt from the deny rules (`--allow`, repeatable; `allow = [...]`).
+    public var allow: [CIDR] = []
+    /// What the server may reach.
+    public var destinationPolicy: DestinationPolicy { DestinationPolicy(deny: self.deny, allow: self.allow) }
     /// AEADs accepted from clients, tried in this order.
     public var ciphers: [NoiseCipher] = [.aesGCM, .chaChaPoly]
     /// Most unauthenticated connections handshaking at once; more are closed at once.
@@ -34,13 +39,8 @@ public struct ServerSettings: Sendable {
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
-        if let list = try file.strings("deny") {
-            self.deny = []
-            for text in list {
-                guard let cidr = CIDR.parse(text) else { throw ConfigError("\(file.path): deny: '\(text)' is not an address or CIDR prefix") }
-                self.deny.append(cidr)
-            }
-        }
+        if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: "\(file.path): deny") }
+        if let list = try file.strings("allow") { self.allow = try CIDR.parseList(list, origin: "\(file.path): allow") }
         if let list = try file.strings("ciphers") {
             self.ciphers = []
             for text in list {

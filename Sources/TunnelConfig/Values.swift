@@ -82,6 +82,16 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "\(self.address)/\(self.prefixLength)" }
+
+    /// Parses every entry of a list; `origin` names the setting or flag in the error.
+    public static func parseList(_ list: [String], origin: String) throws(ConfigError) -> [CIDR] {
+        var prefixes: [CIDR] = []
+        for text in list {
+            guard let cidr = CIDR.parse(text) else { throw ConfigError("\(origin): '\(text)' is not an address or CIDR prefix") }
+            prefixes.append(cidr)
+        }
+        return prefixes
+    }
 }
 
 /// A length of time from a config value: `"10s"`, `"500ms"`, `"2m"`, `"1h"`, or an integer of seconds.

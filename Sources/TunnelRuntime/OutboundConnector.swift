@@ -17,12 +17,14 @@ import TunnelTransport
 /// are reusable and high connect rates do not exhaust the ephemeral range.
 final class OutboundConnector: Sendable {
     let connectTimeout: TimeAmount
-    let deny: [CIDR]
+    let policy: DestinationPolicy
+    let hostAddresses: HostAddresses
     let resolverPool: NIOThreadPool
 
-    init(connectTimeout: TimeAmount, deny: [CIDR], resolverPool: NIOThreadPool) {
+    init(connectTimeout: TimeAmount, policy: DestinationPolicy, hostAddresses: HostAddresses, resolverPool: NIOThreadPool) {
         self.connectTimeout = connectTimeout
-        self.deny = deny
+        self.policy = policy
+        self.hostAddresses = hostAddresses
         self.resolverPool = resolverPool
     }
 
@@ -40,9 +42,11 @@ final class OutboundConnector: Sendable {
             case .failure(let reply, let why):
                 return eventLoop.makeSucceededFuture(.failed(reply, why))
             case .success(let addresses):
-                let allowed = addresses.filter { !self.isDenied($0) }
+                let host = self.hostAddresses.current()
+                let allowed = addresses.filter { self.refusal(for: $0, hostAddresses: host) == nil }
                 guard !allowed.isEmpty else {
-                    return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy"))
+                    let why = addresses.first.flatMap { self.refusal(for: $0, hostAddresses: host) }.map { "\($0)" } ?? "no address"
+                    return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy (\(why))"))
                 }
                 return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil)
             }
@@ -119,13 +123,19 @@ final class OutboundConnector: Sendable {
     func resolveAllowed(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<[SocketAddress]> {
         self.resolve(target, on: eventLoop).map { resolution in
             guard case .success(let addresses) = resolution else { return [] }
-            return addresses.filter { !self.isDenied($0) }
+            let host = self.hostAddresses.current()
+            return addresses.filter { self.refusal(for: $0, hostAddresses: host) == nil }
         }
     }
 
+    /// Whether the policy refuses `address` (see `DestinationPolicy`).
     func isDenied(_ address: SocketAddress) -> Bool {
-        guard !self.deny.isEmpty, let bytes = address.packedBytes else { return false }
-        return self.deny.contains { $0.contains(bytes) }
+        self.refusal(for: address, hostAddresses: self.hostAddresses.current()) != nil
+    }
+
+    private func refusal(for address: SocketAddress, hostAddresses: Set<[UInt8]>) -> DestinationPolicy.Refusal? {
+        guard let bytes = address.packedBytes else { return .unspecified }
+        return self.policy.refusal(for: bytes, hostAddresses: hostAddresses)
     }
 
     /// Tries each address in order until one connects or the deadline passes; reports the most telling failure.

@@ -28,7 +28,8 @@ public final class TunnelServer: Sendable {
         self.resolverPool = NIOThreadPool(numberOfThreads: 2)
         self.resolverPool.start()
         self.connector = OutboundConnector(
-            connectTimeout: .nanoseconds(resolved.settings.connectTimeout), deny: resolved.settings.deny, resolverPool: self.resolverPool
+            connectTimeout: .nanoseconds(resolved.settings.connectTimeout), policy: resolved.settings.destinationPolicy,
+            hostAddresses: HostAddresses(), resolverPool: self.resolverPool
         )
     }
 

@@ -14,6 +14,9 @@ def pytest_sessionstart(session):
             raise pytest.UsageError(f"{binary} is missing: run `swift build -c release` first (or set TUNNEL_BIN_DIR)")
 
 
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
 class Tunnel:
     """Keys, a tunnel-server and a tunnel-client on loopback, started on demand."""
 
@@ -23,16 +26,22 @@ class Tunnel:
         self.client_key = os.path.join(directory, "client.key")
         self.server_pub = keygen(SERVER_BIN, self.server_key)
         self.client_pub = keygen(CLIENT_BIN, self.client_key)
+        # A key of its own for raw test peers (noise_peer.py): a peer that used the client's key would replace
+        # the running client's session (the server keeps one session per key).
+        self.peer_key = os.path.join(directory, "peer.key")
+        self.peer_pub = keygen(CLIENT_BIN, self.peer_key)
         self.authorized = os.path.join(directory, "authorized_keys")
         with open(self.authorized, "w") as f:
-            f.write(f"# test clients\n{self.client_pub} test-client\n")
+            f.write(f"# test clients\n{self.client_pub} test-client\n{self.peer_pub} test-peer\n")
         self.server = None
         self.client = None
         self.processes = []
 
-    def start_server(self, listen="127.0.0.1:0", extra=(), config=None, netns=None, log="server.log"):
+    def start_server(self, listen="127.0.0.1:0", extra=(), config=None, netns=None, log="server.log", allow=LOOPBACK):
+        """The test targets listen on loopback, which the server denies by default: `allow` opens it."""
+        allow_args = [a for cidr in allow for a in ("--allow", cidr)]
         args = [SERVER_BIN, "--listen", listen, "--key", self.server_key, "--authorized-keys", self.authorized,
-                "--log-level", "debug", *extra]
+                "--log-level", "debug", *allow_args, *extra]
         if config:
             args += ["--config", config]
         self.server = Process(args, r"tunnel-server listening on (\S+)", os.path.join(self.dir, log), netns=netns)
@@ -49,8 +58,8 @@ class Tunnel:
         self.processes.append(self.client)
         return self.client
 
-    def start(self, server_extra=(), client_extra=(), server_config=None, client_config=None):
-        self.start_server(extra=server_extra, config=server_config)
+    def start(self, server_extra=(), client_extra=(), server_config=None, client_config=None, allow=LOOPBACK):
+        self.start_server(extra=server_extra, config=server_config, allow=allow)
         self.start_client(extra=client_extra, config=client_config)
         self.wait_until_connected()
         return self

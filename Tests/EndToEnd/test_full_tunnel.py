@@ -143,7 +143,9 @@ class Network:
 
     def start_server(self, port, extra, label="server"):
         return self.start(label, NS_S, [SERVER_BIN, "--listen", f"0.0.0.0:{port}", "--key", self.server_key,
-                                        "--authorized-keys", self.authorized, "--tun", "--log-level", "debug", *extra],
+                                        "--authorized-keys", self.authorized, "--tun", "--log-level", "debug",
+                                        # the web host is on private ranges, which the server denies by default
+                                        "--allow", "10.231.2.0/24", "--allow", "fd31:2::/64", *extra],
                           r"tunnel-server listening on (\S+)")
 
     def start_client(self, netns, key, server, port=PORT, extra=(), label="client"):

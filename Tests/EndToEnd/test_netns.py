@@ -38,6 +38,8 @@ def netns():
         sh(*ex, "ip", "link", "set", "blackhole1", "up")
         sh(*ex, "ip", "neigh", "add", "10.99.0.2", "lladdr", "02:00:00:00:00:02", "dev", "blackhole0", "nud", "permanent")
         sh(*ex, "ip", "route", "add", "unreachable", "10.98.0.0/16")
+        # An address of the server host's own that is in no denied range (as a public address on eth0 is).
+        sh(*ex, "ip", "addr", "add", "198.51.100.7/32", "dev", "blackhole0")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -54,7 +56,8 @@ def probe(netns, proxy_port, host, port):
 def ns_tunnel(tunnel, netns, tmp_path):
     config = tmp_path / "server.toml"
     config.write_text('connect_timeout = "1500ms"\n')
-    tunnel.start_server(config=str(config), netns=netns)
+    # The unroutable ranges below are private: open them (the server denies them by default).
+    tunnel.start_server(config=str(config), netns=netns, allow=("10.96.0.0/12", "127.0.0.0/8"))
     client_args = ["--server", tunnel.server.address, "--server-key", tunnel.server_pub, "--key", tunnel.client_key,
                    "--socks", "127.0.0.1:0", "--log-level", "debug"]
     import harness
@@ -95,3 +98,21 @@ def test_http_proxy_timeout_is_504_and_unreachable_is_502(ns_tunnel, netns):
     assert http_probe(netns, ns_tunnel.socks_port,
                       "GET http://10.99.0.2/ HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n").startswith("HTTP/1.1 504")
     assert http_probe(netns, ns_tunnel.socks_port, "CONNECT 10.97.1.1:443 HTTP/1.1\\r\\n\\r\\n").startswith("HTTP/1.1 502")
+
+
+def test_the_servers_own_addresses_are_refused_also_when_added_later(ns_tunnel, netns):
+    """A service listening on the server's own (non-loopback, non-private) address is not reachable through the
+    proxy, nor through an address the host gains while the server runs."""
+    ex = ["ip", "netns", "exec", netns]
+    service = subprocess.Popen([*ex, sys.executable, "-c", "import socket,time\n"
+                                "s=socket.socket(); s.bind(('0.0.0.0', 8099)); s.listen(); time.sleep(60)"])
+    try:
+        time.sleep(0.3)
+        assert probe(netns, ns_tunnel.socks_port, "198.51.100.7", 8099) == 0x02
+        assert probe(netns, ns_tunnel.socks_port, "127.0.0.1", 8099) == 0x00, "allowed loopback, for contrast"
+        sh(*ex, "ip", "addr", "add", "198.51.100.8/32", "dev", "blackhole0")
+        assert probe(netns, ns_tunnel.socks_port, "198.51.100.8", 8099) == 0x02
+        assert "an address of the server itself" in ns_tunnel.server.stderr_text()
+    finally:
+        service.kill()
+        subprocess.run([*ex, "ip", "addr", "del", "198.51.100.8/32", "dev", "blackhole0"], capture_output=True)

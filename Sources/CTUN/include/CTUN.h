@@ -17,4 +17,8 @@ int ctun_name_size(void);
 /// namespaces that share one /run.
 unsigned long long ctun_netns_inode(void);
 
+/// Opens a non-blocking, close-on-exec rtnetlink socket subscribed to IPv4 and IPv6 address changes
+/// (RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR): it turns readable whenever an address of this host is added or
+/// removed. Returns the descriptor, or -errno.
+int ctun_open_address_watch(void);
 #endif

@@ -1,0 +1,79 @@
+/// Which addresses the server may connect to (TCP streams) or send to (UDP), after name resolution.
+///
+/// Denied unless an `allow` prefix covers the address (and no longer prefix of the operator's `deny` does:
+/// there the most specific prefix wins, `allow` a tie): the built-in list of loopback, private, shared,
+/// link-local and unique-local ranges (`builtInDeny`, as Squid's `to_localhost` and SSRF guards do), the
+/// operator's extra `deny` prefixes, the unspecified addresses (`0.0.0.0`, `::`: Linux delivers a connect to
+/// them locally) and the server host's own addresses. An IPv6 address that carries an IPv4 address
+/// (IPv4-mapped `::ffff:a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) is judged by that IPv4 address too,
+/// so a private range cannot be reached by spelling it in IPv6.
+///
+/// Pure: the host's addresses come in as a parameter (the runtime watches the interfaces).
+public struct DestinationPolicy: Sendable, Hashable {
+    /// What the server never reaches unless told to (`allow`).
+    public static let builtInDeny: [CIDR] = [
+        "0.0.0.0/8", "127.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
+        "192.168.0.0/16", "::/128", "::1/128", "fc00::/7", "fe80::/10",
+    ].map { CIDR.parse($0)! }
+
+    /// The operator's additions to the built-in list (`deny = [...]`).
+    public private(set) var deny: [CIDR]
+    /// Prefixes exempt from the built-in rules, and from the operator's `deny` prefixes that are not more
+    /// specific (`--allow`, `allow = [...]`).
+    public private(set) var allow: [CIDR]
+
+    public init(deny: [CIDR] = [], allow: [CIDR] = []) {
+        self.deny = deny
+        self.allow = allow
+    }
+
+    /// Why an address was refused (for the log line; the client only sees "not allowed").
+    public enum Refusal: Sendable, Hashable, CustomStringConvertible {
+        /// `0.0.0.0` or `::`, which reach the server itself.
+        case unspecified
+        /// One of the server host's own addresses.
+        case serverAddress
+        /// Inside a denied prefix.
+        case denied(CIDR)
+
+        public var description: String {
+            switch self {
+            case .unspecified: "the unspecified address"
+            case .serverAddress: "an address of the server itself"
+            case .denied(let prefix): "in denied range \(prefix)"
+            }
+        }
+    }
+
+    /// `nil` when the server may reach `bytes` (4 or 16 bytes), else why not. `hostAddresses` are the server
+    /// host's own addresses, as 4 or 16 bytes each.
+    public func refusal(for bytes: [UInt8], hostAddresses: Set<[UInt8]>) -> Refusal? {
+        var candidates = [bytes]
+        if let embedded = Self.embeddedIPv4(in: bytes) { candidates.append(embedded) }
+        for address in candidates {
+            let allowed = self.allow.filter { $0.contains(address) }.map(\.prefixLength).max()
+            guard let allowed else {
+                if address.allSatisfy({ $0 == 0 }) { return .unspecified }
+                if hostAddresses.contains(address) { return .serverAddress }
+                if let prefix = Self.builtInDeny.first(where: { $0.contains(address) }) ?? self.deny.first(where: { $0.contains(address) }) {
+                    return .denied(prefix)
+                }
+                continue
+            }
+            // Allowed, unless a longer (more specific) prefix of the operator's deny list covers it too.
+            if let prefix = self.deny.first(where: { $0.prefixLength > allowed && $0.contains(address) }) { return .denied(prefix) }
+        }
+        return nil
+    }
+
+    /// The IPv4 address an IPv6 address carries, for the forms that reach it: IPv4-mapped (`::ffff:0:0/96`,
+    /// RFC 4291 §2.5.5.2), the well-known NAT64 prefix (`64:ff9b::/96`, RFC 6052) and 6to4 (`2002::/16`,
+    /// RFC 3056 §2).
+    public static func embeddedIPv4(in bytes: [UInt8]) -> [UInt8]? {
+        guard bytes.count == 16 else { return nil }
+        if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF { return Array(bytes[12..<16]) }
+        if bytes[0..<4] == [0x00, 0x64, 0xFF, 0x9B] && bytes[4..<12].allSatisfy({ $0 == 0 }) { return Array(bytes[12..<16]) }
+        if bytes[0] == 0x20 && bytes[1] == 0x02 { return Array(bytes[2..<6]) }
+        return nil
+    }
+}

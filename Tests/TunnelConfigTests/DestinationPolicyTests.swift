@@ -1,0 +1,73 @@
+import Testing
+import TunnelProtocol
+
+@testable import TunnelConfig
+
+struct DestinationPolicyTests {
+    func bytes(_ text: String) -> [UInt8] { IPAddress.parse(text)!.bytes }
+    func cidrs(_ list: [String]) -> [CIDR] { list.map { CIDR.parse($0)! } }
+
+    @Test(arguments: [
+        "0.0.0.0", "0.1.2.3", "127.0.0.1", "127.1.2.3", "10.0.0.1", "100.64.0.1", "169.254.169.254", "172.16.0.1",
+        "172.31.255.255", "192.168.1.1", "::", "::1", "fd00::1", "fc00::1", "fe80::1",
+        // The same, spelled inside IPv6: IPv4-mapped, NAT64 (RFC 6052) and 6to4 (RFC 3056).
+        "::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:169.254.169.254", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::", "2002:c0a8:101::1", "2002:a00:1::",
+    ])
+    func theBuiltInListRefusesLocalPrivateAndLinkLocal(address: String) {
+        #expect(DestinationPolicy().refusal(for: self.bytes(address), hostAddresses: []) != nil, "\(address)")
+    }
+
+    @Test(arguments: [
+        "1.1.1.1", "8.8.8.8", "172.32.0.1", "192.0.2.1", "100.128.0.1", "2001:db8::1", "2606:4700::1111",
+        "::ffff:1.1.1.1", "64:ff9b::101:101", "2002:101:101::1",
+    ])
+    func publicAddressesAreAllowed(address: String) {
+        #expect(DestinationPolicy().refusal(for: self.bytes(address), hostAddresses: []) == nil, "\(address)")
+    }
+
+    @Test func unspecifiedAddressesAreRefusedAsSuch() {
+        #expect(DestinationPolicy().refusal(for: self.bytes("0.0.0.0"), hostAddresses: []) == .unspecified)
+        #expect(DestinationPolicy().refusal(for: self.bytes("::"), hostAddresses: []) == .unspecified)
+    }
+
+    @Test func theHostsOwnAddressesAreRefused() {
+        let host: Set<[UInt8]> = [self.bytes("198.51.100.7"), self.bytes("2001:db8::7")]
+        let policy = DestinationPolicy()
+        #expect(policy.refusal(for: self.bytes("198.51.100.7"), hostAddresses: host) == .serverAddress)
+        #expect(policy.refusal(for: self.bytes("::ffff:198.51.100.7"), hostAddresses: host) == .serverAddress)
+        #expect(policy.refusal(for: self.bytes("2001:db8::7"), hostAddresses: host) == .serverAddress)
+        #expect(policy.refusal(for: self.bytes("198.51.100.8"), hostAddresses: host) == nil)
+        #expect(DestinationPolicy(allow: self.cidrs(["198.51.100.7"])).refusal(for: self.bytes("198.51.100.7"), hostAddresses: host) == nil)
+    }
+
+    @Test func allowOpensARangeAndTheMostSpecificPrefixWins() {
+        let policy = DestinationPolicy(deny: self.cidrs(["127.0.0.2/32", "203.0.113.0/24"]), allow: self.cidrs(["127.0.0.0/8", "::1/128"]))
+        let host: Set<[UInt8]> = [self.bytes("127.0.0.1"), self.bytes("::1")]
+        #expect(policy.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil, "allow covers the host's loopback")
+        #expect(policy.refusal(for: self.bytes("::ffff:127.0.0.1"), hostAddresses: host) == nil)
+        #expect(policy.refusal(for: self.bytes("::1"), hostAddresses: host) == nil)
+        #expect(policy.refusal(for: self.bytes("127.0.0.2"), hostAddresses: host) == .denied(CIDR.parse("127.0.0.2/32")!))
+        #expect(policy.refusal(for: self.bytes("203.0.113.9"), hostAddresses: host) == .denied(CIDR.parse("203.0.113.0/24")!))
+        #expect(policy.refusal(for: self.bytes("0.0.0.0"), hostAddresses: host) == .unspecified, "loopback allowed, not 0.0.0.0")
+        #expect(policy.refusal(for: self.bytes("::"), hostAddresses: host) == .unspecified)
+        #expect(policy.refusal(for: self.bytes("10.1.1.1"), hostAddresses: host) != nil)
+        let lan = DestinationPolicy(allow: self.cidrs(["192.168.1.0/24"]))
+        #expect(lan.refusal(for: self.bytes("192.168.1.20"), hostAddresses: []) == nil)
+        #expect(lan.refusal(for: self.bytes("192.168.2.20"), hostAddresses: []) != nil)
+        let everything = DestinationPolicy(deny: self.cidrs(["10.0.0.0/8"]), allow: self.cidrs(["0.0.0.0/0", "::/0"]))
+        #expect(everything.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil, "allow lifts the built-in list")
+        #expect(everything.refusal(for: self.bytes("::"), hostAddresses: host) == nil)
+        #expect(everything.refusal(for: self.bytes("10.0.0.1"), hostAddresses: host) != nil, "but not the operator's own deny")
+    }
+
+    @Test func configAndFlagsAddToTheLists() throws {
+        var file = try ConfigFile(path: "server.toml", text: "deny = [\"203.0.113.0/24\"]\nallow = [\"10.9.0.0/16\"]\n")
+        var settings = ServerSettings()
+        try settings.apply(file: &file)
+        #expect(settings.destinationPolicy.deny == self.cidrs(["203.0.113.0/24"]))
+        #expect(settings.destinationPolicy.allow == self.cidrs(["10.9.0.0/16"]))
+        var bad = try ConfigFile(path: "server.toml", text: "allow = [\"10.9.0.0/33\"]\n")
+        #expect(throws: ConfigError.self) { try settings.apply(file: &bad) }
+    }
+}
