@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on Debian 12, skipping what is already there.
 # System: libsodium-dev, zlib1g-dev (linked by the product); iproute2, nftables (full-tunnel mode);
-# curl, openssl, chromium, tcpdump, iperf3, iputils-ping (tests); python3 + pip.
-# Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer).
+# curl, openssl, chromium, tcpdump, iperf3, iputils-ping (tests); python3 + venv.
+# Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer), installed into a virtual
+# environment of the project's own (.venv-tests), never into the system's Python (Debian refuses that:
+# externally-managed-environment). Tests/run.sh runs pytest from it.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need_apt=()
 for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 nftables openssl chromium tcpdump iperf3 iputils-ping \
-    python3 python3-pip; do
+    python3 python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -19,7 +22,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-python3 - <<'PY' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check \
-    "pytest>=7" "python-socks>=2.4" "PySocks>=1.7" "noiseprotocol==0.3.1"
-import pytest, python_socks, socks, noise
-PY
+VENV=.venv-tests
+if ! "$VENV/bin/python" -c 'import pytest, python_socks, socks, noise' 2>/dev/null; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "pytest>=7" "python-socks>=2.4" "PySocks>=1.7" "noiseprotocol==0.3.1"
+fi

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 Tests/install-deps.sh
 swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections  # the release build, as README says
 swift test
-python3 -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"
+.venv-tests/bin/python -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"

@@ -28,9 +28,11 @@ public struct ProxyCredentials: Sendable {
         return userOK && passOK
     }
 
-    /// Whether a SOCKS4 user id matches the username, in constant time.
+    /// Whether a SOCKS4 user id carries both parts as `USERNAME:PASSWORD`, in constant time. SOCKS4 has no
+    /// password field (only a user id), so a user id that is only the name is refused: it would let anyone
+    /// who knows the name in without the password.
     public func matches(userID: [UInt8]) -> Bool {
-        constantTimeEqual(userID, self.username)
+        constantTimeEqual(userID, self.username + [UInt8(ascii: ":")] + self.password)
     }
 }
 

@@ -167,10 +167,8 @@ def test_text_shrinks_below_30_percent_and_random_costs_almost_nothing(tmp_path,
 
 
 def test_decompression_bomb_closes_the_connection(tunnel, content):
-    # Only the server: the raw peer below uses the client's key, and a client started now would race the
-    # one started after the bomb for the same key (each connection replaces the other's session).
     tunnel.start_server()
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub)
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
     # Ask for compression in the handshake: TLV features (0x02) = compression.
     peer.handshake(payload=tai64n() + struct.pack(">BHI", 0x02, 4, 1))
     target = b"\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", content.target.port)

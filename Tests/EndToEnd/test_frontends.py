@@ -193,10 +193,14 @@ def test_raw_rfc1929_status_codes(tunnel, origin):
 def test_socks4_user_id_and_http_basic_with_credentials(tunnel, origin):
     tunnel.start(client_extra=with_credentials(tunnel, "alice", "pw"))
     port = tunnel.socks_port
-    ok = curl("--socks4a", f"alice@127.0.0.1:{port}", f"http://localhost:{origin.port}/s4")
+    # SOCKS4 has only a user id: it must carry NAME:PASSWORD (curl sends an encoded ':' in the name as it is).
+    ok = curl("--socks4a", f"alice%3Apw@127.0.0.1:{port}", f"http://localhost:{origin.port}/s4")
     assert "path=/s4" in ok.stdout, ok.stderr
-    bad = curl("--socks4a", f"mallory@127.0.0.1:{port}", f"http://localhost:{origin.port}/s4")
-    assert bad.returncode != 0
+    for user in ("alice", "mallory", "alice%3Awrong", "alice%3A"):
+        bad = curl("--socks4a", f"{user}@127.0.0.1:{port}", f"http://localhost:{origin.port}/s4")
+        assert bad.returncode != 0 and "path=/s4" not in bad.stdout, user
+        bad = curl("--socks4", f"{user}@127.0.0.1:{port}", f"http://127.0.0.1:{origin.port}/s4")
+        assert bad.returncode != 0 and "path=/s4" not in bad.stdout, user
     ok = curl("--proxy", f"http://alice:pw@127.0.0.1:{port}", f"http://localhost:{origin.port}/basic")
     assert "path=/basic" in ok.stdout, ok.stderr
     denied = curl("-i", "--proxy", f"http://127.0.0.1:{port}", f"http://localhost:{origin.port}/basic")

@@ -31,7 +31,7 @@ def test_python_noise_initiator_interoperates(tunnel, target):
     """PyPI noiseprotocol completes Noise_IK_25519_ChaChaPoly_BLAKE2b with the real server, then PING/ACK and a
     whole stream (OPEN, DATA, FIN) through the mux."""
     tunnel.start_server()
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub)
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
     params = peer.handshake()
     assert len(params) > 0  # the server's TLVs
     peer.send_frames(frame(T_PING, 0, 0, b"12345678"))
@@ -60,7 +60,7 @@ def test_python_noise_initiator_interoperates(tunnel, target):
 
 def test_aesgcm_variant_interoperates(tunnel):
     tunnel.start_server()
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub,
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub,
                      cipher="AESGCM")
     peer.handshake()
     peer.send_frames(frame(T_PING, 0, 0, b"aesgcm!!"))
@@ -70,7 +70,7 @@ def test_aesgcm_variant_interoperates(tunnel):
 
 def test_replayed_first_message_is_rejected_and_live_session_survives(tunnel):
     tunnel.start_server()
-    priv = read_private_key(tunnel.client_key)
+    priv = read_private_key(tunnel.peer_key)
     live = NoisePeer("127.0.0.1", tunnel.server.port, priv, tunnel.server_pub)
     live.handshake()
     live.send_frames(frame(T_PING, 0, 0, b"first!!!"))
@@ -89,7 +89,7 @@ def test_replayed_first_message_is_rejected_and_live_session_survives(tunnel):
 
 def test_stale_timestamp_is_rejected(tunnel):
     tunnel.start_server()
-    priv = read_private_key(tunnel.client_key)
+    priv = read_private_key(tunnel.peer_key)
     fresh = NoisePeer("127.0.0.1", tunnel.server.port, priv, tunnel.server_pub)
     fresh.handshake()
     old = NoisePeer("127.0.0.1", tunnel.server.port, priv, tunnel.server_pub)
@@ -187,7 +187,7 @@ def test_truncated_handshake_times_out(tunnel, tmp_path):
     config = tmp_path / "server.toml"
     config.write_text('handshake_timeout = "1s"\n')
     tunnel.start_server(config=str(config))
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub)
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
     message = peer.noise.write_message(tai64n())
     peer.sock.sendall(struct.pack(">H", len(message)) + message[:40])  # then stall
     start = time.time()
@@ -216,7 +216,7 @@ def test_many_stalled_handshakes_do_not_block_clients(tunnel, target):
 
 def test_tampered_record_ends_only_that_connection(tunnel, target):
     tunnel.start()
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub)
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
     peer.handshake()
     record = bytearray(peer.noise.encrypt(frame(T_PING, 0, 0, b"tampered")))
     record[3] ^= 0x40
@@ -241,7 +241,7 @@ def test_tampered_record_ends_only_that_connection(tunnel, target):
 ])
 def test_malformed_frames_end_only_that_connection(tunnel, target, bad_plaintext):
     tunnel.start()
-    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.client_key), tunnel.server_pub)
+    peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
     peer.handshake()
     peer.send_frames(bad_plaintext)
     peer.wait_closed(timeout=10)

@@ -99,12 +99,16 @@ struct SOCKS4Tests {
         #expect(Array(bytes.readableBytesView) == [0, 0x5B, 0, 0, 0, 0, 0, 0])
     }
 
-    @Test func userIDIsCheckedWhenCredentialsAreSet() {
+    @Test func userIDMustCarryNameAndPasswordWhenCredentialsAreSet() {
         let credentials = ProxyCredentials(username: "alice", password: "x")
-        let (ok, _) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("alice".utf8) + [0], credentials: credentials)
+        let (ok, _) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("alice:x".utf8) + [0], credentials: credentials)
         #expect(ok == .request(.connect(TargetAddress(host: .ipv4(0x0A00_0001), port: 80))))
-        let (bad, _) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("bob".utf8) + [0], credentials: credentials)
-        guard case .replyAndClose = bad else { Issue.record("\(bad)"); return }
+        for userID in ["alice", "bob", "alice:", "alice:y", "alice:xx", ":x", ""] {
+            let (bad, reply) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array(userID.utf8) + [0], credentials: credentials)
+            guard case .replyAndClose(let bytes, _) = bad else { Issue.record("\(userID): \(bad)"); continue }
+            #expect(Array(bytes.readableBytesView) == [0, 0x5B, 0, 0, 0, 0, 0, 0], "\(userID)")
+            _ = reply
+        }
     }
 
     @Test func overlongFieldsAreRefused() {
