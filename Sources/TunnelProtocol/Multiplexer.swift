@@ -401,10 +401,19 @@ public final class Multiplexer {
     /// Every stream still known, for shutdown and truncation handling.
     public var allStreams: [MuxStream] { Array(self.streams.values) }
 
-    /// The tunnel is gone: every stream is closed with `code` (abortively) and released by its handler.
+    /// The tunnel is gone: every stream is closed with `code` (abortively) and released by its handler. A
+    /// stream this side opened that still waits for its OPEN_RESULT gets a failed result first (and is
+    /// released), as on RESET and GOAWAY: its application must get an answer.
     public func abortAllStreams(code: ErrorCode) {
-        for stream in self.streams.values where stream.state != .closed {
-            self.markClosed(stream, reset: code)
+        for stream in Array(self.streams.values) where stream.state != .closed {
+            if stream.state == .opening && stream.id.isClientInitiated == (self.role == .client) {
+                stream.state = .closed
+                stream.resetCode = code
+                self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
+                self.release(stream)
+            } else {
+                self.markClosed(stream, reset: code)
+            }
         }
     }
 

@@ -49,6 +49,13 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // The socket may be gone already (an application that reset its connection right after its request,
+        // whose reset surfaced while the reply was written): no channelInactive will come for this handler,
+        // so the stream is released here, or it would stay open at both ends.
+        guard context.channel.isActive else {
+            self.releaseStream()
+            return
+        }
         // The stream may have closed while this handler was being installed.
         if let stream = self.stream, stream.state == .closed {
             self.streamClosed(reset: stream.resetCode)
@@ -72,7 +79,9 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
             try context.pipeline.syncOperations.addHandler(self)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         } catch {
+            // The pipeline is closed: the application left while its reply was written.
             context.close(promise: nil)
+            self.releaseStream()
             return
         }
         if let stream = self.stream, let mux = self.multiplexer {

@@ -354,3 +354,97 @@ def test_sigterm_ends_the_server_within_its_drain_time_when_a_client_reads_nothi
     assert code == 0
     assert time.time() - started < 1 + 3, time.time() - started
     peer.close()
+
+
+def test_requests_in_flight_when_the_server_dies_are_answered(tunnel, target):
+    """CONNECTs (SOCKS5, SOCKS4, HTTP), a plain HTTP request and a UDP ASSOCIATE wait for the server's answer when
+    the server dies: each gets a failure in its own protocol at once, and the client keeps none of their sockets."""
+    import struct
+    import subprocess
+    config_wait = 0.5
+    tunnel.start()
+    port = tunnel.socks_port
+    tunnel.server.signal(signal.SIGSTOP)   # the tunnel stays up, but nothing is answered
+    requests = {
+        "socks5": b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", target.port),
+        "socks4": b"\x04\x01" + struct.pack(">H", target.port) + socket.inet_aton("127.0.0.1") + b"\x00",
+        "http-connect": f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        "http-plain": f"GET http://127.0.0.1:{target.port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
+        "udp-associate": b"\x05\x01\x00" + b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00",
+    }
+    sockets = {}
+    for name, request in requests.items():
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(request)
+        sockets[name] = s
+    time.sleep(config_wait)
+    for name, s in sockets.items():
+        s.setblocking(False)
+        try:
+            early = s.recv(100)
+        except BlockingIOError:
+            early = b""
+        s.setblocking(True)
+        assert early in (b"", b"\x05\x00"), (name, early)   # SOCKS5 method choice only: nothing answered yet
+        sockets[name] = (s, early)
+    tunnel.server.proc.kill()
+    tunnel.server.proc.wait(10)
+    answers = {}
+    for name, (s, early) in sockets.items():
+        s.settimeout(5)
+        data = early
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            pytest.fail(f"{name}: no answer and no close within 5 s after the server died (got {data!r})")
+        answers[name] = data
+        s.close()
+    assert answers["socks5"][:2] == b"\x05\x00" and answers["socks5"][2:4] == b"\x05\x01", answers["socks5"]
+    assert answers["socks4"][:2] == b"\x00\x5b", answers["socks4"]
+    assert answers["http-connect"].startswith(b"HTTP/1.1 502"), answers["http-connect"]
+    assert answers["http-plain"].startswith(b"HTTP/1.1 502"), answers["http-plain"]
+    assert answers["udp-associate"][:2] == b"\x05\x00" and answers["udp-associate"][2:4] == b"\x05\x01", answers["udp-associate"]
+    # Nothing of theirs is left on the client (no CLOSE-WAIT, no half-open relay).
+    def leftovers():
+        out = subprocess.run(["ss", "-Htanp"], capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if f"pid={tunnel.client.proc.pid}," in line and "CLOSE-WAIT" in line]
+    assert harness.wait_for(lambda: not leftovers(), timeout=5), leftovers()
+
+
+def test_streams_reset_right_after_their_connect_leave_nothing_open(tunnel, target):
+    """Browsers cancel speculative connections with a RST right after the CONNECT, before the reply. Whenever the
+    reply meets a socket that is already reset, the stream must still be released: the server must not keep the
+    connection to the destination open, nor the client the stream."""
+    import random
+    import struct
+    import subprocess
+    tunnel.start()
+    request = b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", target.port)
+    rng = random.Random(14)
+    for _ in range(400):
+        s = socket.create_connection(("127.0.0.1", tunnel.socks_port), timeout=10)
+        s.sendall(request)
+        delay = rng.choice([0, 0, 0.0002, 0.0005, 0.001, 0.002])
+        if delay:
+            time.sleep(delay)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    def outbound():
+        out = subprocess.run(["ss", "-Htanp", "state", "established", f"( dport = :{target.port} )"],
+                             capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if f"pid={tunnel.server.proc.pid}," in line]
+
+    assert harness.wait_for(lambda: not outbound(), timeout=10), f"{len(outbound())} destination connections left open"
+    # And the tunnel still serves.
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"ECHO\nok")
+    assert recv_exact(s, 2) == b"ok"
+    s.close()

@@ -262,6 +262,25 @@ struct MultiplexerTests {
         #expect(pair.server.queuedOutputBytes < 64 << 10, "the record size estimate counts only sendable bytes")
     }
 
+    /// Issue 14, item 8: when the tunnel dies, opens still waiting for their result are answered (failed), as
+    /// on RESET and GOAWAY, so every application gets a reply; open streams are reset.
+    @Test func abortingAnswersOpensInFlightAndResetsOpenStreams() throws {
+        let pair = MuxPair()
+        let (open, _) = try pair.openAccepted()
+        let waiting = try #require(pair.client.openStream(to: self.target))
+        let unsent = try #require(pair.client.openStream(to: self.target))
+        try pair.pump()  // the server saw `waiting` and `unsent`, but answers neither
+        pair.client.abortAllStreams(code: .internalError)
+        let events = pair.clientEvents.take()
+        #expect(events.contains(.openCompleted(waiting.id, .generalFailure, .unspecified)))
+        #expect(events.contains(.openCompleted(unsent.id, .generalFailure, .unspecified)))
+        #expect(events.contains(.closed(open.id, .internalError)))
+        #expect(pair.client.stream(waiting.id) == nil && pair.client.stream(unsent.id) == nil)
+        // The server's own aborts (drain timeout) close the streams it was opening without a result to send.
+        pair.server.abortAllStreams(code: .shutdown)
+        #expect(pair.serverEvents.take().allSatisfy { if case .openCompleted = $0 { false } else { true } })
+    }
+
     @Test func peerOverrunningTheWindowIsAProtocolError() throws {
         var config = Multiplexer.Configuration()
         config.initialStreamWindow = 65536
