@@ -105,15 +105,25 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(boundHandler.value)
-                }
+                return channel.eventLoop.makeSucceededVoidFuture()
             }
             .connect(host: self.connectHost ?? server.host, port: server.port)
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
-                case .success:
+                case .success(let channel):
+                    // The handler joins only the connection that won: a name with several addresses makes NIO
+                    // try them (Happy Eyeballs, RFC 8305) on channels of their own, each through the
+                    // initializer, and a handler shared with a losing attempt lost its context when that
+                    // attempt was closed (the tunnel came up and then never wrote again).
+                    do {
+                        try channel.pipeline.syncOperations.addHandler(boundHandler.value)
+                    } catch {
+                        channel.close(promise: nil)
+                        self.connecting = false
+                        self.attemptFailed("cannot use the connection to \(server): \(error)", handshake: false)
+                        return
+                    }
                     self.live[ObjectIdentifier(handler)] = handler
                 case .failure(let error):
                     self.connecting = false

@@ -125,7 +125,12 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.closed = true
         self.timer?.cancel()
         self.udp?.close(promise: nil)
-        if let stream = self.stream, let tunnel = self.tunnel { tunnel.release(stream) }
+        if let stream = self.stream, let tunnel = self.tunnel {
+            tunnel.release(stream)
+        } else if !self.streamOpen {
+            // Still queued for a tunnel (reconnecting): it must not be opened for an application that left.
+            self.provider.cancelStreamRequest(self)
+        }
         self.stream = nil
         if self.replied { self.control.close(promise: nil) }
         if self.sent + self.received > 0 {

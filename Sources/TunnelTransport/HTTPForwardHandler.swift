@@ -10,7 +10,13 @@ import TunnelProtocol
 /// connection turns it into a tunnel.
 ///
 /// It is the stream endpoint of its current upstream stream: response bytes pass through its parser on their
-/// way to the application, and credit returns once the application's socket took them.
+/// way to the application as they arrive (flushed with each tunnel read, so a slow origin's first bytes and a
+/// `100 Continue` are not held back), and credit returns as the application's socket takes them, so a
+/// response of any size streams within the stream's window.
+///
+/// An application that leaves is noticed at once: a full close ends the stream (and a request still queued
+/// or opening is cancelled), and so does a half-close while a request or response is outstanding, as Squid
+/// does by default (`half_closed_clients off`): HTTP/1.1 clients do not half-close to finish a request.
 public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
@@ -60,9 +66,15 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     private var streamTarget: TargetAddress?
     private var streamUsable = false
 
-    /// Credit accounting (as `LocalStreamHandler`): bytes received from the stream vs. bytes reported consumed.
+    /// Credit accounting: bytes received from the stream, the part of them written to the socket as they came
+    /// (body bytes), the part that is not written as such (heads are re-encoded), and what was reported
+    /// consumed. While NIO still buffers writes, `handedToSocket - buffered` are known to be written.
     private var receivedFromStream = 0
+    private var handedToSocket = 0
+    private var creditedWithoutWrite = 0
     private var reportedConsumed = 0
+    /// A CONNECT that follows plain requests on this connection, while its stream opens.
+    private var connectLocal: LocalStreamHandler?
     private var drainWatcher = false
     private var pendingWrites = false
 
@@ -100,11 +112,17 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             self.clientEOF = true
             switch self.requestState {
             case .head where self.inbound.readableBytes == 0:
-                if case .idle = self.responseState { self.closeClient() }
-            case .body(let framer) where framer.mode == .untilClose:
-                if let stream = self.stream, let mux = self.tunnel?.multiplexer { mux.localEndOfStream(on: stream) }
-            default:
+                if case .idle = self.responseState {
+                    self.closeClient()
+                } else {
+                    self.applicationLeft()
+                }
+            case .connecting:
+                break  // the tunnel starts with a FIN once it opens
+            case .done:
                 break
+            case .head, .opening, .body, .awaitingResponse:
+                self.applicationLeft()
             }
             return
         }
@@ -112,9 +130,28 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
+        self.cancelRequests()
+        context.fireChannelInactive()
+    }
+
+    /// The application went away while a request was outstanding: end everything it asked for.
+    private func applicationLeft() {
+        guard let context = self.context else { return }
+        self.logger.debug("HTTP client left before its response was complete")
+        self.cancelRequests()
+        context.close(promise: nil)
+    }
+
+    /// Cancels the upstream stream, a request still waiting for one, and a CONNECT being set up.
+    private func cancelRequests() {
+        if case .opening = self.requestState, self.stream == nil { self.provider.cancelStreamRequest(self) }
         self.requestState = .done
         self.dropStream()
-        context.fireChannelInactive()
+        if let local = self.connectLocal {
+            self.connectLocal = nil
+            local.onOpenResult = nil
+            self.provider.cancelStreamRequest(local)
+        }
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -217,8 +254,14 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         let local = LocalStreamHandler()
         let early = self.inbound
         self.inbound = ByteBuffer()
+        self.connectLocal = local
         local.onOpenResult = { [weak self] reply, _ in
-            guard let self, let context = self.context else { return }
+            guard let self, let context = self.context, context.channel.isActive else {
+                // The application left while the stream opened: it is not needed.
+                if reply == .succeeded { local.cancelPendingOpen() }
+                return
+            }
+            self.connectLocal = nil
             guard reply == .succeeded, local.stream != nil else {
                 let (status, _) = HTTPProxy.status(for: reply)
                 self.fail(status: status, message: "\(reply)")
@@ -259,8 +302,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         }
         self.stream = nil
         self.streamUsable = false
-        self.receivedFromStream = 0
-        self.reportedConsumed = 0
+        self.resetCredit()
         // An idle keep-alive upstream is simply abandoned: the server resets its connection to the origin.
         tunnel.release(stream)
     }
@@ -277,7 +319,11 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func openCompleted(reply: ReplyCode, bound: TargetAddress) {
-        guard case .opening = self.requestState else { return }
+        guard case .opening = self.requestState, self.context != nil else {
+            // Nobody waits for this stream any more (the application left): let it go.
+            if reply == .succeeded { self.dropStream() } else { self.stream = nil }
+            return
+        }
         guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending else {
             let (status, _) = HTTPProxy.status(for: reply)
             self.responseState = .idle
@@ -286,8 +332,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         }
         self.pending = nil
         self.streamUsable = true
-        self.receivedFromStream = 0
-        self.reportedConsumed = 0
+        self.resetCredit()
         mux.localRead(head, on: stream)
         self.requestState = self.pendingBody == .none ? .awaitingResponse : .body(HTTPBodyFramer(self.pendingBody))
         self.processRequests()
@@ -308,6 +353,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                 return
             case .head(let method):
                 self.responseHead.writeBuffer(&data)
+                let collected = self.responseHead.readableBytes
                 let head: HTTPResponseHead
                 do {
                     guard let parsed = try HTTPHeadParser.parseResponse(&self.responseHead) else { return }
@@ -317,10 +363,12 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                     self.abortClient()
                     return
                 }
+                // The head is written re-encoded: its received bytes are credited as parsed.
+                self.creditedWithoutWrite += collected - self.responseHead.readableBytes
                 data = self.responseHead
                 self.responseHead = ByteBuffer()
                 context.write(self.wrapOutboundOut(head.encoded()), promise: nil)
-                self.pendingWrites = true
+                self.notePendingWrite()
                 if head.status < 200 && head.status != 101 {
                     continue  // 1xx: the final response follows
                 }
@@ -346,7 +394,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                 }
                 if count > 0 {
                     context.write(self.wrapOutboundOut(data.readSlice(length: count)!), promise: nil)
-                    self.pendingWrites = true
+                    self.handedToSocket += count
+                    self.notePendingWrite()
                 }
                 self.responseState = .body(framer, closeAfter: closeAfter)
                 if framer.isComplete { self.responseFinished() }
@@ -368,6 +417,20 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.readIfWanted()
     }
 
+    /// Response bytes were written to the socket: have the tunnel flush them when its read burst ends.
+    private func notePendingWrite() {
+        guard !self.pendingWrites else { return }
+        self.pendingWrites = true
+        self.tunnel?.markNeedsFlush(self)
+    }
+
+    private func resetCredit() {
+        self.receivedFromStream = 0
+        self.handedToSocket = 0
+        self.creditedWithoutWrite = 0
+        self.reportedConsumed = 0
+    }
+
     public func flushDelivered() {
         guard let context = self.context, self.pendingWrites else { return }
         self.pendingWrites = false
@@ -375,16 +438,19 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.reportWritten()
     }
 
+    /// Returns credit for what the socket took; watches NIO's buffer drain for the rest.
     private func reportWritten() {
         guard let context = self.context else { return }
         let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
-        // Response bytes are re-encoded (heads), so credit follows what was received, once the socket drained.
-        if buffered == 0 {
-            if self.receivedFromStream > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-                mux.consumed(self.receivedFromStream - self.reportedConsumed, on: stream, now: .now())
-            }
-            self.reportedConsumed = self.receivedFromStream
-        } else if !self.drainWatcher {
+        // Once the socket drained, everything received is written (or was a head, or waits as part of one).
+        let written = buffered == 0
+            ? self.receivedFromStream
+            : min(self.receivedFromStream, max(0, self.handedToSocket - buffered) + self.creditedWithoutWrite)
+        if written > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            mux.consumed(written - self.reportedConsumed, on: stream, now: .now())
+            self.reportedConsumed = written
+        }
+        if buffered > 0 && !self.drainWatcher {
             self.drainWatcher = true
             let promise = context.eventLoop.makePromise(of: Void.self)
             context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: promise)

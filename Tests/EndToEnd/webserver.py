@@ -46,6 +46,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(block[:min(left, len(block))])
                 left -= min(left, len(block))
             return
+        if self.path.startswith("/pattern/"):
+            # n bytes of the tests' random pattern (harness.pattern_bytes), with a length or chunked.
+            import harness
+            n = int(self.path.split("/")[2])
+            chunked = self.path.endswith("/chunked")
+            self.send_response(200)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(n))
+            self.end_headers()
+            offset = 0
+            while offset < n:
+                block = harness.pattern_bytes(offset, min(n - offset, 1 << 18))
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+                offset += len(block)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path.startswith("/slow"):
+            # The first bytes at once, the rest after a pause: a proxy must pass them on as they come.
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"5\r\nfirst\r\n")
+            self.wfile.flush()
+            import time
+            time.sleep(1.5)
+            self.wfile.write(b"6\r\nsecond\r\n0\r\n\r\n")
+            return
         if self.path.startswith("/page"):
             body = f"<html><body><h1 id='title'>Page from {tag}</h1><img src='/img.png'><script src='/app.js'></script></body></html>".encode()
             self.reply(200, body, "text/html")
