@@ -26,6 +26,8 @@ final class ClientFullTunnel {
     private let server: IPAddress
     private let device: TUNDevice
     private let journal: HostChangeJournal
+    /// Held while this process owns the journal's changes.
+    private let lock: HostChangeLock
     private let serverPath: HostNetwork.Path?
     private let excludePaths: [(CIDR, HostNetwork.Path)]
     private var logger: Logger
@@ -59,6 +61,13 @@ final class ClientFullTunnel {
             throw SetupError(description: "--kill-switch needs nftables (apt-get install nftables)")
         }
         let statePath = settings.stateFile ?? HostChangeJournal.defaultPath(program: "tunnel-client")
+        // Only a process that owns the journal may undo what it records: a second client must not dismantle
+        // a running one's routes, resolver and kill switch as if they were left by a crash.
+        do {
+            self.lock = try HostChangeLock(statePath: statePath)
+        } catch {
+            throw SetupError(description: "\(error)")
+        }
         let recovered = HostChangeJournal.recover(path: statePath)
         if recovered.undone > 0 {
             logger.notice("undid \(recovered.undone) change(s) left by a previous run that did not exit cleanly")
@@ -297,6 +306,7 @@ final class ClientFullTunnel {
             self.device.closeReaders()
         }
         self.device.closeWriters()
+        self.lock.release()
         self.logger.info("full tunnel down: routes, resolver and firewall restored")
     }
 }

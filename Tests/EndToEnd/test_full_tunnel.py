@@ -408,6 +408,38 @@ def test_kill_switch_blocks_everything_outside_the_tunnel(net, dump_logs_on_fail
     assert host_state(NS_C) == before
 
 
+def test_a_second_full_tunnel_client_refuses_to_start_and_leaves_the_first_alone(net, dump_logs_on_failure, tmp_path):
+    """A second `tunnel-client --full-tunnel` on one host (a unit and a manual start) must not take the running
+    one's routes, resolver and kill switch for a crash's leftovers: it refuses, and the first keeps working with
+    nothing leaving outside the tunnel."""
+    before = host_state(NS_C)
+    first = net.start_client(NS_C, "c1", SERVER_C, extra=["--kill-switch"], label="client-first")
+    try:
+        during = host_state(NS_C)
+        capture = Capture(NS_C, "c0", str(tmp_path / "c0-second.pcap"))
+        try:
+            second = ns(NS_C, CLIENT_BIN, "--server", f"{SERVER_C}:{PORT}", "--server-key", net.server_pub,
+                        "--key", net.keys["c1"][0], "--socks", "127.0.0.1:1081", "--full-tunnel", "--kill-switch",
+                        check=False, timeout=30)
+            assert second.returncode != 0
+            assert "another tunnel-client --full-tunnel is running" in second.stderr, second.stderr
+            assert f"pid {first.proc.pid}" in second.stderr, second.stderr
+            assert host_state(NS_C) == during, "the second client changed the host"
+            # The first one still carries everything, DNS included.
+            assert "10.77.0.1" in ns(NS_C, "cat", "/etc/resolv.conf").stdout
+            assert curl(NS_C, "http://web.test:8080/hello.txt").returncode == 0
+            assert ns(NS_C, sys.executable, os.path.join(HERE, "dns_query.py"), "10.77.0.1", "web.test", "udp",
+                      check=False).returncode == 0
+        finally:
+            lines = capture.stop()
+        tunnel_flow = re.compile(rf"IP 10\.231\.1\.2\.\d+ > {re.escape(SERVER_C)}\.{PORT}:|IP {re.escape(SERVER_C)}\.{PORT} > 10\.231\.1\.2\.\d+:")
+        leaks = [line for line in lines if not tunnel_flow.search(line) and not is_link_chatter(line)]
+        assert leaks == [], "traffic left outside the tunnel:\n" + "\n".join(leaks[:20])
+    finally:
+        assert first.terminate() == 0
+    assert host_state(NS_C) == before
+
+
 def test_without_privileges_both_ends_say_what_they_need(net, tmp_path):
     """As an unprivileged user (no CAP_NET_ADMIN), --tun and --full-tunnel fail at once with a clear reason."""
     if shutil.which("setpriv") is None:

@@ -301,3 +301,37 @@ struct HostNetworkTests {
         #expect(killSwitch.contains("reject"))
     }
 }
+
+struct HostChangeLockTests {
+    @Test func onlyOneOwnerAtATimeAndTheSecondLearnsWho() throws {
+        let directory = "/tmp/tunnel-lock-test-\(getpid())"
+        defer { FileManagerLite.removeTree(directory) }
+        let state = "\(directory)/netns.state"
+        let first = try HostChangeLock(statePath: state)
+        do {
+            _ = try HostChangeLock(statePath: state)
+            Issue.record("a second owner got the lock")
+        } catch let held as HostChangeLock.Held {
+            #expect(held.ownerPID == getpid())
+            #expect(held.description.contains("another tunnel-client --full-tunnel is running"))
+        }
+        first.release()
+        // A child another test spawns at this moment holds a copy of the descriptor until its exec closes it
+        // (O_CLOEXEC): the lock is free once every copy is closed, so allow a moment.
+        var again: HostChangeLock? = nil
+        for _ in 0..<100 where again == nil {
+            again = try? HostChangeLock(statePath: state)
+            if again == nil { usleep(10_000) }
+        }
+        #expect(again != nil, "the lock is free again after its owner released it")
+        again?.release()
+    }
+}
+
+/// Removes a small test directory (no Foundation in this target).
+enum FileManagerLite {
+    static func removeTree(_ path: String) {
+        unlink(path + "/netns.state.lock")
+        rmdir(path)
+    }
+}

@@ -1,0 +1,73 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Who owns the host changes of a journal: an exclusive lock (flock) on `<state file>.lock`, held for the
+/// owner's whole life and released by the kernel when it exits, however it exits. A second instance that
+/// finds the lock held must leave everything alone (the changes belong to a running process); one that gets
+/// it may undo what the file records (their owner is gone).
+public final class HostChangeLock: @unchecked Sendable {
+    /// The lock is held by a running process (its pid as it wrote it, when readable).
+    public struct Held: Error, CustomStringConvertible {
+        public var path: String
+        public var ownerPID: Int32?
+        public var description: String {
+            let owner = self.ownerPID.map { " (pid \($0))" } ?? ""
+            return "another tunnel-client --full-tunnel is running in this network namespace\(owner), and owns its routes, "
+                + "resolver and firewall; stop it first (lock \(self.path))"
+        }
+    }
+
+    /// The lock could not be taken for another reason (its directory cannot be made, ...).
+    public struct Failed: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public let path: String
+    private var descriptor: Int32
+
+    /// Takes the lock for the journal at `statePath`, or throws `Held` / `Failed`.
+    public init(statePath: String) throws {
+        let path = statePath + ".lock"
+        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+        if !directory.isEmpty { mkdir(directory, 0o700) }
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw Failed(description: "cannot open \(path): \(String(cString: strerror(errno)))") }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let busy = errno == EWOULDBLOCK
+            let reason = String(cString: strerror(errno))
+            var buffer = [UInt8](repeating: 0, count: 32)
+            let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            close(fd)
+            guard busy else { throw Failed(description: "cannot lock \(path): \(reason)") }
+            let text = count > 0 ? String(decoding: buffer[0..<count], as: UTF8.self) : ""
+            throw Held(path: path, ownerPID: Int32(text.trimmingCharacters(in: " \n")))
+        }
+        // Our pid, for the message a second instance prints.
+        let pid = Array("\(getpid())\n".utf8)
+        _ = ftruncate(fd, 0)
+        _ = pid.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        self.path = path
+        self.descriptor = fd
+    }
+
+    /// Lets go of the lock (it also goes with the process).
+    public func release() {
+        guard self.descriptor >= 0 else { return }
+        // The file stays: unlinking it would let a process that opened it before the unlink lock the old
+        // file while a third locks a new one.
+        close(self.descriptor)
+        self.descriptor = -1
+    }
+
+    deinit { self.release() }
+}
+
+extension String {
+    fileprivate func trimmingCharacters(in set: String) -> String {
+        var text = Substring(self)
+        while let first = text.first, set.contains(first) { text = text.dropFirst() }
+        while let last = text.last, set.contains(last) { text = text.dropLast() }
+        return String(text)
+    }
+}
