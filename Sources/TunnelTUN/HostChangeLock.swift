@@ -32,7 +32,11 @@ public final class HostChangeLock: @unchecked Sendable {
         let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
         if !directory.isEmpty { mkdir(directory, 0o700) }
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
-        guard fd >= 0 else { throw Failed(description: "cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            let denied = errno == EACCES || errno == EPERM
+            let reason = String(cString: strerror(errno))
+            throw Failed(description: "cannot open \(path): \(reason)" + (denied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : ""))
+        }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let busy = errno == EWOULDBLOCK
             let reason = String(cString: strerror(errno))

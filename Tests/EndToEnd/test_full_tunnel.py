@@ -415,6 +415,7 @@ def test_a_second_full_tunnel_client_refuses_to_start_and_leaves_the_first_alone
     before = host_state(NS_C)
     first = net.start_client(NS_C, "c1", SERVER_C, extra=["--kill-switch"], label="client-first")
     try:
+        assert harness.wait_for(lambda: "10.77.0.1" in ns(NS_C, "cat", "/etc/resolv.conf").stdout, timeout=10)
         during = host_state(NS_C)
         capture = Capture(NS_C, "c0", str(tmp_path / "c0-second.pcap"))
         try:
