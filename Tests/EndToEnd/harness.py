@@ -323,6 +323,13 @@ def recv_until_closed(s):
         return b""
 
 
+def connections_to(pid, port):
+    """The established TCP connections of process `pid` to destination port `port` (from ss)."""
+    out = subprocess.run(["ss", "-Htanp", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if f"pid={pid}," in line]
+
+
 def wait_for(predicate, timeout=10, interval=0.05):
     deadline = time.time() + timeout
     while time.time() < deadline:

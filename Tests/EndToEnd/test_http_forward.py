@@ -27,9 +27,7 @@ def origin():
 
 def origin_connections(tunnel, port):
     """The server's established connections to the origin's port."""
-    out = subprocess.run(["ss", "-Htanp", "state", "established", f"( dport = :{port} )"],
-                         capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if f"pid={tunnel.server.proc.pid}," in line]
+    return harness.connections_to(tunnel.server.proc.pid, port)
 
 
 def sha256_file(path):

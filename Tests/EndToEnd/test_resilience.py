@@ -437,9 +437,7 @@ def test_streams_reset_right_after_their_connect_leave_nothing_open(tunnel, targ
         s.close()
 
     def outbound():
-        out = subprocess.run(["ss", "-Htanp", "state", "established", f"( dport = :{target.port} )"],
-                             capture_output=True, text=True).stdout
-        return [line for line in out.splitlines() if f"pid={tunnel.server.proc.pid}," in line]
+        return harness.connections_to(tunnel.server.proc.pid, target.port)
 
     assert harness.wait_for(lambda: not outbound(), timeout=10), f"{len(outbound())} destination connections left open"
     # And the tunnel still serves.
