@@ -69,11 +69,13 @@ public struct ConfigFile {
         guard let entry = self.raw(key) else { return nil }
         let nanos: Int64?
         switch entry.value {
-        case .integer(let seconds): nanos = seconds >= 0 ? Int64(seconds) * 1_000_000_000 : nil
+        case .integer(let seconds): nanos = seconds >= 0 ? DurationParser.scaled(Int64(seconds), by: 1_000_000_000) : nil
         case .string(let text): nanos = DurationParser.parse(text)
         default: nanos = nil
         }
-        guard let nanos, nanos >= min else { throw self.fail(key, "must be a duration such as \"10s\" or \"500ms\"") }
+        guard let nanos, nanos >= min else {
+            throw self.fail(key, "must be a duration such as \"10s\" or \"500ms\", of at most a year")
+        }
         return nanos
     }
 
@@ -112,7 +114,8 @@ public enum ByteSizeParser {
         let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("B", 1)]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             guard let v = Int(text.dropLast(suffix.count).trimmingSpaces()), v >= 0 else { return nil }
-            return v * scale
+            let (product, overflow) = v.multipliedReportingOverflow(by: scale)
+            return overflow ? nil : product
         }
         return Int(text)
     }

@@ -96,16 +96,26 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
 
 /// A length of time from a config value: `"10s"`, `"500ms"`, `"2m"`, `"1h"`, or an integer of seconds.
 public enum DurationParser {
+    /// The longest duration a setting may have (a year, in nanoseconds): far beyond any sensible timeout, and
+    /// far from where adding it to a clock could overflow.
+    public static let longest: Int64 = 366 * 86_400 * 1_000_000_000
+
+    /// `value * scale` in nanoseconds, or nil beyond `longest` (never a trap on overflow).
+    public static func scaled(_ value: Int64, by scale: Int64) -> Int64? {
+        let (product, overflow) = value.multipliedReportingOverflow(by: scale)
+        return overflow || product > Self.longest ? nil : product
+    }
+
     public static func parse(_ text: String) -> Int64? {
         let units: [(String, Int64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             let number = text.dropLast(suffix.count)
             if suffix == "s" && number.hasSuffix("m") { continue }
-            if let whole = Int64(number), whole >= 0 { return whole * scale }
-            if let value = Double(number), value >= 0, value.isFinite { return Int64(value * Double(scale)) }
+            if let whole = Int64(number), whole >= 0 { return Self.scaled(whole, by: scale) }
+            if let value = Double(number), value >= 0, value * Double(scale) < Double(Self.longest) { return Int64(value * Double(scale)) }
             return nil
         }
-        if let seconds = Int64(text), seconds >= 0 { return seconds * 1_000_000_000 }
+        if let seconds = Int64(text), seconds >= 0 { return Self.scaled(seconds, by: 1_000_000_000) }
         return nil
     }
 }

@@ -96,6 +96,12 @@ def test_unreadable_and_malformed_files_name_the_file(tmp_path):
     broken_config = tmp_path / "broken.toml"
     broken_config.write_text('listen = 127.0.0.1\n')
     cases.append((["--key", str(key), "--authorized-keys", str(good_auth), "--config", str(broken_config)], "line 1"))
+    for n, value in enumerate(['"9999999999999h"', "99999999999", '"1e300s"']):
+        # Values that overflow when turned into nanoseconds: a one-line error, not a crash (SIGILL).
+        overflowing = tmp_path / f"overflow{n}.toml"
+        overflowing.write_text(f"connect_timeout = {value}\n")
+        cases.append((["--key", str(key), "--authorized-keys", str(good_auth), "--config", str(overflowing)],
+                      f"overflow{n}.toml: line 1: 'connect_timeout'"))
     for args, needle in cases:
         out = run(SERVER_BIN, "--listen", "127.0.0.1:0", *args)
         assert out.returncode == 2, (args, out.stderr)

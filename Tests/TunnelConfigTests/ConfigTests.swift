@@ -102,6 +102,12 @@ struct ValueTests {
         #expect(ByteSizeParser.parse("4MiB") == 4 << 20)
         #expect(ByteSizeParser.parse("1024") == 1024)
         #expect(ByteSizeParser.parse("big") == nil)
+        #expect(DurationParser.parse("9999999999999h") == nil)
+        #expect(DurationParser.parse("99999999999") == nil)
+        #expect(DurationParser.parse("1e300s") == nil)
+        #expect(DurationParser.parse("366d") == nil)
+        #expect(DurationParser.parse("8760h") == Int64(31_536_000_000_000_000))
+        #expect(ByteSizeParser.parse("9999999999999999GiB") == nil)
     }
 
     @Test func authorizedKeysParse() throws {
@@ -150,6 +156,12 @@ struct SettingsTests {
         ("keepalive_interval = \"50s\"", "dead_timeout"),
         ("max_streams = 0", "max_streams"),
         ("log_level = \"loud\"", "loud"),
+        // Values whose size in nanoseconds or bytes overflows 64 bits (issue 15 item 9): an error, never a trap.
+        ("connect_timeout = \"9999999999999h\"", "line 1: 'connect_timeout'"),
+        ("connect_timeout = 99999999999", "line 1: 'connect_timeout'"),
+        ("drain_timeout = \"1e300s\"", "drain_timeout"),
+        ("udp_idle_timeout = \"400d\"", "udp_idle_timeout"),
+        ("stream_window = \"99999999999999999GiB\"", "stream_window"),
     ])
     func badServerSettingsNameTheProblem(text: String, needle: String) throws {
         var file = try ConfigFile(path: "s.toml", text: text)
