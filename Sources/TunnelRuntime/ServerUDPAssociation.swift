@@ -28,9 +28,15 @@ final class ServerUDPAssociation: MuxStreamContext {
     private var sent = 0
     private var received = 0
     private var dropped = 0
+    /// Addresses this association has sent to (4 or 16 bytes), oldest first: only they may answer (RFC 4787
+    /// §5 address-dependent filtering), so a stranger cannot push datagrams through the relay to the client.
+    private var contacted: Set<[UInt8]> = []
+    private var contactedOrder = CircularBuffer<[UInt8]>(initialCapacity: 8)
 
     static let maxNames = 256
     static let maxWaiting = 64
+    /// Most remembered destinations; the oldest is forgotten beyond this.
+    static let maxContacted = 4096
 
     init(stream: MuxStream, tunnel: TunnelConnectionHandler, connector: OutboundConnector, idleTimeout: TimeAmount, logger: Logger) {
         self.stream = stream
@@ -144,6 +150,12 @@ final class ServerUDPAssociation: MuxStreamContext {
         }
         guard let channel, channel.isWritable else { return self.dropped += 1 }
         self.sent += 1
+        if let bytes = address.packedBytes.map(Self.unmapped), self.contacted.insert(bytes).inserted {
+            self.contactedOrder.append(bytes)
+            if self.contactedOrder.count > Self.maxContacted, let oldest = self.contactedOrder.popFirst() {
+                self.contacted.remove(oldest)
+            }
+        }
         channel.writeAndFlush(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
     }
 
@@ -151,6 +163,9 @@ final class ServerUDPAssociation: MuxStreamContext {
 
     func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
         guard !self.closed, let mux = self.tunnel?.multiplexer else { return }
+        guard let bytes = envelope.remoteAddress.packedBytes.map(Self.unmapped), self.contacted.contains(bytes) else {
+            return self.dropped += 1  // from an address this association never sent to
+        }
         self.lastActivity = .now()
         var source = envelope.remoteAddress.targetAddress
         if case .ipv6(let bytes) = source.host, bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF {
@@ -162,6 +177,14 @@ final class ServerUDPAssociation: MuxStreamContext {
         } else {
             self.dropped += 1
         }
+    }
+
+    /// An IPv4-mapped IPv6 address as its 4 IPv4 bytes; anything else as it is.
+    private static func unmapped(_ bytes: [UInt8]) -> [UInt8] {
+        if bytes.count == 16 && bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
+            return Array(bytes[12...])
+        }
+        return bytes
     }
 
     // MARK: - MuxStreamContext

@@ -293,3 +293,41 @@ def test_a_datagram_too_large_for_one_record_is_dropped_and_the_tunnel_goes_on(t
     assert parse_reply(u.recvfrom(65535)[0])[2] == b"B" * 65490
     u.close()
     control.close()
+
+
+def test_only_addresses_the_association_sent_to_may_answer(tunnel, dns):
+    """The server's relay is not full-cone: a datagram to its UDP socket from an address the association never
+    sent to is dropped (RFC 4787 address-dependent filtering); once the client sends there, it may answer."""
+    import subprocess
+    tunnel.start()
+    control, relay = associate(tunnel.socks_port)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.sendto(udp_header("127.0.0.1", dns.port) + b"hello", relay)
+    assert parse_reply(u.recvfrom(65535)[0])[2] == b"echo:hello"
+    # The server's relay socket (IPv4) for this association.
+    out = subprocess.run(["ss", "-Huanp"], capture_output=True, text=True).stdout
+    ports = [int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()
+             if f"pid={tunnel.server.proc.pid}," in line and line.split()[3].startswith("0.0.0.0:")]
+    assert ports, out
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.2", 0))
+    for port in ports:
+        stranger.sendto(b"unsolicited", ("127.0.0.1", port))
+    u.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        while True:
+            host, _, data = parse_reply(u.recvfrom(65535)[0])
+            assert host != "127.0.0.2", f"a stranger's datagram reached the application: {data!r}"
+    # After the application sent to it, that address may answer.
+    u.sendto(udp_header("127.0.0.2", stranger.getsockname()[1]) + b"now you may", relay)
+    stranger.settimeout(5)
+    data, source = stranger.recvfrom(65535)
+    assert data == b"now you may"
+    stranger.sendto(b"answer", source)
+    u.settimeout(5)
+    host, port, data = parse_reply(u.recvfrom(65535)[0])
+    assert (host, data) == ("127.0.0.2", b"answer")
+    stranger.close()
+    u.close()
+    control.close()
