@@ -162,6 +162,11 @@ extension Multiplexer {
             throw ProtocolError.invalidStreamID("OPEN for stream \(id) after \(self.lastPeerStreamID)")
         }
         self.lastPeerStreamID = id
+        // Every OPEN gets one answer (OPEN_RESULT or RESET): a peer that opens without reading the answers
+        // would grow the control queue without bound, as unread PING answers would.
+        guard self.controlQueueBytes < self.configuration.maxQueuedControlBytes else {
+            throw ProtocolError.resourceLimit("peer keeps opening streams without reading the answers")
+        }
         var payload = payload
         guard let kindByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self) else {
             throw ProtocolError.malformedFrame("OPEN too short")

@@ -468,6 +468,29 @@ struct MultiplexerTests {
         }
     }
 
+    /// Issue 15 item 5: refused OPENs queue answers too; a peer that never reads them is cut off.
+    @Test(arguments: [UInt8(0x7F), 0x00])  // an unknown stream kind (refused at once), or TCP beyond the stream limit
+    func openFloodWithoutReadingIsBounded(kind: UInt8) throws {
+        var config = Multiplexer.Configuration()
+        config.maxQueuedControlBytes = 1600
+        config.maxConcurrentStreams = 1
+        let pair = MuxPair(client: config, server: config)
+        var record = ByteBuffer()
+        for n in 0..<2000 {
+            record.writeFrameHeader(FrameHeader(type: .open, streamID: StreamID(UInt32(2 * n + 1)), length: 12))
+            record.writeInteger(kind)
+            record.writeInteger(UInt32(1 << 16))
+            record.writeBytes([0x01, 127, 0, 0, 1, 0, 80])
+        }
+        do {
+            _ = try pair.server.receivedRecord(&record, now: pair.now)
+            Issue.record("flood accepted")
+        } catch {
+            #expect(error.code == .resourceLimit)
+        }
+        #expect(pair.server.queuedOutputBytes < 1600 + 200)
+    }
+
     @Test func pingFloodWithoutReadingIsBounded() throws {
         var config = Multiplexer.Configuration()
         config.maxQueuedControlBytes = 1600
