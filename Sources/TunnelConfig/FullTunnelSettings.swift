@@ -64,10 +64,21 @@ public struct ServerTUNSettings: Sendable, Equatable {
     }
 
     public static func parseDeviceName(_ text: String, origin: String) throws(ConfigError) -> String {
-        let bytes = Array(text.utf8)
-        let allowed = bytes.allSatisfy { $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") }
-        guard !bytes.isEmpty, bytes.count <= 15, allowed else {
-            throw ConfigError("\(origin): '\(text)' is not a device name (1 to 15 printable characters, no '/'; '%d' picks a free number)")
+        // The name is spliced into nftables rulesets and ip(8) arguments: letters, digits, '-', '_' and '.' only,
+        // and one '%d' (the kernel's "a free number").
+        var bytes = Array(text.utf8)
+        if let index = bytes.indices.dropLast().first(where: { bytes[$0] == UInt8(ascii: "%") && bytes[$0 + 1] == UInt8(ascii: "d") }) {
+            bytes.replaceSubrange(index...index + 1, with: [UInt8(ascii: "0")])
+        }
+        let allowed = bytes.allSatisfy { byte in
+            (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z")) || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+                || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_")
+                || byte == UInt8(ascii: ".")
+        }
+        guard !text.isEmpty, text.utf8.count <= 15, allowed, text != ".", text != ".." else {
+            throw ConfigError(
+                "\(origin): '\(text)' is not a device name (1 to 15 letters, digits, '-', '_' or '.'; one '%d' picks a free number)"
+            )
         }
         return text
     }

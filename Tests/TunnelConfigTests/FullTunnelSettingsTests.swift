@@ -61,3 +61,16 @@ struct FullTunnelSettingsTests {
         #expect(throws: ConfigError.self) { try ClientFullTunnelSettings.parseExcludes(["lan"], origin: "x") }
     }
 }
+
+struct DeviceNameTests {
+    /// Issue 15 item 11: the name ends up inside nftables rulesets and ip(8) arguments.
+    @Test(arguments: ["tunnel%d", "vpn0", "wg-home_1", "tun.lab", "abcdefghijklmno"])
+    func plainNamesAreAccepted(name: String) throws {
+        #expect(try ServerTUNSettings.parseDeviceName(name, origin: "--tun-name") == name)
+    }
+
+    @Test(arguments: ["", "a\"b", "x; flush ruleset", "tun{0}", "t%s", "%d%d", "tun 0", "a/b", "..", ".", "abcdefghijklmnop", "tün0"])
+    func namesThatCouldChangeARulesetAreRefused(name: String) {
+        #expect(throws: ConfigError.self) { _ = try ServerTUNSettings.parseDeviceName(name, origin: "--tun-name") }
+    }
+}
