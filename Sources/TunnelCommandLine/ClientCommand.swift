@@ -108,6 +108,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
         let service = ListenerService(
             readyPrefix: "SOCKS5 listening on", failurePrefix: "cannot listen for SOCKS5",
+            listen: resolved.settings.socks.description, setting: "--socks HOST:PORT (or socks in --config)",
             start: { try await client.start() }, stop: { await client.shutdown() }
         )
         try await runUntilSignalled(service, group: group, logger: logger)

@@ -140,6 +140,9 @@ func parseEndpointFlag(_ text: String, flag: String) throws(ConfigError) -> Endp
 struct ListenerService: Service {
     let readyPrefix: String
     let failurePrefix: String
+    /// The address it binds and the setting that chooses it, for the message when binding fails.
+    let listen: String
+    let setting: String
     let start: @Sendable () async throws -> SocketAddress
     let stop: @Sendable () async -> Void
 
@@ -150,11 +153,24 @@ struct ListenerService: Service {
         } catch let failure as any StartupFailure {
             throw RuntimeFailure(message: failure.description)
         } catch {
-            throw RuntimeFailure(message: "\(self.failurePrefix): \(error)")
+            throw RuntimeFailure(message: "\(self.failurePrefix) on \(self.listen): \(Self.explain(error, setting: self.setting))")
         }
         printFlushed("\(self.readyPrefix) \(address)")
         try? await gracefulShutdown()
         await self.stop()
+    }
+}
+
+extension ListenerService {
+    /// What a bind failure means and what to do about it.
+    static func explain(_ error: any Error, setting: String) -> String {
+        guard let io = error as? IOError else { return "\(error)" }
+        switch io.errnoCode {
+        case EADDRINUSE: return "another process is using this address; stop it, or choose another with \(setting)"
+        case EADDRNOTAVAIL: return "this host has no such address; choose one of its own with \(setting)"
+        case EACCES, EPERM: return "permission denied (ports below 1024 need root); choose another with \(setting)"
+        default: return "\(io)"
+        }
     }
 }
 

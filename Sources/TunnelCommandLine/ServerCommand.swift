@@ -97,6 +97,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
         let service = ListenerService(
             readyPrefix: "tunnel-server listening on", failurePrefix: "cannot listen",
+            listen: resolved.listen.description, setting: "--listen HOST:PORT (or listen in --config)",
             start: { try await server.start() }, stop: { await server.shutdown() }
         )
         try await runUntilSignalled(service, group: group, logger: logger)

@@ -43,7 +43,7 @@ public struct ClientSettings: Sendable {
     public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.endpoint("server") { self.server = v }
         if let v = try file.string("server_key") {
-            guard let key = PublicKey(base64: v) else { throw ConfigError("\(file.path): server_key is not a base64 X25519 public key") }
+            guard let key = PublicKey(base64: v) else { throw ConfigError("\(file.location("server_key")) is not a base64 X25519 public key") }
             self.serverKey = key
         }
         if let v = try file.string("key") { self.keyPath = v }
@@ -54,10 +54,10 @@ public struct ClientSettings: Sendable {
         if let v = try file.boolean("udp") { self.udp = v }
         if let v = try file.boolean("compress") { self.compress = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
-        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
+        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level")) }
         if let v = try file.string("cipher") {
             guard let choice = Self.parseCipher(v) else {
-                throw ConfigError("\(file.path): cipher: unknown cipher '\(v)' (auto, aesgcm, chachapoly)")
+                throw ConfigError("\(file.location("cipher")): unknown cipher '\(v)' (auto, aesgcm, chachapoly)")
             }
             self.cipher = choice
         }

@@ -25,8 +25,13 @@ public struct ConfigFile {
     }
 
     private func fail(_ key: String, _ message: String) -> ConfigError {
-        let line = self.entries[key]?.line ?? 0
-        return ConfigError("\(self.path): line \(line): '\(key)' \(message)")
+        ConfigError("\(self.location(key)) \(message)")
+    }
+
+    /// `FILE: line N: 'key'` (without the line when the file does not set it), to start a message about a setting.
+    public func location(_ key: String) -> String {
+        guard let line = self.entries[key]?.line else { return "\(self.path): '\(key)'" }
+        return "\(self.path): line \(line): '\(key)'"
     }
 
     private mutating func raw(_ key: String) -> ConfigEntry? {

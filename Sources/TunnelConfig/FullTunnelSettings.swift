@@ -25,11 +25,11 @@ public struct ServerTUNSettings: Sendable, Equatable {
 
     mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.boolean("tun") { self.enabled = v }
-        if let v = try file.string("tun_pool") { self.pool = try Self.parsePool(v, origin: "\(file.path): tun_pool") }
-        if let v = try file.string("tun_pool6") { self.pool6 = try Self.parsePool6(v, origin: "\(file.path): tun_pool6") }
+        if let v = try file.string("tun_pool") { self.pool = try Self.parsePool(v, origin: file.location("tun_pool")) }
+        if let v = try file.string("tun_pool6") { self.pool6 = try Self.parsePool6(v, origin: file.location("tun_pool6")) }
         if let v = try file.integer("tun_mtu", range: TunnelAssignment.mtuRange) { self.mtu = v }
-        if let list = try file.strings("tun_dns") { self.dns = try Self.parseAddresses(list, origin: "\(file.path): tun_dns") }
-        if let v = try file.string("tun_name") { self.deviceName = try Self.parseDeviceName(v, origin: "\(file.path): tun_name") }
+        if let list = try file.strings("tun_dns") { self.dns = try Self.parseAddresses(list, origin: file.location("tun_dns")) }
+        if let v = try file.string("tun_name") { self.deviceName = try Self.parseDeviceName(v, origin: file.location("tun_name")) }
     }
 
     public static func parsePool(_ text: String, origin: String) throws(ConfigError) -> CIDR {
@@ -112,10 +112,10 @@ public struct ClientFullTunnelSettings: Sendable, Equatable {
 
     mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.boolean("full_tunnel") { self.enabled = v }
-        if let list = try file.strings("exclude") { self.exclude = try Self.parseExcludes(list, origin: "\(file.path): exclude") }
-        if let list = try file.strings("dns") { self.dns = try Self.parseDNS(list, origin: "\(file.path): dns") }
+        if let list = try file.strings("exclude") { self.exclude = try Self.parseExcludes(list, origin: file.location("exclude")) }
+        if let list = try file.strings("dns") { self.dns = try Self.parseDNS(list, origin: file.location("dns")) }
         if let v = try file.boolean("kill_switch") { self.killSwitch = v }
-        if let v = try file.string("tun_name") { self.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "\(file.path): tun_name") }
+        if let v = try file.string("tun_name") { self.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: file.location("tun_name")) }
         if let v = try file.string("state_file") { self.stateFile = v }
     }
 

@@ -34,22 +34,22 @@ public struct ServerSettings: Sendable {
         if let v = try file.endpoint("listen") { self.listen = v }
         if let v = try file.string("key") { self.keyPath = v }
         if let v = try file.string("authorized_keys") { self.authorizedKeysPath = v }
-        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: "\(file.path): log_level") }
+        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level")) }
         if let v = try file.duration("connect_timeout", min: 1_000_000) { self.connectTimeout = v }
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
-        if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: "\(file.path): deny") }
-        if let list = try file.strings("allow") { self.allow = try CIDR.parseList(list, origin: "\(file.path): allow") }
+        if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: file.location("deny")) }
+        if let list = try file.strings("allow") { self.allow = try CIDR.parseList(list, origin: file.location("allow")) }
         if let list = try file.strings("ciphers") {
             self.ciphers = []
             for text in list {
                 guard let cipher = NoiseCipher.parse(text) else {
-                    throw ConfigError("\(file.path): ciphers: unknown cipher '\(text)' (aesgcm, chachapoly)")
+                    throw ConfigError("\(file.location("ciphers")): unknown cipher '\(text)' (aesgcm, chachapoly)")
                 }
                 self.ciphers.append(cipher)
             }
-            guard !self.ciphers.isEmpty else { throw ConfigError("\(file.path): ciphers: must list at least one cipher") }
+            guard !self.ciphers.isEmpty else { throw ConfigError("\(file.location("ciphers")): must list at least one cipher") }
         }
         try self.timings.apply(&file)
         try self.tun.apply(file: &file)

@@ -175,7 +175,12 @@ public enum TOMLParser {
                 }
                 let text = String(decoding: self.bytes[start..<self.index], as: UTF8.self)
                 if let c = self.current, c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E") || c == UInt8(ascii: ":") {
-                    throw self.error("only whole numbers are supported here (use a string such as \"1.5s\")")
+                    // An address, a CIDR or a fraction written without quotes: show the value as it should be.
+                    while let c = self.current, c > 0x20, c != UInt8(ascii: "#"), c != UInt8(ascii: ","), c != UInt8(ascii: "]") {
+                        self.advance()
+                    }
+                    let word = String(decoding: self.bytes[start..<self.index], as: UTF8.self)
+                    throw self.error("\(word) needs quotes: write \"\(word)\" (only whole numbers go without them)")
                 }
                 guard !text.hasSuffix("_"), !text.contains("__"), let value = Int(String(text.filter { $0 != "_" })) else {
                     throw self.error("invalid number '\(text)'")

@@ -39,15 +39,15 @@ public struct TunnelTimings: Sendable, Equatable {
             let valid = !v.isEmpty && v.utf8.count <= 15
                 && v.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x5F }
             guard valid else {
-                throw ConfigError("\(file.path): congestion_control must be auto, system, or an algorithm name like cubic or bbr")
+                throw ConfigError("\(file.location("congestion_control")) must be auto, system, or an algorithm name like cubic or bbr")
             }
             self.congestionControl = v
         }
         guard self.maxStreamWindow >= self.streamWindow else {
-            throw ConfigError("\(file.path): max_stream_window must be at least stream_window")
+            throw ConfigError("\(file.location("max_stream_window")) must be at least stream_window")
         }
         guard self.deadTimeout > self.keepaliveInterval else {
-            throw ConfigError("\(file.path): dead_timeout must be longer than keepalive_interval")
+            throw ConfigError("\(file.location("dead_timeout")) must be longer than keepalive_interval")
         }
     }
 }

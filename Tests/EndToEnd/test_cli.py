@@ -2,6 +2,7 @@
 
 import base64
 import os
+import socket
 import stat
 import subprocess
 
@@ -150,3 +151,25 @@ def test_example_configs_parse(tunnel):
     client_config = os.path.join(harness.ROOT, "Configs", "client.toml")
     client = tunnel.start_client(config=client_config)
     tunnel.wait_until_connected(client)
+
+
+def test_a_port_in_use_names_the_address_and_the_flag(tunnel):
+    """Binding a port another process holds says which address, that another process holds it, and which
+    setting chooses another (it used to print NIO's bind error and errno)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        out = run(SERVER_BIN, "--listen", f"127.0.0.1:{port}", "--key", tunnel.server_key,
+                  "--authorized-keys", tunnel.authorized)
+        assert out.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{port}: another process is using this address" in out.stderr, out.stderr
+        assert "--listen" in out.stderr and "errno" not in out.stderr, out.stderr
+        out = run(CLIENT_BIN, "--server", "127.0.0.1:1", "--server-key", tunnel.server_pub, "--key", tunnel.client_key,
+                  "--socks", f"127.0.0.1:{port}")
+        assert out.returncode != 0
+        assert f"cannot listen for SOCKS5 on 127.0.0.1:{port}: another process is using this address" in out.stderr, out.stderr
+        assert "--socks" in out.stderr, out.stderr
+    finally:
+        busy.close()

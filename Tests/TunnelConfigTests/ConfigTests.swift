@@ -51,6 +51,19 @@ struct TOMLParserTests {
     }
 }
 
+struct UnquotedValueTests {
+    /// Issue 15 item 13: an address or prefix written without quotes says so, and shows the fix.
+    @Test(arguments: [("listen = 127.0.0.1:0", "127.0.0.1:0"), ("deny = [10.0.0.0/8]", "10.0.0.0/8"), ("t = 1.5", "1.5")])
+    func unquotedValuesSayTheyNeedQuotes(text: String, word: String) {
+        do {
+            _ = try ConfigFile(path: "s.toml", text: text)
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.message == "s.toml: line 1: \(word) needs quotes: write \"\(word)\" (only whole numbers go without them)")
+        }
+    }
+}
+
 struct ValueTests {
     @Test(arguments: [
         ("127.0.0.1:1080", "127.0.0.1", 1080), ("[::1]:443", "::1", 443), ("example.com:0", "example.com", 0),
@@ -149,7 +162,8 @@ struct SettingsTests {
     @Test(arguments: [
         ("lisen = \"1.2.3.4:5\"", "unknown setting 'lisen'"),
         ("connect_timeout = \"fast\"", "connect_timeout"),
-        ("deny = [\"10.0.0.0/99\"]", "deny"),
+        ("deny = [\"10.0.0.0/99\"]", "line 1: 'deny': '10.0.0.0/99' is not an address or CIDR prefix"),
+        ("listen = \"1.2.3.4:5\"\nallow = [\"10.0.0.0/8\", \"bad\"]", "line 2: 'allow': 'bad'"),
         ("ciphers = [\"rot13\"]", "rot13"),
         ("listen = 5", "must be a string"),
         ("stream_window = \"8MiB\"\nmax_stream_window = \"1MiB\"", "max_stream_window"),
