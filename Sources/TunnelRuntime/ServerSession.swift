@@ -194,6 +194,6 @@ final class ServerSession: TunnelConnectionDelegate {
     private func finishHandshake() {
         guard self.handshaking else { return }
         self.handshaking = false
-        self.registry.endHandshake()
+        self.registry.endHandshake(self.handle.id)
     }
 }

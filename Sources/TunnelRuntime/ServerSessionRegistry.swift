@@ -19,31 +19,83 @@ final class ServerSessionRegistry: Sendable {
         var replay = ReplayTable()
         var activeByKey: [PublicKey: Handle] = [:]
         var all: [ObjectIdentifier: Handle] = [:]
-        var pendingHandshakes = 0
+        /// Unauthenticated connections, by id: their source, and their handles oldest first, overall and per
+        /// source (ids that finished are skipped when met in `oldest`).
+        var pending: [ObjectIdentifier: [UInt8]] = [:]
+        var oldest = CircularBuffer<Handle>(initialCapacity: 64)
+        var pendingBySource: [[UInt8]: [Handle]] = [:]
         var shuttingDown = false
+    }
+
+    /// What becomes of a new connection.
+    enum Admission {
+        /// It may handshake; `shed` is an older pending connection to close to make room (nil when there was).
+        case admitted(shed: Handle?)
+        /// The server is stopping.
+        case refused
     }
 
     let authorizedKeys: AuthorizedKeys
     let maxPendingHandshakes: Int
+    /// Most pending handshakes from one source (an IPv4 address or an IPv6 /64).
+    let maxPendingPerSource: Int
     private let state = NIOLockedValueBox(State())
 
     init(authorizedKeys: AuthorizedKeys, maxPendingHandshakes: Int) {
         self.authorizedKeys = authorizedKeys
         self.maxPendingHandshakes = maxPendingHandshakes
+        self.maxPendingPerSource = max(1, min(maxPendingHandshakes, max(4, maxPendingHandshakes / 16)))
     }
 
-    /// Counts a new unauthenticated connection; false when too many are handshaking or the server is stopping.
-    func beginHandshake(_ handle: Handle) -> Bool {
+    /// Counts a new unauthenticated connection from `source`. A source that already has its share of pending
+    /// handshakes, or a server with all its slots taken, gives up its oldest pending one (returned to be
+    /// closed): a stranger holding idle connections open can delay only its own, never lock other clients out.
+    func beginHandshake(_ handle: Handle, source: [UInt8]) -> Admission {
         self.state.withLockedValue { state in
-            guard !state.shuttingDown, state.pendingHandshakes < self.maxPendingHandshakes else { return false }
-            state.pendingHandshakes += 1
+            guard !state.shuttingDown else { return .refused }
+            var shed: Handle? = nil
+            if let mine = state.pendingBySource[source], mine.count >= self.maxPendingPerSource {
+                shed = mine.first
+            } else if state.pending.count >= self.maxPendingHandshakes {
+                while let candidate = state.oldest.popFirst() {
+                    if state.pending[candidate.id] != nil {
+                        shed = candidate
+                        break
+                    }
+                }
+            }
+            if let shed { Self.removePending(shed.id, from: &state) }
+            state.pending[handle.id] = source
+            state.oldest.append(handle)
+            state.pendingBySource[source, default: []].append(handle)
             state.all[handle.id] = handle
-            return true
+            return .admitted(shed: shed)
         }
     }
 
-    func endHandshake() {
-        self.state.withLockedValue { $0.pendingHandshakes -= 1 }
+    /// The handshake of `id` ended (established, failed or closed); once per connection at most.
+    func endHandshake(_ id: ObjectIdentifier) {
+        self.state.withLockedValue { state in Self.removePending(id, from: &state) }
+    }
+
+    private static func removePending(_ id: ObjectIdentifier, from state: inout State) {
+        guard let source = state.pending.removeValue(forKey: id) else { return }
+        state.pendingBySource[source]?.removeAll { $0.id == id }
+        if state.pendingBySource[source]?.isEmpty == true { state.pendingBySource.removeValue(forKey: source) }
+        // `oldest` keeps it until it comes to the front; compact it when stale entries dominate.
+        if state.oldest.count > 2 * state.pending.count + 64 {
+            state.oldest = CircularBuffer(state.oldest.filter { state.pending[$0.id] != nil })
+        }
+    }
+
+    /// The key pending handshakes are counted by: an IPv4 address, or the /64 of an IPv6 one.
+    static func sourceKey(_ address: SocketAddress?) -> [UInt8] {
+        guard let bytes = address?.packedBytes else { return [] }
+        if bytes.count == 16 {
+            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF { return Array(bytes[12...]) }
+            return Array(bytes[0..<8])
+        }
+        return bytes
     }
 
     func checkReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {

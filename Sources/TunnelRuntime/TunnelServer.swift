@@ -83,10 +83,15 @@ public final class TunnelServer: Sendable {
                     let handle = ServerSessionRegistry.Handle(
                         id: ObjectIdentifier(handler), handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
                     )
-                    guard registry.beginHandshake(handle) else {
-                        logger.info("refused connection from \(channel.remoteAddress?.description ?? "?"): too many handshakes in progress")
+                    switch registry.beginHandshake(handle, source: ServerSessionRegistry.sourceKey(channel.remoteAddress)) {
+                    case .refused:
                         channel.close(promise: nil)
                         return
+                    case .admitted(let shed):
+                        // Room for this one: the oldest pending handshake of its source (or of all) goes.
+                        if let shed {
+                            shed.eventLoop.execute { shed.handler.value.close(code: .shutdown) }
+                        }
                     }
                     handler.delegate = ServerSession(
                         registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, tun: tun,

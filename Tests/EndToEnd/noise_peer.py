@@ -52,14 +52,15 @@ def parse_frames(plaintext):
 
 
 class NoisePeer:
-    def __init__(self, host, port, client_priv_b64, server_pub_b64, cipher="ChaChaPoly"):
+    def __init__(self, host, port, client_priv_b64, server_pub_b64, cipher="ChaChaPoly", source=None):
         self.noise = NoiseConnection.from_name(f"Noise_IK_25519_{cipher}_BLAKE2b".encode())
         self.noise.set_as_initiator()
         self.noise.set_prologue(PROLOGUE)
         self.noise.set_keypair_from_private_bytes(Keypair.STATIC, base64.b64decode(client_priv_b64))
         self.noise.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, base64.b64decode(server_pub_b64))
         self.noise.start_handshake()
-        self.sock = socket.create_connection((host, port), timeout=10)
+        self.sock = socket.create_connection((host, port), timeout=10,
+                                             source_address=(source, 0) if source else None)
         self.message1 = None
 
     def handshake(self, payload=None):

@@ -214,6 +214,30 @@ def test_many_stalled_handshakes_do_not_block_clients(tunnel, target):
         s.close()
 
 
+def test_pending_handshakes_from_one_source_cannot_lock_out_another(tunnel, tmp_path):
+    """One address holding more idle, half-sent handshakes than the server has slots gives up its own oldest
+    ones; a client from another address still gets in at once (and so does a new one from the same address)."""
+    config = tmp_path / "server.toml"
+    config.write_text("max_pending_handshakes = 8\n")
+    tunnel.start_server(config=str(config))
+    stalled = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", tunnel.server.port), source_address=("127.0.0.1", 0))
+        s.sendall(b"\x00\xa0")   # a length prefix, then nothing
+        stalled.append(s)
+    time.sleep(0.5)
+    for source in ("127.0.0.2", "127.0.0.1"):
+        peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub,
+                         source=source)
+        peer.handshake()
+        peer.send_frames(frame(T_PING, 0, 0, b"arrived!"))
+        assert (T_PING, F_ACK, 0, b"arrived!") in peer.recv_frames()
+        peer.close()
+        time.sleep(0.05)
+    for s in stalled:
+        s.close()
+
+
 def test_tampered_record_ends_only_that_connection(tunnel, target):
     tunnel.start()
     peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
