@@ -1,3 +1,5 @@
+import TunnelProtocol
+
 /// Which addresses the server may connect to (TCP streams) or send to (UDP), after name resolution.
 ///
 /// Denied unless an `allow` prefix covers the address (and no longer prefix of the operator's `deny` does:
@@ -48,22 +50,25 @@ public struct DestinationPolicy: Sendable, Hashable {
     /// `nil` when the server may reach `bytes` (4 or 16 bytes), else why not. `hostAddresses` are the server
     /// host's own addresses, as 4 or 16 bytes each.
     public func refusal(for bytes: [UInt8], hostAddresses: Set<[UInt8]>) -> Refusal? {
-        var candidates = [bytes]
-        if let embedded = Self.embeddedIPv4(in: bytes) { candidates.append(embedded) }
-        for address in candidates {
-            let allowed = self.allow.filter { $0.contains(address) }.map(\.prefixLength).max()
-            guard let allowed else {
-                if address.allSatisfy({ $0 == 0 }) { return .unspecified }
-                if hostAddresses.contains(address) { return .serverAddress }
-                if let prefix = Self.builtInDeny.first(where: { $0.contains(address) }) ?? self.deny.first(where: { $0.contains(address) }) {
-                    return .denied(prefix)
-                }
-                continue
+        if let refusal = self.refusal(judging: bytes, hostAddresses: hostAddresses) { return refusal }
+        guard let embedded = Self.embeddedIPv4(in: bytes) else { return nil }
+        return self.refusal(judging: embedded, hostAddresses: hostAddresses)
+    }
+
+    /// The rules for one address, as it is (no embedded address looked at). Runs per UDP datagram: no allocation.
+    private func refusal(judging address: [UInt8], hostAddresses: Set<[UInt8]>) -> Refusal? {
+        var allowed = -1
+        for prefix in self.allow where prefix.prefixLength > allowed && prefix.contains(address) { allowed = prefix.prefixLength }
+        guard allowed >= 0 else {
+            if address.allSatisfy({ $0 == 0 }) { return .unspecified }
+            if hostAddresses.contains(address) { return .serverAddress }
+            if let prefix = Self.builtInDeny.first(where: { $0.contains(address) }) ?? self.deny.first(where: { $0.contains(address) }) {
+                return .denied(prefix)
             }
-            // Allowed, unless a longer (more specific) prefix of the operator's deny list covers it too.
-            if let prefix = self.deny.first(where: { $0.prefixLength > allowed && $0.contains(address) }) { return .denied(prefix) }
+            return nil
         }
-        return nil
+        // Allowed, unless a longer (more specific) prefix of the operator's deny list covers it too.
+        return self.deny.first(where: { $0.prefixLength > allowed && $0.contains(address) }).map { .denied($0) }
     }
 
     /// The IPv4 address an IPv6 address carries, for the forms that reach it: IPv4-mapped (`::ffff:0:0/96`,
@@ -71,7 +76,8 @@ public struct DestinationPolicy: Sendable, Hashable {
     /// RFC 3056 §2).
     public static func embeddedIPv4(in bytes: [UInt8]) -> [UInt8]? {
         guard bytes.count == 16 else { return nil }
-        if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF { return Array(bytes[12..<16]) }
+        let unmapped = IPAddress.unmapped(bytes)
+        if unmapped.count == 4 { return unmapped }
         if bytes[0..<4] == [0x00, 0x64, 0xFF, 0x9B] && bytes[4..<12].allSatisfy({ $0 == 0 }) { return Array(bytes[12..<16]) }
         if bytes[0] == 0x20 && bytes[1] == 0x02 { return Array(bytes[2..<6]) }
         return nil

@@ -64,12 +64,7 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
 
     /// Whether `bytes` (4 or 16) fall inside this prefix. IPv4-mapped IPv6 addresses match IPv4 prefixes.
     public func contains(_ bytes: [UInt8]) -> Bool {
-        var candidate = bytes
-        if candidate.count == 16 && self.address.bytes.count == 4 && candidate[0..<10].allSatisfy({ $0 == 0 })
-            && candidate[10] == 0xFF && candidate[11] == 0xFF
-        {
-            candidate = Array(candidate[12...])
-        }
+        let candidate = self.address.bytes.count == 4 ? IPAddress.unmapped(bytes) : bytes
         guard candidate.count == self.address.bytes.count else { return false }
         var remaining = self.prefixLength
         for i in 0..<candidate.count where remaining > 0 {

@@ -9,6 +9,13 @@ public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
         self.bytes = bytes
     }
 
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2) as its 4 IPv4 bytes; any other address
+    /// as it is. Dual-stack sockets report IPv4 peers in this form.
+    public static func unmapped(_ bytes: [UInt8]) -> [UInt8] {
+        guard bytes.count == 16, bytes[10] == 0xFF, bytes[11] == 0xFF, bytes[0..<10].allSatisfy({ $0 == 0 }) else { return bytes }
+        return Array(bytes[12..<16])
+    }
+
     /// Parses dotted IPv4 or RFC 4291 IPv6 text (with `::` and an optional embedded IPv4 tail).
     public static func parse(_ text: String) -> IPAddress? {
         if !text.contains(":") { return Self.parseIPv4(Substring(text)).flatMap { IPAddress(bytes: $0) } }

@@ -9,14 +9,20 @@ import NIOConcurrencyHelpers
 /// The addresses of this host's interfaces (4 or 16 bytes each), for the destination policy: a client must not
 /// reach the server's own services through an address that is not loopback (`192.0.2.7`, a public address
 /// on eth0). Kept current: an rtnetlink socket subscribed to address changes turns readable when one is added
-/// or removed, and the next lookup re-reads the list. Without that socket (not Linux), the list is re-read
-/// at most once a second.
+/// or removed, and a lookup re-reads the list when it finds that socket readable. Lookups run per connect and
+/// per UDP datagram, so the socket is asked at most once per `checkInterval` (the clock read is the vDSO's
+/// coarse clock, no system call): a change takes effect within that time. Without the socket (not Linux), the
+/// list is re-read at most once a second.
 final class HostAddresses: Sendable {
     private struct State {
         var addresses: Set<[UInt8]> = []
         var watch: Int32
         var lastRead: timespec = timespec()
+        var lastCheck: timespec = timespec()
     }
+
+    /// How often, at most, a lookup asks the watch socket whether anything changed.
+    static let checkIntervalNanoseconds = 10_000_000
 
     private let state: NIOLockedValueBox<State>
 
@@ -32,10 +38,16 @@ final class HostAddresses: Sendable {
         if watch >= 0 { close(watch) }
     }
 
-    /// The current addresses. One non-blocking read of the watch socket when nothing changed.
+    /// The current addresses (at most `checkIntervalNanoseconds` old). One non-blocking read of the watch socket
+    /// when it is asked and nothing changed.
     func current() -> Set<[UInt8]> {
         self.state.withLockedValue { state in
             if state.watch >= 0 {
+                var now = timespec()
+                clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
+                let elapsed = (now.tv_sec - state.lastCheck.tv_sec) * 1_000_000_000 + (now.tv_nsec - state.lastCheck.tv_nsec)
+                if elapsed >= 0 && elapsed < Self.checkIntervalNanoseconds { return state.addresses }
+                state.lastCheck = now
                 let watch = state.watch
                 let changed = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 8192) { scratch in
                     var changed = false

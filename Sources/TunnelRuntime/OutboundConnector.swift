@@ -214,9 +214,12 @@ extension SocketAddress {
         }
     }
 
-    /// As a tunnel address (for the bound address in OPEN_RESULT).
+    /// The address as 4 or 16 bytes, an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as IPv4.
+    var unmappedBytes: [UInt8]? { self.packedBytes.map(IPAddress.unmapped) }
+
+    /// As a tunnel address (the bound address in OPEN_RESULT, a datagram's source), IPv4 peers as IPv4.
     var targetAddress: TargetAddress {
-        guard let bytes = self.packedBytes, let port = self.port else { return .unspecified }
+        guard let bytes = self.unmappedBytes, let port = self.port else { return .unspecified }
         if bytes.count == 4 {
             let value = UInt32(bytes[0]) << 24 | UInt32(bytes[1]) << 16 | UInt32(bytes[2]) << 8 | UInt32(bytes[3])
             return TargetAddress(host: .ipv4(value), port: UInt16(port))

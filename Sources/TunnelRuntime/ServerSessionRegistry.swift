@@ -90,12 +90,8 @@ final class ServerSessionRegistry: Sendable {
 
     /// The key pending handshakes are counted by: an IPv4 address, or the /64 of an IPv6 one.
     static func sourceKey(_ address: SocketAddress?) -> [UInt8] {
-        guard let bytes = address?.packedBytes else { return [] }
-        if bytes.count == 16 {
-            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF { return Array(bytes[12...]) }
-            return Array(bytes[0..<8])
-        }
-        return bytes
+        guard let bytes = address?.unmappedBytes else { return [] }
+        return bytes.count == 16 ? Array(bytes[0..<8]) : bytes
     }
 
     func checkReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {

@@ -150,7 +150,7 @@ final class ServerUDPAssociation: MuxStreamContext {
         }
         guard let channel, channel.isWritable else { return self.dropped += 1 }
         self.sent += 1
-        if let bytes = address.packedBytes.map(Self.unmapped), self.contacted.insert(bytes).inserted {
+        if let bytes = address.unmappedBytes, self.contacted.insert(bytes).inserted {
             self.contactedOrder.append(bytes)
             if self.contactedOrder.count > Self.maxContacted, let oldest = self.contactedOrder.popFirst() {
                 self.contacted.remove(oldest)
@@ -163,28 +163,18 @@ final class ServerUDPAssociation: MuxStreamContext {
 
     func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
         guard !self.closed, let mux = self.tunnel?.multiplexer else { return }
-        guard let bytes = envelope.remoteAddress.packedBytes.map(Self.unmapped), self.contacted.contains(bytes) else {
+        guard let bytes = envelope.remoteAddress.unmappedBytes, self.contacted.contains(bytes) else {
             return self.dropped += 1  // from an address this association never sent to
         }
         self.lastActivity = .now()
-        var source = envelope.remoteAddress.targetAddress
-        if case .ipv6(let bytes) = source.host, bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF {
-            source.host = .ipv4(UInt32(bytes[12]) << 24 | UInt32(bytes[13]) << 16 | UInt32(bytes[14]) << 8 | UInt32(bytes[15]))
-        }
+        // Tagged with its real source, an IPv4 peer as IPv4 (targetAddress unmaps).
+        let source = envelope.remoteAddress.targetAddress
         let payload = SOCKS5UDP.tunnelPayload(from: source, data: envelope.data, allocator: ByteBufferAllocator())
         if mux.sendDatagram(payload, on: self.stream) {
             self.received += 1
         } else {
             self.dropped += 1
         }
-    }
-
-    /// An IPv4-mapped IPv6 address as its 4 IPv4 bytes; anything else as it is.
-    private static func unmapped(_ bytes: [UInt8]) -> [UInt8] {
-        if bytes.count == 16 && bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
-            return Array(bytes[12...])
-        }
-        return bytes
     }
 
     // MARK: - MuxStreamContext

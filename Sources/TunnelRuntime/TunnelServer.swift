@@ -89,8 +89,12 @@ public final class TunnelServer: Sendable {
                         return
                     case .admitted(let shed):
                         // Room for this one: the oldest pending handshake of its source (or of all) goes.
+                        // It runs on its own loop: if its handshake finished meanwhile, it is a client now and stays.
                         if let shed {
-                            shed.eventLoop.execute { shed.handler.value.close(code: .shutdown) }
+                            shed.eventLoop.execute {
+                                let handler = shed.handler.value
+                                if !handler.isEstablished { handler.close(code: .shutdown) }
+                            }
                         }
                     }
                     handler.delegate = ServerSession(

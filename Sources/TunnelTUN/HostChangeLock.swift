@@ -44,8 +44,8 @@ public final class HostChangeLock: @unchecked Sendable {
             let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
             close(fd)
             guard busy else { throw Failed(description: "cannot lock \(path): \(reason)") }
-            let text = count > 0 ? String(decoding: buffer[0..<count], as: UTF8.self) : ""
-            throw Held(path: path, ownerPID: Int32(text.trimmingCharacters(in: " \n")))
+            let digits = buffer[0..<max(count, 0)].prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            throw Held(path: path, ownerPID: Int32(String(decoding: digits, as: UTF8.self)))
         }
         // Our pid, for the message a second instance prints.
         let pid = Array("\(getpid())\n".utf8)
@@ -65,13 +65,4 @@ public final class HostChangeLock: @unchecked Sendable {
     }
 
     deinit { self.release() }
-}
-
-extension String {
-    fileprivate func trimmingCharacters(in set: String) -> String {
-        var text = Substring(self)
-        while let first = text.first, set.contains(first) { text = text.dropFirst() }
-        while let last = text.last, set.contains(last) { text = text.dropLast() }
-        return String(text)
-    }
 }

@@ -102,6 +102,15 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def origin():
+    """An HTTP/1.1 origin on 127.0.0.1 (webserver.py); a test file may define its own with another tag."""
+    from webserver import Origin
+    server = Origin("origin")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def target():
     server = TargetServer()
     yield server

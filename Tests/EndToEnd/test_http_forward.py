@@ -15,14 +15,6 @@ import pytest
 
 import harness
 from harness import pattern_digest, recv_exact, socks5_request
-from webserver import Origin
-
-
-@pytest.fixture
-def origin():
-    o = Origin("origin")
-    yield o
-    o.stop()
 
 
 def origin_connections(tunnel, port):

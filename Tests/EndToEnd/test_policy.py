@@ -11,24 +11,9 @@ import pytest
 
 import harness
 from harness import recv_exact, socks5_request
-from test_udp import DNSLikeServer, associate, parse_reply, udp_header
-from webserver import Origin
+from test_udp import associate, dns, parse_reply, udp_header  # noqa: F401 (dns is a fixture)
 
 NOT_ALLOWED = 0x02
-
-
-@pytest.fixture
-def origin():
-    o = Origin("loopback-only")
-    yield o
-    o.stop()
-
-
-@pytest.fixture
-def dns():
-    server = DNSLikeServer()
-    yield server
-    server.stop()
 
 
 def socks4(port, host, target_port, name=None):
