@@ -42,8 +42,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     @Option(name: .customLong("socks-user"), help: ArgumentHelp("Require this username on the local proxy (SOCKS5 username/password, SOCKS4 user id, HTTP Basic). Default: no authentication.", valueName: "name"))
     var socksUser: String?
 
-    @Option(name: .customLong("socks-pass"), help: ArgumentHelp("The password that goes with --socks-user.", valueName: "password"))
+    @Option(name: .customLong("socks-pass"), help: ArgumentHelp("The password that goes with --socks-user. Every user on this machine can read it in ps: prefer --socks-pass-file.", valueName: "password"))
     var socksPass: String?
+
+    @Option(name: .customLong("socks-pass-file"), help: ArgumentHelp("Read the password that goes with --socks-user from the first line of this file (keep it mode 0600).", valueName: "path"))
+    var socksPassFile: String?
 
     @Flag(name: .long, help: "Compress stream data with zlib when the server agrees (default: off; only worth it on slow links, and see the README on what compression can leak).")
     var compress = false
@@ -65,6 +68,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
 
     @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --full-tunnel: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
     var tunName: String?
+
+    @Flag(name: .customLong("recover-only"), help: "Undo what a --full-tunnel client that was killed or crashed left on this host (routes, resolver, firewall), then exit. Every start does this too.")
+    var recoverOnly = false
 
     @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/client.toml); flags override its values. Default: none.", valueName: "file"))
     var config: String?
@@ -89,6 +95,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if let v = self.socks { settings.socks = try parseEndpointFlag(v, flag: "--socks") }
         if let v = self.socksUser { settings.socksUser = v }
         if let v = self.socksPass { settings.socksPassword = v }
+        if let v = self.socksPassFile { settings.socksPassword = try ClientSettings.readPasswordFile(v, origin: "--socks-pass-file") }
         if self.allowOpenProxy { settings.allowOpenProxy = true }
         if self.compress { settings.compress = true }
         if self.fullTunnel { settings.fullTunnel.enabled = true }
@@ -97,9 +104,26 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if self.killSwitch { settings.fullTunnel.killSwitch = true }
         if let v = self.tunName { settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if self.recoverOnly {
+            let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
+            do {
+                try CrashRecovery.recoverOnly(
+                    statePath: CrashRecovery.clientStatePath(settings.fullTunnel), program: "tunnel-client --full-tunnel", logger: logger
+                )
+            } catch {
+                throw RuntimeFailure(message: error.description)
+            }
+            return
+        }
+        if self.socksPass != nil && self.socksPassFile != nil {
+            throw ConfigError("--socks-pass and --socks-pass-file: give one of them")
+        }
         let resolved = try settings.resolve()
 
         let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
+        if self.socksPass != nil {
+            logger.warning("--socks-pass is visible to every user of this machine (ps, /proc); use --socks-pass-file or socks_pass in a config file of mode 0600")
+        }
         if resolved.keyFileInsecure {
             logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
         }

@@ -54,6 +54,9 @@ public struct TunnelServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --tun: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
     var tunName: String?
 
+    @Flag(name: .customLong("recover-only"), help: "Undo what a --tun server on the same --listen address that was killed or crashed left on this host (firewall table, forwarding), then exit. Every start with --tun does this too.")
+    var recoverOnly = false
+
     @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/server.toml); flags override its values. Default: none.", valueName: "file"))
     var config: String?
 
@@ -84,6 +87,20 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         }
         if !self.tunDNS.isEmpty { settings.tun.dns = try ServerTUNSettings.parseAddresses(self.tunDNS, origin: "--tun-dns") }
         if let v = self.tunName { settings.tun.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
+        if self.recoverOnly {
+            guard let listen = settings.listen else {
+                throw ConfigError("--recover-only needs the --listen HOST:PORT of the server to recover (its journal is kept per address), or state_file in --config")
+            }
+            let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")
+            do {
+                try CrashRecovery.recoverOnly(
+                    statePath: CrashRecovery.serverStatePath(settings.tun, listen: listen), program: "tunnel-server --tun", logger: logger
+                )
+            } catch {
+                throw RuntimeFailure(message: error.description)
+            }
+            return
+        }
         let resolved = try settings.resolve()
 
         let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")

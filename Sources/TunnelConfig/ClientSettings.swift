@@ -50,6 +50,9 @@ public struct ClientSettings: Sendable {
         if let v = try file.endpoint("socks") { self.socks = v }
         if let v = try file.string("socks_user") { self.socksUser = v }
         if let v = try file.string("socks_pass") { self.socksPassword = v }
+        if let v = try file.string("socks_pass_file") {
+            self.socksPassword = try Self.readPasswordFile(v, origin: file.location("socks_pass_file"))
+        }
         if let v = try file.boolean("allow_open_proxy") { self.allowOpenProxy = v }
         if let v = try file.boolean("udp") { self.udp = v }
         if let v = try file.boolean("compress") { self.compress = v }
@@ -89,6 +92,19 @@ public struct ClientSettings: Sendable {
         public var serverKey: PublicKey
         public var key: PrivateKey
         public var keyFileInsecure: Bool
+    }
+
+    /// The password in a file (`--socks-pass-file`): its first line, without the line end.
+    public static func readPasswordFile(_ path: String, origin: String) throws(ConfigError) -> String {
+        let text: String
+        switch readTextFile(path, limit: 4096) {
+        case .success(let t): text = t
+        case .failure(let problem): throw ConfigError("\(origin): \(path): \(problem.message)")
+        }
+        let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
+        guard !password.isEmpty else { throw ConfigError("\(origin): \(path): the first line is empty (it holds the password)") }
+        return password
     }
 
     public func resolve() throws(ConfigError) -> Resolved {

@@ -20,6 +20,9 @@ public struct ServerTUNSettings: Sendable, Equatable {
     public var dns: [IPAddress] = []
     /// Device name or pattern.
     public var deviceName = "tunnel%d"
+    /// Where the server keeps what it changed (to undo it after a crash); default: /var/lib/tunnel-server/
+    /// per network namespace and listen address.
+    public var stateFile: String?
 
     public init() {}
 
@@ -30,6 +33,7 @@ public struct ServerTUNSettings: Sendable, Equatable {
         if let v = try file.integer("tun_mtu", range: TunnelAssignment.mtuRange) { self.mtu = v }
         if let list = try file.strings("tun_dns") { self.dns = try Self.parseAddresses(list, origin: file.location("tun_dns")) }
         if let v = try file.string("tun_name") { self.deviceName = try Self.parseDeviceName(v, origin: file.location("tun_name")) }
+        if let v = try file.string("state_file") { self.stateFile = v }
     }
 
     public static func parsePool(_ text: String, origin: String) throws(ConfigError) -> CIDR {
@@ -104,7 +108,7 @@ public struct ClientFullTunnelSettings: Sendable, Equatable {
     /// while the tunnel is down.
     public var killSwitch = false
     public var deviceName = "tunnel%d"
-    /// Where the client keeps what it changed (to undo it after a crash); default: /run/tunnel-client/ per
+    /// Where the client keeps what it changed (to undo it after a crash); default: /var/lib/tunnel-client/ per
     /// network namespace.
     public var stateFile: String?
 

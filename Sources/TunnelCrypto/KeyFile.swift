@@ -29,11 +29,13 @@ public enum KeyFile {
 
     /// Writes `key` to `path` (mode 0600).
     public static func write(_ key: PrivateKey, to path: String, force: Bool) throws(Error) {
-        let flags = O_WRONLY | O_CREAT | O_CLOEXEC | (force ? O_TRUNC : O_EXCL)
+        // Never through a symbolic link: a link planted where the key goes must not redirect the write.
+        let flags = O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW | (force ? O_TRUNC : O_EXCL)
         let fd = open(path, flags, 0o600)
         guard fd >= 0 else {
             let err = errno
             if err == EEXIST { throw Error(path: path, problem: "already exists (use --force to overwrite)") }
+            if err == ELOOP { throw Error(path: path, problem: "is a symbolic link; give the key file's own path") }
             throw Error(path: path, problem: "cannot create: \(String(cString: strerror(err)))")
         }
         defer { close(fd) }
@@ -51,8 +53,12 @@ public enum KeyFile {
 
     /// Reads a private key. `insecureMode` is set when the file is readable by group or others.
     public static func load(from path: String) throws(Error) -> (key: PrivateKey, insecureMode: Bool) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw Error(path: path, problem: "cannot open: \(String(cString: strerror(errno)))") }
+        // Not through a symbolic link (its target may be anyone's), and without blocking on a FIFO.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else {
+            if errno == ELOOP { throw Error(path: path, problem: "is a symbolic link; give the key file's own path") }
+            throw Error(path: path, problem: "cannot open: \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw Error(path: path, problem: "cannot stat: \(String(cString: strerror(errno)))") }

@@ -60,19 +60,10 @@ final class ClientFullTunnel {
         if settings.killSwitch, SystemCommand.locate("nft") == nil {
             throw SetupError(description: "--kill-switch needs nftables (apt-get install nftables)")
         }
-        let statePath = settings.stateFile ?? HostChangeJournal.defaultPath(program: "tunnel-client")
+        let statePath = CrashRecovery.clientStatePath(settings)
         // Only a process that owns the journal may undo what it records: a second client must not dismantle
         // a running one's routes, resolver and kill switch as if they were left by a crash.
-        do {
-            self.lock = try HostChangeLock(statePath: statePath)
-        } catch {
-            throw SetupError(description: "\(error)")
-        }
-        let recovered = HostChangeJournal.recover(path: statePath)
-        if recovered.undone > 0 {
-            logger.notice("undid \(recovered.undone) change(s) left by a previous run that did not exit cleanly")
-        }
-        for problem in recovered.problems { logger.warning("undoing a previous run's change: \(problem)") }
+        self.lock = try CrashRecovery.takeOver(statePath: statePath, program: "tunnel-client --full-tunnel", logger: logger)
 
         // How the host reaches the server and the excluded networks now, before the tunnel takes over.
         self.serverPath = HostNetwork.currentPath(to: server)

@@ -56,6 +56,8 @@ final class ServerTUN: Sendable {
     private let prefix4: Int
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
+    /// Held while this server owns the journal's changes.
+    private let lock: HostChangeLock
     private let readChannels = NIOLockedValueBox<[any Channel]>([])
     /// The reader of each queue, for `reader(of:)`.
     private let readers: NIOLockedValueBox<[NIOLoopBound<ServerTUNReader>?]>
@@ -65,8 +67,9 @@ final class ServerTUN: Sendable {
 
     private init(
         device: TUNDevice, loops: [any EventLoop], pool: AddressPool<PublicKey>, template: TunnelAssignment, journal: HostChangeJournal,
-        forwarder: NIOLoopBoundBox<DNSForwarder?>, loop: any EventLoop, logger: Logger
+        lock: HostChangeLock, forwarder: NIOLoopBoundBox<DNSForwarder?>, loop: any EventLoop, logger: Logger
     ) {
+        self.lock = lock
         self.device = device
         var queueOfLoop: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { queueOfLoop[ObjectIdentifier(loop)] = index }
@@ -92,8 +95,12 @@ final class ServerTUN: Sendable {
         "tunnel_server_" + String(device.map { $0.isLetter || $0.isNumber ? $0 : "_" })
     }
 
-    /// Creates and configures the device, forwarding, NAT and the DNS forwarder, and starts reading.
-    static func start(settings: ServerTUNSettings, serverKey: PublicKey, group: any EventLoopGroup, logger: Logger) async throws -> ServerTUN {
+    /// Creates and configures the device, forwarding, NAT and the DNS forwarder, and starts reading. Every
+    /// change goes into the journal at `statePath` as it is made, so that a server killed without cleaning up
+    /// has it undone at its next start (or by `--recover-only`).
+    static func start(
+        settings: ServerTUNSettings, statePath: String, serverKey: PublicKey, group: any EventLoopGroup, logger: Logger
+    ) async throws -> ServerTUN {
         let pool6: (IPAddress, Int)?
         switch settings.pool6 {
         case .none: pool6 = nil
@@ -115,15 +122,19 @@ final class ServerTUN: Sendable {
         guard SystemCommand.locate("nft") != nil else {
             throw SetupError(description: "--tun needs nftables for NAT (apt-get install nftables)")
         }
+        // Before anything changes: what a killed run left (its table, forwarding turned on) goes first, so
+        // that the original forwarding setting is the one recorded again.
+        let lock = try CrashRecovery.takeOver(statePath: statePath, program: "tunnel-server --tun", logger: logger)
         // One device queue per event loop: replies to a session's packets come back on its own loop.
         let loops = Array(group.makeIterator())
         let device: TUNDevice
         do {
             device = try TUNDevice(requested: settings.deviceName, queues: loops.count)
         } catch {
+            lock.release()
             throw SetupError(description: "\(error)")
         }
-        let journal = HostChangeJournal(path: nil)
+        let journal = HostChangeJournal(path: statePath)
         let gateway4 = TunnelAssignment.Interface(address: pool.gatewayV4.ipAddress, prefixLength: pool.ipv4.prefixLength)
         let gateway6 = pool.gatewayV6.map { TunnelAssignment.Interface(address: $0.ipAddress, prefixLength: pool.ipv6!.prefixLength) }
         let loop = group.next()
@@ -167,13 +178,15 @@ final class ServerTUN: Sendable {
         } catch {
             try? await loop.submit { forwarder.value?.stop() }.get()
             journal.rollback()
+            lock.release()
             device.closeWriters()
             device.closeReaders()
             throw error as? SetupError ?? SetupError(description: "setting up \(device.name): \(error)")
         }
 
         let tun = ServerTUN(
-            device: device, loops: loops, pool: pool, template: template, journal: journal, forwarder: forwarder, loop: loop, logger: logger
+            device: device, loops: loops, pool: pool, template: template, journal: journal, lock: lock, forwarder: forwarder, loop: loop,
+            logger: logger
         )
         for (queue, queueLoop) in loops.enumerated() {
             let channel: any Channel
@@ -217,6 +230,7 @@ final class ServerTUN: Sendable {
         try? await self.loop.submit { forwarder.value?.stop() }.get()
         let problems = self.journal.withLockedValue { $0.rollback() }
         for problem in problems { self.logger.warning("undoing the full-tunnel setup: \(problem)") }
+        self.lock.release()
         self.device.closeWriters()
     }
 

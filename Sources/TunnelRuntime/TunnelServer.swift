@@ -42,7 +42,10 @@ public final class TunnelServer: Sendable {
         let configuration = connectionConfiguration
         var tun: ServerTUN? = nil
         if settings.tun.enabled {
-            tun = try await ServerTUN.start(settings: settings.tun, serverKey: self.resolved.key.publicKey, group: self.group, logger: self.logger)
+            tun = try await ServerTUN.start(
+                settings: settings.tun, statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen), serverKey: self.resolved.key.publicKey, group: self.group,
+                logger: self.logger
+            )
             self.tun.withLockedValue { $0 = tun }
         }
         let udpIdleTimeout = TimeAmount.nanoseconds(settings.udpIdleTimeout)

@@ -11,10 +11,12 @@ public final class HostChangeLock: @unchecked Sendable {
     public struct Held: Error, CustomStringConvertible {
         public var path: String
         public var ownerPID: Int32?
+        /// Who holds it (`tunnel-client --full-tunnel`).
+        public var program: String
         public var description: String {
             let owner = self.ownerPID.map { " (pid \($0))" } ?? ""
-            return "another tunnel-client --full-tunnel is running in this network namespace\(owner), and owns its routes, "
-                + "resolver and firewall; stop it first (lock \(self.path))"
+            return "another \(self.program) is running in this network namespace\(owner), and owns the host changes "
+                + "it made (routes, resolver, firewall, forwarding); stop it first (lock \(self.path))"
         }
     }
 
@@ -27,10 +29,13 @@ public final class HostChangeLock: @unchecked Sendable {
     private var descriptor: Int32
 
     /// Takes the lock for the journal at `statePath`, or throws `Held` / `Failed`.
-    public init(statePath: String) throws {
+    public init(statePath: String, program: String) throws {
         let path = statePath + ".lock"
-        let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-        if !directory.isEmpty { mkdir(directory, 0o700) }
+        do {
+            try HostChangeJournal.checkDirectory(of: statePath)
+        } catch {
+            throw Failed(description: "\(error)" + (error.permissionDenied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : ""))
+        }
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
             let denied = errno == EACCES || errno == EPERM
@@ -45,7 +50,7 @@ public final class HostChangeLock: @unchecked Sendable {
             close(fd)
             guard busy else { throw Failed(description: "cannot lock \(path): \(reason)") }
             let digits = buffer[0..<max(count, 0)].prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
-            throw Held(path: path, ownerPID: Int32(String(decoding: digits, as: UTF8.self)))
+            throw Held(path: path, ownerPID: Int32(String(decoding: digits, as: UTF8.self)), program: program)
         }
         // Our pid, for the message a second instance prints.
         let pid = Array("\(getpid())\n".utf8)

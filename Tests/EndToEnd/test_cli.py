@@ -173,3 +173,97 @@ def test_a_port_in_use_names_the_address_and_the_flag(tunnel):
         assert "--socks" in out.stderr, out.stderr
     finally:
         busy.close()
+
+
+def test_key_files_are_not_read_or_written_through_a_symbolic_link(tmp_path):
+    """A key file is opened without following a link: whoever can plant one must not choose what is read, nor
+    where `keygen --force` writes."""
+    real = tmp_path / "real.key"
+    keygen(CLIENT_BIN, str(real))
+    link = tmp_path / "link.key"
+    os.symlink(real, link)
+    out = run(CLIENT_BIN, "pubkey", "--key", str(link))
+    assert out.returncode == 2 and "symbolic link" in out.stderr, out.stderr
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, tmp_path / "planted.key")
+    out = run(CLIENT_BIN, "keygen", "--force", "--out", str(tmp_path / "planted.key"))
+    assert out.returncode == 2 and "symbolic link" in out.stderr, out.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def _state_file_config(tmp_path, state):
+    config = tmp_path / "client.toml"
+    config.write_text(f'state_file = "{state}"\n')
+    return str(config)
+
+
+def _journal(commands):
+    """A state file as the client writes it (version 2, this boot, a namespace that is not this one)."""
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    lines = ["tunnel-state 2", f"host {boot} 1 1"]
+    for words in commands:
+        lines.append("cmd " + " ".join(w.encode().hex() for w in words))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_crash_recovery_refuses_a_state_file_others_could_have_written(tmp_path):
+    """The state file's commands run as root after a crash: one that another user owns or could have written
+    (or that sits in a directory others can write to, like /tmp) is refused, and nothing in it runs."""
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    # Harmless if it ever ran: the address does not parse.
+    text = _journal([["ip", "-4", "addr", "del", "999.1.1.1/32", "dev", "lo"]])
+    cases = []
+    group_writable = directory / "group.state"
+    group_writable.write_text(text)
+    os.chmod(group_writable, 0o660)
+    cases.append((group_writable, "can be written by group or others"))
+    foreign = directory / "foreign.state"
+    foreign.write_text(text)
+    os.chmod(foreign, 0o600)
+    os.chown(foreign, 65534, 65534)
+    cases.append((foreign, "belongs to uid 65534"))
+    link = directory / "link.state"
+    os.symlink(foreign, link)
+    cases.append((link, "symbolic link"))
+    open_directory = tmp_path / "open"
+    open_directory.mkdir()
+    os.chmod(open_directory, 0o1777)
+    in_open = open_directory / "x.state"
+    in_open.write_text(text)
+    os.chmod(in_open, 0o600)
+    cases.append((in_open, "its directory can be written by group or others"))
+    for state, needle in cases:
+        config = _state_file_config(tmp_path, state)
+        out = run(CLIENT_BIN, "--config", config, "--recover-only")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "refusing the state file" in out.stderr and needle in out.stderr, out.stderr
+        assert os.path.lexists(state), "a refused state file stays for its owner to look at"
+    # The same file, ours and private: accepted (its command was written in another namespace, so it is not run).
+    ours = directory / "ours.state"
+    ours.write_text(text)
+    os.chmod(ours, 0o600)
+    out = run(CLIENT_BIN, "--config", _state_file_config(tmp_path, ours), "--recover-only")
+    assert out.returncode == 0, out.stderr
+    assert "another network namespace" in out.stderr and not ours.exists(), out.stderr
+    # A file that names any tool but ip and nft is not ours: nothing runs, and it is removed.
+    marker = tmp_path / "pwned"
+    evil = directory / "evil.state"
+    evil.write_text(_journal([["sh", "-c", f"touch {marker}"]]).replace(" 1 1\n", f" {_netns_identity()}\n", 1))
+    os.chmod(evil, 0o600)
+    out = run(CLIENT_BIN, "--config", _state_file_config(tmp_path, evil), "--recover-only")
+    assert out.returncode == 0 and "not a state file of this program" in out.stderr, out.stderr
+    assert not marker.exists() and not evil.exists()
+
+
+def _netns_identity():
+    """This namespace's inode and cookie as the journal records them (cookie: SO_NETNS_COOKIE)."""
+    inode = os.stat("/proc/self/ns/net").st_ino
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+    finally:
+        s.close()
+    return f"{inode} {cookie}"

@@ -2,6 +2,7 @@
 SOCKS4 and SOCKS4a, and HTTP (CONNECT and plain http:// requests with keep-alive across hosts)."""
 
 import base64
+import os
 import socket
 import subprocess
 import time
@@ -221,6 +222,38 @@ def test_open_proxy_is_refused_without_credentials(tunnel):
         p = harness.Process(args + ["--socks", "0.0.0.0:0", *extra], r"SOCKS5 listening on (\S+)",
                             str(tunnel.dir) + "/open.log")
         p.kill()
+
+
+def test_the_password_can_come_from_a_file_and_one_on_the_command_line_is_warned_about(tunnel, origin, tmp_path):
+    """--socks-pass is visible to every local user in ps; --socks-pass-file keeps it off the command line."""
+    secret = tmp_path / "socks.pass"
+    secret.write_text("s3cret pass\n")
+    os.chmod(secret, 0o600)
+    tunnel.start(client_extra=["--socks-user", "alice", "--socks-pass-file", str(secret)])
+    assert "s3cret" not in " ".join(tunnel.client.args)
+    port = tunnel.socks_port
+    ok = curl("--socks5-hostname", f"alice:s3cret%20pass@127.0.0.1:{port}", f"http://localhost:{origin.port}/f")
+    assert ok.returncode == 0 and "path=/f" in ok.stdout, ok.stderr
+    wrong = curl("--socks5-hostname", f"alice:s3cret@127.0.0.1:{port}", f"http://localhost:{origin.port}/f")
+    assert wrong.returncode != 0
+    assert "visible to every user" not in tunnel.client.stderr_text()
+
+    args = [CLIENT_BIN, "--server", tunnel.server.address, "--server-key", tunnel.server_pub, "--key", tunnel.client_key,
+            "--socks", "127.0.0.1:0", "--socks-user", "alice"]
+    on_argv = harness.Process(args + ["--socks-pass", "s3cret pass"], r"SOCKS5 listening on (\S+)", str(tmp_path / "argv.log"))
+    try:
+        assert "--socks-pass is visible to every user" in on_argv.stderr_text()
+        assert "--socks-pass-file" in on_argv.stderr_text()
+    finally:
+        on_argv.kill()
+    # Both at once, an empty file, a missing file: a config error naming the problem.
+    empty = tmp_path / "empty.pass"
+    empty.write_text("\n")
+    for extra, needle in ((["--socks-pass", "x", "--socks-pass-file", str(secret)], "give one of them"),
+                          (["--socks-pass-file", str(empty)], "the first line is empty"),
+                          (["--socks-pass-file", str(tmp_path / "missing")], "cannot open")):
+        out = subprocess.run(args + extra, capture_output=True, text=True, timeout=10)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("junk", [

@@ -464,3 +464,99 @@ def test_without_privileges_both_ends_say_what_they_need(net, tmp_path):
         assert "cannot listen" not in client.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def netns_inode(name):
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+def test_a_server_killed_without_cleanup_is_undone_at_its_next_start(net, dump_logs_on_failure):
+    """SIGKILL leaves the server's firewall table and ip_forward=1 behind. Its journal lets the next start undo
+    them first (so it records forwarding's real original value again), and a clean stop then turns forwarding
+    off; --recover-only does the same without starting."""
+    name = f"ftk{PID}"
+    sh("ip", "netns", "add", name)
+    try:
+        ns(name, "ip", "link", "set", "lo", "up")
+        ns(name, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        ns(name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
+        listen = "127.0.0.1:7450"
+        args = [SERVER_BIN, "--listen", listen, "--key", net.server_key, "--authorized-keys", net.authorized, "--tun",
+                "--tun-pool", "10.79.0.0/24"]
+
+        def forwarding():
+            return (ns(name, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip(),
+                    ns(name, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip())
+
+        def tables():
+            return ns(name, "nft", "list", "tables").stdout
+
+        first = net.start("server-killed", name, args, r"tunnel-server listening on (\S+)")
+        assert forwarding() == ("1", "1") and "tunnel_server_" in tables()
+        state = f"/var/lib/tunnel-server/netns-{netns_inode(name)}-127.0.0.1-7450.state"
+        assert os.path.exists(state) and stat_mode(state) == 0o600
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        assert forwarding() == ("1", "1") and "tunnel_server_" in tables(), "SIGKILL leaves them behind"
+
+        second = net.start("server-after-kill", name, args, r"tunnel-server listening on (\S+)")
+        assert "left by a previous run that did not exit cleanly" in second.stderr_text(), second.stderr_text()
+        assert second.terminate() == 0
+        assert forwarding() == ("0", "0"), "forwarding is off again after a clean stop"
+        assert "tunnel_server_" not in tables() and not os.path.exists(state)
+
+        third = net.start("server-killed-again", name, args, r"tunnel-server listening on (\S+)")
+        third.proc.kill()
+        third.proc.wait(timeout=10)
+        out = ns(name, SERVER_BIN, "--recover-only", "--listen", listen, check=False)
+        assert out.returncode == 0 and "left by a previous run" in out.stderr, out.stderr
+        assert forwarding() == ("0", "0") and "tunnel_server_" not in tables() and not os.path.exists(state)
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def stat_mode(path):
+    import stat as stat_module
+    return stat_module.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_journal_from_another_namespace_is_not_applied(net, dump_logs_on_failure):
+    """Namespaces share /var/lib, and the kernel reuses a dead namespace's inode number for the next one: a
+    crashed client's journal must not be run in a new, unrelated namespace that got its number (it used to
+    delete that namespace's own routes). The journal says which namespace and boot it belongs to."""
+    before = host_state(NS_C)
+    client = net.start_client(NS_C, "c1", SERVER_C, label="client-foreign")
+    state = f"/var/lib/tunnel-client/netns-{netns_inode(NS_C)}.state"
+    assert os.path.exists(state)
+    client.proc.kill()
+    client.proc.wait(timeout=10)
+    commands = [" ".join(bytes.fromhex(word).decode() for word in line.split()[1:])
+                for line in open(state).read().splitlines() if line.startswith("cmd ")]
+    # The route to the server that the crashed client added, as its journal removes it.
+    assert f"ip -4 route del {SERVER_C}/32 dev c0" in commands, commands
+    other = f"ftx{PID}"
+    sh("ip", "netns", "add", other)
+    try:
+        # A namespace that looks the same from inside: c0 with the client's address and a host route to the
+        # server, which the foreign journal's `ip route del` would take away.
+        ns(other, "ip", "link", "set", "lo", "up")
+        ns(other, "ip", "link", "add", "c0", "type", "veth", "peer", "name", "c0peer")
+        ns(other, "ip", "addr", "add", "10.231.1.2/24", "dev", "c0")
+        ns(other, "ip", "link", "set", "c0", "up")
+        ns(other, "ip", "link", "set", "c0peer", "up")
+        ns(other, "ip", "route", "add", f"{SERVER_C}/32", "dev", "c0")
+        routes = ns(other, "ip", "route").stdout
+        foreign = f"/var/lib/tunnel-client/netns-{netns_inode(other)}.state"
+        shutil.copy(state, foreign)
+        os.chmod(foreign, 0o600)
+        out = ns(other, CLIENT_BIN, "--recover-only", check=False)
+        assert out.returncode == 0, out.stderr
+        assert "another network namespace" in out.stderr and "left its" in out.stderr, out.stderr
+        assert ns(other, "ip", "route").stdout == routes, "a journal from another namespace changed this one"
+        assert not os.path.exists(foreign)
+    finally:
+        sh("ip", "netns", "del", other, check=False)
+    # In its own namespace the journal is applied.
+    out = ns(NS_C, CLIENT_BIN, "--recover-only", check=False)
+    assert out.returncode == 0 and "left by a previous run" in out.stderr, out.stderr
+    assert host_state(NS_C) == before

@@ -208,26 +208,67 @@ struct AddressPoolTests {
 }
 
 struct HostChangeJournalTests {
+    static let here = HostIdentity.current()
+
+    /// A fresh directory of our own (mode 0700) for a state file, removed by `cleanup`.
+    static func scratch() -> (directory: String, cleanup: () -> Void) {
+        let directory = "/tmp/tunnel-journal-test-\(UInt32.random(in: 0...UInt32.max))"
+        mkdir(directory, 0o700)
+        return (directory, { _ = SystemCommand.run(["rm", "-rf", directory]) })
+    }
+
     @Test func stateFileRoundTrips() {
         let undos: [HostChangeJournal.Undo] = [
             .command(["ip", "-4", "route", "del", "192.0.2.1/32", "via", "10.0.0.1", "dev", "eth0"]),
+            .command(["nft", "delete", "table", "inet", "x"]),
             .restoreFile(path: "/etc/resolv.conf", original: Array("nameserver 1.1.1.1\n".utf8), written: Array("nameserver 10.77.0.1\n".utf8)),
+            .restoreFile(path: "/proc/sys/net/ipv4/ip_forward", original: Array("0\n".utf8), written: Array("1\n".utf8)),
             .restoreSymlink(path: "/etc/resolv.conf", target: "../run/systemd/resolve/stub-resolv.conf", written: []),
-            .removeFile(path: "/etc/x y", written: [0, 1, 255]),
+            .removeFile(path: "/etc/netns/x y/resolv.conf", written: [0, 1, 255]),
         ]
-        let text = HostChangeJournal.encode(undos)
-        #expect(HostChangeJournal.decode(text) == undos)
+        let text = HostChangeJournal.encode(undos, identity: Self.here)
+        #expect(HostChangeJournal.decode(text)?.undos == undos)
+        #expect(HostChangeJournal.decode(text)?.identity == Self.here)
         #expect(HostChangeJournal.decode("something else\n") == nil)
-        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\ncmd zz\n") == nil)
-        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\nfile 00\n") == nil)
+        let host = "host \(Self.here.boot) 1 2"
+        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\n\(host)\ncmd zz\n") == nil)
+        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\n\(host)\nfile 00\n") == nil)
+        // Without the host line, a version 2 file is not ours.
+        #expect(HostChangeJournal.decode(HostChangeJournal.header + "\n") == nil)
+        // A version 1 file (no host line) is read, with no identity (so its commands are never run).
+        let old = HostChangeJournal.decode(HostChangeJournal.headerVersion1 + "\ncmd \(HostChangeJournal.hex(Array("ip".utf8)))\n")
+        #expect(old?.undos == [.command(["ip"])] && old?.identity == nil)
+    }
+
+    @Test func onlyOurOwnToolsAndFilesAreAccepted() {
+        func line(_ words: [String]) -> String {
+            HostChangeJournal.header + "\nhost b 1 2\ncmd " + words.map { HostChangeJournal.hex(Array($0.utf8)) }.joined(separator: " ") + "\n"
+        }
+        #expect(HostChangeJournal.decode(line(["ip", "link", "del", "x"])) != nil)
+        #expect(HostChangeJournal.decode(line(["nft", "delete", "table", "inet", "x"])) != nil)
+        for tool in ["sh", "/bin/sh", "/usr/sbin/ip", "bash", "python3", "ip6tables", "IP"] {
+            #expect(HostChangeJournal.decode(line([tool, "-c", "id"])) == nil, "\(tool)")
+        }
+        func file(_ path: String) -> String {
+            HostChangeJournal.header + "\nhost b 1 2\nfile \(HostChangeJournal.hex(Array(path.utf8))) 00 01\n"
+        }
+        #expect(HostChangeJournal.decode(file("/etc/resolv.conf")) != nil)
+        #expect(HostChangeJournal.decode(file("/proc/sys/net/ipv6/conf/all/forwarding")) != nil)
+        for path in ["/etc/shadow", "/root/.ssh/authorized_keys", "/proc/sys/kernel/core_pattern", "/proc/sys/net/../kernel/modprobe",
+                     "resolv.conf", "/etc/../etc/passwd/resolv.conf"]
+        {
+            #expect(HostChangeJournal.decode(file(path)) == nil, "\(path)")
+        }
     }
 
     @Test func rollbackRestoresFilesInReverseOrderUnlessRewrittenSince() throws {
-        let directory = "/tmp/tunnel-journal-test-\(UInt32.random(in: 0...UInt32.max))"
+        let (directory, cleanup) = Self.scratch()
+        defer { cleanup() }
         let path = directory + "/state"
-        let file = "/tmp/tunnel-journal-test-file-\(UInt32.random(in: 0...UInt32.max))"
-        let other = file + "-other"
-        defer { _ = SystemCommand.run(["rm", "-rf", directory, file, other]) }
+        mkdir(directory + "/a", 0o700)
+        mkdir(directory + "/b", 0o700)
+        let file = directory + "/a/resolv.conf"
+        let other = directory + "/b/resolv.conf"
         HostChangeJournal.writeFile(file, Array("original\n".utf8), mode: 0o644, create: true)
         HostChangeJournal.writeFile(other, Array("theirs\n".utf8), mode: 0o644, create: true)
 
@@ -239,13 +280,100 @@ struct HostChangeJournalTests {
         #expect(HostChangeJournal.readFile(path) != nil)
 
         // A crash: a new process recovers from the state file.
-        let recovered = HostChangeJournal.recover(path: path)
+        let recovered = try HostChangeJournal.recover(path: path)
         #expect(recovered.undone == 2)
         #expect(recovered.problems.isEmpty)
         #expect(HostChangeJournal.readFile(file) == Array("original\n".utf8))
         #expect(HostChangeJournal.readFile(other) == Array("theirs\n".utf8))
         #expect(HostChangeJournal.readFile(path) == nil)
-        #expect(HostChangeJournal.recover(path: path).undone == 0)
+        #expect(try HostChangeJournal.recover(path: path).undone == 0)
+    }
+
+    /// A state file written in another network namespace (or boot) that happens to have the same inode
+    /// number: its commands are not run, its files are put back only if they still hold what we wrote.
+    @Test func commandsFromAnotherNamespaceOrBootAreNotRun() throws {
+        let (directory, cleanup) = Self.scratch()
+        defer { cleanup() }
+        mkdir(directory + "/etc", 0o700)
+        let resolver = directory + "/etc/resolv.conf"
+        HostChangeJournal.writeFile(resolver, Array("ours\n".utf8), mode: 0o644, create: true)
+        // A command that fails (an address that does not parse) and so shows in `problems` when it runs.
+        let command = HostChangeJournal.Undo.command(["ip", "-4", "addr", "del", "999.1.1.1/32", "dev", "lo"])
+        let file = HostChangeJournal.Undo.restoreFile(path: resolver, original: Array("theirs\n".utf8), written: Array("ours\n".utf8))
+        var others = [
+            HostIdentity(boot: Self.here.boot, namespaceInode: Self.here.namespaceInode, namespaceCookie: Self.here.namespaceCookie &+ 1),
+            HostIdentity(boot: "another-boot", namespaceInode: Self.here.namespaceInode, namespaceCookie: Self.here.namespaceCookie),
+        ]
+        others.append(HostIdentity(boot: Self.here.boot, namespaceInode: Self.here.namespaceInode &+ 1, namespaceCookie: Self.here.namespaceCookie))
+        for identity in others {
+            let path = directory + "/state"
+            HostChangeJournal.writeFile(path, Array(HostChangeJournal.encode([command, file], identity: identity).utf8), mode: 0o600, create: true)
+            HostChangeJournal.writeFile(resolver, Array("ours\n".utf8), mode: 0o644, create: false)
+            let recovery = try HostChangeJournal.recover(path: path)
+            #expect(recovery.skipped == 1 && recovery.undone == 1 && recovery.problems.isEmpty, "\(identity): \(recovery)")
+            #expect(HostChangeJournal.readFile(resolver) == Array("theirs\n".utf8))
+            #expect(HostChangeJournal.readFile(path) == nil)
+        }
+        // The same namespace and boot: the command runs (and fails: it is only there to show it ran).
+        let path = directory + "/state"
+        HostChangeJournal.writeFile(path, Array(HostChangeJournal.encode([command], identity: Self.here).utf8), mode: 0o600, create: true)
+        let recovery = try HostChangeJournal.recover(path: path)
+        #expect(recovery.skipped == 0 && recovery.problems.count == 1, "\(recovery)")
+    }
+
+    @Test func recoveryRefusesStateFilesOthersCouldHaveWritten() throws {
+        let (directory, cleanup) = Self.scratch()
+        defer { cleanup() }
+        let text = Array(HostChangeJournal.encode([.command(["ip", "link", "del", "nonexistent0"])], identity: Self.here).utf8)
+        func refused(_ path: String) -> String? {
+            do {
+                _ = try HostChangeJournal.recover(path: path)
+                return nil
+            } catch {
+                return error.reason
+            }
+        }
+        // Group- or world-writable.
+        let writable = directory + "/writable.state"
+        HostChangeJournal.writeFile(writable, text, mode: 0o600, create: true)
+        chmod(writable, 0o620)
+        #expect(refused(writable)?.contains("written by group or others") == true)
+        #expect(HostChangeJournal.readFile(writable) != nil, "a refused file is left alone")
+        // A symbolic link (to a file that would pass).
+        let target = directory + "/target.state"
+        HostChangeJournal.writeFile(target, text, mode: 0o600, create: true)
+        symlink(target, directory + "/link.state")
+        #expect(refused(directory + "/link.state")?.contains("symbolic link") == true)
+        #expect(HostChangeJournal.readFile(target) != nil)
+        // In a directory others can write to (like /tmp).
+        let open = directory + "/open"
+        mkdir(open, 0o700)
+        chmod(open, 0o777)
+        HostChangeJournal.writeFile(open + "/x.state", text, mode: 0o600, create: true)
+        #expect(refused(open + "/x.state")?.contains("its directory can be written by group or others") == true)
+        if geteuid() == 0 {
+            // Owned by another user.
+            let foreign = directory + "/foreign.state"
+            HostChangeJournal.writeFile(foreign, text, mode: 0o600, create: true)
+            chown(foreign, 65534, 65534)
+            #expect(refused(foreign)?.contains("belongs to uid 65534") == true)
+        }
+    }
+
+    /// The state file is written through a new temporary file: a link planted at its name is not followed.
+    @Test func savingDoesNotFollowAPlantedLink() throws {
+        let (directory, cleanup) = Self.scratch()
+        defer { cleanup() }
+        let victim = directory + "/victim"
+        HostChangeJournal.writeFile(victim, Array("precious\n".utf8), mode: 0o644, create: true)
+        let path = directory + "/x.state"
+        symlink(victim, path + ".tmp")
+        let journal = HostChangeJournal(path: path)
+        journal.record(.command(["ip", "link", "del", "nonexistent0"]))
+        #expect(HostChangeJournal.readFile(victim) == Array("precious\n".utf8))
+        #expect(HostChangeJournal.decode(String(decoding: HostChangeJournal.readFile(path) ?? [], as: UTF8.self))?.undos.count == 1)
+        var info = stat()
+        #expect(lstat(path, &info) == 0 && info.st_mode & 0o777 == 0o600 && (info.st_mode & S_IFMT) == S_IFREG)
     }
 }
 
@@ -307,9 +435,9 @@ struct HostChangeLockTests {
         let directory = "/tmp/tunnel-lock-test-\(getpid())"
         defer { FileManagerLite.removeTree(directory) }
         let state = "\(directory)/netns.state"
-        let first = try HostChangeLock(statePath: state)
+        let first = try HostChangeLock(statePath: state, program: "tunnel-client --full-tunnel")
         do {
-            _ = try HostChangeLock(statePath: state)
+            _ = try HostChangeLock(statePath: state, program: "tunnel-client --full-tunnel")
             Issue.record("a second owner got the lock")
         } catch let held as HostChangeLock.Held {
             #expect(held.ownerPID == getpid())
@@ -320,7 +448,7 @@ struct HostChangeLockTests {
         // (O_CLOEXEC): the lock is free once every copy is closed, so allow a moment.
         var again: HostChangeLock? = nil
         for _ in 0..<100 where again == nil {
-            again = try? HostChangeLock(statePath: state)
+            again = try? HostChangeLock(statePath: state, program: "tunnel-client --full-tunnel")
             if again == nil { usleep(10_000) }
         }
         #expect(again != nil, "the lock is free again after its owner released it")
