@@ -83,3 +83,59 @@ public struct DestinationPolicy: Sendable, Hashable {
         return nil
     }
 }
+
+extension DestinationPolicy {
+    /// One first-match rule: packets to `network` are allowed or dropped.
+    public struct PacketRule: Sendable, Hashable {
+        public var network: CIDR
+        public var allow: Bool
+    }
+
+    /// The policy as first-match packet rules, for full-tunnel mode's firewall (nftables), where the server
+    /// forwards packets instead of connecting. The same decisions as `refusal(for:hostAddresses:)`, for
+    /// addresses that are not the host's own (those go to the input hook, where anything not allowed is
+    /// dropped):
+    /// - IPv4: `ordered4` (the `allow` and operator `deny` prefixes, longest first, `allow` first on a tie),
+    ///   then `builtIn4` (drop); anything else passes.
+    /// - IPv6: `ordered6`, then `builtIn6`, as for IPv4; then, for an address that carries an IPv4 address,
+    ///   `embedded`: the IPv4 rules spelled in each IPv6 form (mapped, NAT64, 6to4), built-in ones as drops.
+    public struct PacketRules: Sendable, Hashable {
+        public var ordered4: [PacketRule]
+        public var builtIn4: [CIDR]
+        public var ordered6: [PacketRule]
+        public var builtIn6: [CIDR]
+        public var embedded: [PacketRule]
+    }
+
+    public var packetRules: PacketRules {
+        let ordered = (self.allow.map { PacketRule(network: $0.normalized, allow: true) } + self.deny.map { PacketRule(network: $0.normalized, allow: false) })
+            .enumerated()
+            .sorted { a, b in
+                if a.element.network.prefixLength != b.element.network.prefixLength {
+                    return a.element.network.prefixLength > b.element.network.prefixLength
+                }
+                if a.element.allow != b.element.allow { return a.element.allow }
+                return a.offset < b.offset
+            }
+            .map(\.element)
+        let ordered4 = ordered.filter { !$0.network.address.isIPv6 }
+        let builtIn4 = Self.builtInDeny.filter { !$0.address.isIPv6 }
+        var embedded: [PacketRule] = []
+        for form in Self.embeddingForms {
+            embedded += ordered4.map { PacketRule(network: form($0.network), allow: $0.allow) }
+            embedded += builtIn4.map { PacketRule(network: form($0), allow: false) }
+        }
+        return PacketRules(
+            ordered4: ordered4, builtIn4: builtIn4, ordered6: ordered.filter { $0.network.address.isIPv6 },
+            builtIn6: Self.builtInDeny.filter { $0.address.isIPv6 }, embedded: embedded
+        )
+    }
+
+    /// The IPv6 prefixes that carry an IPv4 prefix: IPv4-mapped, NAT64 (96 bits before the address) and 6to4
+    /// (16 bits before it), as `embeddedIPv4(in:)` reads them.
+    static let embeddingForms: [@Sendable (CIDR) -> CIDR] = [
+        { CIDR(address: IPAddress(bytes: [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF] + $0.address.bytes)!, prefixLength: 96 + $0.prefixLength) },
+        { CIDR(address: IPAddress(bytes: [0x00, 0x64, 0xFF, 0x9B] + [UInt8](repeating: 0, count: 8) + $0.address.bytes)!, prefixLength: 96 + $0.prefixLength) },
+        { CIDR(address: IPAddress(bytes: [0x20, 0x02] + $0.address.bytes + [UInt8](repeating: 0, count: 10))!, prefixLength: 16 + $0.prefixLength) },
+    ]
+}

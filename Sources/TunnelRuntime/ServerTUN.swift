@@ -99,7 +99,8 @@ final class ServerTUN: Sendable {
     /// change goes into the journal at `statePath` as it is made, so that a server killed without cleaning up
     /// has it undone at its next start (or by `--recover-only`).
     static func start(
-        settings: ServerTUNSettings, statePath: String, serverKey: PublicKey, group: any EventLoopGroup, logger: Logger
+        settings: ServerTUNSettings, policy: DestinationPolicy, statePath: String, serverKey: PublicKey, group: any EventLoopGroup,
+        logger: Logger
     ) async throws -> ServerTUN {
         let pool6: (IPAddress, Int)?
         switch settings.pool6 {
@@ -153,7 +154,7 @@ final class ServerTUN: Sendable {
                 family: "inet", name: table,
                 ruleset: FirewallRules.serverTable(
                     name: table, device: device.name, pool4: "\(pool.ipv4)", pool6: pool.ipv6.map { "\($0)" },
-                    gateways: [gateway4.address] + (gateway6.map { [$0.address] } ?? [])
+                    gateways: [gateway4.address] + (gateway6.map { [$0.address] } ?? []), destinations: Self.destinations(policy)
                 ),
                 journal: journal
             )
@@ -216,6 +217,18 @@ final class ServerTUN: Sendable {
             "full tunnel on \(device.name): pool \(pool.ipv4)\(pool.ipv6.map { " and \($0)" } ?? ""), MTU \(settings.mtu), DNS \(dns), NAT table inet \(Self.tableName(device: device.name))"
         )
         return tun
+    }
+
+    /// The destination policy as the firewall's rules for clients' packets.
+    static func destinations(_ policy: DestinationPolicy) -> FirewallRules.ClientDestinations {
+        let rules = policy.packetRules
+        func pairs(_ list: [DestinationPolicy.PacketRule]) -> [(network: String, allow: Bool)] {
+            list.map { (network: $0.network.description, allow: $0.allow) }
+        }
+        return FirewallRules.ClientDestinations(
+            ordered4: pairs(rules.ordered4), builtIn4: rules.builtIn4.map(\.description), ordered6: pairs(rules.ordered6),
+            builtIn6: rules.builtIn6.map(\.description), embedded: pairs(rules.embedded)
+        )
     }
 
     /// Removes NAT, restores forwarding, stops the forwarder and closes the device.

@@ -43,7 +43,7 @@ public final class TunnelServer: Sendable {
         var tun: ServerTUN? = nil
         if settings.tun.enabled {
             tun = try await ServerTUN.start(
-                settings: settings.tun, statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen), serverKey: self.resolved.key.publicKey, group: self.group,
+                settings: settings.tun, policy: settings.destinationPolicy, statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen), serverKey: self.resolved.key.publicKey, group: self.group,
                 logger: self.logger
             )
             self.tun.withLockedValue { $0 = tun }

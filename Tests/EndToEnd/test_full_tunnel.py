@@ -560,3 +560,47 @@ def test_a_journal_from_another_namespace_is_not_applied(net, dump_logs_on_failu
     out = ns(NS_C, CLIENT_BIN, "--recover-only", check=False)
     assert out.returncode == 0 and "left by a previous run" in out.stderr, out.stderr
     assert host_state(NS_C) == before
+
+
+def test_full_tunnel_clients_reach_only_what_the_policy_allows(net, dump_logs_on_failure):
+    """The server's destination policy applies to full-tunnel packets as to SOCKS streams: clients reach the
+    allowed web network, the DNS forwarder and ping on the gateway, but not the server host's own services,
+    its other networks (private ranges), nor the link-local metadata address, in either IP family."""
+    # Services a client must not reach: on the server host itself (its gateway address and its address on
+    # the client2 link), on a private network behind it (client2's host), and a metadata service.
+    net.start("own-service", NS_S, [sys.executable, "-m", "http.server", "--bind", "::", "8082"],
+              r"Serving HTTP on (\S+)", stream="stdout")
+    net.start("lan-service", NS_D, [sys.executable, "-m", "http.server", "--bind", "::", "8083"],
+              r"Serving HTTP on (\S+)", stream="stdout")
+    ns(NS_W, "ip", "addr", "add", "169.254.169.254/32", "dev", "w0")
+    ns(NS_S, "ip", "route", "add", "169.254.169.254/32", "via", WEB4)
+    net.start("metadata", NS_W, [sys.executable, "-m", "http.server", "--bind", "169.254.169.254", "8090"],
+              r"Serving HTTP on (\S+)", stream="stdout")
+    try:
+        # Reachable from the server host itself: only the policy stands in the way.
+        assert ns(NS_S, "curl", "-sS", "--max-time", "5", "-o", "/dev/null", "http://169.254.169.254:8090/",
+                  check=False).returncode == 0
+        client = net.start_client(NS_C, "c1", SERVER_C, label="client-policy")
+        try:
+            assert curl(NS_C, f"http://{WEB4}:8080/hello.txt").returncode == 0
+            assert curl(NS_C, f"http://[{WEB6}]:8080/hello.txt").returncode == 0
+            assert ns(NS_C, "ping", "-c", "1", "-W", "2", "10.77.0.1", check=False).returncode == 0
+            assert ns(NS_C, "getent", "ahostsv4", "web.test", check=False).returncode == 0
+            for url in ("http://10.77.0.1:8082/", "http://10.231.3.1:8082/", "http://[fd31:3::1]:8082/",
+                        "http://10.231.3.2:8083/", "http://[fd31:3::2]:8083/", "http://169.254.169.254:8090/",
+                        "http://[::ffff:10.231.3.2]:8083/"):
+                started = time.monotonic()
+                out = curl(NS_C, url, timeout=5)
+                assert out.returncode != 0, f"{url} was reachable through the full tunnel"
+                # Refused at once (ICMP administratively prohibited), not left to time out.
+                assert time.monotonic() - started < 4, f"{url}: {out.stderr}"
+            # The same host over SOCKS is refused by the same policy (reply: not allowed).
+            out = curl(NS_C, "http://10.231.3.2:8083/", "--socks5", "127.0.0.1:1080", timeout=5)
+            assert out.returncode != 0
+        finally:
+            assert client.terminate() == 0
+        table = ns(NS_S, "nft", "list", "table", "inet", "tunnel_server_" + re.findall(r"full tunnel on (\S+):",
+                                                                                   net.server.stderr_text())[0])
+        assert "ct state invalid drop" in table.stdout and "169.254.0.0/16 reject" in table.stdout, table.stdout
+    finally:
+        ns(NS_S, "ip", "route", "del", "169.254.169.254/32", check=False)

@@ -71,3 +71,84 @@ struct DestinationPolicyTests {
         #expect(throws: ConfigError.self) { try settings.apply(file: &bad) }
     }
 }
+
+/// Full-tunnel mode renders the policy as first-match firewall rules; they must decide as the policy does.
+struct DestinationPolicyPacketRulesTests {
+    /// The firewall's decision, as nftables takes it from `FirewallRules.serverTable`'s forward chains.
+    static func firewallAllows(_ rules: DestinationPolicy.PacketRules, _ bytes: [UInt8]) -> Bool {
+        func firstMatch(_ list: [DestinationPolicy.PacketRule]) -> Bool? {
+            list.first { $0.network.address.bytes.count == bytes.count && $0.network.contains(bytes) }.map(\.allow)
+        }
+        if bytes.count == 4 {
+            if let verdict = firstMatch(rules.ordered4) { return verdict }
+            return !rules.builtIn4.contains { $0.contains(bytes) }
+        }
+        switch firstMatch(rules.ordered6) {
+        case false?: return false
+        case nil where rules.builtIn6.contains(where: { $0.contains(bytes) }): return false
+        default: break
+        }
+        return firstMatch(rules.embedded) ?? true
+    }
+
+    static func cidrs(_ list: [String]) -> [CIDR] { list.map { CIDR.parse($0)! } }
+
+    static let policies: [DestinationPolicy] = [
+        DestinationPolicy(),
+        DestinationPolicy(allow: cidrs(["10.231.2.0/24", "fd31:2::/64"])),
+        DestinationPolicy(deny: cidrs(["203.0.113.0/24", "2001:db8::/32"]), allow: cidrs(["192.168.1.0/24", "127.0.0.0/8", "::1/128"])),
+        // An operator deny more specific than an allow, an allow more specific than a deny, equal lengths.
+        DestinationPolicy(deny: cidrs(["10.1.2.0/24", "8.8.0.0/16", "198.51.100.0/24"]), allow: cidrs(["10.0.0.0/8", "8.8.8.0/24", "198.51.100.0/24"])),
+        // Everything allowed, but one range.
+        DestinationPolicy(deny: cidrs(["100.64.1.0/24"]), allow: cidrs(["0.0.0.0/0", "::/0"])),
+        DestinationPolicy(allow: cidrs(["::ffff:0:0/96", "2002::/16"])),
+        DestinationPolicy(deny: cidrs(["64:ff9b::/96"]), allow: cidrs(["169.254.169.0/24"])),
+    ]
+
+    /// Addresses at and around every prefix boundary of the policies, in every IPv6 spelling of IPv4.
+    static func probes() -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        var generator = SystemRandomNumberGenerator()
+        let prefixes = DestinationPolicy.builtInDeny + policies.flatMap { $0.allow + $0.deny }
+        for prefix in prefixes {
+            let base = prefix.address.bytes
+            for _ in 0..<24 {
+                var bytes = base
+                // Keep a random number of leading bits, randomise the rest.
+                let keep = Int.random(in: max(0, prefix.prefixLength - 8)...(bytes.count * 8), using: &generator)
+                for bit in keep..<(bytes.count * 8) where Bool.random(using: &generator) {
+                    bytes[bit / 8] ^= UInt8(0x80) >> UInt8(bit % 8)
+                }
+                out.append(bytes)
+            }
+        }
+        for _ in 0..<500 { out.append((0..<4).map { _ in UInt8.random(in: 0...255, using: &generator) }) }
+        for _ in 0..<200 { out.append((0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }) }
+        let v4 = out.filter { $0.count == 4 }
+        for address in v4 {
+            out.append([UInt8](repeating: 0, count: 10) + [0xFF, 0xFF] + address)
+            out.append([0x00, 0x64, 0xFF, 0x9B] + [UInt8](repeating: 0, count: 8) + address)
+            out.append([0x20, 0x02] + address + (0..<10).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        }
+        return out
+    }
+
+    @Test func firewallRulesDecideAsThePolicy() {
+        let probes = Self.probes()
+        for policy in Self.policies {
+            let rules = policy.packetRules
+            for bytes in probes {
+                let expected = policy.refusal(for: bytes, hostAddresses: []) == nil
+                #expect(Self.firewallAllows(rules, bytes) == expected, "\(policy) \(IPAddress(bytes: bytes)!)")
+            }
+        }
+    }
+
+    @Test func rulesAreOrderedLongestFirstWithAllowFirstOnATie() {
+        let rules = DestinationPolicy(deny: Self.cidrs(["10.1.0.0/16", "10.0.0.0/8"]), allow: Self.cidrs(["10.1.2.3/16", "10.0.0.0/8"])).packetRules
+        #expect(rules.ordered4.map(\.network.description) == ["10.1.0.0/16", "10.1.0.0/16", "10.0.0.0/8", "10.0.0.0/8"])
+        #expect(rules.ordered4.map(\.allow) == [true, false, true, false])
+        #expect(rules.embedded.contains(DestinationPolicy.PacketRule(network: CIDR.parse("::ffff:10.0.0.0/104")!, allow: true)))
+        #expect(rules.embedded.contains(DestinationPolicy.PacketRule(network: CIDR.parse("2002:a9fe::/32")!, allow: false)))
+    }
+}

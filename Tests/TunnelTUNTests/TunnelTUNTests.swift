@@ -416,6 +416,9 @@ struct HostNetworkTests {
         #expect(server.contains("ip6 saddr fd00:77::/64 oifname != \"tunnel0\" masquerade"))
         #expect(server.contains("maxseg size set rt mtu"))
         #expect(server.contains("iifname \"tunnel0\" oifname \"tunnel0\" drop"))
+        // Packets conntrack cannot place (after a restart) are dropped, and no pool address leaves un-NATed.
+        #expect(server.contains("iifname \"tunnel0\" ct state invalid drop"))
+        #expect(server.contains("ip saddr 10.77.0.0/24 oifname != \"tunnel0\" drop"))
         let noV6 = FirewallRules.serverTable(name: "t", device: "tunnel0", pool4: "10.77.0.0/24", pool6: nil)
         #expect(!noV6.contains("ip6 saddr"))
 
