@@ -82,7 +82,11 @@ public struct NoiseIKHandshake {
     /// The current handshake hash `h`.
     public var handshakeHash: [UInt8] { self.symmetric.handshakeHash }
 
+    /// How many DH operations this handshake has done (tests: both refusals of message 1 cost the same).
+    private(set) var diffieHellmanCount = 0
+
     private mutating func mixDH(_ local: PrivateKey, _ remote: PublicKey) throws(NoiseError) {
+        self.diffieHellmanCount += 1
         let shared = SecretBytes(count: 32)
         guard local.diffieHellman(with: remote, into: shared) else {
             throw NoiseError.invalidPublicKey("DH produced a low-order point")
@@ -129,10 +133,15 @@ public struct NoiseIKHandshake {
             throw NoiseError.decryptionFailed("message 1 static key did not authenticate")
         }
         let rs = PublicKey(bytes: rsBytes)!
-        guard authorize(rs) else { throw NoiseError.unauthorized() }
-        self.remoteStatic = rs
+        let authorized = authorize(rs)
+        // The same work whether the key is listed or not (the `ss` DH and the payload's check) before either
+        // refusal: the time to the silent close must not tell a prober whether a public key it knows (but
+        // whose private key it lacks) belongs to a client.
         try self.mixDH(self.localStatic, rs)
-        guard let payload = self.symmetric.decryptAndHash(Array(message[80...])) else {
+        let payload = self.symmetric.decryptAndHash(Array(message[80...]))
+        guard authorized else { throw NoiseError.unauthorized() }
+        self.remoteStatic = rs
+        guard let payload else {
             throw NoiseError.decryptionFailed("message 1 payload did not authenticate")
         }
         self.state = .expectingMessage2

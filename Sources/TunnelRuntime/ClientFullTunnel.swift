@@ -42,6 +42,8 @@ final class ClientFullTunnel {
     /// A TCP packet from the tunnel was written to the device in the current socket read.
     private var wroteTCPToDevice = false
     private var droppedWhileDown = 0
+    /// Called for each packet that arrives while the tunnel is down (the manager cuts its backoff short).
+    var onPacketWhileDown: (() -> Void)?
     private var undeliverable = 0
 
     struct SetupError: StartupFailure {
@@ -251,6 +253,7 @@ final class ClientFullTunnel {
     func packetFromDevice(_ packet: ByteBuffer) {
         guard let tunnel = self.tunnel else {
             self.droppedWhileDown += 1
+            self.onPacketWhileDown?()
             return
         }
         // Only packets from our own addresses: the server would drop anything else (link-local chatter).

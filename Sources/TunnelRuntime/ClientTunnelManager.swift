@@ -48,7 +48,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
     var fullTunnel: ClientFullTunnel? {
-        didSet { self.configuration.fullTunnel = self.fullTunnel != nil }
+        didSet {
+            self.configuration.fullTunnel = self.fullTunnel != nil
+            // An app's packet while the tunnel is down is a user waiting, like a SOCKS request.
+            self.fullTunnel?.onPacketWhileDown = { [weak self] in self?.someoneIsWaiting() }
+        }
     }
     /// Connect to this address instead of resolving the server's name each time (full-tunnel mode pins it:
     /// its routes are for that address).
@@ -256,8 +260,13 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
         self.waiting.append(Waiter(target: target, kind: kind, local: local, deadline: deadline))
         self.armWaiterTimer()
-        if self.current == nil && !self.connecting && NIODeadline.now() - self.lastAttempt >= .seconds(1) {
-            // A user is waiting: do not sit out a long backoff.
+        self.someoneIsWaiting()
+    }
+
+    /// A user is waiting for the tunnel (a request, a packet): do not sit out a long backoff; try now, at
+    /// most once a second.
+    private func someoneIsWaiting() {
+        if self.current == nil && !self.connecting && !self.stopped && NIODeadline.now() - self.lastAttempt >= .seconds(1) {
             self.connect()
         }
     }

@@ -102,6 +102,35 @@ struct NoiseVectorTests {
         #expect(throws: NoiseError.self) { _ = try responder.readMessage1(message1) { _ in false } }
     }
 
+    /// A prober who knows a client's public key (but not its private key) sends message 1 claiming it: the
+    /// `ss` DH it computed is wrong, so the payload fails. An unlisted key must cost the server the same work
+    /// before its refusal, or the time to the silent close tells the prober whether the key is a client's.
+    @Test func listedAndUnlistedKeysAreRefusedAfterTheSameWork() throws {
+        let server = PrivateKey()
+        func message1() throws -> [UInt8] {
+            var initiator = NoiseIKHandshake(
+                initiatorWith: .chaChaPoly, prologue: [], localStatic: PrivateKey(), remoteStatic: server.publicKey
+            )
+            return try initiator.writeMessage1(payload: Array(repeating: 7, count: 12))
+        }
+        // Listed, but the payload does not authenticate (the prober lacks the private key).
+        var tampered = try message1()
+        tampered[tampered.count - 1] ^= 1
+        var listed = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: [], localStatic: server)
+        #expect(throws: NoiseError.self) { _ = try listed.readMessage1(tampered) { _ in true } }
+        // Not listed.
+        var unlisted = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: [], localStatic: server)
+        do {
+            let message = try message1()
+            _ = try unlisted.readMessage1(message) { _ in false }
+            Issue.record("an unlisted key was accepted")
+        } catch {
+            #expect((error as? NoiseError)?.code == .unauthorizedKey)
+        }
+        #expect(listed.diffieHellmanCount == 2)
+        #expect(unlisted.diffieHellmanCount == listed.diffieHellmanCount)
+    }
+
     @Test func wrongServerKeyFailsDecryption() throws {
         var initiator = NoiseIKHandshake(
             initiatorWith: .chaChaPoly, prologue: [], localStatic: PrivateKey(), remoteStatic: PrivateKey().publicKey
