@@ -15,6 +15,10 @@ final class ServerSession: TunnelConnectionDelegate {
     private let handle: ServerSessionRegistry.Handle
     private var clientKey: PublicKey?
     private var clientName = "unauthenticated client"
+    /// A key that was not in the authorized keys (named when the failed handshake is logged).
+    private var refusedKey: PublicKey?
+    /// Where the connection comes from, as the registry counts sources.
+    private let source: [UInt8]
     private var handshaking = true
     private let udpIdleTimeout: TimeAmount
     private let tun: ServerTUN?
@@ -37,8 +41,10 @@ final class ServerSession: TunnelConnectionDelegate {
         handle: ServerSessionRegistry.Handle,
         udpIdleTimeout: TimeAmount,
         tun: ServerTUN?,
+        source: [UInt8],
         logger: Logger
     ) {
+        self.source = source
         self.udpIdleTimeout = udpIdleTimeout
         self.tun = tun
         self.registry = registry
@@ -49,11 +55,25 @@ final class ServerSession: TunnelConnectionDelegate {
 
     func tunnelAuthorize(_ key: PublicKey) -> Bool {
         guard let entry = self.registry.authorizedKeys.entry(for: key) else {
-            self.logger.info("refused client key \(key): not in the authorized keys")
+            self.refusedKey = key
             return false
         }
         self.clientKey = key
         self.clientName = entry.comment.isEmpty ? "client \(key)" : "client \(key) (\(entry.comment))"
+        return true
+    }
+
+    func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool {
+        switch self.registry.shouldLogFailedHandshake(source: self.source) {
+        case .suppress:
+            break
+        case .log(let before):
+            let why = self.refusedKey.map { "client key \($0) is not in the authorized keys" } ?? error.detail
+            self.logger.info("handshake with \(tunnel.remoteDescription) failed: \(why)")
+            if before > 0 {
+                self.logger.info("\(before) more failed handshake(s) from there in the minute before were not logged")
+            }
+        }
         return true
     }
 

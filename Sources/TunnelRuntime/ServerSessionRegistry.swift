@@ -40,6 +40,8 @@ final class ServerSessionRegistry: Sendable {
     /// Most pending handshakes from one source (an IPv4 address or an IPv6 /64).
     let maxPendingPerSource: Int
     private let state = NIOLockedValueBox(State())
+    /// Lines about failed handshakes, throttled per source.
+    private let handshakeLog = NIOLockedValueBox(LogThrottle<[UInt8]>())
 
     init(authorizedKeys: AuthorizedKeys, maxPendingHandshakes: Int) {
         self.authorizedKeys = authorizedKeys
@@ -86,6 +88,27 @@ final class ServerSessionRegistry: Sendable {
         if state.oldest.count > 2 * state.pending.count + 64 {
             state.oldest = CircularBuffer(state.oldest.filter { state.pending[$0.id] != nil })
         }
+    }
+
+    /// Whether to log a failed handshake from `source` (strangers get a few lines a minute, then a summary).
+    func shouldLogFailedHandshake(source: [UInt8]) -> LogThrottle<[UInt8]>.Decision {
+        self.handshakeLog.withLockedValue { $0.event(from: source, now: .now()) }
+    }
+
+    /// The summary lines due: failed handshakes not logged, per source, for windows that are over.
+    func failedHandshakeSummaries() -> [String] {
+        let due = self.handshakeLog.withLockedValue { $0.due(now: .now()) }
+        return due.map { entry in
+            let from = entry.source.map { Self.describeSource($0) } ?? "other sources"
+            return "\(entry.suppressed) more failed handshake(s) from \(from) in the last minute were not logged"
+        }
+    }
+
+    /// A source key as text: an IPv4 address, or an IPv6 /64.
+    static func describeSource(_ key: [UInt8]) -> String {
+        if key.count == 4, let address = IPAddress(bytes: key) { return address.description }
+        if key.count == 8, let address = IPAddress(bytes: key + [UInt8](repeating: 0, count: 8)) { return "\(address)/64" }
+        return "an unknown source"
     }
 
     /// The key pending handshakes are counted by: an IPv4 address, or the /64 of an IPv6 one.

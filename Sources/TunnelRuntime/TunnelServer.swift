@@ -17,6 +17,8 @@ public final class TunnelServer: Sendable {
     private let logger: Logger
     private let listener = NIOLockedValueBoxChannel()
     private let tun = NIOLockedValueBox<ServerTUN?>(nil)
+    /// Logs the summaries of throttled handshake failures once a minute.
+    private let summaryTask = NIOLockedValueBox<RepeatedTask?>(nil)
 
     public init(resolved: ServerSettings.Resolved, group: any EventLoopGroup, logger: Logger) {
         self.resolved = resolved
@@ -58,6 +60,12 @@ public final class TunnelServer: Sendable {
             throw error
         }
         self.listener.set(channel)
+        let registry = self.registry
+        let logger = self.logger
+        let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { _ in
+            for line in registry.failedHandshakeSummaries() { logger.info("\(line)") }
+        }
+        self.summaryTask.withLockedValue { $0 = task }
         guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
         return address
     }
@@ -86,7 +94,8 @@ public final class TunnelServer: Sendable {
                     let handle = ServerSessionRegistry.Handle(
                         id: ObjectIdentifier(handler), handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
                     )
-                    switch registry.beginHandshake(handle, source: ServerSessionRegistry.sourceKey(channel.remoteAddress)) {
+                    let source = ServerSessionRegistry.sourceKey(channel.remoteAddress)
+                    switch registry.beginHandshake(handle, source: source) {
                     case .refused:
                         channel.close(promise: nil)
                         return
@@ -102,7 +111,7 @@ public final class TunnelServer: Sendable {
                     }
                     handler.delegate = ServerSession(
                         registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, tun: tun,
-                        logger: logger
+                        source: source, logger: logger
                     )
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
@@ -114,6 +123,7 @@ public final class TunnelServer: Sendable {
     /// Graceful shutdown: stop accepting, GOAWAY to every client, let streams drain up to the drain timeout,
     /// then CLOSE every tunnel.
     public func shutdown() async {
+        self.summaryTask.withLockedValue { $0?.cancel(); $0 = nil }
         if let channel = self.listener.take() { try? await channel.close() }
         let sessions = self.registry.beginShutdown()
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)

@@ -24,6 +24,9 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelReadFinished(_ tunnel: TunnelConnectionHandler)
     /// A CONTROL frame from the peer; throwing ends the connection with that error.
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError)
+    /// Server: the handshake failed (the connection closes silently next). Return true when the delegate has
+    /// logged it (it may throttle strangers' lines); false lets the connection log it.
+    func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool
     /// The connection is over. `error` is nil after an authenticated CLOSE; otherwise it says why.
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?)
 }
@@ -32,6 +35,7 @@ extension TunnelConnectionDelegate {
     public func tunnelAuthorize(_ key: PublicKey) -> Bool { false }
     public func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict { .accept }
     public func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {}
+    public func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool { false }
     public func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
         tunnel.completeOpen(stream, reply: .commandNotSupported, bound: .unspecified)
     }

@@ -613,9 +613,15 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.multiplexer?.abortAllStreams(code: .internalError)
         self.flushLocalStreams()
         if wasHandshaking {
-            // The client's tunnel manager reports its own failures, with advice; the server logs each one.
-            let level: Logger.Level = if case .server = self.role { .info } else { .debug }
-            self.logger.log(level: level, "handshake with \(self.remoteDescription) failed: \(error.detail)")
+            // The client's tunnel manager reports its own failures, with advice; the server's delegate logs
+            // each one (throttled per source).
+            if case .server = self.role {
+                if self.delegate?.tunnelHandshakeFailed(self, error: error) != true {
+                    self.logger.info("handshake with \(self.remoteDescription) failed: \(error.detail)")
+                }
+            } else {
+                self.logger.debug("handshake with \(self.remoteDescription) failed: \(error.detail)")
+            }
         } else {
             self.logger.info("tunnel with \(self.remoteDescription) ended: \(error.detail)")
         }
