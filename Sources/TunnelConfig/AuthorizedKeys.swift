@@ -12,11 +12,28 @@ public struct AuthorizedKeys: Sendable {
     public struct Entry: Sendable, Hashable {
         public var key: PublicKey
         public var comment: String
+        /// The line of the file it is on (1-based; 0 when not from a file).
+        public var line: Int = 0
     }
 
     public private(set) var entries: [Entry]
+    /// Each entry's bytes taken as a private key: the public key that goes with it. A key that connects with
+    /// one of these is a client whose PRIVATE key was pasted into the file instead of its public key.
+    private let publicKeysIfPrivate: [PublicKey: Int]
 
-    public init(entries: [Entry]) { self.entries = entries }
+    public init(entries: [Entry]) {
+        self.entries = entries
+        var derived: [PublicKey: Int] = [:]
+        for (index, entry) in entries.enumerated() {
+            if let asPrivate = PrivateKey(rawBytes: entry.key.bytes) { derived[asPrivate.publicKey] = index }
+        }
+        self.publicKeysIfPrivate = derived
+    }
+
+    /// The entry that is the private key of `key` (someone listed a private key where a public key goes).
+    public func entry(holdingPrivateKeyOf key: PublicKey) -> Entry? {
+        self.publicKeysIfPrivate[key].map { self.entries[$0] }
+    }
 
     /// Parses the file's text; errors name the line.
     public static func parse(_ text: String) -> Result<AuthorizedKeys, ConfigProblem> {
@@ -29,7 +46,7 @@ public struct AuthorizedKeys: Sendable {
             guard let key = PublicKey(base64: keyText) else {
                 return .failure(ConfigProblem("line \(index + 1): '\(keyText.prefix(60))' is not a base64 X25519 public key"))
             }
-            entries.append(Entry(key: key, comment: String(comment)))
+            entries.append(Entry(key: key, comment: String(comment), line: index + 1))
         }
         return .success(AuthorizedKeys(entries: entries))
     }

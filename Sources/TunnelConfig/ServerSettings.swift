@@ -79,6 +79,12 @@ public struct ServerSettings: Sendable {
             throw ConfigError(error.description)
         }
         let authorized = try AuthorizedKeys.load(from: authorizedPath)
+        if let entry = authorized.entry(holdingPrivateKeyOf: loaded.key.publicKey) {
+            throw ConfigError(
+                "\(authorizedPath): line \(entry.line) is the server's own PRIVATE key (the file given as --key), not a client's public key. "
+                    + "List each client's public key (tunnel-client pubkey --key CLIENT.key prints it)"
+            )
+        }
         guard self.ciphers.contains(where: \.isAvailable) else {
             throw ConfigError("none of the configured ciphers is available on this CPU (add chachapoly)")
         }

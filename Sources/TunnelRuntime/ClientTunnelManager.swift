@@ -30,6 +30,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var connecting = false
     private var stopped = false
     private var backoff: TimeAmount = .milliseconds(250)
+    /// When the server replaced this client's tunnel with another connection using its key (last minute).
+    private var replacements: [NIODeadline] = []
     private var reconnectTask: Scheduled<Void>?
     private var lastAttempt: NIODeadline = .distantPast
     private var consecutiveFailures = 0
@@ -163,7 +165,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.current = tunnel
         self.workingCipher = session.cipher
         self.nextCipher = session.cipher
-        self.backoff = .milliseconds(250)
+        // A tunnel that another machine with this key keeps replacing does not get a fresh backoff: the two
+        // take turns ever more slowly instead of several times a second.
+        let now = NIODeadline.now()
+        self.replacements.removeAll { now - $0 >= .seconds(60) }
+        if self.replacements.isEmpty { self.backoff = .milliseconds(250) }
         self.consecutiveFailures = 0
         let compression: String
         if self.configuration.compression {
@@ -230,12 +236,26 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             var why = error?.detail ?? "handshake failed"
             if error?.code == .handshakeRejected {
                 why = "the server refused the handshake: check --server-key, "
-                    + "and that this client's key (\(self.resolved.key.publicKey)) is in the server's authorized keys"
+                    + "that this client's key (\(self.resolved.key.publicKey)) is in the server's authorized keys, "
+                    + "and that no other machine uses this key (the server's log says so)"
             }
             self.attemptFailed(why, handshake: true)
             return
         }
         guard wasCurrent, !self.stopped else { return }
+        if tunnel.peerCloseCode == .replaced {
+            // Another connection with this client's key took over: this very client did not make it (its
+            // own reconnects abandon the old tunnel first), so another machine holds the same key. Back off
+            // rather than take the session back at once, which would only replace the other one in turn.
+            let now = NIODeadline.now()
+            self.replacements = self.replacements.filter { now - $0 < .seconds(60) } + [now]
+            let why = self.replacements.count >= 3
+                ? "the server replaced this tunnel \(self.replacements.count) times in a minute: this client's key (\(self.resolved.key.publicKey)) "
+                    + "is in use on another machine too. Give each machine its own key (tunnel-client keygen) and list each in the server's authorized keys"
+                : "the server replaced this tunnel with a newer connection using this client's key; if this repeats, another machine uses the same key"
+            self.attemptFailed(why, handshake: false)
+            return
+        }
         self.logger.warning("tunnel lost: \(error?.detail ?? "closed by the server"); reconnecting")
         self.connect()
     }

@@ -202,21 +202,6 @@ final class OutboundConnector: Sendable {
 }
 
 extension SocketAddress {
-    /// The address as 4 or 16 bytes.
-    var packedBytes: [UInt8]? {
-        switch self {
-        case .v4(let a):
-            return withUnsafeBytes(of: a.address.sin_addr) { Array($0) }
-        case .v6(let a):
-            return withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
-        default:
-            return nil
-        }
-    }
-
-    /// The address as 4 or 16 bytes, an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as IPv4.
-    var unmappedBytes: [UInt8]? { self.packedBytes.map(IPAddress.unmapped) }
-
     /// As a tunnel address (the bound address in OPEN_RESULT, a datagram's source), IPv4 peers as IPv4.
     var targetAddress: TargetAddress {
         guard let bytes = self.unmappedBytes, let port = self.port else { return .unspecified }

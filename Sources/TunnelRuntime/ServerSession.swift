@@ -68,7 +68,14 @@ final class ServerSession: TunnelConnectionDelegate {
         case .suppress:
             break
         case .log(let before):
-            let why = self.refusedKey.map { "client key \($0) is not in the authorized keys" } ?? error.detail
+            var why = error.detail
+            if let key = self.refusedKey {
+                why = "client key \(key) is not in the authorized keys"
+                if let entry = self.registry.authorizedKeys.entry(holdingPrivateKeyOf: key) {
+                    why += ", but line \(entry.line) of the authorized keys holds its PRIVATE key: put the client's public key there "
+                        + "(tunnel-client pubkey --key CLIENT.key prints it), and keep private keys off the server"
+                }
+            }
             self.logger.info("handshake with \(tunnel.remoteDescription) failed: \(why)")
             if before > 0 {
                 self.logger.info("\(before) more failed handshake(s) from there in the minute before were not logged")
@@ -92,11 +99,19 @@ final class ServerSession: TunnelConnectionDelegate {
 
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {
         guard let key = self.clientKey else { return }
-        if let previous = self.registry.activate(key: key, handle: self.handle) {
-            self.logger.info("\(self.clientName) reconnected: closing its previous session")
+        let address = tunnel.remoteAddressWithoutPort
+        let (previous, sharedBy) = self.registry.activate(key: key, handle: self.handle, address: address)
+        if let previous {
+            self.logger.info("\(self.clientName) reconnected from \(address): closing its previous session")
             previous.eventLoop.execute {
                 previous.handler.value.close(code: .replaced)
             }
+        }
+        if let sharedBy {
+            let machines = sharedBy.joined(separator: " and ")
+            self.logger.warning(
+                "\(self.clientName) is in use on more than one machine at once: \(machines) keep replacing each other's session. Give each machine its own key (tunnel-client keygen) and list each in the authorized keys"
+            )
         }
         if tunnel.fullTunnelActive, let tun = self.tun {
             self.startFullTunnel(tunnel, tun: tun, key: key)

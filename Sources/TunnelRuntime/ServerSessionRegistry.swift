@@ -25,6 +25,17 @@ final class ServerSessionRegistry: Sendable {
         var oldest = CircularBuffer<Handle>(initialCapacity: 64)
         var pendingBySource: [[UInt8]: [Handle]] = [:]
         var shuttingDown = false
+        /// The address each active session of a key comes from, and how often sessions of a key were
+        /// replaced from another address lately (two machines sharing one key).
+        var activeAddress: [PublicKey: String] = [:]
+        var flapping: [PublicKey: Flapping] = [:]
+    }
+
+    struct Flapping {
+        var since: NIODeadline
+        var count = 0
+        var addresses: [String] = []
+        var warned: NIODeadline?
     }
 
     /// What becomes of a new connection.
@@ -122,18 +133,42 @@ final class ServerSessionRegistry: Sendable {
     }
 
     /// Makes `handle` the session of `key` (after key confirmation); returns the session it replaces.
-    func activate(key: PublicKey, handle: Handle) -> Handle? {
+    /// Makes `handle` the session of `key`; returns the session it replaces (to be closed), and the
+    /// addresses to name when sessions of this key keep replacing each other from different addresses (three
+    /// times in a minute: two machines share one key), at most once a minute.
+    func activate(key: PublicKey, handle: Handle, address: String, now: NIODeadline = .now()) -> (previous: Handle?, sharedBy: [String]?) {
         self.state.withLockedValue { state in
             let previous = state.activeByKey[key]
             state.activeByKey[key] = handle
-            return previous?.id == handle.id ? nil : previous
+            guard let previous, previous.id != handle.id else {
+                state.activeAddress[key] = address
+                return (nil, nil)
+            }
+            let previousAddress = state.activeAddress[key]
+            state.activeAddress[key] = address
+            guard let previousAddress, previousAddress != address else { return (previous, nil) }
+            var flapping = state.flapping[key] ?? Flapping(since: now)
+            if now - flapping.since > .seconds(60) { flapping = Flapping(since: now, warned: flapping.warned) }
+            flapping.count += 1
+            for a in [previousAddress, address] where !flapping.addresses.contains(a) { flapping.addresses.append(a) }
+            var sharedBy: [String]? = nil
+            if flapping.count >= 3, flapping.warned.map({ now - $0 >= .seconds(60) }) ?? true {
+                flapping.warned = now
+                sharedBy = flapping.addresses
+            }
+            state.flapping[key] = flapping
+            if state.flapping.count > 4096 { state.flapping = state.flapping.filter { now - $0.value.since <= .seconds(60) } }
+            return (previous, sharedBy)
         }
     }
 
     func remove(_ handle: Handle, key: PublicKey?) {
         self.state.withLockedValue { state in
             state.all.removeValue(forKey: handle.id)
-            if let key, state.activeByKey[key]?.id == handle.id { state.activeByKey.removeValue(forKey: key) }
+            if let key, state.activeByKey[key]?.id == handle.id {
+                state.activeByKey.removeValue(forKey: key)
+                state.activeAddress.removeValue(forKey: key)
+            }
         }
     }
 

@@ -90,6 +90,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var timer: Scheduled<Void>?
     private var handshakeDeadline: NIODeadline
     private var closeError: ProtocolError?
+    /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
+    public private(set) var peerCloseCode: ErrorCode?
     /// The socket's descriptor, once `enableDirectWrites()` found it: output goes straight to send(2)
     /// whenever the channel holds no earlier write.
     private var socketDescriptor: Int32?
@@ -101,6 +103,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var drainCompletion: (() -> Void)?
     /// Remote address, for logs.
     public private(set) var remoteDescription = "?"
+    /// The peer's IP address alone (a reconnect from the same host comes from another port).
+    public private(set) var remoteAddressWithoutPort = "?"
 
     public init(role: Role, configuration: Configuration = Configuration(), logger: Logger) {
         self.role = role
@@ -113,7 +117,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.hostPortDescription }
+        if let remote = context.channel.remoteAddress {
+            self.remoteDescription = remote.hostPortDescription
+            self.remoteAddressWithoutPort = remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
+        }
         if context.channel.isActive { self.start(context: context) }
     }
 
@@ -123,7 +130,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelActive(context: ChannelHandlerContext) {
-        if let remote = context.channel.remoteAddress { self.remoteDescription = remote.hostPortDescription }
+        if let remote = context.channel.remoteAddress {
+            self.remoteDescription = remote.hostPortDescription
+            self.remoteAddressWithoutPort = remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
+        }
         self.start(context: context)
         context.fireChannelActive()
     }
@@ -596,6 +606,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     private func peerClosed(code: ErrorCode, context: ChannelHandlerContext) {
         self.logger.info("peer closed the tunnel (\(code))")
+        self.peerCloseCode = code
         self.phase = .closed
         self.timer?.cancel()
         self.multiplexer?.abortAllStreams(code: code == .noError ? .shutdown : code)
@@ -807,6 +818,21 @@ func wallClockNanoseconds() -> UInt64 {
 
 extension SocketAddress {
     /// `1.2.3.4:5` or `[::1]:5`, for logs.
+    /// The address as 4 or 16 bytes.
+    public var packedBytes: [UInt8]? {
+        switch self {
+        case .v4(let a):
+            return withUnsafeBytes(of: a.address.sin_addr) { Array($0) }
+        case .v6(let a):
+            return withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
+        default:
+            return nil
+        }
+    }
+
+    /// The address as 4 or 16 bytes, an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as IPv4.
+    public var unmappedBytes: [UInt8]? { self.packedBytes.map(IPAddress.unmapped) }
+
     public var hostPortDescription: String {
         guard let host = self.ipAddress, let port = self.port else { return self.description }
         return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"

@@ -3,6 +3,7 @@
 import os
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -300,3 +301,43 @@ def test_malformed_frames_end_only_that_connection(tunnel, target, bad_plaintext
     assert rep == 0
     s.close()
     assert tunnel.server.proc.poll() is None
+
+
+def test_two_machines_sharing_one_key_are_told_so_on_both_ends(tunnel, tmp_path):
+    """Two clients with the same key used to replace each other several times a second while each logged
+    "check --server-key". The server now names both addresses, the clients say their key is in use elsewhere,
+    and they back off instead of taking the session back at once."""
+    tunnel.start_server(listen="[::]:0")
+    port = tunnel.server.port
+    first = tunnel.start_client(server_address=f"127.0.0.1:{port}", log="first.log")
+    tunnel.wait_until_connected(first)
+    second = tunnel.start_client(server_address=f"[::1]:{port}", log="second.log")
+    assert harness.wait_for(lambda: "is in use on more than one machine" in tunnel.server.stderr_text(), timeout=20), \
+        tunnel.server.stderr_text()[-3000:]
+    warning = next(line for line in tunnel.server.stderr_text().splitlines() if "is in use on more than one machine" in line)
+    assert "::1" in warning and "127.0.0.1" in warning, warning
+    assert harness.wait_for(lambda: any("is in use on another machine" in c.stderr_text() for c in (first, second)),
+                            timeout=30), first.stderr_text()[-2000:] + second.stderr_text()[-2000:]
+    # They take turns ever more slowly: far fewer sessions than the several a second it used to be.
+    time.sleep(3)
+    before = tunnel.server.stderr_text().count("closing its previous session")
+    time.sleep(5)
+    after = tunnel.server.stderr_text().count("closing its previous session")
+    assert after - before <= 4, f"{after - before} replacements in 5 s"
+
+
+def test_a_private_key_in_the_authorized_keys_is_named(tunnel, tmp_path):
+    """A private key pasted where a public key goes: the server's own key refuses to start; a client's is
+    named when that client connects."""
+    out = subprocess.run([SERVER_BIN, "--listen", "127.0.0.1:0", "--key", tunnel.server_key, "--authorized-keys",
+                          tunnel.server_key], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 2, out.stderr
+    assert "line 1 is the server's own PRIVATE key" in out.stderr and "tunnel-client pubkey" in out.stderr, out.stderr
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text("# a client's private key, by mistake\n" + open(tunnel.client_key).read())
+    tunnel.authorized = str(authorized)
+    tunnel.start_server()
+    client = tunnel.start_client(config=fast_client_config(tmp_path))
+    assert harness.wait_for(lambda: "holds its PRIVATE key" in tunnel.server.stderr_text(), timeout=10), \
+        tunnel.server.stderr_text()[-2000:]
+    assert "line 2 of the authorized keys" in tunnel.server.stderr_text()
