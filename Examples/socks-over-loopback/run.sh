@@ -17,8 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-echo "== building (release)"
-swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections 2>&1 | tail -n 1
+. "$ROOT/Examples/lib/build.sh"
 BIN="$ROOT/.build/release"
 
 WORK=$(mktemp -d)
