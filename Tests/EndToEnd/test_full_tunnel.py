@@ -633,6 +633,11 @@ def test_after_an_outage_the_full_tunnel_is_back_at_once_and_no_pool_address_lea
         # At most one second since the last attempt, plus the handshake.
         assert waited < 2.5, f"the full tunnel came back {waited:.1f} s after the server"
         assert harness.wait_for(lambda: curl(NS_C, f"http://{WEB4}:8080/hello.txt", timeout=3).returncode == 0, timeout=10)
+        # Segments conntrack cannot place (it marks SYN+FIN invalid, as it does segments of a connection it
+        # lost track of) are never NATed: the server must drop them, not forward them with the pool address.
+        address = re.findall(r"full tunnel up on \S+: (\S+)/24", client.stderr_text())[0]
+        out = ns(NS_C, sys.executable, os.path.join(HERE, "raw_tcp.py"), address, WEB4, "8080", "5", check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
     finally:
         pinger.kill()
         download.kill()

@@ -1,0 +1,34 @@
+"""Sends TCP segments conntrack cannot place (SYN+FIN, which it marks invalid) from this host's address
+toward DEST:PORT, through whatever route the kernel picks. Usage: raw_tcp.py SOURCE DEST PORT COUNT"""
+
+import socket
+import struct
+import sys
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def segment(source, dest, sport, dport, seq, flags):
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
+    pseudo = socket.inet_aton(source) + socket.inet_aton(dest) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+
+
+def main():
+    source, dest, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    s.bind((source, 0))
+    for i in range(count):
+        s.sendto(segment(source, dest, 40000 + i, port, 1000 + i, 0x03), (dest, 0))  # SYN|FIN
+    print(f"sent {count}")
+
+
+if __name__ == "__main__":
+    main()
