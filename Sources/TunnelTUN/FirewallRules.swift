@@ -72,6 +72,9 @@ public enum FirewallRules {
             "        \(from) oifname \"\(device)\" drop",
             "        \(from) tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu",
             "        oifname \"\(device)\" tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu",
+            // A flow's first packet met the policy; the rest of it need not (the policy looks only at the
+            // destination, which a flow keeps).
+            "        \(from) ct state established,related accept",
             "        \(from) meta nfproto ipv4 jump client_v4",
             "        \(from) meta nfproto ipv6 jump client_v6",
             "        \(from) meta nfproto ipv6 jump client_v6_embedded",
@@ -79,10 +82,14 @@ public enum FirewallRules {
             "    chain client_v4 {",
         ]
         lines += rules(destinations.ordered4, allow: "return", deny: refuse)
-        lines += destinations.builtIn4.map { "        ip daddr \($0) \(refuse)" }
+        if !destinations.builtIn4.isEmpty {
+            lines.append("        ip daddr { \(destinations.builtIn4.joined(separator: ", ")) } \(refuse)")
+        }
         lines += ["    }", "    chain client_v6 {"]
         lines += rules(destinations.ordered6, allow: "return", deny: refuse)
-        lines += destinations.builtIn6.map { "        ip6 daddr \($0) \(refuse)" }
+        if !destinations.builtIn6.isEmpty {
+            lines.append("        ip6 daddr { \(destinations.builtIn6.joined(separator: ", ")) } \(refuse)")
+        }
         lines += ["    }", "    chain client_v6_embedded {"]
         lines += rules(destinations.embedded, allow: "return", deny: refuse)
         lines += [
