@@ -5,14 +5,7 @@ import socket
 import struct
 import sys
 
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+from full_tunnel_peer import checksum
 
 
 def segment(source, dest, sport, dport, seq, flags):
