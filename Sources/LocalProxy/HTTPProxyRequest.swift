@@ -60,6 +60,10 @@ public enum HTTPProxy {
         for field in head.headers.fields where !dropped.contains(field.name.lowercased()) {
             headers.fields.append(field)
         }
+        // Both Transfer-Encoding and Content-Length: the transfer coding frames the body, and an intermediary
+        // must not pass the Content-Length on (RFC 9112 §6.3): a server behind it that read that instead
+        // would see a second, smuggled request in the body.
+        if !head.headers.tokens("Transfer-Encoding").isEmpty { headers.remove("Content-Length") }
         if headers.values("Host").isEmpty {
             headers.fields.insert(("Host", String(authority)), at: 0)
         }

@@ -354,10 +354,13 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             case .head(let method):
                 self.responseHead.writeBuffer(&data)
                 let collected = self.responseHead.readableBytes
-                let head: HTTPResponseHead
+                var head: HTTPResponseHead
                 do {
                     guard let parsed = try HTTPHeadParser.parseResponse(&self.responseHead) else { return }
                     head = parsed
+                    // As for requests (RFC 9112 §6.3): the transfer coding frames the body; the application
+                    // must not be handed a Content-Length that says otherwise.
+                    if !head.headers.tokens("Transfer-Encoding").isEmpty { head.headers.remove("Content-Length") }
                 } catch {
                     self.logger.info("origin sent an invalid response: \(error)")
                     self.abortClient()

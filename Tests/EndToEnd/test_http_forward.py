@@ -166,3 +166,49 @@ def test_requests_queued_while_reconnecting_are_not_opened_after_their_applicati
     assert harness.wait_for(lambda: tunnel.client.stderr_text().count("tunnel up") >= 2, timeout=15)
     time.sleep(1)
     assert "requested" not in tunnel.server.stderr_text(), tunnel.server.stderr_text()[-2000:]
+
+
+def test_a_message_with_both_transfer_encoding_and_content_length_loses_the_length(tunnel):
+    """RFC 9112 §6.3: a message with both is framed by its transfer coding, and an intermediary must not pass
+    the Content-Length on: a server (or application) that read it instead would see the rest of the body as a
+    second, smuggled message. Both directions."""
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        data = b""
+        while b"0\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        seen["request"] = data
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        time.sleep(0.5)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    tunnel.start()
+    port = listener.getsockname()[1]
+    s = socket.create_connection(("127.0.0.1", tunnel.socks_port), timeout=10)
+    s.sendall(f"POST http://127.0.0.1:{port}/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
+              f"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode())
+    response = b""
+    while b"0\r\n\r\n" not in response:
+        chunk = s.recv(4096)
+        assert chunk, response
+        response += chunk
+    s.close()
+    thread.join(timeout=5)
+    listener.close()
+    head = response.split(b"\r\n\r\n")[0].lower()
+    assert b"transfer-encoding: chunked" in head and b"content-length" not in head, response
+    request_head = seen["request"].split(b"\r\n\r\n")[0].lower()
+    assert b"transfer-encoding: chunked" in request_head and b"content-length" not in request_head, seen["request"]
+    assert seen["request"].endswith(b"5\r\nhello\r\n0\r\n\r\n")

@@ -140,6 +140,21 @@ struct HTTPProxyDecisionTests {
         #expect(body == .none && !closeAfter)
     }
 
+    /// RFC 9112 §6.3: with both, Transfer-Encoding frames the body and Content-Length must not be passed on
+    /// (a server that read it instead would take the rest of the body as a second, smuggled request).
+    @Test func transferEncodingWinsAndContentLengthIsNotForwarded() {
+        let decision = HTTPProxy.decide(
+            self.head("POST", "http://h/upload", [
+                ("Host", "h"), ("Content-Length", "5"), ("Transfer-Encoding", "chunked"), ("Content-Type", "text/plain"),
+            ]), credentials: nil
+        )
+        guard case .forward(_, let rewritten, let body, _) = decision else { Issue.record("\(decision)"); return }
+        #expect(body == .chunked)
+        #expect(rewritten.headers.values("Content-Length").isEmpty)
+        #expect(rewritten.headers.values("Transfer-Encoding") == ["chunked"])
+        #expect(rewritten.headers.fields.map(\.name) == ["Host", "Transfer-Encoding", "Content-Type"])
+    }
+
     @Test func missingHostIsAddedAndDefaultPortIs80() {
         guard case .forward(let target, let rewritten, _, _) = HTTPProxy.decide(self.head("GET", "http://h"), credentials: nil) else {
             Issue.record(); return
