@@ -2,7 +2,7 @@ import CZlib
 import NIOCore
 
 /// Raw deflate (RFC 1951, no zlib/gzip wrapper) for one stream direction, each frame ending in a sync flush so
-/// the receiver can inflate it on its own (PROTOCOL.md §4).
+/// the receiver can inflate it on its own (docs/PROTOCOL.md §4).
 ///
 /// Compression is for slow links, where the ratio decides: level 7 with zlib's 32 KiB window (6.4:1 on
 /// HTML/JSON here, a little better than `ssh -C`) and ~50 MB/s per core, plenty for such links. memLevel 5

@@ -1,6 +1,6 @@
 import NIOCore
 
-/// Frames the scheduler sends before any stream data (PROTOCOL.md §3.3, "control frames first").
+/// Frames the scheduler sends before any stream data (docs/PROTOCOL.md §3.3, "control frames first").
 enum ControlFrame {
     case open(StreamID, kind: StreamKind, window: UInt32, target: TargetAddress)
     case openResult(StreamID, reply: ReplyCode, window: UInt32, bound: TargetAddress)

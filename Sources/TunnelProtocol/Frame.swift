@@ -1,6 +1,6 @@
 import NIOCore
 
-/// A mux frame type (PROTOCOL.md §3.3). Unknown types at or above `firstExtension` are ignored; unknown types
+/// A mux frame type (docs/PROTOCOL.md §3.3). Unknown types at or above `firstExtension` are ignored; unknown types
 /// below it are a protocol error.
 public struct FrameType: Hashable, Sendable, CustomStringConvertible {
     public var rawValue: UInt8
@@ -64,7 +64,7 @@ public struct FrameFlags: OptionSet, Hashable, Sendable {
     public static let fin = FrameFlags(rawValue: 0x01)
     /// On PING: this is the answer.
     public static let ack = FrameFlags(rawValue: 0x02)
-    /// On DATA: the payload is `u16 original length ‖ raw deflate` ending in a sync flush (negotiated; PROTOCOL.md §4).
+    /// On DATA: the payload is `u16 original length ‖ raw deflate` ending in a sync flush (negotiated; docs/PROTOCOL.md §4).
     public static let compressed = FrameFlags(rawValue: 0x04)
     /// On a compressed DATA frame: the sender's deflate context starts afresh here (the receiver starts a new
     /// inflate context too).

@@ -32,7 +32,7 @@ extension MultiplexerDelegate {
     public func multiplexer(_ mux: Multiplexer, receivedControl payload: ByteBuffer) throws(ProtocolError) {}
 }
 
-/// The stream multiplexer of one tunnel connection (PROTOCOL.md §3): stream table, per-stream and connection
+/// The stream multiplexer of one tunnel connection (docs/PROTOCOL.md §3): stream table, per-stream and connection
 /// flow control, and the sender's scheduler (control frames first, then deficit round-robin over streams that
 /// have both data and credit). It does no I/O: the handler feeds it decrypted records and local events, and
 /// pulls record plaintexts from it.
@@ -80,7 +80,7 @@ public final class Multiplexer {
         /// Whether IP packets flow (full-tunnel mode; negotiated in the handshake).
         public var fullTunnel = false
         /// IP packets waiting to be sent are dropped beyond this many (about 4 ms of a 1 Gbit/s link at
-        /// 1420 bytes): drops are the congestion signal the tunnelled TCP flows need (PROTOCOL.md §5).
+        /// 1420 bytes): drops are the congestion signal the tunnelled TCP flows need (docs/PROTOCOL.md §5).
         public var maxQueuedPackets: Int = 384
         public init() {}
     }

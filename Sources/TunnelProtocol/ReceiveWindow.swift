@@ -1,6 +1,6 @@
 import NIOCore
 
-/// Receive-side credit for one stream or for the whole connection (PROTOCOL.md §3.3).
+/// Receive-side credit for one stream or for the whole connection (docs/PROTOCOL.md §3.3).
 ///
 /// Invariant: `available + buffered + consumedUnacknowledged == target`. The peer may send `available` more
 /// bytes; `buffered` bytes have arrived but are not yet written to the local socket; credit for consumed bytes

@@ -1,7 +1,7 @@
 import NIOCore
 import TunnelCrypto
 
-/// When a sending direction rekeys (PROTOCOL.md §2.4): whichever budget runs out first.
+/// When a sending direction rekeys (docs/PROTOCOL.md §2.4): whichever budget runs out first.
 public struct RekeyPolicy: Hashable, Sendable {
     public var maxBytes: UInt64
     public var maxRecords: UInt64

@@ -5,9 +5,9 @@ import TunnelCrypto
 public struct SessionFeatures: OptionSet, Hashable, Sendable {
     public var rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
-    /// Per-stream deflate of DATA frames (PROTOCOL.md §4).
+    /// Per-stream deflate of DATA frames (docs/PROTOCOL.md §4).
     public static let compression = SessionFeatures(rawValue: 1 << 0)
-    /// IP packets over the tunnel (PROTOCOL.md §5).
+    /// IP packets over the tunnel (docs/PROTOCOL.md §5).
     public static let fullTunnel = SessionFeatures(rawValue: 1 << 1)
 }
 

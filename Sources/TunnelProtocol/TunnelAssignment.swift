@@ -1,6 +1,6 @@
 import NIOCore
 
-/// What the server tells a full-tunnel client after key confirmation, in a CONTROL frame (PROTOCOL.md §5):
+/// What the server tells a full-tunnel client after key confirmation, in a CONTROL frame (docs/PROTOCOL.md §5):
 /// the client's inner addresses, the MTU of the TUN devices, and the DNS servers to use through the tunnel.
 ///
 /// Encoded as TLVs like the handshake parameters (`type u8, length u16 BE, value`); unknown types are

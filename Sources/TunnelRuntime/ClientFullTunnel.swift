@@ -10,7 +10,7 @@ import TunnelTUN
 import TunnelTransport
 
 /// `tunnel-client --full-tunnel`: the client's TUN device and everything it changes on the host to send
-/// all traffic into it (PROTOCOL.md §5).
+/// all traffic into it (docs/PROTOCOL.md §5).
 ///
 /// At start it undoes what a crashed run left behind, notes how the host reaches the server (and the
 /// excluded networks) before anything changes, creates the device and, with `--kill-switch`, blocks all

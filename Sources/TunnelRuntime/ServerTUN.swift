@@ -12,7 +12,7 @@ import TunnelTUN
 import TunnelTransport
 
 /// `tunnel-server --tun`: the server's TUN device, the address pools, NAT, the DNS forwarder, and the
-/// routing of packets between the device and the client sessions (PROTOCOL.md §5).
+/// routing of packets between the device and the client sessions (docs/PROTOCOL.md §5).
 ///
 /// Packets from a client go to the device only when their source is that client's address (anti-spoofing,
 /// like WireGuard's cryptokey routing); packets the device reads go to the session that owns their
