@@ -86,9 +86,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Output was queued under `flushHeld` and not flushed yet.
     private var flushOwed = false
     private var streamsToFlush: [any StreamEndpoint] = []
-    private var lastReceive = NIODeadline.now()
+    /// The handshake deadline, keepalive and dead-peer timeout, as data; `timer` only wakes us to tick them.
+    private var timers: ConnectionTimers
     private var timer: Scheduled<Void>?
-    private var handshakeDeadline: NIODeadline
     private var closeError: ProtocolError?
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
     public private(set) var peerCloseCode: ErrorCode?
@@ -110,7 +110,13 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.role = role
         self.configuration = configuration
         self.logger = logger
-        self.handshakeDeadline = .now() + configuration.handshakeTimeout
+        self.timers = ConnectionTimers(
+            configuration: ConnectionTimers.Configuration(
+                handshakeTimeout: configuration.handshakeTimeout, keepaliveInterval: configuration.keepaliveInterval,
+                deadTimeout: configuration.deadTimeout
+            ),
+            now: .now()
+        )
     }
 
     // MARK: - Channel events
@@ -143,7 +149,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func start(context: ChannelHandlerContext) {
         guard !self.started else { return }
         self.started = true
-        self.handshakeDeadline = .now() + self.configuration.handshakeTimeout
+        self.timers.started(now: .now())
         self.armTimer(context: context)
         guard case .client(var machine) = self.role else { return }
         let nanos = wallClockNanoseconds()
@@ -158,7 +164,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let incoming = self.unwrapInboundIn(data)
-        self.lastReceive = .now()
+        self.timers.received(now: .now())
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
         var buffer = incoming
@@ -304,7 +310,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         if let failure { throw failure }
         buffer.moveReaderIndex(forwardBy: 2 + length)
         // The time of this read: one clock read per read, not one per record.
-        let now = self.lastReceive
+        let now = self.timers.lastReceive
         let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: now)
         Self.keep(plaintext, in: &self.plaintextScratch)
         if !self.confirmed {
@@ -369,6 +375,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         mux.tunnelWritabilityChanged(context.channel.isWritable)
         self.multiplexer = mux
         self.phase = .established
+        self.timers.established(now: now)
         self.delegate?.tunnelEstablished(self, session: session)
     }
 
@@ -494,42 +501,37 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     // MARK: - Timers
 
     private func armTimer(context: ChannelHandlerContext) {
-        let interval: TimeAmount = self.phase == .handshaking ? .seconds(1) : .seconds(5)
-        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: interval) {
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: self.timers.tickInterval) {
             guard let context = self.context else { return }
             self.timerFired(context: context)
         }
     }
 
     private func timerFired(context: ChannelHandlerContext) {
+        guard self.phase != .closed else { return }
         let now = NIODeadline.now()
-        switch self.phase {
-        case .handshaking:
-            if now >= self.handshakeDeadline {
+        for action in self.timers.tick(now: now) {
+            switch action {
+            case .handshakeTimedOut:
                 self.fail(ProtocolError.handshakeFailed("handshake timed out"), context: context)
                 return
-            }
-        case .established:
-            let idle = now - self.lastReceive
-            if idle >= self.configuration.deadTimeout {
+            case .dead(let idle):
                 self.fail(ProtocolError.truncated("nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead"), context: context)
                 return
-            }
-            if idle >= self.configuration.keepaliveInterval {
+            case .sendPing:
                 self.multiplexer?.sendPing(now: now)
+            case .upkeep:
+                self.multiplexer?.releaseIdleCompressionContexts(now: now)
+                if self.flushOwed {
+                    // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug,
+                    // but the packets still go.
+                    self.produceOutput(context: context)
+                }
+                if self.sealer?.needsRekey(now: now) == true {
+                    // A record carries the REKEY; a PING makes sure there is one even when idle.
+                    self.multiplexer?.sendPing(now: now)
+                }
             }
-            self.multiplexer?.releaseIdleCompressionContexts(now: now)
-            if self.flushOwed {
-                // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug,
-                // but the packets still go.
-                self.produceOutput(context: context)
-            }
-            if self.sealer?.needsRekey(now: now) == true {
-                // A record carries the REKEY; a PING makes sure there is one even when idle.
-                self.multiplexer?.sendPing(now: now)
-            }
-        case .closed:
-            return
         }
         self.armTimer(context: context)
     }
