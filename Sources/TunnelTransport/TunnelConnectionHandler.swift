@@ -50,34 +50,21 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         case server(ServerHandshakeStateMachine)
     }
 
-    private enum Phase {
-        /// Handshake messages are being exchanged; no records yet.
-        case handshaking
-        /// Records flow.
-        case established
-        /// CLOSE sent or received, or the connection failed; nothing more is processed.
-        case closed
-    }
-
     public let configuration: Configuration
     public var logger: Logger
     /// Held strongly until the connection goes inactive (the runtime keeps no other reference to per-connection delegates).
     public var delegate: (any TunnelConnectionDelegate)?
-    private var role: Role
-    private var phase: Phase = .handshaking
+    /// The session: handshake, records, multiplexer and timers, as a value with no channel. This handler only
+    /// moves its bytes and acts on what it reports.
+    public let core: TunnelSession
+    private var phase: TunnelSession.Phase { self.core.phase }
     private var context: ChannelHandlerContext?
-
-    private var sealer: RecordSealer?
-    private var opener: RecordOpener?
     /// The stream multiplexer, once the handshake has finished.
-    public private(set) var multiplexer: Multiplexer?
+    public var multiplexer: Multiplexer? { self.core.multiplexer }
     /// The session the handshake established.
-    public private(set) var session: EstablishedSession?
-    private var confirmed = false
+    public var session: EstablishedSession? { self.core.established }
 
     private var cumulation: ByteBuffer?
-    /// The last record's plaintext buffer, reused for the next record when no frame of it is still held.
-    private var plaintextScratch: ByteBuffer?
     /// The last small output buffer, reused once the socket has written it.
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
@@ -86,8 +73,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Output was queued under `flushHeld` and not flushed yet.
     private var flushOwed = false
     private var streamsToFlush: [any StreamEndpoint] = []
-    /// The handshake deadline, keepalive and dead-peer timeout, as data; `timer` only wakes us to tick them.
-    private var timers: ConnectionTimers
+    /// Wakes the session's timers.
     private var timer: Scheduled<Void>?
     private var closeError: ProtocolError?
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
@@ -107,16 +93,25 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public private(set) var remoteAddressWithoutPort = "?"
 
     public init(role: Role, configuration: Configuration = Configuration(), logger: Logger) {
-        self.role = role
         self.configuration = configuration
         self.logger = logger
-        self.timers = ConnectionTimers(
-            configuration: ConnectionTimers.Configuration(
-                handshakeTimeout: configuration.handshakeTimeout, keepaliveInterval: configuration.keepaliveInterval,
-                deadTimeout: configuration.deadTimeout
-            ),
-            now: .now()
+        var sessionConfiguration = TunnelSession.Configuration()
+        sessionConfiguration.multiplexer = configuration.multiplexer
+        sessionConfiguration.rekeyPolicy = configuration.rekeyPolicy
+        sessionConfiguration.timers = ConnectionTimers.Configuration(
+            handshakeTimeout: configuration.handshakeTimeout, keepaliveInterval: configuration.keepaliveInterval,
+            deadTimeout: configuration.deadTimeout
         )
+        sessionConfiguration.maxHandshakeMessage = configuration.maxHandshakeMessage
+        sessionConfiguration.compression = configuration.compression
+        sessionConfiguration.fullTunnel = configuration.fullTunnel
+        let sessionRole: TunnelSession.Role = switch role {
+        case .client(let machine): .client(machine)
+        case .server(let machine): .server(machine)
+        }
+        self.core = TunnelSession(role: sessionRole, configuration: sessionConfiguration, now: .now())
+        self.core.delegate = self
+        self.core.multiplexerDelegate = self
     }
 
     // MARK: - Channel events
@@ -149,22 +144,19 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func start(context: ChannelHandlerContext) {
         guard !self.started else { return }
         self.started = true
-        self.timers.started(now: .now())
-        self.armTimer(context: context)
-        guard case .client(var machine) = self.role else { return }
-        let nanos = wallClockNanoseconds()
+        self.core.isWritable = context.channel.isWritable
         do {
-            let message = try machine.start(timestamp: TAI64N(unixNanoseconds: nanos))
-            self.role = .client(machine)
-            self.send(message, context: context)
+            try self.core.start(now: .now(), wallClock: wallClockNanoseconds())
         } catch {
             self.fail(error, context: context)
+            return
         }
+        self.armTimer(context: context)
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let incoming = self.unwrapInboundIn(data)
-        self.timers.received(now: .now())
+        self.core.noteReceive(now: .now())
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
         var buffer = incoming
@@ -194,8 +186,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     /// Whether the length prefix at the front of `partial` is worth waiting for.
     private func acceptsLength(of partial: ByteBuffer) -> Bool {
-        guard let length = try? RecordFraming.nextLength(in: partial) else { return false }
-        return self.phase != .handshaking || length <= self.configuration.maxHandshakeMessage
+        self.core.acceptsLength(of: partial)
     }
 
     /// How many more bytes `partial` needs to hold one whole message (its 2-byte length first).
@@ -213,6 +204,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
         let writable = context.channel.isWritable
+        self.core.isWritable = writable
         self.multiplexer?.tunnelWritabilityChanged(writable)
         if writable { self.produceOutput(context: context) }
         context.fireChannelWritabilityChanged()
@@ -239,8 +231,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
                 ? ProtocolError.handshakeRejected("the peer closed the connection during the handshake")
                 : ProtocolError.truncated("connection lost without CLOSE")
             self.closeError = error
-            self.phase = .closed
-            self.multiplexer?.abortAllStreams(code: .internalError)
+            self.core.abort(code: .internalError)
         }
         self.flushLocalStreams()
         self.delegate?.tunnelClosed(self, error: self.closeError)
@@ -264,28 +255,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     private func process(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
         do {
-            while self.phase != .closed {
-                guard let length = try RecordFraming.nextLength(in: buffer) else { break }
-                if self.phase == .handshaking && length > self.configuration.maxHandshakeMessage {
-                    throw ProtocolError.handshakeFailed("handshake message of \(length) bytes is too long")
-                }
-                guard buffer.readableBytes >= 2 + length else { break }
-                switch self.phase {
-                case .handshaking:
-                    buffer.moveReaderIndex(forwardBy: 2)
-                    let message = buffer.readBytes(length: length)!
-                    try self.receivedHandshakeMessage(message, context: context)
-                case .established:
-                    try self.receivedRecord(&buffer, length: length, context: context)
-                case .closed:
-                    return
-                }
-            }
-        } catch let error as ProtocolError {
-            self.fail(error, context: context)
-            return
+            try self.core.receive(&buffer)
         } catch {
-            self.fail(ProtocolError.malformedRecord("\(error)"), context: context)
+            self.fail(error, context: context)
             return
         }
         if buffer.readableBytes > 0 && self.phase != .closed {
@@ -295,88 +267,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             partial.writeBuffer(&buffer)
             self.cumulation = partial
         }
-    }
-
-    private func receivedRecord(_ buffer: inout ByteBuffer, length: Int, context: ChannelHandlerContext) throws(ProtocolError) {
-        var plaintext = Self.reuse(&self.plaintextScratch, capacity: max(length, 2048), allocator: context.channel.allocator)
-        var failure: ProtocolError?
-        buffer.withUnsafeReadableBytes { raw in
-            do throws(ProtocolError) {
-                try self.opener!.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), appendingTo: &plaintext)
-            } catch {
-                failure = error
-            }
-        }
-        if let failure { throw failure }
-        buffer.moveReaderIndex(forwardBy: 2 + length)
-        // The time of this read: one clock read per read, not one per record.
-        let now = self.timers.lastReceive
-        let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: now)
-        Self.keep(plaintext, in: &self.plaintextScratch)
-        if !self.confirmed {
-            self.confirmed = true
-            self.delegate?.tunnelConfirmed(self)
-        }
-        if outcome.rekey {
-            self.opener!.rekey()
-            self.logger.debug("peer rekeyed its sending direction")
-        }
-        if let code = outcome.close {
-            self.peerClosed(code: code, context: context)
-        }
-    }
-
-    private func receivedHandshakeMessage(_ message: [UInt8], context: ChannelHandlerContext) throws(ProtocolError) {
-        switch self.role {
-        case .client(var machine):
-            let session = try machine.receivedResponse(message)
-            self.role = .client(machine)
-            self.establish(session, context: context)
-            // Key confirmation for the server, and the first RTT sample.
-            self.multiplexer!.sendPing(now: .now())
-        case .server(var machine):
-            let initiation = try machine.receivedInitiation(message) { key in self.delegate?.tunnelAuthorize(key) ?? false }
-            switch self.delegate?.tunnelCheckReplay(key: initiation.clientKey, timestamp: initiation.timestamp) ?? .replay {
-            case .accept: break
-            case .replay:
-                throw ProtocolError.replayedHandshake(
-                    "client \(initiation.clientKey) sent a timestamp not newer than its last handshake (replay, or its clock went back)"
-                )
-            case .flood:
-                throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
-            }
-            var accepted: SessionFeatures = []
-            if self.configuration.compression && initiation.parameters.features.contains(.compression) {
-                accepted.insert(.compression)
-            }
-            if self.configuration.fullTunnel && initiation.parameters.features.contains(.fullTunnel) {
-                accepted.insert(.fullTunnel)
-            }
-            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
-            let (response, session) = try machine.respond(parameters: parameters)
-            self.role = .server(machine)
-            self.send(response, context: context)
-            self.establish(session, context: context)
-        }
-    }
-
-    private func establish(_ session: EstablishedSession, context: ChannelHandlerContext) {
-        let now = NIODeadline.now()
-        self.session = session
-        self.sealer = RecordSealer(cipher: session.transport.send, policy: self.configuration.rekeyPolicy, now: now)
-        self.opener = RecordOpener(cipher: session.transport.receive)
-        let role: Multiplexer.Role = if case .client = self.role { .client } else { .server }
-        var muxConfiguration = self.configuration.multiplexer
-        // Client: the server's answer; server: the client's request. Either way both sides agree.
-        muxConfiguration.compression = self.configuration.compression && session.peerParameters.features.contains(.compression)
-        muxConfiguration.fullTunnel = self.configuration.fullTunnel && session.peerParameters.features.contains(.fullTunnel)
-        let mux = Multiplexer(role: role, configuration: muxConfiguration, peerParameters: session.peerParameters)
-        mux.delegate = self
-        mux.tunnelWritabilityChanged(context.channel.isWritable)
-        self.multiplexer = mux
-        self.phase = .established
-        self.timers.established(now: now)
-        self.delegate?.tunnelEstablished(self, session: session)
     }
 
     // MARK: - Outbound records
@@ -397,34 +287,21 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Builds records from whatever the multiplexer has queued, up to the batch size, and writes them in one go.
     private func produceOutput(context: ChannelHandlerContext) {
         self.flushOwed = false
-        guard self.phase == .established, let mux = self.multiplexer else { return }
         let maxPlaintext = WireLimits.maxRecordFrameBytes
-        while mux.hasOutput && context.channel.isWritable {
-            let estimate = mux.queuedOutputBytes
+        while self.core.hasOutput && context.channel.isWritable {
+            let estimate = self.core.queuedOutputBytes
             let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
-            var buffer = Self.reuse(&self.outputScratch, capacity: capacity, allocator: context.channel.allocator)
-            let now = NIODeadline.now()
+            var buffer = TunnelSession.reuse(&self.outputScratch, capacity: capacity)
+            let rekeys = self.core.sendRekeys
             do {
-                while buffer.readableBytes < self.configuration.outputBatchBytes {
-                    let start = self.sealer!.beginRecord(in: &buffer)
-                    guard mux.produceRecord(into: &buffer, limit: maxPlaintext) else {
-                        buffer.moveWriterIndex(to: start)
-                        break
-                    }
-                    let rekey = self.sealer!.needsRekey(now: now)
-                    if rekey { mux.writeRekeyFrame(into: &buffer) }
-                    try self.sealer!.sealRecord(in: &buffer, start: start)
-                    if rekey {
-                        self.sealer!.rekey(now: now)
-                        self.logger.debug("rekeyed sending direction")
-                    }
-                }
+                try self.core.produceRecords(into: &buffer, batchBytes: self.configuration.outputBatchBytes, now: .now())
             } catch {
                 self.fail(error, context: context)
                 return
             }
+            for _ in rekeys..<self.core.sendRekeys { self.logger.debug("rekeyed sending direction") }
             guard buffer.readableBytes > 0 else { break }
-            Self.keep(buffer, in: &self.outputScratch)
+            TunnelSession.keep(buffer, in: &self.outputScratch)
             self.send(buffer, context: context)
         }
         self.checkDrained()
@@ -467,26 +344,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         return promise.futureResult
     }
 
-    /// Largest record or output buffer kept for reuse: small ones (packets, replies) are the latency path;
-    /// bulk batches are worth their allocation, and an idle connection should not keep a big buffer.
-    private static let reusableCapacity = 16 << 10
-
-    /// An empty buffer of at least `capacity` bytes: the one `kept` (which it empties) when nothing else holds
-    /// it any more (the socket has written it; no frame of it is still queued) and it is big enough, else a
-    /// new one. Saves the two allocations of a ByteBuffer per small record and per small flush.
-    private static func reuse(_ kept: inout ByteBuffer?, capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
-        if var previous = kept {
-            kept = nil
-            if previous.modifyIfUniquelyOwned({ $0.clear(); return $0.capacity >= capacity }) == true { return previous }
-        }
-        return allocator.buffer(capacity: capacity)
-    }
-
-    /// Keeps `buffer` for the next `reuse` if it is small.
-    private static func keep(_ buffer: ByteBuffer, in kept: inout ByteBuffer?) {
-        if buffer.capacity <= Self.reusableCapacity { kept = buffer }
-    }
-
     private func flushLocalStreams() {
         guard !self.streamsToFlush.isEmpty else { return }
         let streams = self.streamsToFlush
@@ -501,7 +358,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     // MARK: - Timers
 
     private func armTimer(context: ChannelHandlerContext) {
-        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: self.timers.tickInterval) {
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: self.core.timers.tickInterval) {
             guard let context = self.context else { return }
             self.timerFired(context: context)
         }
@@ -509,29 +366,16 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     private func timerFired(context: ChannelHandlerContext) {
         guard self.phase != .closed else { return }
-        let now = NIODeadline.now()
-        for action in self.timers.tick(now: now) {
-            switch action {
-            case .handshakeTimedOut:
-                self.fail(ProtocolError.handshakeFailed("handshake timed out"), context: context)
-                return
-            case .dead(let idle):
-                self.fail(ProtocolError.truncated("nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead"), context: context)
-                return
-            case .sendPing:
-                self.multiplexer?.sendPing(now: now)
-            case .upkeep:
-                self.multiplexer?.releaseIdleCompressionContexts(now: now)
-                if self.flushOwed {
-                    // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug,
-                    // but the packets still go.
-                    self.produceOutput(context: context)
-                }
-                if self.sealer?.needsRekey(now: now) == true {
-                    // A record carries the REKEY; a PING makes sure there is one even when idle.
-                    self.multiplexer?.sendPing(now: now)
-                }
-            }
+        do {
+            try self.core.tick(now: .now())
+        } catch {
+            self.fail(error, context: context)
+            return
+        }
+        if self.flushOwed {
+            // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug, but the
+            // packets still go.
+            self.produceOutput(context: context)
         }
         self.armTimer(context: context)
     }
@@ -570,21 +414,17 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func close(code: ErrorCode, context: ChannelHandlerContext) {
         guard self.phase == .established else {
             if self.phase == .handshaking {
-                self.phase = .closed
+                self.core.abort(code: .shutdown)
                 context.close(promise: nil)
             }
             return
         }
         self.drainDeadline = nil
         self.produceOutput(context: context)
-        self.phase = .closed
         self.timer?.cancel()
-        self.multiplexer?.abortAllStreams(code: .shutdown)
         var buffer = context.channel.allocator.buffer(capacity: 64)
-        let start = self.sealer!.beginRecord(in: &buffer)
-        self.multiplexer!.writeCloseFrame(code: code, into: &buffer)
         do {
-            try self.sealer!.sealRecord(in: &buffer, start: start)
+            try self.core.close(code: code, into: &buffer)
         } catch {
             context.close(promise: nil)
             return
@@ -609,9 +449,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func peerClosed(code: ErrorCode, context: ChannelHandlerContext) {
         self.logger.info("peer closed the tunnel (\(code))")
         self.peerCloseCode = code
-        self.phase = .closed
         self.timer?.cancel()
-        self.multiplexer?.abortAllStreams(code: code == .noError ? .shutdown : code)
+        self.core.abort(code: code == .noError ? .shutdown : code)
         self.flushLocalStreams()
         context.close(promise: nil)
     }
@@ -620,15 +459,14 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func fail(_ error: ProtocolError, context: ChannelHandlerContext) {
         guard self.phase != .closed else { return }
         let wasHandshaking = self.phase == .handshaking
-        self.phase = .closed
         self.closeError = error
         self.timer?.cancel()
-        self.multiplexer?.abortAllStreams(code: .internalError)
+        self.core.abort(code: .internalError)
         self.flushLocalStreams()
         if wasHandshaking {
             // The client's tunnel manager reports its own failures, with advice; the server's delegate logs
             // each one (throttled per source).
-            if case .server = self.role {
+            if !self.core.isClient {
                 if self.delegate?.tunnelHandshakeFailed(self, error: error) != true {
                     self.logger.info("handshake with \(self.remoteDescription) failed: \(error.detail)")
                 }
@@ -819,7 +657,6 @@ func wallClockNanoseconds() -> UInt64 {
 }
 
 extension SocketAddress {
-    /// `1.2.3.4:5` or `[::1]:5`, for logs.
     /// The address as 4 or 16 bytes.
     public var packedBytes: [UInt8]? {
         switch self {
@@ -835,8 +672,37 @@ extension SocketAddress {
     /// The address as 4 or 16 bytes, an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as IPv4.
     public var unmappedBytes: [UInt8]? { self.packedBytes.map(IPAddress.unmapped) }
 
+    /// `1.2.3.4:5` or `[::1]:5`, for logs.
     public var hostPortDescription: String {
         guard let host = self.ipAddress, let port = self.port else { return self.description }
         return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
+}
+
+extension TunnelConnectionHandler: TunnelSessionDelegate {
+    public func sessionAuthorize(_ key: PublicKey) -> Bool {
+        self.delegate?.tunnelAuthorize(key) ?? false
+    }
+
+    public func sessionCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
+        self.delegate?.tunnelCheckReplay(key: key, timestamp: timestamp) ?? .replay
+    }
+
+    public func session(_ session: TunnelSession, send message: ByteBuffer) {
+        guard let context = self.context else { return }
+        self.send(message, context: context)
+    }
+
+    public func session(_ session: TunnelSession, established: EstablishedSession) {
+        self.delegate?.tunnelEstablished(self, session: established)
+    }
+
+    public func sessionConfirmed(_ session: TunnelSession) {
+        self.delegate?.tunnelConfirmed(self)
+    }
+
+    public func session(_ session: TunnelSession, peerClosed code: ErrorCode) {
+        guard let context = self.context else { return }
+        self.peerClosed(code: code, context: context)
     }
 }

@@ -1,0 +1,308 @@
+import NIOCore
+import TunnelCrypto
+
+/// What a session asks of, and tells, whoever drives it. Calls come in protocol order, synchronously, from
+/// inside `receive`, `start` and `tick`; nothing here touches a socket.
+public protocol TunnelSessionDelegate: AnyObject {
+    /// Server: whether a client key may connect (asked before the handshake finishes).
+    func sessionAuthorize(_ key: PublicKey) -> Bool
+    /// Server: the replay check of a handshake's timestamp (records it when accepted).
+    func sessionCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict
+    /// A handshake message to write, framed.
+    func session(_ session: TunnelSession, send message: ByteBuffer)
+    /// The handshake finished: the multiplexer exists. Records that follow are processed after this returns.
+    func session(_ session: TunnelSession, established: EstablishedSession)
+    /// Server: the client proved it holds the session keys (its first record authenticated).
+    func sessionConfirmed(_ session: TunnelSession)
+    /// The peer ended the tunnel with an authenticated CLOSE.
+    func session(_ session: TunnelSession, peerClosed code: ErrorCode)
+}
+
+/// One tunnel session as a value with no channel, socket or clock of its own: the handshake (either role),
+/// feature agreement, the record layer with its rekeys, the multiplexer, and the connection timers
+/// (docs/PROTOCOL.md §1-§3). Bytes from the connection go in through `receive`; records to write come out of
+/// `produceRecords`; `tick` runs the timers on the time it is given. A connection handler around it only
+/// moves bytes and acts on what it is told, and a test can pump two sessions back to back in memory.
+public final class TunnelSession {
+    public enum Role {
+        case client(ClientHandshakeStateMachine)
+        case server(ServerHandshakeStateMachine)
+    }
+
+    public struct Configuration: Sendable {
+        public var multiplexer = Multiplexer.Configuration()
+        public var rekeyPolicy = RekeyPolicy()
+        public var timers = ConnectionTimers.Configuration()
+        /// Largest handshake message accepted (message 1 is about 130 bytes).
+        public var maxHandshakeMessage = 4096
+        /// Client: ask for compression. Server: allow it when asked.
+        public var compression = false
+        /// Client: ask for full-tunnel mode. Server: allow it.
+        public var fullTunnel = false
+        public init() {}
+    }
+
+    public enum Phase: Sendable {
+        /// Handshake messages are being exchanged; no records yet.
+        case handshaking
+        /// Records flow.
+        case established
+        /// CLOSE sent or received, or the session failed; nothing more is processed.
+        case closed
+    }
+
+    public let configuration: Configuration
+    public weak var delegate: (any TunnelSessionDelegate)?
+    /// Set as the multiplexer's delegate when the handshake creates it.
+    public weak var multiplexerDelegate: (any MultiplexerDelegate)?
+    public private(set) var phase: Phase = .handshaking
+    /// The stream multiplexer, once the handshake has finished.
+    public private(set) var multiplexer: Multiplexer?
+    /// What the handshake established.
+    public private(set) var established: EstablishedSession?
+    /// The connection timers.
+    public private(set) var timers: ConnectionTimers
+    /// Server: the client's first record has authenticated.
+    public private(set) var isConfirmed = false
+    /// Whether the connection below can take more bytes now (told to the multiplexer when it is made).
+    public var isWritable = true
+    private var role: Role
+    private var sealer: RecordSealer?
+    private var opener: RecordOpener?
+    /// The last record's plaintext buffer, reused for the next record when no frame of it is still held.
+    private var plaintextScratch: ByteBuffer?
+
+    public init(role: Role, configuration: Configuration, now: NIODeadline) {
+        self.role = role
+        self.configuration = configuration
+        self.timers = ConnectionTimers(configuration: configuration.timers, now: now)
+    }
+
+    public var isClient: Bool {
+        if case .client = self.role { true } else { false }
+    }
+
+    /// Sending rekeys so far (tests, status).
+    public var sendRekeys: Int { self.sealer?.rekeyCount ?? 0 }
+    /// Receiving rekeys so far.
+    public var receiveRekeys: Int { self.opener?.rekeyCount ?? 0 }
+
+    // MARK: - Events in
+
+    /// The connection is up. A client sends message 1, stamped with `wallClock` (nanoseconds since 1970: the
+    /// server orders a key's handshakes by it, across restarts).
+    public func start(now: NIODeadline, wallClock: UInt64) throws(ProtocolError) {
+        self.timers.started(now: now)
+        guard case .client(var machine) = self.role else { return }
+        let message = try machine.start(timestamp: TAI64N(unixNanoseconds: wallClock))
+        self.role = .client(machine)
+        self.delegate?.session(self, send: message)
+    }
+
+    /// Bytes arrived at `now` (before they are processed: a record's time is its read's).
+    public func noteReceive(now: NIODeadline) {
+        self.timers.received(now: now)
+    }
+
+    /// The length of the message at the front of `buffer` is acceptable to wait for (false: `receive` will
+    /// fail on it, so there is no point collecting it).
+    public func acceptsLength(of partial: ByteBuffer) -> Bool {
+        guard let length = try? RecordFraming.nextLength(in: partial) else { return false }
+        return self.phase != .handshaking || length <= self.configuration.maxHandshakeMessage
+    }
+
+    /// Processes every whole message at the front of `buffer` (handshake messages, then records), leaving a
+    /// partial one in it. Throws on anything the peer got wrong: the connection must then end at once.
+    public func receive(_ buffer: inout ByteBuffer) throws(ProtocolError) {
+        while self.phase != .closed {
+            guard let length = try RecordFraming.nextLength(in: buffer) else { return }
+            if self.phase == .handshaking && length > self.configuration.maxHandshakeMessage {
+                throw ProtocolError.handshakeFailed("handshake message of \(length) bytes is too long")
+            }
+            guard buffer.readableBytes >= 2 + length else { return }
+            switch self.phase {
+            case .handshaking:
+                buffer.moveReaderIndex(forwardBy: 2)
+                let message = buffer.readBytes(length: length)!
+                try self.receivedHandshakeMessage(message)
+            case .established:
+                try self.receivedRecord(&buffer, length: length)
+            case .closed:
+                return
+            }
+        }
+    }
+
+    private func receivedRecord(_ buffer: inout ByteBuffer, length: Int) throws(ProtocolError) {
+        var plaintext = Self.reuse(&self.plaintextScratch, capacity: max(length, 2048))
+        var failure: ProtocolError?
+        buffer.withUnsafeReadableBytes { raw in
+            do throws(ProtocolError) {
+                try self.opener!.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), appendingTo: &plaintext)
+            } catch {
+                failure = error
+            }
+        }
+        if let failure { throw failure }
+        buffer.moveReaderIndex(forwardBy: 2 + length)
+        // The time of this read: one clock read per read, not one per record.
+        let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: self.timers.lastReceive)
+        Self.keep(plaintext, in: &self.plaintextScratch)
+        if !self.isConfirmed {
+            self.isConfirmed = true
+            self.delegate?.sessionConfirmed(self)
+        }
+        if outcome.rekey { self.opener!.rekey() }
+        if let code = outcome.close {
+            self.phase = .closed
+            self.delegate?.session(self, peerClosed: code)
+        }
+    }
+
+    private func receivedHandshakeMessage(_ message: [UInt8]) throws(ProtocolError) {
+        switch self.role {
+        case .client(var machine):
+            let session = try machine.receivedResponse(message)
+            self.role = .client(machine)
+            self.establish(session)
+            // Key confirmation for the server, and the first RTT sample.
+            self.multiplexer!.sendPing(now: self.timers.lastReceive)
+        case .server(var machine):
+            let initiation = try machine.receivedInitiation(message) { key in self.delegate?.sessionAuthorize(key) ?? false }
+            switch self.delegate?.sessionCheckReplay(key: initiation.clientKey, timestamp: initiation.timestamp) ?? .replay {
+            case .accept: break
+            case .replay:
+                throw ProtocolError.replayedHandshake(
+                    "client \(initiation.clientKey) sent a timestamp not newer than its last handshake (replay, or its clock went back)"
+                )
+            case .flood:
+                throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
+            }
+            let accepted = Self.agreedFeatures(offered: initiation.parameters.features, configuration: self.configuration)
+            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
+            let (response, session) = try machine.respond(parameters: parameters)
+            self.role = .server(machine)
+            self.delegate?.session(self, send: response)
+            self.establish(session)
+        }
+    }
+
+    /// The one rule of feature agreement: a feature is on when this side wants (client) or allows (server) it
+    /// and the other side's handshake carries it. The server grants what the client asked and it allows; the
+    /// client takes what the server granted and it asked for.
+    public static func agreedFeatures(offered: SessionFeatures, configuration: Configuration) -> SessionFeatures {
+        var features: SessionFeatures = []
+        if configuration.compression && offered.contains(.compression) { features.insert(.compression) }
+        if configuration.fullTunnel && offered.contains(.fullTunnel) { features.insert(.fullTunnel) }
+        return features
+    }
+
+    private func establish(_ session: EstablishedSession) {
+        let now = self.timers.lastReceive
+        self.established = session
+        self.sealer = RecordSealer(cipher: session.transport.send, policy: self.configuration.rekeyPolicy, now: now)
+        self.opener = RecordOpener(cipher: session.transport.receive)
+        var muxConfiguration = self.configuration.multiplexer
+        let features = Self.agreedFeatures(offered: session.peerParameters.features, configuration: self.configuration)
+        muxConfiguration.compression = features.contains(.compression)
+        muxConfiguration.fullTunnel = features.contains(.fullTunnel)
+        let mux = Multiplexer(role: self.isClient ? .client : .server, configuration: muxConfiguration, peerParameters: session.peerParameters)
+        mux.delegate = self.multiplexerDelegate
+        mux.tunnelWritabilityChanged(self.isWritable)
+        self.multiplexer = mux
+        self.phase = .established
+        self.timers.established(now: now)
+        self.delegate?.session(self, established: session)
+    }
+
+    // MARK: - Records out
+
+    /// Whether records are waiting to be produced.
+    public var hasOutput: Bool { self.phase == .established && self.multiplexer?.hasOutput == true }
+
+    /// A guess at the bytes `produceRecords` would write now (for sizing the buffer).
+    public var queuedOutputBytes: Int { self.multiplexer?.queuedOutputBytes ?? 0 }
+
+    /// Appends sealed records of what the multiplexer has queued until `buffer` holds at least `batchBytes`
+    /// or nothing is left. A record that is due to rekey carries REKEY and the sending key changes after it.
+    public func produceRecords(into buffer: inout ByteBuffer, batchBytes: Int, now: NIODeadline) throws(ProtocolError) {
+        guard self.phase == .established, let mux = self.multiplexer else { return }
+        while buffer.readableBytes < batchBytes {
+            let start = self.sealer!.beginRecord(in: &buffer)
+            guard mux.produceRecord(into: &buffer, limit: WireLimits.maxRecordFrameBytes) else {
+                buffer.moveWriterIndex(to: start)
+                return
+            }
+            let rekey = self.sealer!.needsRekey(now: now)
+            if rekey { mux.writeRekeyFrame(into: &buffer) }
+            try self.sealer!.sealRecord(in: &buffer, start: start)
+            if rekey { self.sealer!.rekey(now: now) }
+        }
+    }
+
+    /// Ends the session with an authenticated CLOSE: aborts the open streams (what they still had queued is
+    /// dropped: produce the records worth sending first) and appends the record that carries CLOSE. Nothing
+    /// is sent or processed after it.
+    public func close(code: ErrorCode, into buffer: inout ByteBuffer) throws(ProtocolError) {
+        guard self.phase == .established, let mux = self.multiplexer else {
+            self.phase = .closed
+            return
+        }
+        self.phase = .closed
+        mux.abortAllStreams(code: .shutdown)
+        let start = self.sealer!.beginRecord(in: &buffer)
+        mux.writeCloseFrame(code: code, into: &buffer)
+        try self.sealer!.sealRecord(in: &buffer, start: start)
+    }
+
+    /// The session failed or its connection is gone: open streams are aborted with `code`.
+    public func abort(code: ErrorCode) {
+        self.phase = .closed
+        self.multiplexer?.abortAllStreams(code: code)
+    }
+
+    // MARK: - Timers
+
+    /// Runs the connection timers at `now`: a PING when idle, upkeep, and a rekey due by time. Throws when the
+    /// handshake timed out or the peer is dead (the connection must end).
+    public func tick(now: NIODeadline) throws(ProtocolError) {
+        guard self.phase != .closed else { return }
+        for action in self.timers.tick(now: now) {
+            switch action {
+            case .handshakeTimedOut:
+                throw ProtocolError.handshakeFailed("handshake timed out")
+            case .dead(let idle):
+                throw ProtocolError.truncated("nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead")
+            case .sendPing:
+                self.multiplexer?.sendPing(now: now)
+            case .upkeep:
+                self.multiplexer?.releaseIdleCompressionContexts(now: now)
+                if self.sealer?.needsRekey(now: now) == true {
+                    // A record carries the REKEY; a PING makes sure there is one even when idle.
+                    self.multiplexer?.sendPing(now: now)
+                }
+            }
+        }
+    }
+
+    // MARK: - Buffers
+
+    /// Largest record buffer kept for reuse: small records are the latency path; an idle connection should not
+    /// keep a big buffer.
+    static let reusableCapacity = 16 << 10
+
+    /// An empty buffer of at least `capacity` bytes: the one `kept` (which it empties) when nothing else holds
+    /// it any more and it is big enough, else a new one.
+    public static func reuse(_ kept: inout ByteBuffer?, capacity: Int) -> ByteBuffer {
+        if var previous = kept {
+            kept = nil
+            if previous.modifyIfUniquelyOwned({ $0.clear(); return $0.capacity >= capacity }) == true { return previous }
+        }
+        return ByteBufferAllocator().buffer(capacity: capacity)
+    }
+
+    /// Keeps `buffer` for the next `reuse` if it is small.
+    public static func keep(_ buffer: ByteBuffer, in kept: inout ByteBuffer?) {
+        if buffer.capacity <= Self.reusableCapacity { kept = buffer }
+    }
+}
