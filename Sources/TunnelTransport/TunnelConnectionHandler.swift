@@ -78,13 +78,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var closeError: ProtocolError?
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
     public private(set) var peerCloseCode: ErrorCode?
-    /// The socket's descriptor, once `enableDirectWrites()` found it: output goes straight to send(2)
-    /// whenever the channel holds no earlier write.
-    private var socketDescriptor: Int32?
-    /// Writes handed to the channel and not finished yet (counted only with `socketDescriptor`).
-    private var pendingChannelWrites = 0
-    /// The next write goes through the channel, behind any it still holds from before direct writes.
-    private var channelWriteBarrier = false
+    /// Writes records, with send(2) itself once `enableDirectWrites()` found the socket.
+    private let writer = DirectSocketWriter()
     private var drainDeadline: NIODeadline?
     private var drainCompletion: (() -> Void)?
     /// Remote address, for logs.
@@ -225,7 +220,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func channelInactive(context: ChannelHandlerContext) {
         self.timer?.cancel()
-        self.socketDescriptor = nil
+        self.writer.disable()
         if self.phase != .closed {
             let error = self.phase == .handshaking
                 ? ProtocolError.handshakeRejected("the peer closed the connection during the handshake")
@@ -307,41 +302,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.checkDrained()
     }
 
-    /// Writes `buffer` to the socket: with send(2) directly when allowed and nothing written earlier is still
-    /// in the channel (order), else through the channel. A partial send hands the rest to the channel, which
-    /// then applies its write buffer and writability as usual; an error is left for the channel to meet and
-    /// report on the same bytes, so every failure still ends the connection one way.
+    /// Writes `buffer` to the socket (directly when allowed: `DirectSocketWriter`).
     private func send(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
-        // Once NIO has closed the socket (it marks the channel inactive before any callback runs), the number
-        // may name another file: never use it then.
-        guard let descriptor = self.socketDescriptor, context.channel.isActive else {
-            context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
-            return
-        }
-        var buffer = buffer
-        if self.pendingChannelWrites == 0 && !self.channelWriteBarrier {
-            let written = buffer.withUnsafeReadableBytes { bytes in
-                while true {
-                    let count = Glibc.send(descriptor, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-                    if count >= 0 || errno != EINTR { return count }
-                }
-            }
-            if written == buffer.readableBytes { return }
-            if written > 0 { buffer.moveReaderIndex(forwardBy: written) }
-        }
-        self.channelWriteBarrier = false
-        _ = self.sendThroughChannel(buffer, context: context)
-    }
-
-    /// Writes through the channel, counting the write while direct writes are on.
-    private func sendThroughChannel(_ buffer: ByteBuffer, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        if self.socketDescriptor != nil {
-            self.pendingChannelWrites += 1
-            promise.futureResult.assumeIsolated().whenComplete { _ in self.pendingChannelWrites -= 1 }
-        }
-        context.writeAndFlush(self.wrapOutboundOut(buffer), promise: promise)
-        return promise.futureResult
+        self.writer.write(buffer, context: context)
     }
 
     private func flushLocalStreams() {
@@ -439,7 +402,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             logger.info("\(remote) did not take the end of the tunnel within the close timeout: cutting the connection")
             context.closeAbortively()
         }
-        self.sendThroughChannel(buffer, context: context).assumeIsolated().whenComplete { _ in
+        self.writer.writeThroughChannel(buffer, context: context).assumeIsolated().whenComplete { _ in
             cut.cancel()
             context.close(promise: nil)
             completion?()
@@ -541,14 +504,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// the process's descriptors, so once per connection); does nothing if it cannot. Returns whether it is on.
     @discardableResult
     public func enableDirectWrites() -> Bool {
-        guard self.socketDescriptor == nil, self.phase == .established, let channel = self.context?.channel, channel.isActive,
-            let local = channel.localAddress, let remote = channel.remoteAddress,
-            let descriptor = SocketDescriptor.find(local: local, remote: remote)
-        else { return self.socketDescriptor != nil }
-        self.socketDescriptor = descriptor
-        // Writes made before now were not counted: the first write after this goes behind them.
-        self.channelWriteBarrier = true
-        return true
+        guard self.phase == .established, let channel = self.context?.channel else { return self.writer.isEnabled }
+        return self.writer.enable(channel: channel)
     }
 
     /// Whether IP packets flow on this connection (negotiated).
