@@ -94,6 +94,7 @@ let package = Package(
             name: "LocalProxy",
             dependencies: [
                 "TunnelProtocol",
+                "TunnelCrypto",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings

@@ -145,23 +145,7 @@ public enum HTTPProxy {
     public static let connectEstablished = "HTTP/1.1 200 Connection established\r\n\r\n"
 }
 
-/// Standard base64 for the Basic scheme (padding optional).
+/// Standard base64 for the Basic scheme (padding optional), through libsodium's constant-time codec.
 func base64Decode(_ text: Substring) -> [UInt8]? {
-    var table = [UInt8](repeating: 0xFF, count: 256)
-    for (i, c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8.enumerated() { table[Int(c)] = UInt8(i) }
-    var out: [UInt8] = []
-    var accumulator: UInt32 = 0
-    var bits = 0
-    for c in text.utf8 {
-        if c == UInt8(ascii: "=") { break }
-        let v = table[Int(c)]
-        guard v != 0xFF else { return nil }
-        accumulator = accumulator << 6 | UInt32(v)
-        bits += 6
-        if bits >= 8 {
-            bits -= 8
-            out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
-        }
-    }
-    return out
+    Base64.decode(bytes: Array(text.utf8), paddingOptional: true)
 }

@@ -35,9 +35,17 @@ struct PrimitiveTests {
             #expect(Base64.decode(encoded) == bytes)
             #expect(encoded == Data(bytes).base64EncodedString())
         }
-        for junk in ["abc", "ab=c", "a===", "@@@@", "AAAA=AAA", "AA=A"] {
+        for junk in ["abc", "ab=c", "a===", "@@@@", "AAAA=AAA", "AA=A", "AB==", "AAB=", "QQ== ", " QQ==", "QQ==QQ==", "QQ\n=="] {
             #expect(Base64.decode(junk) == nil, "\(junk)")
         }
+        // Trailing bits must be zero (one canonical spelling per value): "QR==" would also mean "A".
+        #expect(Base64.decode("QQ==") == Array("A".utf8))
+        #expect(Base64.decode("QR==") == nil)
+        // HTTP Basic may leave the padding off; a strict key decode may not.
+        #expect(Base64.decode(bytes: Array("YWxpY2U6cw".utf8), paddingOptional: true) == Array("alice:s".utf8))
+        #expect(Base64.decode(bytes: Array("YWxpY2U6cw".utf8)) == nil)
+        #expect(Base64.decode(bytes: Array("YWxpY2U6cw==".utf8), paddingOptional: true) == Array("alice:s".utf8))
+        #expect(Base64.decode(bytes: Array("YWxpY2U6cw=".utf8), paddingOptional: true) == nil)
     }
 
     @Test func publicKeyParsing() {
