@@ -187,6 +187,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
+        .testTarget(name: "TunnelRuntimeTests", dependencies: ["TunnelRuntime", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "TunnelTransportTests",
             dependencies: [

@@ -29,12 +29,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var live: [ObjectIdentifier: TunnelConnectionHandler] = [:]
     private var connecting = false
     private var stopped = false
-    private var backoff: TimeAmount = .milliseconds(250)
-    /// When the server replaced this client's tunnel with another connection using its key (last minute).
-    private var replacements: [NIODeadline] = []
+    /// Backoff, early attempts for waiting users, and the memory of replacements.
+    private var reconnect: ReconnectPolicy
     private var reconnectTask: Scheduled<Void>?
-    private var lastAttempt: NIODeadline = .distantPast
-    private var consecutiveFailures = 0
     /// The AEAD of the next attempt (alternates under `auto` until one works).
     private var nextCipher: NoiseCipher
     private var workingCipher: NoiseCipher?
@@ -43,9 +40,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let target: TargetAddress
         let kind: StreamKind
         let local: any StreamEndpoint
-        let deadline: NIODeadline
     }
-    private var waiting = CircularBuffer<Waiter>()
+    /// SOCKS requests waiting for a tunnel (bounded in number and time).
+    private var waiting: WaitingQueue<Waiter>
     private var waiterTimer: Scheduled<Void>?
 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
@@ -70,6 +67,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         configuration.compression = resolved.settings.compress
         self.configuration = configuration
         self.logger = logger
+        self.reconnect = ReconnectPolicy(maximum: .nanoseconds(resolved.settings.reconnectMax))
+        self.waiting = WaitingQueue(capacity: resolved.settings.maxWaitingRequests)
         switch resolved.settings.cipher {
         case .fixed(let cipher): self.nextCipher = cipher
         case .automatic: self.nextCipher = NoiseCipher.aesGCM.isAvailable ? .aesGCM : .chaChaPoly
@@ -87,7 +86,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.reconnectTask?.cancel()
         self.reconnectTask = nil
         self.connecting = true
-        self.lastAttempt = .now()
+        self.reconnect.attempting(now: .now())
         let cipher = self.nextCipher
         var features: SessionFeatures = []
         if self.configuration.compression { features.insert(.compression) }
@@ -139,17 +138,14 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
 
     private func attemptFailed(_ why: String, handshake: Bool) {
-        self.consecutiveFailures += 1
         if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil, NoiseCipher.aesGCM.isAvailable {
             // The server may not take AES-GCM (no AES-NI there): alternate until one cipher works.
             self.nextCipher = self.nextCipher == .aesGCM ? .chaChaPoly : .aesGCM
         }
+        let delay = self.reconnect.failed(jitter: Double(secureRandomUniform(1000)) / 2000 + 0.5)
         guard !self.stopped else { return }
-        let jitter = Double(secureRandomUniform(1000)) / 2000 + 0.5
-        let delay = TimeAmount.nanoseconds(Int64(Double(self.backoff.nanoseconds) * jitter))
-        let level: Logger.Level = self.consecutiveFailures <= 1 || self.consecutiveFailures % 10 == 0 ? .warning : .info
+        let level: Logger.Level = self.reconnect.failureIsWorthAWarning ? .warning : .info
         self.logger.log(level: level, "\(why); retrying in \(Self.format(delay))")
-        self.backoff = min(self.backoff * 2, .nanoseconds(self.resolved.settings.reconnectMax))
         self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: delay) { self.connect() }
     }
 
@@ -165,12 +161,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.current = tunnel
         self.workingCipher = session.cipher
         self.nextCipher = session.cipher
-        // A tunnel that another machine with this key keeps replacing does not get a fresh backoff: the two
-        // take turns ever more slowly instead of several times a second.
-        let now = NIODeadline.now()
-        self.replacements.removeAll { now - $0 >= .seconds(60) }
-        if self.replacements.isEmpty { self.backoff = .milliseconds(250) }
-        self.consecutiveFailures = 0
+        self.reconnect.succeeded(now: .now())
         let compression: String
         if self.configuration.compression {
             compression = tunnel.compressionActive ? ", compression on" : ", compression refused by the server"
@@ -247,10 +238,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             // Another connection with this client's key took over: this very client did not make it (its
             // own reconnects abandon the old tunnel first), so another machine holds the same key. Back off
             // rather than take the session back at once, which would only replace the other one in turn.
-            let now = NIODeadline.now()
-            self.replacements = self.replacements.filter { now - $0 < .seconds(60) } + [now]
-            let why = self.replacements.count >= 3
-                ? "the server replaced this tunnel \(self.replacements.count) times in a minute: this client's key (\(self.resolved.key.publicKey)) "
+            let replacements = self.reconnect.replaced(now: .now())
+            let why = replacements >= 3
+                ? "the server replaced this tunnel \(replacements) times in a minute: this client's key (\(self.resolved.key.publicKey)) "
                     + "is in use on another machine too. Give each machine its own key (tunnel-client keygen) and list each in the server's authorized keys"
                 : "the server replaced this tunnel with a newer connection using this client's key; if this repeats, another machine uses the same key"
             self.attemptFailed(why, handshake: false)
@@ -273,12 +263,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.current = nil
             self.connect()
         }
-        guard !self.stopped, self.waiting.count < self.resolved.settings.maxWaitingRequests else {
+        let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
+        guard !self.stopped, self.waiting.append(Waiter(target: target, kind: kind, local: local), deadline: deadline) else {
             local.openCompleted(reply: .generalFailure, bound: .unspecified)
             return
         }
-        let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
-        self.waiting.append(Waiter(target: target, kind: kind, local: local, deadline: deadline))
         self.armWaiterTimer()
         self.someoneIsWaiting()
     }
@@ -286,36 +275,32 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     /// A user is waiting for the tunnel (a request, a packet): do not sit out a long backoff; try now, at
     /// most once a second.
     private func someoneIsWaiting() {
-        if self.current == nil && !self.connecting && !self.stopped && NIODeadline.now() - self.lastAttempt >= .seconds(1) {
+        if self.current == nil && !self.connecting && !self.stopped && self.reconnect.shouldTryForWaitingUser(now: .now()) {
             self.connect()
         }
     }
 
     func cancelStreamRequest(_ local: any StreamEndpoint) {
-        if let index = self.waiting.firstIndex(where: { $0.local === local }) {
-            self.waiting.remove(at: index)
-            return
-        }
+        if self.waiting.remove(where: { $0.local === local }) { return }
         local.cancelPendingOpen()
     }
 
     private func serveWaiting() {
-        while let tunnel = self.current, tunnel.canOpenStream, let waiter = self.waiting.popFirst() {
+        while let tunnel = self.current, tunnel.canOpenStream, let entry = self.waiting.popFirstEntry() {
+            let waiter = entry.item
             if !tunnel.openStream(to: waiter.target, kind: waiter.kind, local: waiter.local) {
-                self.waiting.prepend(waiter)
+                self.waiting.putBack(waiter, deadline: entry.deadline)
                 break
             }
         }
     }
 
     private func armWaiterTimer() {
-        guard self.waiterTimer == nil, let first = self.waiting.first else { return }
-        self.waiterTimer = self.eventLoop.assumeIsolated().scheduleTask(deadline: first.deadline) {
+        guard self.waiterTimer == nil, let deadline = self.waiting.nextDeadline else { return }
+        self.waiterTimer = self.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             self.waiterTimer = nil
-            let now = NIODeadline.now()
-            while let first = self.waiting.first, first.deadline <= now {
-                self.waiting.removeFirst()
-                first.local.openCompleted(reply: .generalFailure, bound: .unspecified)
+            for waiter in self.waiting.expired(now: .now()) {
+                waiter.local.openCompleted(reply: .generalFailure, bound: .unspecified)
             }
             self.armWaiterTimer()
         }
@@ -328,7 +313,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.stopped = true
         self.reconnectTask?.cancel()
         self.waiterTimer?.cancel()
-        while let waiter = self.waiting.popFirst() {
+        for waiter in self.waiting.removeAll() {
             waiter.local.openCompleted(reply: .generalFailure, bound: .unspecified)
         }
         let futures = self.live.values.map { tunnel -> EventLoopFuture<Void> in
