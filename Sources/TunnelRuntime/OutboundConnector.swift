@@ -78,40 +78,10 @@ final class OutboundConnector: Sendable {
 
     /// Blocking name resolution (runs on the resolver thread pool).
     private static func getaddrinfo(_ name: String, port: UInt16) -> Resolution {
-        var hints = addrinfo()
-        hints.ai_family = AF_UNSPEC
-        #if canImport(Glibc)
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        #else
-        hints.ai_socktype = SOCK_STREAM
-        #endif
-        hints.ai_flags = AI_ADDRCONFIG
-        var result: UnsafeMutablePointer<addrinfo>?
-        let rc = Glibc.getaddrinfo(name, String(port), &hints, &result)
-        guard rc == 0, let first = result else {
-            let why = String(cString: gai_strerror(rc))
-            return .failure(.hostUnreachable, "cannot resolve \(name): \(why)")
+        switch NameResolution.addresses(of: name, port: port) {
+        case .success(let addresses): return .success(addresses)
+        case .failure(let failure): return .failure(.hostUnreachable, "cannot resolve \(name): \(failure.reason)")
         }
-        defer { freeaddrinfo(first) }
-        var addresses: [SocketAddress] = []
-        var current: UnsafeMutablePointer<addrinfo>? = first
-        while let info = current {
-            if let sa = info.pointee.ai_addr {
-                switch Int32(info.pointee.ai_family) {
-                case AF_INET:
-                    addresses.append(SocketAddress(sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee }, host: name))
-                case AF_INET6:
-                    addresses.append(SocketAddress(sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee }, host: name))
-                default:
-                    break
-                }
-            }
-            current = info.pointee.ai_next
-        }
-        var unique: [SocketAddress] = []
-        for address in addresses where !unique.contains(address) { unique.append(address) }
-        guard !unique.isEmpty else { return .failure(.hostUnreachable, "\(name) has no IPv4 or IPv6 address") }
-        return .success(unique)
     }
 
     /// The event loop a tunnel connection runs on (UDP sockets of its associations share it).

@@ -125,27 +125,6 @@ public final class TunnelClient: Sendable {
 
 /// Resolves a host name to its first address (blocking; once, at start).
 func resolveHost(_ host: String) -> IPAddress? {
-    var hints = addrinfo()
-    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-    var result: UnsafeMutablePointer<addrinfo>?
-    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return nil }
-    defer { freeaddrinfo(result) }
-    var pointer: UnsafeMutablePointer<addrinfo>? = first
-    while let info = pointer {
-        if let address = info.pointee.ai_addr {
-            switch Int32(address.pointee.sa_family) {
-            case AF_INET:
-                let bytes = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { withUnsafeBytes(of: $0.pointee.sin_addr) { Array($0) } }
-                return IPAddress(bytes: bytes)
-            case AF_INET6:
-                let bytes = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { withUnsafeBytes(of: $0.pointee.sin6_addr) { Array($0) } }
-                return IPAddress(bytes: bytes)
-            default:
-                break
-            }
-        }
-        pointer = info.pointee.ai_next
-    }
-    return nil
+    guard case .success(let addresses) = NameResolution.addresses(of: host, port: 0) else { return nil }
+    return addresses.first?.unmappedBytes.flatMap { IPAddress(bytes: $0) }
 }
-
