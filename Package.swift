@@ -124,9 +124,46 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // What both programs run: socket settings, the crash journal's takeover, name resolution.
         .target(
             name: "TunnelRuntime",
             dependencies: [
+                "CTUN",
+                "TunnelTransport",
+                "TunnelConfig",
+                "TunnelTUN",
+                "LocalProxy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // tunnel-client's side: the tunnel manager and reconnects, the UDP relay, full-tunnel mode.
+        .target(
+            name: "ClientRuntime",
+            dependencies: [
+                "TunnelRuntime",
+                "CTUN",
+                "TunnelTransport",
+                "TunnelConfig",
+                "TunnelTUN",
+                "LocalProxy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // tunnel-server's side: sessions, outbound connections, UDP associations, the TUN device, DNS.
+        .target(
+            name: "ServerRuntime",
+            dependencies: [
+                "TunnelRuntime",
                 "CTUN",
                 "TunnelTransport",
                 "TunnelConfig",
@@ -144,6 +181,8 @@ let package = Package(
             name: "TunnelCommandLine",
             dependencies: [
                 "TunnelRuntime",
+                "ClientRuntime",
+                "ServerRuntime",
                 "TunnelConfig",
                 "TunnelProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -187,7 +226,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
-        .testTarget(name: "TunnelRuntimeTests", dependencies: ["TunnelRuntime", .product(name: "NIOCore", package: "swift-nio")]),
+        .testTarget(name: "ClientRuntimeTests", dependencies: ["ClientRuntime", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "TunnelTransportTests",
             dependencies: [

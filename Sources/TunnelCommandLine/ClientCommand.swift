@@ -5,6 +5,8 @@ import NIOPosix
 import ServiceLifecycle
 import TunnelConfig
 import TunnelCrypto
+import ClientRuntime
+import ServerRuntime
 import TunnelRuntime
 
 /// `tunnel-client`: the local end. A SOCKS5 listener on localhost whose streams all travel through one

@@ -9,6 +9,8 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import TunnelConfig
+import ClientRuntime
+import ServerRuntime
 import TunnelRuntime
 
 /// Runs a root command with the exit codes scripts rely on: 0 on success and for `--help`, 2 for bad

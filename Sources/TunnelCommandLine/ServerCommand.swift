@@ -5,6 +5,8 @@ import NIOPosix
 import ServiceLifecycle
 import TunnelConfig
 import TunnelProtocol
+import ClientRuntime
+import ServerRuntime
 import TunnelRuntime
 
 /// `tunnel-server`: the remote end. Accepts tunnel connections from authorized clients and opens the

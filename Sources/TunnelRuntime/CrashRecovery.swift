@@ -29,7 +29,7 @@ public enum CrashRecovery {
 
     /// Takes the lock of the journal at `statePath` (throws when another instance holds it, or the file is
     /// not safely ours) and undoes what it records.
-    static func takeOver(statePath: String, program: String, logger: Logger) throws(Refused) -> HostChangeLock {
+    package static func takeOver(statePath: String, program: String, logger: Logger) throws(Refused) -> HostChangeLock {
         let lock: HostChangeLock
         do {
             lock = try HostChangeLock(statePath: statePath, program: program)

@@ -5,10 +5,10 @@ import NIOCore
 
 /// The one place names are resolved: the system resolver (getaddrinfo), blocking, so callers run it off the
 /// event loops (the server's outbound connector on its resolver thread pool; the client once at start).
-enum NameResolution {
+package enum NameResolution {
     /// Every IPv4 and IPv6 address of `name`, in the resolver's order without duplicates (families this host
     /// has no address of are left out: AI_ADDRCONFIG), or why there is none.
-    static func addresses(of name: String, port: UInt16) -> Result<[SocketAddress], Failure> {
+    package static func addresses(of name: String, port: UInt16) -> Result<[SocketAddress], Failure> {
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
@@ -34,7 +34,7 @@ enum NameResolution {
         return .success(addresses)
     }
 
-    struct Failure: Error {
-        var reason: String
+    package struct Failure: Error {
+        package var reason: String
     }
 }

@@ -9,7 +9,7 @@ import TunnelTransport
 
 extension TunnelConnectionHandler.Configuration {
     /// The connection configuration for the given timings.
-    init(_ timings: TunnelTimings) {
+    package init(_ timings: TunnelTimings) {
         self.init()
         self.handshakeTimeout = .nanoseconds(timings.handshakeTimeout)
         self.keepaliveInterval = .nanoseconds(timings.keepaliveInterval)
@@ -23,13 +23,13 @@ extension TunnelConnectionHandler.Configuration {
 }
 
 /// Socket settings of a stream's local socket (the application's connection, or the server's outbound one).
-enum StreamSocket {
+package enum StreamSocket {
     /// Reads start small, so an idle stream's pooled receive buffer stays small (NIO keeps each channel's
     /// last buffer for reuse), and grow to 64 KiB for bulk streams.
-    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 2048, maximum: 65536)
+    package static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 2048, maximum: 65536)
     /// Up to four 64 KiB reads per readiness event: a bulk stream fills several records per flush, so the
     /// tunnel sees fewer, larger writes (each write wakes the reader at the other end).
-    static let maxMessagesPerRead: UInt = 4
+    package static let maxMessagesPerRead: UInt = 4
 }
 
 /// Socket settings of the tunnel connection itself.
@@ -38,21 +38,21 @@ enum StreamSocket {
 /// kernel holds at most `TCP_NOTSENT_LOWAT` of unsent data, and NIO's buffer turns unwritable at its high
 /// watermark, at which point streams keep their data (and stop reading) until the tunnel drains. Without this,
 /// a bulk download queues megabytes in front of every interactive frame.
-enum TunnelSocket {
-    static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 << 10, high: 128 << 10)
-    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 256 << 10)
+package enum TunnelSocket {
+    package static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 << 10, high: 128 << 10)
+    package static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 256 << 10)
     /// `TCP_NOTSENT_LOWAT` (Linux option 25).
-    static let notSentLowWater = ChannelOptions.Types.SocketOption(level: .init(rawValue: Int32(IPPROTO_TCP)), name: .init(rawValue: 25))
-    static let notSentLowWaterBytes = 128 << 10
+    package static let notSentLowWater = ChannelOptions.Types.SocketOption(level: .init(rawValue: Int32(IPPROTO_TCP)), name: .init(rawValue: 25))
+    package static let notSentLowWaterBytes = 128 << 10
 
     /// `TCP_CONGESTION` (Linux option 13).
-    static let congestionOption = NIOBSDSocket.Option(rawValue: 13)
+    package static let congestionOption = NIOBSDSocket.Option(rawValue: 13)
 
     /// An algorithm name as `setsockopt(TCP_CONGESTION)` takes it (NUL-padded, at most 15 characters).
-    struct AlgorithmName: Sendable {
-        var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+    package struct AlgorithmName: Sendable {
+        package var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
             (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        init(_ name: String) {
+        package init(_ name: String) {
             withUnsafeMutableBytes(of: &self.bytes) { raw in
                 for (i, byte) in name.utf8.prefix(15).enumerated() { raw[i] = byte }
             }
@@ -64,7 +64,7 @@ enum TunnelSocket {
     /// to a few Mbit/s at 1% random loss, stalling every inner flow with it (TCP-over-TCP); BBR paces to
     /// the measured bottleneck instead. Where BBR is not available (or not allowed for this user) the
     /// system default stays, silently for `auto` and with a warning for an explicit name.
-    static func applyCongestionControl(_ choice: String, to channel: any Channel, logger: Logger) {
+    package static func applyCongestionControl(_ choice: String, to channel: any Channel, logger: Logger) {
         guard choice != "system", let provider = channel as? any SocketOptionProvider else { return }
         let name = choice == "auto" ? "bbr" : choice
         provider.unsafeSetSocketOption(level: .tcp, name: Self.congestionOption, value: AlgorithmName(name)).whenFailure { error in
@@ -78,3 +78,15 @@ enum TunnelSocket {
 /// A start-up failure whose description is the whole story (it names what failed and what to do), so the
 /// command line prints it as it is.
 public protocol StartupFailure: Error, CustomStringConvertible {}
+
+extension SocketAddress {
+    /// As a tunnel address (the bound address in OPEN_RESULT, a datagram's source), IPv4 peers as IPv4.
+    package var targetAddress: TargetAddress {
+        guard let bytes = self.unmappedBytes, let port = self.port else { return .unspecified }
+        if bytes.count == 4 {
+            let value = UInt32(bytes[0]) << 24 | UInt32(bytes[1]) << 16 | UInt32(bytes[2]) << 8 | UInt32(bytes[3])
+            return TargetAddress(host: .ipv4(value), port: UInt16(port))
+        }
+        return TargetAddress(host: .ipv6(bytes), port: UInt16(port))
+    }
+}

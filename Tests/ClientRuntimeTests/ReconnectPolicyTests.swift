@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import TunnelRuntime
+@testable import ClientRuntime
 
 struct ReconnectPolicyTests {
     let t0 = NIODeadline.uptimeNanoseconds(7_000_000_000_000)

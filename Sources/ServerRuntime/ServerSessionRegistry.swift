@@ -4,6 +4,7 @@ import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// State the server shares across all its connections (and event loops): the authorized keys, the replay
 /// table, which session currently serves each client key, and how many handshakes are in progress.

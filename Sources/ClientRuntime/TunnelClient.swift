@@ -9,6 +9,7 @@ import LocalProxy
 import TunnelConfig
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// `tunnel-client`: the local SOCKS5 listener and the tunnel manager, all on one event loop.
 public final class TunnelClient: Sendable {

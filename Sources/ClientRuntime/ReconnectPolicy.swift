@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelRuntime
 
 /// When the client tries to reach its server again: exponential backoff with jitter between failed attempts
 /// (250 ms doubling up to the configured maximum), an early attempt when a user is waiting (at most one a

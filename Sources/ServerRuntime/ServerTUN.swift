@@ -10,6 +10,7 @@ import TunnelCrypto
 import TunnelProtocol
 import TunnelTUN
 import TunnelTransport
+import TunnelRuntime
 
 /// `tunnel-server --tun`: the server's TUN device, the address pools, NAT, the DNS forwarder, and the
 /// routing of packets between the device and the client sessions (docs/PROTOCOL.md §5).

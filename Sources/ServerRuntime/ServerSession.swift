@@ -5,6 +5,7 @@ import TunnelCrypto
 import TunnelProtocol
 import TunnelTUN
 import TunnelTransport
+import TunnelRuntime
 
 /// The server's view of one tunnel connection: authorizes the client key, checks replays, logs who connected
 /// and why they left, and serves stream requests with outbound connections on the connection's event loop.

@@ -10,6 +10,7 @@ import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// Keeps the client's one tunnel up and routes SOCKS requests into it.
 ///

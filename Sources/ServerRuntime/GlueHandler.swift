@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelRuntime
 
 /// Joins two channels on one event loop byte for byte (the DNS forwarder's TCP side): what one reads the
 /// other writes, reading pauses while the partner cannot take more, and a close or EOF on one side closes

@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import TunnelRuntime
 
 /// The server's DNS forwarder for full-tunnel clients: listens on the server's own pool addresses (port 53,
 /// UDP) and asks the server's resolvers, so clients resolve names through the tunnel even when the server's

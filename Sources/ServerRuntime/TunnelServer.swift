@@ -5,6 +5,7 @@ import NIOPosix
 import TunnelConfig
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// `tunnel-server`: accepts tunnel connections, runs one session per client connection on its own event
 /// loop, and opens the outbound connections streams ask for.
@@ -142,11 +143,4 @@ public final class TunnelServer: Sendable {
         if let tun = self.tun.withLockedValue({ $0 }) { await tun.stop() }
         try? await self.resolverPool.shutdownGracefully()
     }
-}
-
-/// The listening channel, set once bound and taken at shutdown.
-final class NIOLockedValueBoxChannel: Sendable {
-    private let box = NIOLockedValueBox<(any Channel)?>(nil)
-    func set(_ channel: any Channel) { self.box.withLockedValue { $0 = channel } }
-    func take() -> (any Channel)? { self.box.withLockedValue { value in defer { value = nil }; return value } }
 }

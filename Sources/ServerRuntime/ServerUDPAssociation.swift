@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// One UDP association on the server: an IPv4 and (where the host has IPv6) an IPv6 socket of its own, from
 /// which the client's datagrams go out and whose replies come back through the tunnel tagged with their

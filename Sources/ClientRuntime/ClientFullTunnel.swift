@@ -8,6 +8,7 @@ import TunnelConfig
 import TunnelProtocol
 import TunnelTUN
 import TunnelTransport
+import TunnelRuntime
 
 /// `tunnel-client --full-tunnel`: the client's TUN device and everything it changes on the host to send
 /// all traffic into it (docs/PROTOCOL.md §5).

@@ -8,6 +8,7 @@ import NIOPosix
 import TunnelConfig
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// The server's outbound side: resolves a stream's destination, applies the deny list to every resolved
 /// address, and connects to each address in turn until one answers, within one overall timeout. Failures map
@@ -168,17 +169,5 @@ final class OutboundConnector: Sendable {
             }
         }
         return rank(a.0) >= rank(b.0) ? a : b
-    }
-}
-
-extension SocketAddress {
-    /// As a tunnel address (the bound address in OPEN_RESULT, a datagram's source), IPv4 peers as IPv4.
-    var targetAddress: TargetAddress {
-        guard let bytes = self.unmappedBytes, let port = self.port else { return .unspecified }
-        if bytes.count == 4 {
-            let value = UInt32(bytes[0]) << 24 | UInt32(bytes[1]) << 16 | UInt32(bytes[2]) << 8 | UInt32(bytes[3])
-            return TargetAddress(host: .ipv4(value), port: UInt16(port))
-        }
-        return TargetAddress(host: .ipv6(bytes), port: UInt16(port))
     }
 }

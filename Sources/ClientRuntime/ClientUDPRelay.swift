@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import TunnelProtocol
 import TunnelTransport
+import TunnelRuntime
 
 /// SOCKS5 UDP ASSOCIATE on the client (RFC 1928 §7): each association gets a UDP socket on the address the
 /// application reached the proxy on, and a tunnel stream of kind UDP whose DATAGRAM frames carry the
@@ -206,40 +207,6 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.close()
     }
     func readIfWanted() {}
-}
-
-/// Hands every datagram a UDP socket reads to `receive` (on the socket's event loop). ICMP errors such as
-/// port unreachable are not fatal for an unconnected UDP socket and are ignored.
-final class DatagramReader: ChannelInboundHandler {
-    typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    private let receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
-
-    init(_ receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>) {
-        self.receive = receive
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.receive.value(self.unwrapInboundIn(data))
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {}
-
-    /// A UDP socket bound to `host:port` on `loop` whose datagrams (up to `capacity` bytes each, so none is
-    /// truncated) go to `receive`.
-    static func bind(
-        host: String, port: Int, on loop: any EventLoop, capacity: Int = 65536 + 64,
-        receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
-    ) -> EventLoopFuture<any Channel> {
-        DatagramBootstrap(group: loop)
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
-            .channelOption(.maxMessagesPerRead, value: 16)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(DatagramReader(receive))
-                }
-            }
-            .bind(host: host, port: port)
-    }
 }
 
 /// Watches the association's TCP control connection: when it ends, so does the association.

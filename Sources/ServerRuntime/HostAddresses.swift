@@ -5,6 +5,7 @@ import Darwin
 #endif
 import CTUN
 import NIOConcurrencyHelpers
+import TunnelRuntime
 
 /// The addresses of this host's interfaces (4 or 16 bytes each), for the destination policy: a client must not
 /// reach the server's own services through an address that is not loopback (`192.0.2.7`, a public address
