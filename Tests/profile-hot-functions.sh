@@ -40,7 +40,7 @@ ip -n $C route add default via 10.231.1.1
 "$BIN/tunnel-server" keygen --out "$W/s.key" >"$W/s.pub"
 "$BIN/tunnel-client" keygen --out "$W/c.key" >"$W/ak"
 ip netns exec $S "$BIN/tunnel-server" --listen 10.231.1.1:7443 --key "$W/s.key" --authorized-keys "$W/ak" \
-    --tun --tun-pool6 none --log-level error >/dev/null 2>"$W/server.log" &
+    --tun --tun-pool6 none --allow 10.231.2.0/24 --log-level error >/dev/null 2>"$W/server.log" &
 SP=$!; PIDS+=($SP)
 sleep 1
 ip netns exec $C "$BIN/tunnel-client" --server 10.231.1.1:7443 --server-key "$(cat "$W/s.pub")" --key "$W/c.key" \

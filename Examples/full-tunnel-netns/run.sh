@@ -62,8 +62,10 @@ SERVER_PUB=$("$BIN/tunnel-server" keygen --out "$WORK/server.key")
 "$BIN/tunnel-client" keygen --out "$WORK/laptop.key" | sed 's/$/ laptop/' > "$WORK/authorized_keys"
 
 echo "== tunnel-server --tun (in the server namespace)"
+# The web host is on a private network, which the server keeps its clients away from unless told (--allow).
 ip netns exec $SERVER "$BIN/tunnel-server" --listen 10.230.1.1:7443 --key "$WORK/server.key" \
-    --authorized-keys "$WORK/authorized_keys" --tun >"$WORK/server.out" 2>"$WORK/server.log" & PIDS+=($!)
+    --authorized-keys "$WORK/authorized_keys" --tun --allow 10.230.2.0/24 --allow fd30:2::/64 \
+    >"$WORK/server.out" 2>"$WORK/server.log" & PIDS+=($!)
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done
 
 echo "== the laptop before: routes and resolver"
