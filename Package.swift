@@ -194,11 +194,15 @@ let package = Package(
 
         // MARK: - Thin executables
         .executableTarget(
-            name: "tunnel-server", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings,
+            name: "tunnel-server",
+            dependencies: ["TunnelCommandLine"],
+            swiftSettings: swiftSettings,
             linkerSettings: programLinkerSettings
         ),
         .executableTarget(
-            name: "tunnel-client", dependencies: ["TunnelCommandLine"], swiftSettings: swiftSettings,
+            name: "tunnel-client",
+            dependencies: ["TunnelCommandLine"],
+            swiftSettings: swiftSettings,
             linkerSettings: programLinkerSettings
         ),
         /// The project's benchmark: measures any SOCKS5 port, or starts our own tunnel (see README).
@@ -226,7 +230,10 @@ let package = Package(
             ]
         ),
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
-        .testTarget(name: "ClientRuntimeTests", dependencies: ["ClientRuntime", .product(name: "NIOCore", package: "swift-nio")]),
+        .testTarget(
+            name: "ClientRuntimeTests",
+            dependencies: ["ClientRuntime", .product(name: "NIOCore", package: "swift-nio")]
+        ),
         .testTarget(
             name: "TunnelTransportTests",
             dependencies: [

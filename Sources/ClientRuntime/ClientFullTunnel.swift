@@ -1,14 +1,15 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import NIOCore
 import NIOPosix
 import TunnelConfig
 import TunnelProtocol
+import TunnelRuntime
 import TunnelTUN
 import TunnelTransport
-import TunnelRuntime
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `tunnel-client --full-tunnel`: the client's TUN device and everything it changes on the host to send
 /// all traffic into it (docs/PROTOCOL.md §5).
@@ -52,7 +53,13 @@ final class ClientFullTunnel {
     }
 
     /// Prepares the host: crash recovery, the original paths, the device, and the kill switch.
-    init(eventLoop: any EventLoop, settings: ClientFullTunnelSettings, server: IPAddress, port: Int, logger: Logger) throws {
+    init(
+        eventLoop: any EventLoop,
+        settings: ClientFullTunnelSettings,
+        server: IPAddress,
+        port: Int,
+        logger: Logger
+    ) throws {
         self.eventLoop = eventLoop
         self.settings = settings
         self.server = server
@@ -66,7 +73,11 @@ final class ClientFullTunnel {
         let statePath = CrashRecovery.clientStatePath(settings)
         // Only a process that owns the journal may undo what it records: a second client must not dismantle
         // a running one's routes, resolver and kill switch as if they were left by a crash.
-        self.lock = try CrashRecovery.takeOver(statePath: statePath, program: "tunnel-client --full-tunnel", logger: logger)
+        self.lock = try CrashRecovery.takeOver(
+            statePath: statePath,
+            program: "tunnel-client --full-tunnel",
+            logger: logger
+        )
 
         // How the host reaches the server and the excluded networks now, before the tunnel takes over.
         self.serverPath = HostNetwork.currentPath(to: server)
@@ -90,9 +101,14 @@ final class ClientFullTunnel {
             let table = Self.killSwitchTable
             do {
                 try HostNetwork.installTable(
-                    family: "inet", name: table,
+                    family: "inet",
+                    name: table,
                     ruleset: FirewallRules.killSwitchTable(
-                        name: table, device: self.device.name, server: server, port: port, exclude: settings.exclude.map(\.description)
+                        name: table,
+                        device: self.device.name,
+                        server: server,
+                        port: port,
+                        exclude: settings.exclude.map(\.description)
                     ),
                     journal: self.journal
                 )
@@ -118,7 +134,11 @@ final class ClientFullTunnel {
             .channelOption(.maxMessagesPerRead, value: 32)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let reader = ClientTUNReader(owner: owner.value, descriptor: owner.value.device.readDescriptor(), packetCapacity: capacity)
+                    let reader = ClientTUNReader(
+                        owner: owner.value,
+                        descriptor: owner.value.device.readDescriptor(),
+                        packetCapacity: capacity
+                    )
                     try channel.pipeline.syncOperations.addHandler(reader)
                     owner.value.reader = reader
                 }
@@ -158,10 +178,20 @@ final class ClientFullTunnel {
         do {
             // The server and the excluded networks keep their original way out.
             if let path = self.serverPath {
-                try HostNetwork.addRoute(self.hostPrefix(self.server), ipv6: self.server.isIPv6, along: path, journal: self.journal)
+                try HostNetwork.addRoute(
+                    self.hostPrefix(self.server),
+                    ipv6: self.server.isIPv6,
+                    along: path,
+                    journal: self.journal
+                )
             }
             for (network, path) in self.excludePaths {
-                try HostNetwork.addRoute(network.description, ipv6: network.address.isIPv6, along: path, journal: self.journal)
+                try HostNetwork.addRoute(
+                    network.description,
+                    ipv6: network.address.isIPv6,
+                    along: path,
+                    journal: self.journal
+                )
             }
             let addresses = [assignment.ipv4, assignment.ipv6].compactMap { $0 }
             try HostNetwork.configureDevice(name, mtu: assignment.mtu, addresses: addresses)
@@ -177,7 +207,13 @@ final class ClientFullTunnel {
             } else if Self.hostHasIPv6 {
                 // No IPv6 inside the tunnel: block it rather than let it leak past.
                 for half in ["::/1", "8000::/1"] {
-                    try HostNetwork.addRoute(half, ipv6: true, type: "unreachable", arguments: [], journal: self.journal)
+                    try HostNetwork.addRoute(
+                        half,
+                        ipv6: true,
+                        type: "unreachable",
+                        arguments: [],
+                        journal: self.journal
+                    )
                 }
             }
         } catch {
@@ -186,7 +222,11 @@ final class ClientFullTunnel {
         try self.pointResolver(assignment)
         self.startReading(mtu: assignment.mtu)
         var summary = "full tunnel up on \(name): \(assignment.ipv4.map(\.description) ?? "-")"
-        if let v6 = assignment.ipv6 { summary += " and \(v6)" } else { summary += ", IPv6 blocked (the server has no IPv6 pool)" }
+        if let v6 = assignment.ipv6 {
+            summary += " and \(v6)"
+        } else {
+            summary += ", IPv6 blocked (the server has no IPv6 pool)"
+        }
         summary += ", MTU \(assignment.mtu)"
         self.logger.notice("\(summary)")
     }
@@ -201,7 +241,9 @@ final class ClientFullTunnel {
         case .fromServer: servers = assignment.dnsServers
         }
         guard !servers.isEmpty else {
-            self.logger.warning("the server named no DNS server: /etc/resolv.conf is left alone (DNS may leak); pass --dns IP")
+            self.logger.warning(
+                "the server named no DNS server: /etc/resolv.conf is left alone (DNS may leak); pass --dns IP"
+            )
             return
         }
         // DNS servers always go through the tunnel, even one on the local network (unless excluded).
@@ -210,29 +252,45 @@ final class ClientFullTunnel {
             let route = self.hostPrefix(server)
             if !server.isIPv6 || assignment.ipv6 != nil {
                 do {
-                    try HostNetwork.addRoute(route, ipv6: server.isIPv6, arguments: ["dev", self.device.name], journal: journal)
+                    try HostNetwork.addRoute(
+                        route,
+                        ipv6: server.isIPv6,
+                        arguments: ["dev", self.device.name],
+                        journal: journal
+                    )
                 } catch {
                     self.logger.warning("cannot route DNS server \(server) into the tunnel: \(error)")
                 }
             }
         }
         if let problem = HostNetwork.pointResolver(at: servers, journal: self.journal) {
-            throw SetupError(description: "pointing the resolver at \(servers.map(\.description).joined(separator: ", ")): \(problem)")
+            throw SetupError(
+                description:
+                    "pointing the resolver at \(servers.map(\.description).joined(separator: ", ")): \(problem)"
+            )
         }
         self.logger.info("DNS through the tunnel: \(servers.map(\.description).joined(separator: ", "))")
     }
 
     private func reconfigure(from old: TunnelAssignment, to new: TunnelAssignment) throws(SetupError) {
         do {
-            if let a = old.ipv4, let b = new.ipv4, a != b { try HostNetwork.readdress(self.device.name, from: a, to: b) }
-            if let a = old.ipv6, let b = new.ipv6, a != b { try HostNetwork.readdress(self.device.name, from: a, to: b) }
+            if let a = old.ipv4, let b = new.ipv4, a != b {
+                try HostNetwork.readdress(self.device.name, from: a, to: b)
+            }
+            if let a = old.ipv6, let b = new.ipv6, a != b {
+                try HostNetwork.readdress(self.device.name, from: a, to: b)
+            }
         } catch {
             throw SetupError(description: "changing the tunnel's addresses: \(error)")
         }
         if (old.ipv6 == nil) != (new.ipv6 == nil) || old.mtu != new.mtu {
-            self.logger.warning("the server's full-tunnel settings changed (IPv6 pool or MTU); restart tunnel-client to apply them")
+            self.logger.warning(
+                "the server's full-tunnel settings changed (IPv6 pool or MTU); restart tunnel-client to apply them"
+            )
         }
-        self.logger.notice("the server assigned new addresses: \(new.ipv4.map(\.description) ?? "-")\(new.ipv6.map { " and \($0)" } ?? "")")
+        self.logger.notice(
+            "the server assigned new addresses: \(new.ipv4.map(\.description) ?? "-")\(new.ipv6.map { " and \($0)" } ?? "")"
+        )
     }
 
     private func hostPrefix(_ address: IPAddress) -> String {

@@ -1,16 +1,17 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Logging
 import NIOCore
 import NIOPosix
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Keeps the client's one tunnel up and routes SOCKS requests into it.
 ///
@@ -93,10 +94,16 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         if self.configuration.compression { features.insert(.compression) }
         if self.configuration.fullTunnel { features.insert(.fullTunnel) }
         let machine = ClientHandshakeStateMachine(
-            cipher: cipher, staticKey: self.resolved.key, serverKey: self.resolved.serverKey,
+            cipher: cipher,
+            staticKey: self.resolved.key,
+            serverKey: self.resolved.serverKey,
             parameters: Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: features)
         )
-        let handler = TunnelConnectionHandler(role: .client(machine), configuration: self.configuration, logger: self.logger)
+        let handler = TunnelConnectionHandler(
+            role: .client(machine),
+            configuration: self.configuration,
+            logger: self.logger
+        )
         handler.delegate = self
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
         let server = self.resolved.server
@@ -139,7 +146,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
 
     private func attemptFailed(_ why: String, handshake: Bool) {
-        if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil, NoiseCipher.aesGCM.isAvailable {
+        if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil,
+            NoiseCipher.aesGCM.isAvailable
+        {
             // The server may not take AES-GCM (no AES-NI there): alternate until one cipher works.
             self.nextCipher = self.nextCipher == .aesGCM ? .chaChaPoly : .aesGCM
         }
@@ -227,7 +236,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.connecting = false
             var why = error?.detail ?? "handshake failed"
             if error?.code == .handshakeRejected {
-                why = "the server refused the handshake: check --server-key, "
+                why =
+                    "the server refused the handshake: check --server-key, "
                     + "that this client's key (\(self.resolved.key.publicKey)) is in the server's authorized keys, "
                     + "and that no other machine uses this key (the server's log says so)"
             }
@@ -240,7 +250,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             // own reconnects abandon the old tunnel first), so another machine holds the same key. Back off
             // rather than take the session back at once, which would only replace the other one in turn.
             let replacements = self.reconnect.replaced(now: .now())
-            let why = replacements >= 3
+            let why =
+                replacements >= 3
                 ? "the server replaced this tunnel \(replacements) times in a minute: this client's key (\(self.resolved.key.publicKey)) "
                     + "is in use on another machine too. Give each machine its own key (tunnel-client keygen) and list each in the server's authorized keys"
                 : "the server replaced this tunnel with a newer connection using this client's key; if this repeats, another machine uses the same key"
@@ -254,7 +265,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     // MARK: - TunnelStreamProvider
 
     func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) {
-        if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty, tunnel.openStream(to: target, kind: kind, local: local) {
+        if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty,
+            tunnel.openStream(to: target, kind: kind, local: local)
+        {
             return
         }
         if let tunnel = self.current, tunnel.streamIDsExhausted {
@@ -265,7 +278,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.connect()
         }
         let deadline = NIODeadline.now() + .nanoseconds(self.resolved.settings.connectWait)
-        guard !self.stopped, self.waiting.append(Waiter(target: target, kind: kind, local: local), deadline: deadline) else {
+        guard !self.stopped, self.waiting.append(Waiter(target: target, kind: kind, local: local), deadline: deadline)
+        else {
             local.openCompleted(reply: .generalFailure, bound: .unspecified)
             return
         }
@@ -276,7 +290,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     /// A user is waiting for the tunnel (a request, a packet): do not sit out a long backoff; try now, at
     /// most once a second.
     private func someoneIsWaiting() {
-        if self.current == nil && !self.connecting && !self.stopped && self.reconnect.shouldTryForWaitingUser(now: .now()) {
+        if self.current == nil && !self.connecting && !self.stopped
+            && self.reconnect.shouldTryForWaitingUser(now: .now())
+        {
             self.connect()
         }
     }
@@ -332,7 +348,9 @@ func describeConnectError(_ error: any Error) -> String {
         if let first = connectionError.connectionErrors.first { return describeConnectError(first.error) }
         if let dns = connectionError.dnsAError ?? connectionError.dnsAAAAError { return "cannot resolve: \(dns)" }
     }
-    if let ioError = error as? IOError { return "\(String(cString: strerror(ioError.errnoCode))) (errno \(ioError.errnoCode))" }
+    if let ioError = error as? IOError {
+        return "\(String(cString: strerror(ioError.errnoCode))) (errno \(ioError.errnoCode))"
+    }
     if let channelError = error as? ChannelError, case .connectTimeout = channelError { return "connect timed out" }
     return "\(error)"
 }

@@ -1,10 +1,10 @@
-import Logging
 import LocalProxy
+import Logging
 import NIOCore
 import NIOPosix
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
 
 /// SOCKS5 UDP ASSOCIATE on the client (RFC 1928 §7): each association gets a UDP socket on the address the
 /// application reached the proxy on, and a tunnel stream of kind UDP whose DATAGRAM frames carry the
@@ -21,7 +21,11 @@ final class ClientUDPRelay: UDPRelayProvider, @unchecked Sendable {
 
     func associate(control: any Channel, announced: TargetAddress, logger: Logger) {
         let association = ClientUDPAssociation(
-            control: control, announced: announced, provider: self.manager.value, idleTimeout: self.idleTimeout, logger: logger
+            control: control,
+            announced: announced,
+            provider: self.manager.value,
+            idleTimeout: self.idleTimeout,
+            logger: logger
         )
         association.start()
     }
@@ -50,7 +54,13 @@ final class ClientUDPAssociation: StreamEndpoint {
     private var received = 0
     private var dropped = 0
 
-    init(control: any Channel, announced: TargetAddress, provider: any TunnelStreamProvider, idleTimeout: TimeAmount, logger: Logger) {
+    init(
+        control: any Channel,
+        announced: TargetAddress,
+        provider: any TunnelStreamProvider,
+        idleTimeout: TimeAmount,
+        logger: Logger
+    ) {
         self.control = control
         self.provider = provider
         self.idleTimeout = idleTimeout
@@ -68,7 +78,8 @@ final class ClientUDPAssociation: StreamEndpoint {
         }
         let host = self.control.localAddress?.ipAddress ?? "127.0.0.1"
         let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
-            { [weak self] in self?.applicationDatagram($0) }, eventLoop: self.control.eventLoop
+            { [weak self] in self?.applicationDatagram($0) },
+            eventLoop: self.control.eventLoop
         )
         DatagramReader.bind(host: host, port: 0, on: self.control.eventLoop, receive: reader)
             .assumeIsolated()
@@ -104,7 +115,9 @@ final class ClientUDPAssociation: StreamEndpoint {
     }
 
     private func replyIfReady() {
-        guard !self.replied, !self.closed, self.streamOpen, let udp = self.udp, let bound = udp.localAddress else { return }
+        guard !self.replied, !self.closed, self.streamOpen, let udp = self.udp, let bound = udp.localAddress else {
+            return
+        }
         self.replied = true
         self.control.writeAndFlush(SOCKS5.reply(.succeeded, bound: bound.targetAddress), promise: nil)
         self.logger.debug("UDP ASSOCIATE: relay on \(bound.hostPortDescription)")
@@ -115,7 +128,8 @@ final class ClientUDPAssociation: StreamEndpoint {
         if !self.replied {
             self.replied = true
             let control = self.control
-            control.writeAndFlush(SOCKS5.reply(reply)).assumeIsolated().whenComplete { _ in control.close(promise: nil) }
+            control.writeAndFlush(SOCKS5.reply(reply)).assumeIsolated().whenComplete { _ in control.close(promise: nil)
+            }
         }
         self.close()
     }
@@ -135,7 +149,9 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.stream = nil
         if self.replied { self.control.close(promise: nil) }
         if self.sent + self.received > 0 {
-            self.logger.debug("UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(self.dropped) dropped")
+            self.logger.debug(
+                "UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(self.dropped) dropped"
+            )
         }
     }
 

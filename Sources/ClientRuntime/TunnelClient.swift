@@ -1,15 +1,16 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import LocalProxy
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import LocalProxy
 import TunnelConfig
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `tunnel-client`: the local SOCKS5 listener and the tunnel manager, all on one event loop.
 public final class TunnelClient: Sendable {
@@ -29,7 +30,8 @@ public final class TunnelClient: Sendable {
         self.eventLoop = eventLoop
         self.logger = logger
         self.manager = NIOLoopBoundBox.makeBoxSendingValue(
-            ClientTunnelManager(eventLoop: eventLoop, resolved: resolved, logger: logger), eventLoop: eventLoop
+            ClientTunnelManager(eventLoop: eventLoop, resolved: resolved, logger: logger),
+            eventLoop: eventLoop
         )
     }
 
@@ -42,7 +44,8 @@ public final class TunnelClient: Sendable {
         }
         if self.resolved.settings.udp {
             proxyConfiguration.udpRelay = ClientUDPRelay(
-                manager: manager, idleTimeout: .nanoseconds(self.resolved.settings.udpIdleTimeout)
+                manager: manager,
+                idleTimeout: .nanoseconds(self.resolved.settings.udpIdleTimeout)
             )
         }
         let configuration = proxyConfiguration
@@ -98,7 +101,13 @@ public final class TunnelClient: Sendable {
         let fatalMessage = self.fatalMessage
         let loop = self.eventLoop
         try await self.eventLoop.submit {
-            let fullTunnel = try ClientFullTunnel(eventLoop: loop, settings: settings, server: address, port: server.port, logger: logger)
+            let fullTunnel = try ClientFullTunnel(
+                eventLoop: loop,
+                settings: settings,
+                server: address,
+                port: server.port,
+                logger: logger
+            )
             manager.value.fullTunnel = fullTunnel
             manager.value.connectHost = address.description
             manager.value.onFatal = { message in

@@ -143,7 +143,9 @@ public struct HTTPBodyFramer: Equatable, Sendable {
     public static func forRequest(_ head: HTTPRequestHead) throws(HTTPParseError) -> Mode {
         let encodings = head.headers.tokens("Transfer-Encoding")
         if !encodings.isEmpty {
-            guard encodings.last == "chunked" else { throw HTTPParseError("request transfer coding must end in chunked") }
+            guard encodings.last == "chunked" else {
+                throw HTTPParseError("request transfer coding must end in chunked")
+            }
             return .chunked
         }
         if let length = try self.contentLength(head.headers) { return length == 0 ? .none : .length(length) }
@@ -160,9 +162,12 @@ public struct HTTPBodyFramer: Equatable, Sendable {
     }
 
     private static func contentLength(_ headers: HTTPHeaders) throws(HTTPParseError) -> Int? {
-        let values = headers.values("Content-Length").flatMap { $0.split(separator: ",") }.map { $0.trimmingSpacesAndTabs() }
+        let values = headers.values("Content-Length").flatMap { $0.split(separator: ",") }.map {
+            $0.trimmingSpacesAndTabs()
+        }
         guard let first = values.first else { return nil }
-        guard values.allSatisfy({ $0 == first }), first.allSatisfy(\.isASCII), let length = Int(first), length >= 0 else {
+        guard values.allSatisfy({ $0 == first }), first.allSatisfy(\.isASCII), let length = Int(first), length >= 0
+        else {
             throw HTTPParseError("invalid Content-Length")
         }
         return length

@@ -14,7 +14,9 @@ public struct HTTPHeaders: Equatable, Sendable {
 
     /// The comma-separated tokens of every `name` field, lowercased (e.g. `Connection: keep-alive, Upgrade`).
     public func tokens(_ name: String) -> [String] {
-        self.values(name).flatMap { $0.split(separator: ",") }.map { $0.trimmingSpacesAndTabs().lowercased() }.filter { !$0.isEmpty }
+        self.values(name).flatMap { $0.split(separator: ",") }.map { $0.trimmingSpacesAndTabs().lowercased() }.filter {
+            !$0.isEmpty
+        }
     }
 
     public mutating func remove(_ name: String) {
@@ -23,7 +25,8 @@ public struct HTTPHeaders: Equatable, Sendable {
     }
 
     public static func == (lhs: HTTPHeaders, rhs: HTTPHeaders) -> Bool {
-        lhs.fields.count == rhs.fields.count && zip(lhs.fields, rhs.fields).allSatisfy { $0.name == $1.name && $0.value == $1.value }
+        lhs.fields.count == rhs.fields.count
+            && zip(lhs.fields, rhs.fields).allSatisfy { $0.name == $1.name && $0.value == $1.value }
     }
 }
 
@@ -91,13 +94,18 @@ public enum HTTPHeadParser {
             let name = line[..<colon]
             guard !name.isEmpty, name.allSatisfy(isTokenCharacter) else { throw HTTPParseError("invalid header name") }
             let value = line[line.index(after: colon)...].trimmingSpacesAndTabs()
-            guard !value.contains(where: { $0 == "\r" || $0 == "\0" }) else { throw HTTPParseError("invalid header value") }
+            guard !value.contains(where: { $0 == "\r" || $0 == "\0" }) else {
+                throw HTTPParseError("invalid header value")
+            }
             headers.fields.append((String(name), String(value)))
         }
         return headers
     }
 
-    public static func parseRequest(_ buffer: inout ByteBuffer, maxSize: Int = defaultMaxSize) throws(HTTPParseError) -> HTTPRequestHead? {
+    public static func parseRequest(
+        _ buffer: inout ByteBuffer,
+        maxSize: Int = defaultMaxSize
+    ) throws(HTTPParseError) -> HTTPRequestHead? {
         guard let length = try headLength(in: buffer, maxSize: maxSize) else { return nil }
         let bytes = buffer.getBytes(at: buffer.readerIndex, length: length)!
         let all = lines(bytes[...])
@@ -108,21 +116,33 @@ public enum HTTPHeadParser {
         else { throw HTTPParseError("malformed request line") }
         let headers = try parseHeaders(all.dropFirst())
         buffer.moveReaderIndex(forwardBy: length)
-        return HTTPRequestHead(method: String(parts[0]), target: String(parts[1]), version: String(parts[2]), headers: headers)
+        return HTTPRequestHead(
+            method: String(parts[0]),
+            target: String(parts[1]),
+            version: String(parts[2]),
+            headers: headers
+        )
     }
 
-    public static func parseResponse(_ buffer: inout ByteBuffer, maxSize: Int = defaultMaxSize) throws(HTTPParseError) -> HTTPResponseHead? {
+    public static func parseResponse(
+        _ buffer: inout ByteBuffer,
+        maxSize: Int = defaultMaxSize
+    ) throws(HTTPParseError) -> HTTPResponseHead? {
         guard let length = try headLength(in: buffer, maxSize: maxSize) else { return nil }
         let bytes = buffer.getBytes(at: buffer.readerIndex, length: length)!
         let all = lines(bytes[...])
         guard let statusLine = all.first else { throw HTTPParseError("empty response") }
         let parts = statusLine.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
-        guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), parts[1].count == 3, let status = Int(parts[1]), status >= 100
+        guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), parts[1].count == 3, let status = Int(parts[1]),
+            status >= 100
         else { throw HTTPParseError("malformed status line") }
         let headers = try parseHeaders(all.dropFirst())
         buffer.moveReaderIndex(forwardBy: length)
         return HTTPResponseHead(
-            version: String(parts[0]), status: status, reason: parts.count > 2 ? String(parts[2]) : "", headers: headers
+            version: String(parts[0]),
+            status: status,
+            reason: parts.count > 2 ? String(parts[2]) : "",
+            headers: headers
         )
     }
 

@@ -16,7 +16,8 @@ public enum HTTPProxyDecision: Equatable, Sendable {
 public enum HTTPProxy {
     /// Hop-by-hop fields (RFC 9110 §7.6.1) a proxy must not forward.
     static let hopByHop: Set<String> = [
-        "connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade",
+        "connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "te", "trailer",
+        "upgrade",
     ]
 
     /// Decides what to do with a request head the application sent to the proxy.
@@ -54,7 +55,9 @@ public enum HTTPProxy {
             return .reject(status: 400, message: error.description, authenticate: false)
         }
         let connectionTokens = Set(head.headers.tokens("Connection") + head.headers.tokens("Proxy-Connection"))
-        let closeAfter = connectionTokens.contains("close") || (head.version == "HTTP/1.0" && !connectionTokens.contains("keep-alive"))
+        let closeAfter =
+            connectionTokens.contains("close")
+            || (head.version == "HTTP/1.0" && !connectionTokens.contains("keep-alive"))
         var headers = HTTPHeaders()
         let dropped = self.hopByHop.union(head.headers.tokens("Connection"))
         for field in head.headers.fields where !dropped.contains(field.name.lowercased()) {
@@ -76,10 +79,13 @@ public enum HTTPProxy {
     static func authorized(_ headers: HTTPHeaders, credentials: ProxyCredentials) -> Bool {
         for value in headers.values("Proxy-Authorization") {
             let parts = value.split(separator: " ", maxSplits: 1)
-            guard parts.count == 2, parts[0].lowercased() == "basic", let decoded = base64Decode(parts[1].trimmingSpacesAndTabs())
+            guard parts.count == 2, parts[0].lowercased() == "basic",
+                let decoded = base64Decode(parts[1].trimmingSpacesAndTabs())
             else { continue }
             guard let colon = decoded.firstIndex(of: UInt8(ascii: ":")) else { continue }
-            if credentials.matches(username: Array(decoded[..<colon]), password: Array(decoded[(colon + 1)...])) { return true }
+            if credentials.matches(username: Array(decoded[..<colon]), password: Array(decoded[(colon + 1)...])) {
+                return true
+            }
         }
         return false
     }
@@ -123,20 +129,23 @@ public enum HTTPProxy {
 
     /// A complete error response that closes the connection.
     public static func errorResponse(status: Int, message: String, authenticate: Bool = false) -> ByteBuffer {
-        let reason: String = switch status {
-        case 400: "Bad Request"
-        case 403: "Forbidden"
-        case 407: "Proxy Authentication Required"
-        case 501: "Not Implemented"
-        case 502: "Bad Gateway"
-        case 504: "Gateway Timeout"
-        default: "Error"
-        }
+        let reason: String =
+            switch status {
+            case 400: "Bad Request"
+            case 403: "Forbidden"
+            case 407: "Proxy Authentication Required"
+            case 501: "Not Implemented"
+            case 502: "Bad Gateway"
+            case 504: "Gateway Timeout"
+            default: "Error"
+            }
         let body = "\(status) \(reason): \(message)\n"
         var out = ByteBuffer()
         out.writeString("HTTP/1.1 \(status) \(reason)\r\n")
         if authenticate { out.writeString("Proxy-Authenticate: Basic realm=\"tunnel\"\r\n") }
-        out.writeString("Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n")
+        out.writeString(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n"
+        )
         out.writeString(body)
         return out
     }

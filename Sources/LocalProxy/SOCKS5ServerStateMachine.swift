@@ -66,14 +66,18 @@ public struct SOCKS5ServerStateMachine {
         }
         guard let count = buffer.getInteger(at: buffer.readerIndex + 1, as: UInt8.self) else { return .needMoreData }
         guard count > 0 else {
-            return self.fail(.replyAndClose(SOCKS5.methodSelection(.noAcceptable), reason: "greeting offers no methods"))
+            return self.fail(
+                .replyAndClose(SOCKS5.methodSelection(.noAcceptable), reason: "greeting offers no methods")
+            )
         }
         guard buffer.readableBytes >= 2 + Int(count) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: 2)
         let methods = buffer.readBytes(length: Int(count))!
         let wanted: SOCKS5.Method = self.credentials == nil ? .noAuthentication : .usernamePassword
         guard methods.contains(wanted.rawValue) else {
-            let why = self.credentials == nil ? "client offers no acceptable method" : "client does not offer username/password"
+            let why =
+                self.credentials == nil
+                ? "client offers no acceptable method" : "client does not offer username/password"
             return self.fail(.replyAndClose(SOCKS5.methodSelection(.noAcceptable), reason: why))
         }
         self.state = self.credentials == nil ? .awaitingRequest : .awaitingCredentials
@@ -85,7 +89,9 @@ public struct SOCKS5ServerStateMachine {
         let start = buffer.readerIndex
         guard let version = buffer.getInteger(at: start, as: UInt8.self) else { return .needMoreData }
         guard version == 0x01 else {
-            return self.fail(.replyAndClose(ByteBuffer(bytes: [0x01, 0x01]), reason: "authentication version \(version)"))
+            return self.fail(
+                .replyAndClose(ByteBuffer(bytes: [0x01, 0x01]), reason: "authentication version \(version)")
+            )
         }
         guard let userLength = buffer.getInteger(at: start + 1, as: UInt8.self),
             let passLength = buffer.getInteger(at: start + 2 + Int(userLength), as: UInt8.self),
@@ -120,7 +126,12 @@ public struct SOCKS5ServerStateMachine {
             }
             address = parsed
         } catch .unsupportedAddressType(let type) {
-            return self.fail(.replyAndClose(SOCKS5.reply(.addressTypeNotSupported), reason: "address type 0x\(String(type, radix: 16))"))
+            return self.fail(
+                .replyAndClose(
+                    SOCKS5.reply(.addressTypeNotSupported),
+                    reason: "address type 0x\(String(type, radix: 16))"
+                )
+            )
         } catch {
             return self.fail(.replyAndClose(SOCKS5.reply(.generalFailure), reason: "invalid domain name"))
         }

@@ -22,7 +22,9 @@ public enum SOCKS5UDP {
     public static func tunnelPayload(fromApplication datagram: ByteBuffer) -> Result<ByteBuffer, Drop> {
         guard datagram.readableBytes >= 3 + 7 else { return .failure(.truncated) }
         guard datagram.getInteger(at: datagram.readerIndex, as: UInt16.self) == 0 else { return .failure(.reserved) }
-        guard datagram.getInteger(at: datagram.readerIndex + 2, as: UInt8.self) == 0 else { return .failure(.fragmented) }
+        guard datagram.getInteger(at: datagram.readerIndex + 2, as: UInt8.self) == 0 else {
+            return .failure(.fragmented)
+        }
         var payload = datagram.getSlice(at: datagram.readerIndex + 3, length: datagram.readableBytes - 3)!
         var probe = payload
         do {
@@ -35,7 +37,8 @@ public enum SOCKS5UDP {
     }
 
     /// The datagram to send the application for a tunnel payload (`ATYP ADDR PORT DATA`, the reply's source).
-    public static func applicationDatagram(fromTunnel payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+    public static func applicationDatagram(fromTunnel payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer
+    {
         var out = allocator.buffer(capacity: 3 + payload.readableBytes)
         out.writeBytes([0, 0, 0])
         out.writeImmutableBuffer(payload)
@@ -50,7 +53,11 @@ public enum SOCKS5UDP {
     }
 
     /// A tunnel payload from an address and data.
-    public static func tunnelPayload(from address: TargetAddress, data: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+    public static func tunnelPayload(
+        from address: TargetAddress,
+        data: ByteBuffer,
+        allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
         var out = allocator.buffer(capacity: address.encodedLength + data.readableBytes)
         out.writeTargetAddress(address)
         out.writeImmutableBuffer(data)

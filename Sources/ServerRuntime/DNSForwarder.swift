@@ -34,12 +34,21 @@ final class DNSForwarder {
 
     /// Binds UDP port 53 on each address (which must be configured on this host).
     func start(on addresses: [SocketAddress]) -> EventLoopFuture<Void> {
-        let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>({ [weak self] envelope in
-            self?.query(envelope)
-        }, eventLoop: self.eventLoop)
+        let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
+            { [weak self] envelope in
+                self?.query(envelope)
+            },
+            eventLoop: self.eventLoop
+        )
         let futures = addresses.map { address -> EventLoopFuture<Void> in
-            DatagramReader.bind(host: address.ipAddress ?? "", port: address.port ?? 53, on: self.eventLoop, capacity: 4096, receive: reader)
-                .assumeIsolated().map { channel in self.listeners.append(channel) }.nonisolated()
+            DatagramReader.bind(
+                host: address.ipAddress ?? "",
+                port: address.port ?? 53,
+                on: self.eventLoop,
+                capacity: 4096,
+                receive: reader
+            )
+            .assumeIsolated().map { channel in self.listeners.append(channel) }.nonisolated()
         }
         let tcp = addresses.map { self.listenTCP(on: $0) }
         return EventLoopFuture.andAllSucceed(futures + tcp, on: self.eventLoop)
@@ -104,9 +113,11 @@ final class DNSForwarder {
 
     private func query(_ envelope: AddressedEnvelope<ByteBuffer>) {
         // A DNS message has a 12-byte header; anything shorter is not a query.
-        guard envelope.data.readableBytes >= 12, !self.upstreams.isEmpty, let listener = self.listeners.first(where: {
-            $0.localAddress?.protocol == envelope.remoteAddress.protocol
-        }) else { return }
+        guard envelope.data.readableBytes >= 12, !self.upstreams.isEmpty,
+            let listener = self.listeners.first(where: {
+                $0.localAddress?.protocol == envelope.remoteAddress.protocol
+            })
+        else { return }
         guard self.inFlight < Self.maxInFlight else {
             self.dropped += 1
             return
@@ -117,13 +128,16 @@ final class DNSForwarder {
         let id = envelope.data.getInteger(at: envelope.data.readerIndex, as: UInt16.self)!
         let client = envelope.remoteAddress
         let done = NIOLoopBound<() -> Void>({ [weak self] in self?.inFlight -= 1 }, eventLoop: self.eventLoop)
-        let answer = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Bool>({ reply in
-            guard reply.remoteAddress == upstream, reply.data.readableBytes >= 12,
-                reply.data.getInteger(at: reply.data.readerIndex, as: UInt16.self) == id
-            else { return false }
-            listener.writeAndFlush(AddressedEnvelope(remoteAddress: client, data: reply.data), promise: nil)
-            return true
-        }, eventLoop: self.eventLoop)
+        let answer = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Bool>(
+            { reply in
+                guard reply.remoteAddress == upstream, reply.data.readableBytes >= 12,
+                    reply.data.getInteger(at: reply.data.readerIndex, as: UInt16.self) == id
+                else { return false }
+                listener.writeAndFlush(AddressedEnvelope(remoteAddress: client, data: reply.data), promise: nil)
+                return true
+            },
+            eventLoop: self.eventLoop
+        )
         DatagramBootstrap(group: self.eventLoop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536))
             .channelInitializer { channel in

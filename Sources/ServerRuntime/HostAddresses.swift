@@ -1,11 +1,12 @@
+import CTUN
+import NIOConcurrencyHelpers
+import TunnelRuntime
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import CTUN
-import NIOConcurrencyHelpers
-import TunnelRuntime
 
 /// The addresses of this host's interfaces (4 or 16 bytes each), for the destination policy: a client must not
 /// reach the server's own services through an address that is not loopback (`192.0.2.7`, a public address
@@ -46,7 +47,8 @@ final class HostAddresses: Sendable {
             if state.watch >= 0 {
                 var now = timespec()
                 clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
-                let elapsed = (now.tv_sec - state.lastCheck.tv_sec) * 1_000_000_000 + (now.tv_nsec - state.lastCheck.tv_nsec)
+                let elapsed =
+                    (now.tv_sec - state.lastCheck.tv_sec) * 1_000_000_000 + (now.tv_nsec - state.lastCheck.tv_nsec)
                 if elapsed >= 0 && elapsed < Self.checkIntervalNanoseconds { return state.addresses }
                 state.lastCheck = now
                 let watch = state.watch
@@ -54,9 +56,15 @@ final class HostAddresses: Sendable {
                     var changed = false
                     while true {
                         let count = recv(watch, scratch.baseAddress, scratch.count, Int32(MSG_DONTWAIT))
-                        if count > 0 { changed = true; continue }
+                        if count > 0 {
+                            changed = true
+                            continue
+                        }
                         // ENOBUFS: notifications were lost; re-read to be safe.
-                        if count < 0 && errno == ENOBUFS { changed = true; continue }
+                        if count < 0 && errno == ENOBUFS {
+                            changed = true
+                            continue
+                        }
                         if count < 0 && errno == EINTR { continue }
                         return changed
                     }

@@ -1,14 +1,15 @@
+import NIOCore
+import NIOPosix
+import TunnelConfig
+import TunnelProtocol
+import TunnelRuntime
+import TunnelTransport
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
-import NIOPosix
-import TunnelConfig
-import TunnelProtocol
-import TunnelTransport
-import TunnelRuntime
 
 /// The server's outbound side: resolves a stream's destination, applies the deny list to every resolved
 /// address, and connects to each address in turn until one answers, within one overall timeout. Failures map
@@ -22,7 +23,12 @@ final class OutboundConnector: Sendable {
     let hostAddresses: HostAddresses
     let resolverPool: NIOThreadPool
 
-    init(connectTimeout: TimeAmount, policy: DestinationPolicy, hostAddresses: HostAddresses, resolverPool: NIOThreadPool) {
+    init(
+        connectTimeout: TimeAmount,
+        policy: DestinationPolicy,
+        hostAddresses: HostAddresses,
+        resolverPool: NIOThreadPool
+    ) {
         self.connectTimeout = connectTimeout
         self.policy = policy
         self.hostAddresses = hostAddresses
@@ -46,7 +52,9 @@ final class OutboundConnector: Sendable {
                 let host = self.hostAddresses.current()
                 let allowed = addresses.filter { self.refusal(for: $0, hostAddresses: host) == nil }
                 guard !allowed.isEmpty else {
-                    let why = addresses.first.flatMap { self.refusal(for: $0, hostAddresses: host) }.map { "\($0)" } ?? "no address"
+                    let why =
+                        addresses.first.flatMap { self.refusal(for: $0, hostAddresses: host) }.map { "\($0)" }
+                        ?? "no address"
                     return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy (\(why))"))
                 }
                 return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil)
@@ -65,10 +73,14 @@ final class OutboundConnector: Sendable {
             var packed = ByteBuffer()
             packed.writeInteger(a)
             let address = try? SocketAddress(packedIPAddress: packed, port: Int(target.port))
-            return eventLoop.makeSucceededFuture(address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv4"))
+            return eventLoop.makeSucceededFuture(
+                address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv4")
+            )
         case .ipv6(let bytes):
             let address = try? SocketAddress(packedIPAddress: ByteBuffer(bytes: bytes), port: Int(target.port))
-            return eventLoop.makeSucceededFuture(address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv6"))
+            return eventLoop.makeSucceededFuture(
+                address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv6")
+            )
         case .domain(let name):
             let port = target.port
             return self.resolverPool.runIfActive(eventLoop: eventLoop) { () -> Resolution in

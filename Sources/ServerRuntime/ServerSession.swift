@@ -3,9 +3,9 @@ import NIOCore
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
+import TunnelRuntime
 import TunnelTUN
 import TunnelTransport
-import TunnelRuntime
 
 /// The server's view of one tunnel connection: authorizes the client key, checks replays, logs who connected
 /// and why they left, and serves stream requests with outbound connections on the connection's event loop.
@@ -73,7 +73,8 @@ final class ServerSession: TunnelConnectionDelegate {
             if let key = self.refusedKey {
                 why = "client key \(key) is not in the authorized keys"
                 if let entry = self.registry.authorizedKeys.entry(holdingPrivateKeyOf: key) {
-                    why += ", but line \(entry.line) of the authorized keys holds its PRIVATE key: put the client's public key there "
+                    why +=
+                        ", but line \(entry.line) of the authorized keys holds its PRIVATE key: put the client's public key there "
                         + "(tunnel-client pubkey --key CLIENT.key prints it), and keep private keys off the server"
                 }
             }
@@ -93,9 +94,12 @@ final class ServerSession: TunnelConnectionDelegate {
         self.finishHandshake()
         self.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
         tunnel.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
-        let compression = session.peerParameters.features.contains(.compression)
+        let compression =
+            session.peerParameters.features.contains(.compression)
             ? (tunnel.compressionActive ? ", compression on" : ", compression refused by policy") : ""
-        self.logger.info("\(self.clientName) connected from \(tunnel.remoteDescription) (\(session.cipher)\(compression))")
+        self.logger.info(
+            "\(self.clientName) connected from \(tunnel.remoteDescription) (\(session.cipher)\(compression))"
+        )
     }
 
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {
@@ -120,7 +124,12 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     private func startFullTunnel(_ tunnel: TunnelConnectionHandler, tun: ServerTUN, key: PublicKey) {
-        guard let (assignment, slot) = tun.attach(key: key, route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)) else {
+        guard
+            let (assignment, slot) = tun.attach(
+                key: key,
+                route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)
+            )
+        else {
             self.logger.warning("\(self.clientName): the full-tunnel address pool is full; closing")
             tunnel.close(code: .resourceExhausted)
             return
@@ -143,7 +152,8 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
-        guard self.tun != nil, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else {
+        guard self.tun != nil, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6
+        else {
             // Anti-spoofing: only the client's own addresses get onto the server's network.
             if self.spoofedPackets == 0 {
                 let from = IPPacket.source(of: packet).map { "\($0)" } ?? "a malformed header"
@@ -169,8 +179,14 @@ final class ServerSession: TunnelConnectionDelegate {
 
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
         if stream.kind == .udp {
-            ServerUDPAssociation(stream: stream, tunnel: tunnel, connector: self.connector, idleTimeout: self.udpIdleTimeout, logger: self.logger)
-                .start()
+            ServerUDPAssociation(
+                stream: stream,
+                tunnel: tunnel,
+                connector: self.connector,
+                idleTimeout: self.udpIdleTimeout,
+                logger: self.logger
+            )
+            .start()
             return
         }
         self.connector.connect(to: stream.target, on: self.handle.eventLoop).assumeIsolated().whenSuccess { outcome in
@@ -191,7 +207,11 @@ final class ServerSession: TunnelConnectionDelegate {
                     tunnel.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
                     return
                 }
-                tunnel.completeOpen(stream, reply: .succeeded, bound: channel.localAddress?.targetAddress ?? .unspecified)
+                tunnel.completeOpen(
+                    stream,
+                    reply: .succeeded,
+                    bound: channel.localAddress?.targetAddress ?? .unspecified
+                )
                 local.streamStarted()
             case .failed(let reply, let why):
                 self.logger.debug("stream \(stream.id) to \(stream.target) failed: \(why)")

@@ -3,8 +3,8 @@ import NIOCore
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
 
 /// State the server shares across all its connections (and event loops): the authorized keys, the replay
 /// table, which session currently serves each client key, and how many handshakes are in progress.
@@ -119,7 +119,9 @@ final class ServerSessionRegistry: Sendable {
     /// A source key as text: an IPv4 address, or an IPv6 /64.
     static func describeSource(_ key: [UInt8]) -> String {
         if key.count == 4, let address = IPAddress(bytes: key) { return address.description }
-        if key.count == 8, let address = IPAddress(bytes: key + [UInt8](repeating: 0, count: 8)) { return "\(address)/64" }
+        if key.count == 8, let address = IPAddress(bytes: key + [UInt8](repeating: 0, count: 8)) {
+            return "\(address)/64"
+        }
         return "an unknown source"
     }
 
@@ -137,7 +139,12 @@ final class ServerSessionRegistry: Sendable {
     /// Makes `handle` the session of `key`; returns the session it replaces (to be closed), and the
     /// addresses to name when sessions of this key keep replacing each other from different addresses (three
     /// times in a minute: two machines share one key), at most once a minute.
-    func activate(key: PublicKey, handle: Handle, address: String, now: NIODeadline = .now()) -> (previous: Handle?, sharedBy: [String]?) {
+    func activate(
+        key: PublicKey,
+        handle: Handle,
+        address: String,
+        now: NIODeadline = .now()
+    ) -> (previous: Handle?, sharedBy: [String]?) {
         self.state.withLockedValue { state in
             let previous = state.activeByKey[key]
             state.activeByKey[key] = handle
@@ -158,7 +165,9 @@ final class ServerSessionRegistry: Sendable {
                 sharedBy = flapping.addresses
             }
             state.flapping[key] = flapping
-            if state.flapping.count > 4096 { state.flapping = state.flapping.filter { now - $0.value.since <= .seconds(60) } }
+            if state.flapping.count > 4096 {
+                state.flapping = state.flapping.filter { now - $0.value.since <= .seconds(60) }
+            }
             return (previous, sharedBy)
         }
     }

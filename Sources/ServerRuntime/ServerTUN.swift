@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -8,9 +5,13 @@ import NIOPosix
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
+import TunnelRuntime
 import TunnelTUN
 import TunnelTransport
-import TunnelRuntime
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `tunnel-server --tun`: the server's TUN device, the address pools, NAT, the DNS forwarder, and the
 /// routing of packets between the device and the client sessions (docs/PROTOCOL.md §5).
@@ -67,8 +68,15 @@ final class ServerTUN: Sendable {
     private let logger: Logger
 
     private init(
-        device: TUNDevice, loops: [any EventLoop], pool: AddressPool<PublicKey>, template: TunnelAssignment, journal: HostChangeJournal,
-        lock: HostChangeLock, forwarder: NIOLoopBoundBox<DNSForwarder?>, loop: any EventLoop, logger: Logger
+        device: TUNDevice,
+        loops: [any EventLoop],
+        pool: AddressPool<PublicKey>,
+        template: TunnelAssignment,
+        journal: HostChangeJournal,
+        lock: HostChangeLock,
+        forwarder: NIOLoopBoundBox<DNSForwarder?>,
+        loop: any EventLoop,
+        logger: Logger
     ) {
         self.lock = lock
         self.device = device
@@ -100,7 +108,11 @@ final class ServerTUN: Sendable {
     /// change goes into the journal at `statePath` as it is made, so that a server killed without cleaning up
     /// has it undone at its next start (or by `--recover-only`).
     static func start(
-        settings: ServerTUNSettings, policy: DestinationPolicy, statePath: String, serverKey: PublicKey, group: any EventLoopGroup,
+        settings: ServerTUNSettings,
+        policy: DestinationPolicy,
+        statePath: String,
+        serverKey: PublicKey,
+        group: any EventLoopGroup,
         logger: Logger
     ) async throws -> ServerTUN {
         let pool6: (IPAddress, Int)?
@@ -110,11 +122,20 @@ final class ServerTUN: Sendable {
         case .automatic:
             // A unique local /64 (RFC 4193) whose global ID comes from the server key: stable across restarts.
             let id = serverKey.bytes
-            pool6 = (IPAddress(bytes: [0xFD, id[0], id[1], id[2], id[3], id[4], 0x00, 0x77] + [UInt8](repeating: 0, count: 8))!, 64)
+            pool6 = (
+                IPAddress(
+                    bytes: [0xFD, id[0], id[1], id[2], id[3], id[4], 0x00, 0x77] + [UInt8](repeating: 0, count: 8)
+                )!, 64
+            )
         }
         let pool: AddressPool<PublicKey>
         do {
-            pool = try AddressPool(ipv4: settings.pool.address, prefixLength: settings.pool.prefixLength, ipv6: pool6?.0, prefixLength: pool6?.1 ?? 64)
+            pool = try AddressPool(
+                ipv4: settings.pool.address,
+                prefixLength: settings.pool.prefixLength,
+                ipv6: pool6?.0,
+                prefixLength: pool6?.1 ?? 64
+            )
         } catch {
             throw SetupError(description: "--tun-pool: \(error)")
         }
@@ -137,37 +158,60 @@ final class ServerTUN: Sendable {
             throw SetupError(description: "\(error)")
         }
         let journal = HostChangeJournal(path: statePath)
-        let gateway4 = TunnelAssignment.Interface(address: pool.gatewayV4.ipAddress, prefixLength: pool.ipv4.prefixLength)
-        let gateway6 = pool.gatewayV6.map { TunnelAssignment.Interface(address: $0.ipAddress, prefixLength: pool.ipv6!.prefixLength) }
+        let gateway4 = TunnelAssignment.Interface(
+            address: pool.gatewayV4.ipAddress,
+            prefixLength: pool.ipv4.prefixLength
+        )
+        let gateway6 = pool.gatewayV6.map {
+            TunnelAssignment.Interface(address: $0.ipAddress, prefixLength: pool.ipv6!.prefixLength)
+        }
         let loop = group.next()
         let forwarder = NIOLoopBoundBox<DNSForwarder?>.makeEmptyBox(eventLoop: loop)
         var template = TunnelAssignment(mtu: settings.mtu, dnsServers: settings.dns)
         do {
-            try HostNetwork.configureDevice(device.name, mtu: settings.mtu, addresses: [gateway4] + (gateway6.map { [$0] } ?? []))
+            try HostNetwork.configureDevice(
+                device.name,
+                mtu: settings.mtu,
+                addresses: [gateway4] + (gateway6.map { [$0] } ?? [])
+            )
             guard HostNetwork.setSysctl("net.ipv4.ip_forward", "1", journal: journal) else {
                 throw SetupError(description: "cannot turn on IPv4 forwarding (net.ipv4.ip_forward)")
             }
             if pool.ipv6 != nil, !HostNetwork.setSysctl("net.ipv6.conf.all.forwarding", "1", journal: journal) {
-                throw SetupError(description: "cannot turn on IPv6 forwarding (net.ipv6.conf.all.forwarding); use --tun-pool6 none")
+                throw SetupError(
+                    description: "cannot turn on IPv6 forwarding (net.ipv6.conf.all.forwarding); use --tun-pool6 none"
+                )
             }
             let table = Self.tableName(device: device.name)
             try HostNetwork.installTable(
-                family: "inet", name: table,
+                family: "inet",
+                name: table,
                 ruleset: FirewallRules.serverTable(
-                    name: table, device: device.name, pool4: "\(pool.ipv4)", pool6: pool.ipv6.map { "\($0)" },
-                    gateways: [gateway4.address] + (gateway6.map { [$0.address] } ?? []), destinations: Self.destinations(policy)
+                    name: table,
+                    device: device.name,
+                    pool4: "\(pool.ipv4)",
+                    pool6: pool.ipv6.map { "\($0)" },
+                    gateways: [gateway4.address] + (gateway6.map { [$0.address] } ?? []),
+                    destinations: Self.destinations(policy)
                 ),
                 journal: journal
             )
             if settings.dns.isEmpty {
                 // Our own forwarder on the gateway addresses, asking this host's resolvers.
-                let text = HostChangeJournal.readFile("/etc/resolv.conf").map { String(decoding: $0, as: UTF8.self) } ?? ""
-                let upstreams = ResolverFile.nameservers(in: text).compactMap { try? SocketAddress(ipAddress: $0.description, port: 53) }
+                let text =
+                    HostChangeJournal.readFile("/etc/resolv.conf").map { String(decoding: $0, as: UTF8.self) } ?? ""
+                let upstreams = ResolverFile.nameservers(in: text).compactMap {
+                    try? SocketAddress(ipAddress: $0.description, port: 53)
+                }
                 if upstreams.isEmpty {
-                    logger.warning("no nameserver in /etc/resolv.conf: full-tunnel clients get no DNS server (set --tun-dns)")
+                    logger.warning(
+                        "no nameserver in /etc/resolv.conf: full-tunnel clients get no DNS server (set --tun-dns)"
+                    )
                 } else {
                     var addresses = [try SocketAddress(ipAddress: gateway4.address.description, port: 53)]
-                    if let gateway6 { addresses.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53)) }
+                    if let gateway6 {
+                        addresses.append(try SocketAddress(ipAddress: gateway6.address.description, port: 53))
+                    }
                     let listen = addresses  // a constant, for the closure sent to the loop
                     try await loop.flatSubmit {
                         let dns = DNSForwarder(eventLoop: loop, upstreams: upstreams, logger: logger)
@@ -187,7 +231,14 @@ final class ServerTUN: Sendable {
         }
 
         let tun = ServerTUN(
-            device: device, loops: loops, pool: pool, template: template, journal: journal, lock: lock, forwarder: forwarder, loop: loop,
+            device: device,
+            loops: loops,
+            pool: pool,
+            template: template,
+            journal: journal,
+            lock: lock,
+            forwarder: forwarder,
+            loop: loop,
             logger: logger
         )
         for (queue, queueLoop) in loops.enumerated() {
@@ -198,9 +249,15 @@ final class ServerTUN: Sendable {
                     .channelOption(.maxMessagesPerRead, value: 32)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            let reader = ServerTUNReader(tun: tun, descriptor: device.readDescriptor(queue: queue), packetCapacity: settings.mtu + 64)
+                            let reader = ServerTUNReader(
+                                tun: tun,
+                                descriptor: device.readDescriptor(queue: queue),
+                                packetCapacity: settings.mtu + 64
+                            )
                             try channel.pipeline.syncOperations.addHandler(reader)
-                            tun.readers.withLockedValue { $0[queue] = NIOLoopBound(reader, eventLoop: channel.eventLoop) }
+                            tun.readers.withLockedValue {
+                                $0[queue] = NIOLoopBound(reader, eventLoop: channel.eventLoop)
+                            }
                         }
                     }
                     .takingOwnershipOfDescriptor(input: device.readDescriptor(queue: queue))
@@ -227,8 +284,11 @@ final class ServerTUN: Sendable {
             list.map { (network: $0.network.description, allow: $0.allow) }
         }
         return FirewallRules.ClientDestinations(
-            ordered4: pairs(rules.ordered4), builtIn4: rules.builtIn4.map(\.description), ordered6: pairs(rules.ordered6),
-            builtIn6: rules.builtIn6.map(\.description), embedded: pairs(rules.embedded)
+            ordered4: pairs(rules.ordered4),
+            builtIn4: rules.builtIn4.map(\.description),
+            ordered6: pairs(rules.ordered6),
+            builtIn6: rules.builtIn6.map(\.description),
+            embedded: pairs(rules.embedded)
         )
     }
 
@@ -238,7 +298,10 @@ final class ServerTUN: Sendable {
             state.closed = true
             for slot in state.routes.indices { state.routes[slot] = nil }
         }
-        let channels = self.readChannels.withLockedValue { channels in defer { channels = [] }; return channels }
+        let channels = self.readChannels.withLockedValue { channels in
+            defer { channels = [] }
+            return channels
+        }
         for channel in channels { try? await channel.close() }
         let forwarder = self.forwarder
         try? await self.loop.submit { forwarder.value?.stop() }.get()

@@ -1,10 +1,10 @@
-import Logging
 import LocalProxy
+import Logging
 import NIOCore
 import NIOPosix
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
 
 /// One UDP association on the server: an IPv4 and (where the host has IPv6) an IPv6 socket of its own, from
 /// which the client's datagrams go out and whose replies come back through the tunnel tagged with their
@@ -39,7 +39,13 @@ final class ServerUDPAssociation: MuxStreamContext {
     /// Most remembered destinations; the oldest is forgotten beyond this.
     static let maxContacted = 4096
 
-    init(stream: MuxStream, tunnel: TunnelConnectionHandler, connector: OutboundConnector, idleTimeout: TimeAmount, logger: Logger) {
+    init(
+        stream: MuxStream,
+        tunnel: TunnelConnectionHandler,
+        connector: OutboundConnector,
+        idleTimeout: TimeAmount,
+        logger: Logger
+    ) {
         self.stream = stream
         self.tunnel = tunnel
         self.connector = connector
@@ -52,7 +58,8 @@ final class ServerUDPAssociation: MuxStreamContext {
     func start() {
         self.stream.context = self
         let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
-            { [weak self] in self?.remoteDatagram($0) }, eventLoop: self.eventLoop
+            { [weak self] in self?.remoteDatagram($0) },
+            eventLoop: self.eventLoop
         )
         func bind(_ host: String) -> EventLoopFuture<any Channel> {
             DatagramReader.bind(host: host, port: 0, on: self.eventLoop, receive: reader)
@@ -67,7 +74,11 @@ final class ServerUDPAssociation: MuxStreamContext {
                         self.close()
                         return
                     }
-                    self.tunnel?.completeOpen(self.stream, reply: .succeeded, bound: self.ipv4?.localAddress?.targetAddress ?? .unspecified)
+                    self.tunnel?.completeOpen(
+                        self.stream,
+                        reply: .succeeded,
+                        bound: self.ipv4?.localAddress?.targetAddress ?? .unspecified
+                    )
                     self.armIdleTimer()
                 }
             case .failure(let error):
@@ -96,27 +107,41 @@ final class ServerUDPAssociation: MuxStreamContext {
         self.ipv4?.close(promise: nil)
         self.ipv6?.close(promise: nil)
         self.tunnel?.release(self.stream)
-        self.logger.debug("UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(self.dropped) dropped")
+        self.logger.debug(
+            "UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(self.dropped) dropped"
+        )
     }
 
     // MARK: - From the client (through the tunnel)
 
     func deliverDatagram(_ payload: ByteBuffer) {
-        guard !self.closed, let (target, data) = SOCKS5UDP.split(payload) else { return self.dropped += 1 }
+        guard !self.closed, let (target, data) = SOCKS5UDP.split(payload) else {
+            self.dropped += 1
+            return
+        }
         self.lastActivity = .now()
         switch target.host {
         case .ipv4, .ipv6:
-            guard let address = target.socketAddress, !self.connector.isDenied(address) else { return self.dropped += 1 }
+            guard let address = target.socketAddress, !self.connector.isDenied(address) else {
+                self.dropped += 1
+                return
+            }
             self.send(data, to: address)
         case .domain(let name):
             let key = "\(name.lowercased())"
             if let cached = self.names[key], cached.expires > .now() {
-                guard var address = cached.addresses.first else { return self.dropped += 1 }
+                guard var address = cached.addresses.first else {
+                    self.dropped += 1
+                    return
+                }
                 address.port = Int(target.port)
                 self.send(data, to: address)
                 return
             }
-            guard self.waitingCount < Self.maxWaiting else { return self.dropped += 1 }
+            guard self.waitingCount < Self.maxWaiting else {
+                self.dropped += 1
+                return
+            }
             self.waitingCount += 1
             if self.waitingForName[key] != nil {
                 self.waitingForName[key]!.append(payload)
@@ -149,7 +174,10 @@ final class ServerUDPAssociation: MuxStreamContext {
         case .v6: channel = self.ipv6
         default: channel = nil
         }
-        guard let channel, channel.isWritable else { return self.dropped += 1 }
+        guard let channel, channel.isWritable else {
+            self.dropped += 1
+            return
+        }
         self.sent += 1
         if let bytes = address.unmappedBytes, self.contacted.insert(bytes).inserted {
             self.contactedOrder.append(bytes)
@@ -165,7 +193,8 @@ final class ServerUDPAssociation: MuxStreamContext {
     func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
         guard !self.closed, let mux = self.tunnel?.multiplexer else { return }
         guard let bytes = envelope.remoteAddress.unmappedBytes, self.contacted.contains(bytes) else {
-            return self.dropped += 1  // from an address this association never sent to
+            self.dropped += 1
+            return  // from an address this association never sent to
         }
         self.lastActivity = .now()
         // Tagged with its real source, an IPv4 peer as IPv4 (targetAddress unmaps).

@@ -4,8 +4,8 @@ import NIOCore
 import NIOPosix
 import TunnelConfig
 import TunnelProtocol
-import TunnelTransport
 import TunnelRuntime
+import TunnelTransport
 
 /// `tunnel-server`: accepts tunnel connections, runs one session per client connection on its own event
 /// loop, and opens the outbound connections streams ask for.
@@ -26,13 +26,16 @@ public final class TunnelServer: Sendable {
         self.group = group
         self.logger = logger
         self.registry = ServerSessionRegistry(
-            authorizedKeys: resolved.authorizedKeys, maxPendingHandshakes: resolved.settings.maxPendingHandshakes
+            authorizedKeys: resolved.authorizedKeys,
+            maxPendingHandshakes: resolved.settings.maxPendingHandshakes
         )
         self.resolverPool = NIOThreadPool(numberOfThreads: 2)
         self.resolverPool.start()
         self.connector = OutboundConnector(
-            connectTimeout: .nanoseconds(resolved.settings.connectTimeout), policy: resolved.settings.destinationPolicy,
-            hostAddresses: HostAddresses(), resolverPool: self.resolverPool
+            connectTimeout: .nanoseconds(resolved.settings.connectTimeout),
+            policy: resolved.settings.destinationPolicy,
+            hostAddresses: HostAddresses(),
+            resolverPool: self.resolverPool
         )
     }
 
@@ -46,7 +49,11 @@ public final class TunnelServer: Sendable {
         var tun: ServerTUN? = nil
         if settings.tun.enabled {
             tun = try await ServerTUN.start(
-                settings: settings.tun, policy: settings.destinationPolicy, statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen), serverKey: self.resolved.key.publicKey, group: self.group,
+                settings: settings.tun,
+                policy: settings.destinationPolicy,
+                statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen),
+                serverKey: self.resolved.key.publicKey,
+                group: self.group,
                 logger: self.logger
             )
             self.tun.withLockedValue { $0 = tun }
@@ -71,7 +78,11 @@ public final class TunnelServer: Sendable {
         return address
     }
 
-    private func bind(configuration: TunnelConnectionHandler.Configuration, tun: ServerTUN?, udpIdleTimeout: TimeAmount) async throws -> any Channel {
+    private func bind(
+        configuration: TunnelConnectionHandler.Configuration,
+        tun: ServerTUN?,
+        udpIdleTimeout: TimeAmount
+    ) async throws -> any Channel {
         let key = self.resolved.key
         let ciphers = self.resolved.settings.ciphers
         let registry = self.registry
@@ -90,10 +101,12 @@ public final class TunnelServer: Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     let handler = TunnelConnectionHandler(
                         role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
-                        configuration: configuration, logger: logger
+                        configuration: configuration,
+                        logger: logger
                     )
                     let handle = ServerSessionRegistry.Handle(
-                        id: ObjectIdentifier(handler), handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
+                        id: ObjectIdentifier(handler),
+                        handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
                     )
                     let source = ServerSessionRegistry.sourceKey(channel.remoteAddress)
                     switch registry.beginHandshake(handle, source: source) {
@@ -111,8 +124,13 @@ public final class TunnelServer: Sendable {
                         }
                     }
                     handler.delegate = ServerSession(
-                        registry: registry, connector: connector, handle: handle, udpIdleTimeout: udpIdleTimeout, tun: tun,
-                        source: source, logger: logger
+                        registry: registry,
+                        connector: connector,
+                        handle: handle,
+                        udpIdleTimeout: udpIdleTimeout,
+                        tun: tun,
+                        source: source,
+                        logger: logger
                     )
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
@@ -124,7 +142,10 @@ public final class TunnelServer: Sendable {
     /// Graceful shutdown: stop accepting, GOAWAY to every client, let streams drain up to the drain timeout,
     /// then CLOSE every tunnel.
     public func shutdown() async {
-        self.summaryTask.withLockedValue { $0?.cancel(); $0 = nil }
+        self.summaryTask.withLockedValue {
+            $0?.cancel()
+            $0 = nil
+        }
         if let channel = self.listener.take() { try? await channel.close() }
         let sessions = self.registry.beginShutdown()
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)

@@ -1,12 +1,12 @@
 import ArgumentParser
+import ClientRuntime
 import Logging
 import NIOCore
 import NIOPosix
+import ServerRuntime
 import ServiceLifecycle
 import TunnelConfig
 import TunnelCrypto
-import ClientRuntime
-import ServerRuntime
 import TunnelRuntime
 
 /// `tunnel-client`: the local end. A SOCKS5 listener on localhost whose streams all travel through one
@@ -29,55 +29,137 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         subcommands: []
     )
 
-    @Option(name: .long, help: ArgumentHelp("The tunnel server. Required unless set in --config.", valueName: "host:port"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("The tunnel server. Required unless set in --config.", valueName: "host:port")
+    )
     var server: String?
 
-    @Option(name: .customLong("server-key"), help: ArgumentHelp("The server's public key (base64, as its keygen/pubkey printed); the client refuses any other server. Required unless set in --config.", valueName: "base64"))
+    @Option(
+        name: .customLong("server-key"),
+        help: ArgumentHelp(
+            "The server's public key (base64, as its keygen/pubkey printed); the client refuses any other server. Required unless set in --config.",
+            valueName: "base64"
+        )
+    )
     var serverKey: String?
 
-    @Option(name: .long, help: ArgumentHelp("This client's private key file. Required unless set in --config.", valueName: "path"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("This client's private key file. Required unless set in --config.", valueName: "path")
+    )
     var key: String?
 
-    @Option(name: .long, help: ArgumentHelp("Where to listen for SOCKS5 (default: 127.0.0.1:1080).", valueName: "host:port"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Where to listen for SOCKS5 (default: 127.0.0.1:1080).", valueName: "host:port")
+    )
     var socks: String?
 
-    @Option(name: .customLong("socks-user"), help: ArgumentHelp("Require this username on the local proxy (SOCKS5 username/password, SOCKS4 user id, HTTP Basic). Default: no authentication.", valueName: "name"))
+    @Option(
+        name: .customLong("socks-user"),
+        help: ArgumentHelp(
+            "Require this username on the local proxy (SOCKS5 username/password, SOCKS4 user id, HTTP Basic). Default: no authentication.",
+            valueName: "name"
+        )
+    )
     var socksUser: String?
 
-    @Option(name: .customLong("socks-pass"), help: ArgumentHelp("The password that goes with --socks-user. Every user on this machine can read it in ps: prefer --socks-pass-file.", valueName: "password"))
+    @Option(
+        name: .customLong("socks-pass"),
+        help: ArgumentHelp(
+            "The password that goes with --socks-user. Every user on this machine can read it in ps: prefer --socks-pass-file.",
+            valueName: "password"
+        )
+    )
     var socksPass: String?
 
-    @Option(name: .customLong("socks-pass-file"), help: ArgumentHelp("Read the password that goes with --socks-user from the first line of this file (keep it mode 0600).", valueName: "path"))
+    @Option(
+        name: .customLong("socks-pass-file"),
+        help: ArgumentHelp(
+            "Read the password that goes with --socks-user from the first line of this file (keep it mode 0600).",
+            valueName: "path"
+        )
+    )
     var socksPassFile: String?
 
-    @Flag(name: .long, help: "Compress stream data with zlib when the server agrees (default: off; only worth it on slow links, and see the README on what compression can leak).")
+    @Flag(
+        name: .long,
+        help:
+            "Compress stream data with zlib when the server agrees (default: off; only worth it on slow links, and see the README on what compression can leak)."
+    )
     var compress = false
 
-    @Flag(name: .customLong("allow-open-proxy"), help: "Allow --socks on a non-loopback address without --socks-user (default: refused).")
+    @Flag(
+        name: .customLong("allow-open-proxy"),
+        help: "Allow --socks on a non-loopback address without --socks-user (default: refused)."
+    )
     var allowOpenProxy = false
 
-    @Flag(name: .customLong("full-tunnel"), help: "Send all of this machine's IP traffic through the tunnel via a TUN device (needs root or CAP_NET_ADMIN, and tunnel-server --tun). Routes, DNS and firewall changes are undone on exit.")
+    @Flag(
+        name: .customLong("full-tunnel"),
+        help:
+            "Send all of this machine's IP traffic through the tunnel via a TUN device (needs root or CAP_NET_ADMIN, and tunnel-server --tun). Routes, DNS and firewall changes are undone on exit."
+    )
     var fullTunnel = false
 
-    @Option(name: .long, help: ArgumentHelp("With --full-tunnel: keep this network off the tunnel (repeatable; e.g. your LAN).", valueName: "cidr"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "With --full-tunnel: keep this network off the tunnel (repeatable; e.g. your LAN).",
+            valueName: "cidr"
+        )
+    )
     var exclude: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("With --full-tunnel: the DNS server to use through the tunnel (repeatable). Default: the server's. 'off' leaves /etc/resolv.conf alone (DNS may leak).", valueName: "ip|off"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "With --full-tunnel: the DNS server to use through the tunnel (repeatable). Default: the server's. 'off' leaves /etc/resolv.conf alone (DNS may leak).",
+            valueName: "ip|off"
+        )
+    )
     var dns: [String] = []
 
-    @Flag(name: .customLong("kill-switch"), help: "With --full-tunnel: block all traffic outside the tunnel (except to the server) while the client runs, also while the tunnel is down (needs nftables).")
+    @Flag(
+        name: .customLong("kill-switch"),
+        help:
+            "With --full-tunnel: block all traffic outside the tunnel (except to the server) while the client runs, also while the tunnel is down (needs nftables)."
+    )
     var killSwitch = false
 
-    @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --full-tunnel: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
+    @Option(
+        name: .customLong("tun-name"),
+        help: ArgumentHelp(
+            "With --full-tunnel: the TUN device name ('%d' picks a free number; default tunnel%d).",
+            valueName: "name"
+        )
+    )
     var tunName: String?
 
-    @Flag(name: .customLong("recover-only"), help: "Undo what a --full-tunnel client that was killed or crashed left on this host (routes, resolver, firewall), then exit. Every start does this too.")
+    @Flag(
+        name: .customLong("recover-only"),
+        help:
+            "Undo what a --full-tunnel client that was killed or crashed left on this host (routes, resolver, firewall), then exit. Every start does this too."
+    )
     var recoverOnly = false
 
-    @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/client.toml); flags override its values. Default: none.", valueName: "file"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "TOML config file (see Configs/client.toml); flags override its values. Default: none.",
+            valueName: "file"
+        )
+    )
     var config: String?
 
-    @Option(name: .customLong("log-level"), help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).", valueName: "level"))
+    @Option(
+        name: .customLong("log-level"),
+        help: ArgumentHelp(
+            "trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).",
+            valueName: "level"
+        )
+    )
     var logLevel: String?
 
     public init() {}
@@ -90,27 +172,39 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         if let v = self.server { settings.server = try parseEndpointFlag(v, flag: "--server") }
         if let v = self.serverKey {
-            guard let key = PublicKey(base64: v) else { throw ConfigError("--server-key: '\(v)' is not a base64 X25519 public key") }
+            guard let key = PublicKey(base64: v) else {
+                throw ConfigError("--server-key: '\(v)' is not a base64 X25519 public key")
+            }
             settings.serverKey = key
         }
         if let v = self.key { settings.keyPath = v }
         if let v = self.socks { settings.socks = try parseEndpointFlag(v, flag: "--socks") }
         if let v = self.socksUser { settings.socksUser = v }
         if let v = self.socksPass { settings.socksPassword = v }
-        if let v = self.socksPassFile { settings.socksPassword = try ClientSettings.readPasswordFile(v, origin: "--socks-pass-file") }
+        if let v = self.socksPassFile {
+            settings.socksPassword = try ClientSettings.readPasswordFile(v, origin: "--socks-pass-file")
+        }
         if self.allowOpenProxy { settings.allowOpenProxy = true }
         if self.compress { settings.compress = true }
         if self.fullTunnel { settings.fullTunnel.enabled = true }
-        if !self.exclude.isEmpty { settings.fullTunnel.exclude = try ClientFullTunnelSettings.parseExcludes(self.exclude, origin: "--exclude") }
-        if !self.dns.isEmpty { settings.fullTunnel.dns = try ClientFullTunnelSettings.parseDNS(self.dns, origin: "--dns") }
+        if !self.exclude.isEmpty {
+            settings.fullTunnel.exclude = try ClientFullTunnelSettings.parseExcludes(self.exclude, origin: "--exclude")
+        }
+        if !self.dns.isEmpty {
+            settings.fullTunnel.dns = try ClientFullTunnelSettings.parseDNS(self.dns, origin: "--dns")
+        }
         if self.killSwitch { settings.fullTunnel.killSwitch = true }
-        if let v = self.tunName { settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
+        if let v = self.tunName {
+            settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name")
+        }
         if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if self.recoverOnly {
             let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
             do {
                 try CrashRecovery.recoverOnly(
-                    statePath: CrashRecovery.clientStatePath(settings.fullTunnel), program: "tunnel-client --full-tunnel", logger: logger
+                    statePath: CrashRecovery.clientStatePath(settings.fullTunnel),
+                    program: "tunnel-client --full-tunnel",
+                    logger: logger
                 )
             } catch {
                 throw RuntimeFailure(message: error.description)
@@ -124,7 +218,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
 
         let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
         if self.socksPass != nil {
-            logger.warning("--socks-pass is visible to every user of this machine (ps, /proc); use --socks-pass-file or socks_pass in a config file of mode 0600")
+            logger.warning(
+                "--socks-pass is visible to every user of this machine (ps, /proc); use --socks-pass-file or socks_pass in a config file of mode 0600"
+            )
         }
         if resolved.keyFileInsecure {
             logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
@@ -133,9 +229,12 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
         let service = ListenerService(
-            readyPrefix: "SOCKS5 listening on", failurePrefix: "cannot listen for SOCKS5",
-            listen: resolved.settings.socks.description, setting: "--socks HOST:PORT (or socks in --config)",
-            start: { try await client.start() }, stop: { await client.shutdown() }
+            readyPrefix: "SOCKS5 listening on",
+            failurePrefix: "cannot listen for SOCKS5",
+            listen: resolved.settings.socks.description,
+            setting: "--socks HOST:PORT (or socks in --config)",
+            start: { try await client.start() },
+            stop: { await client.shutdown() }
         )
         try await runUntilSignalled(service, group: group, logger: logger)
         if let failure = client.failure { throw RuntimeFailure(message: failure) }

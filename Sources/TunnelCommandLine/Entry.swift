@@ -1,17 +1,18 @@
+import ArgumentParser
+import ClientRuntime
+import Logging
+import NIOCore
+import NIOPosix
+import ServerRuntime
+import ServiceLifecycle
+import TunnelConfig
+import TunnelRuntime
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import ArgumentParser
-import Logging
-import NIOCore
-import NIOPosix
-import ServiceLifecycle
-import TunnelConfig
-import ClientRuntime
-import ServerRuntime
-import TunnelRuntime
 
 /// Runs a root command with the exit codes scripts rely on: 0 on success and for `--help`, 2 for bad
 /// arguments and unreadable or malformed files (one line on standard error), 1 for failures at run time.
@@ -57,7 +58,11 @@ enum Entry {
 }
 
 extension Entry {
-    static func runSubcommand<Command: ParsableCommand>(_ type: Command.Type, _ arguments: [String], name: String) async -> Never {
+    static func runSubcommand<Command: ParsableCommand>(
+        _ type: Command.Type,
+        _ arguments: [String],
+        name: String
+    ) async -> Never {
         do {
             var command = try type.parseAsRoot(arguments)
             try command.run()
@@ -155,7 +160,9 @@ struct ListenerService: Service {
         } catch let failure as any StartupFailure {
             throw RuntimeFailure(message: failure.description)
         } catch {
-            throw RuntimeFailure(message: "\(self.failurePrefix) on \(self.listen): \(Self.explain(error, setting: self.setting))")
+            throw RuntimeFailure(
+                message: "\(self.failurePrefix) on \(self.listen): \(Self.explain(error, setting: self.setting))"
+            )
         }
         printFlushed("\(self.readyPrefix) \(address)")
         try? await gracefulShutdown()

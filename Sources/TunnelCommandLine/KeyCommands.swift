@@ -31,7 +31,10 @@ struct Keygen: ParsableCommand {
 
 /// `pubkey --key PATH`: prints the public key of a private key file.
 struct Pubkey: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "pubkey", abstract: "Print the public key of a private key file.")
+    static let configuration = CommandConfiguration(
+        commandName: "pubkey",
+        abstract: "Print the public key of a private key file."
+    )
 
     @Option(name: .long, help: ArgumentHelp("Private key file (as written by keygen).", valueName: "path"))
     var key: String

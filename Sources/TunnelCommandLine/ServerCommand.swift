@@ -1,12 +1,12 @@
 import ArgumentParser
+import ClientRuntime
 import Logging
 import NIOCore
 import NIOPosix
+import ServerRuntime
 import ServiceLifecycle
 import TunnelConfig
 import TunnelProtocol
-import ClientRuntime
-import ServerRuntime
 import TunnelRuntime
 
 /// `tunnel-server`: the remote end. Accepts tunnel connections from authorized clients and opens the
@@ -26,43 +26,111 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         subcommands: []
     )
 
-    @Option(name: .long, help: ArgumentHelp("Address to accept tunnel connections on; port 0 picks a free one. Required unless set in --config.", valueName: "host:port"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Address to accept tunnel connections on; port 0 picks a free one. Required unless set in --config.",
+            valueName: "host:port"
+        )
+    )
     var listen: String?
 
-    @Option(name: .long, help: ArgumentHelp("The server's private key file. Required unless set in --config.", valueName: "path"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("The server's private key file. Required unless set in --config.", valueName: "path")
+    )
     var key: String?
 
-    @Option(name: .customLong("authorized-keys"), help: ArgumentHelp("File of client public keys allowed to connect: one base64 key per line, optional comment after whitespace, '#' lines ignored. Required unless set in --config.", valueName: "path"))
+    @Option(
+        name: .customLong("authorized-keys"),
+        help: ArgumentHelp(
+            "File of client public keys allowed to connect: one base64 key per line, optional comment after whitespace, '#' lines ignored. Required unless set in --config.",
+            valueName: "path"
+        )
+    )
     var authorizedKeys: String?
 
-    @Option(name: .long, help: ArgumentHelp("Let clients reach this range although the server denies it by default (loopback, private, link-local and unique-local ranges, the unspecified address, this host's own addresses). Repeatable; adds to allow in --config. Example: --allow 192.168.1.0/24 for a home LAN.", valueName: "cidr"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Let clients reach this range although the server denies it by default (loopback, private, link-local and unique-local ranges, the unspecified address, this host's own addresses). Repeatable; adds to allow in --config. Example: --allow 192.168.1.0/24 for a home LAN.",
+            valueName: "cidr"
+        )
+    )
     var allow: [String] = []
 
-    @Flag(name: .long, help: "Offer full-tunnel mode: a TUN device, an address per client, forwarding and NAT (nftables) to the outside (needs root or CAP_NET_ADMIN).")
+    @Flag(
+        name: .long,
+        help:
+            "Offer full-tunnel mode: a TUN device, an address per client, forwarding and NAT (nftables) to the outside (needs root or CAP_NET_ADMIN)."
+    )
     var tun = false
 
-    @Option(name: .customLong("tun-pool"), help: ArgumentHelp("With --tun: the IPv4 network for clients; the server takes host 1 (default 10.77.0.0/24).", valueName: "cidr"))
+    @Option(
+        name: .customLong("tun-pool"),
+        help: ArgumentHelp(
+            "With --tun: the IPv4 network for clients; the server takes host 1 (default 10.77.0.0/24).",
+            valueName: "cidr"
+        )
+    )
     var tunPool: String?
 
-    @Option(name: .customLong("tun-pool6"), help: ArgumentHelp("With --tun: the IPv6 network for clients: auto (a unique local /64 derived from the server key; the default), none (clients block IPv6), or a CIDR.", valueName: "auto|none|cidr"))
+    @Option(
+        name: .customLong("tun-pool6"),
+        help: ArgumentHelp(
+            "With --tun: the IPv6 network for clients: auto (a unique local /64 derived from the server key; the default), none (clients block IPv6), or a CIDR.",
+            valueName: "auto|none|cidr"
+        )
+    )
     var tunPool6: String?
 
-    @Option(name: .customLong("tun-mtu"), help: ArgumentHelp("With --tun: MTU of the TUN devices at both ends (default 1420).", valueName: "bytes"))
+    @Option(
+        name: .customLong("tun-mtu"),
+        help: ArgumentHelp("With --tun: MTU of the TUN devices at both ends (default 1420).", valueName: "bytes")
+    )
     var tunMTU: Int?
 
-    @Option(name: .customLong("tun-dns"), help: ArgumentHelp("With --tun: DNS server to tell clients (repeatable). Default: the server's own forwarder on its pool address, which asks this host's resolvers.", valueName: "ip"))
+    @Option(
+        name: .customLong("tun-dns"),
+        help: ArgumentHelp(
+            "With --tun: DNS server to tell clients (repeatable). Default: the server's own forwarder on its pool address, which asks this host's resolvers.",
+            valueName: "ip"
+        )
+    )
     var tunDNS: [String] = []
 
-    @Option(name: .customLong("tun-name"), help: ArgumentHelp("With --tun: the TUN device name ('%d' picks a free number; default tunnel%d).", valueName: "name"))
+    @Option(
+        name: .customLong("tun-name"),
+        help: ArgumentHelp(
+            "With --tun: the TUN device name ('%d' picks a free number; default tunnel%d).",
+            valueName: "name"
+        )
+    )
     var tunName: String?
 
-    @Flag(name: .customLong("recover-only"), help: "Undo what a --tun server on the same --listen address that was killed or crashed left on this host (firewall table, forwarding), then exit. Every start with --tun does this too.")
+    @Flag(
+        name: .customLong("recover-only"),
+        help:
+            "Undo what a --tun server on the same --listen address that was killed or crashed left on this host (firewall table, forwarding), then exit. Every start with --tun does this too."
+    )
     var recoverOnly = false
 
-    @Option(name: .long, help: ArgumentHelp("TOML config file (see Configs/server.toml); flags override its values. Default: none.", valueName: "file"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "TOML config file (see Configs/server.toml); flags override its values. Default: none.",
+            valueName: "file"
+        )
+    )
     var config: String?
 
-    @Option(name: .customLong("log-level"), help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).", valueName: "level"))
+    @Option(
+        name: .customLong("log-level"),
+        help: ArgumentHelp(
+            "trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).",
+            valueName: "level"
+        )
+    )
     var logLevel: String?
 
     public init() {}
@@ -83,20 +151,30 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.tunPool6 { settings.tun.pool6 = try ServerTUNSettings.parsePool6(v, origin: "--tun-pool6") }
         if let v = self.tunMTU {
             guard TunnelAssignment.mtuRange.contains(v) else {
-                throw ConfigError("--tun-mtu: \(v) is out of range (\(TunnelAssignment.mtuRange.lowerBound)...\(TunnelAssignment.mtuRange.upperBound))")
+                throw ConfigError(
+                    "--tun-mtu: \(v) is out of range (\(TunnelAssignment.mtuRange.lowerBound)...\(TunnelAssignment.mtuRange.upperBound))"
+                )
             }
             settings.tun.mtu = v
         }
-        if !self.tunDNS.isEmpty { settings.tun.dns = try ServerTUNSettings.parseAddresses(self.tunDNS, origin: "--tun-dns") }
-        if let v = self.tunName { settings.tun.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name") }
+        if !self.tunDNS.isEmpty {
+            settings.tun.dns = try ServerTUNSettings.parseAddresses(self.tunDNS, origin: "--tun-dns")
+        }
+        if let v = self.tunName {
+            settings.tun.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name")
+        }
         if self.recoverOnly {
             guard let listen = settings.listen else {
-                throw ConfigError("--recover-only needs the --listen HOST:PORT of the server to recover (its journal is kept per address), or state_file in --config")
+                throw ConfigError(
+                    "--recover-only needs the --listen HOST:PORT of the server to recover (its journal is kept per address), or state_file in --config"
+                )
             }
             let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")
             do {
                 try CrashRecovery.recoverOnly(
-                    statePath: CrashRecovery.serverStatePath(settings.tun, listen: listen), program: "tunnel-server --tun", logger: logger
+                    statePath: CrashRecovery.serverStatePath(settings.tun, listen: listen),
+                    program: "tunnel-server --tun",
+                    logger: logger
                 )
             } catch {
                 throw RuntimeFailure(message: error.description)
@@ -115,9 +193,12 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
         let service = ListenerService(
-            readyPrefix: "tunnel-server listening on", failurePrefix: "cannot listen",
-            listen: resolved.listen.description, setting: "--listen HOST:PORT (or listen in --config)",
-            start: { try await server.start() }, stop: { await server.shutdown() }
+            readyPrefix: "tunnel-server listening on",
+            failurePrefix: "cannot listen",
+            listen: resolved.listen.description,
+            setting: "--listen HOST:PORT (or listen in --config)",
+            start: { try await server.start() },
+            stop: { await server.shutdown() }
         )
         try await runUntilSignalled(service, group: group, logger: logger)
     }

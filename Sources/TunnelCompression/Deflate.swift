@@ -19,8 +19,14 @@ public final class Deflater {
 
     public init?() {
         let rc = deflateInit2_(
-            &self.stream, Self.level, Z_DEFLATED, -Self.windowBits, Self.memoryLevel, Z_DEFAULT_STRATEGY,
-            ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)
+            &self.stream,
+            Self.level,
+            Z_DEFLATED,
+            -Self.windowBits,
+            Self.memoryLevel,
+            Z_DEFAULT_STRATEGY,
+            ZLIB_VERSION,
+            Int32(MemoryLayout<z_stream>.size)
         )
         guard rc == Z_OK else { return nil }
     }
@@ -40,7 +46,9 @@ public final class Deflater {
         var written = 0
         _ = input.withUnsafeReadableBytes { source in
             output.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { destination in
-                self.stream.next_in = UnsafeMutablePointer(mutating: source.baseAddress?.assumingMemoryBound(to: Bytef.self))
+                self.stream.next_in = UnsafeMutablePointer(
+                    mutating: source.baseAddress?.assumingMemoryBound(to: Bytef.self)
+                )
                 self.stream.avail_in = uInt(source.count)
                 self.stream.next_out = destination.baseAddress!.assumingMemoryBound(to: Bytef.self)
                 self.stream.avail_out = uInt(capacity)
@@ -80,12 +88,18 @@ public final class Inflater {
     }
 
     /// Inflates one frame's payload; the result never exceeds `limit` bytes.
-    public func inflate(_ input: ByteBuffer, limit: Int, allocator: ByteBufferAllocator) throws(InflateError) -> ByteBuffer {
+    public func inflate(
+        _ input: ByteBuffer,
+        limit: Int,
+        allocator: ByteBufferAllocator
+    ) throws(InflateError) -> ByteBuffer {
         var output = allocator.buffer(capacity: limit + 1)
         var failure: InflateError? = nil
         _ = input.withUnsafeReadableBytes { source in
             output.writeWithUnsafeMutableBytes(minimumWritableBytes: limit + 1) { destination in
-                self.stream.next_in = UnsafeMutablePointer(mutating: source.baseAddress?.assumingMemoryBound(to: Bytef.self))
+                self.stream.next_in = UnsafeMutablePointer(
+                    mutating: source.baseAddress?.assumingMemoryBound(to: Bytef.self)
+                )
                 self.stream.avail_in = uInt(source.count)
                 self.stream.next_out = destination.baseAddress!.assumingMemoryBound(to: Bytef.self)
                 // One spare byte: filling it means the frame holds more than `limit`.
@@ -122,7 +136,9 @@ public enum CompressibilityHint {
             let b1 = firstBytes.getInteger(at: firstBytes.readerIndex + 1, as: UInt8.self)
         else { return false }
         if (0x14...0x17).contains(b0) && b1 == 0x03 { return true }  // TLS record: handshake, alert, data, CCS
-        if let text = firstBytes.getString(at: firstBytes.readerIndex, length: min(4, firstBytes.readableBytes)), text == "SSH-" {
+        if let text = firstBytes.getString(at: firstBytes.readerIndex, length: min(4, firstBytes.readableBytes)),
+            text == "SSH-"
+        {
             return true
         }
         return false

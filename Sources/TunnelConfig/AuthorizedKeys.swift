@@ -1,9 +1,10 @@
+import TunnelCrypto
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import TunnelCrypto
 
 /// The server's list of client public keys: one base64 key per line, optionally followed by whitespace and a
 /// comment; blank lines and lines starting with `#` are ignored.
@@ -44,7 +45,9 @@ public struct AuthorizedKeys: Sendable {
             let keyText = line.prefix { !$0.isWhitespace }
             let comment = line.dropFirst(keyText.count).trimmingSpaces()
             guard let key = PublicKey(base64: keyText) else {
-                return .failure(ConfigProblem("line \(index + 1): '\(keyText.prefix(60))' is not a base64 X25519 public key"))
+                return .failure(
+                    ConfigProblem("line \(index + 1): '\(keyText.prefix(60))' is not a base64 X25519 public key")
+                )
             }
             entries.append(Entry(key: key, comment: String(comment), line: index + 1))
         }
@@ -89,7 +92,9 @@ func readTextFile(_ path: String, limit: Int = 1 << 20) -> Result<String, Config
     guard fd >= 0 else { return .failure(ConfigProblem("cannot open: \(String(cString: strerror(errno)))")) }
     defer { close(fd) }
     var info = stat()
-    guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { return .failure(ConfigProblem("not a regular file")) }
+    guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+        return .failure(ConfigProblem("not a regular file"))
+    }
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
@@ -102,6 +107,8 @@ func readTextFile(_ path: String, limit: Int = 1 << 20) -> Result<String, Config
         bytes += chunk[0..<n]
         guard bytes.count <= limit else { return .failure(ConfigProblem("file is larger than \(limit) bytes")) }
     }
-    guard let text = String(validating: bytes, as: UTF8.self) else { return .failure(ConfigProblem("not valid UTF-8 text")) }
+    guard let text = String(validating: bytes, as: UTF8.self) else {
+        return .failure(ConfigProblem("not valid UTF-8 text"))
+    }
     return .success(text)
 }

@@ -43,7 +43,9 @@ public struct ClientSettings: Sendable {
     public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.endpoint("server") { self.server = v }
         if let v = try file.string("server_key") {
-            guard let key = PublicKey(base64: v) else { throw ConfigError("\(file.location("server_key")) is not a base64 X25519 public key") }
+            guard let key = PublicKey(base64: v) else {
+                throw ConfigError("\(file.location("server_key")) is not a base64 X25519 public key")
+            }
             self.serverKey = key
         }
         if let v = try file.string("key") { self.keyPath = v }
@@ -57,7 +59,9 @@ public struct ClientSettings: Sendable {
         if let v = try file.boolean("udp") { self.udp = v }
         if let v = try file.boolean("compress") { self.compress = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
-        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level")) }
+        if let v = try file.string("log_level") {
+            self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level"))
+        }
         if let v = try file.string("cipher") {
             guard let choice = Self.parseCipher(v) else {
                 throw ConfigError("\(file.location("cipher")): unknown cipher '\(v)' (auto, aesgcm, chachapoly)")
@@ -103,13 +107,19 @@ public struct ClientSettings: Sendable {
         }
         let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
         let password = line.hasSuffix("\r") ? String(line.dropLast()) : String(line)
-        guard !password.isEmpty else { throw ConfigError("\(origin): \(path): the first line is empty (it holds the password)") }
+        guard !password.isEmpty else {
+            throw ConfigError("\(origin): \(path): the first line is empty (it holds the password)")
+        }
         return password
     }
 
     public func resolve() throws(ConfigError) -> Resolved {
-        guard let server = self.server else { throw ConfigError("--server HOST:PORT is required (or server in --config)") }
-        guard let serverKey = self.serverKey else { throw ConfigError("--server-key BASE64 is required (or server_key in --config)") }
+        guard let server = self.server else {
+            throw ConfigError("--server HOST:PORT is required (or server in --config)")
+        }
+        guard let serverKey = self.serverKey else {
+            throw ConfigError("--server-key BASE64 is required (or server_key in --config)")
+        }
         guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }
         switch (self.socksUser, self.socksPassword) {
         case (nil, nil): break
@@ -135,6 +145,12 @@ public struct ClientSettings: Sendable {
         } catch {
             throw ConfigError(error.description)
         }
-        return Resolved(settings: self, server: server, serverKey: serverKey, key: loaded.key, keyFileInsecure: loaded.insecureMode)
+        return Resolved(
+            settings: self,
+            server: server,
+            serverKey: serverKey,
+            key: loaded.key,
+            keyFileInsecure: loaded.insecureMode
+        )
     }
 }

@@ -41,20 +41,28 @@ public struct ConfigFile {
 
     public mutating func string(_ key: String) throws(ConfigError) -> String? {
         guard let entry = self.raw(key) else { return nil }
-        guard case .string(let s) = entry.value else { throw self.fail(key, "must be a string, not \(entry.value.typeName)") }
+        guard case .string(let s) = entry.value else {
+            throw self.fail(key, "must be a string, not \(entry.value.typeName)")
+        }
         return s
     }
 
     public mutating func integer(_ key: String, range: ClosedRange<Int>) throws(ConfigError) -> Int? {
         guard let entry = self.raw(key) else { return nil }
-        guard case .integer(let v) = entry.value else { throw self.fail(key, "must be an integer, not \(entry.value.typeName)") }
-        guard range.contains(v) else { throw self.fail(key, "must be between \(range.lowerBound) and \(range.upperBound)") }
+        guard case .integer(let v) = entry.value else {
+            throw self.fail(key, "must be an integer, not \(entry.value.typeName)")
+        }
+        guard range.contains(v) else {
+            throw self.fail(key, "must be between \(range.lowerBound) and \(range.upperBound)")
+        }
         return v
     }
 
     public mutating func boolean(_ key: String) throws(ConfigError) -> Bool? {
         guard let entry = self.raw(key) else { return nil }
-        guard case .boolean(let v) = entry.value else { throw self.fail(key, "must be true or false, not \(entry.value.typeName)") }
+        guard case .boolean(let v) = entry.value else {
+            throw self.fail(key, "must be true or false, not \(entry.value.typeName)")
+        }
         return v
     }
 
@@ -74,7 +82,8 @@ public struct ConfigFile {
         guard let entry = self.raw(key) else { return nil }
         let nanos: Int64?
         switch entry.value {
-        case .integer(let seconds): nanos = seconds >= 0 ? DurationParser.scaled(Int64(seconds), by: 1_000_000_000) : nil
+        case .integer(let seconds):
+            nanos = seconds >= 0 ? DurationParser.scaled(Int64(seconds), by: 1_000_000_000) : nil
         case .string(let text): nanos = DurationParser.parse(text)
         default: nanos = nil
         }
@@ -101,14 +110,18 @@ public struct ConfigFile {
         default: value = nil
         }
         guard let value else { throw self.fail(key, "must be a size such as \"256KiB\" or a number of bytes") }
-        guard range.contains(value) else { throw self.fail(key, "must be between \(range.lowerBound) and \(range.upperBound) bytes") }
+        guard range.contains(value) else {
+            throw self.fail(key, "must be between \(range.lowerBound) and \(range.upperBound) bytes")
+        }
         return value
     }
 
     /// Rejects keys that no accessor asked for.
     public func finish() throws(ConfigError) {
         let unknown = Set(self.entries.keys).subtracting(self.known)
-        guard let first = unknown.min(by: { (self.entries[$0]!.line, $0) < (self.entries[$1]!.line, $1) }) else { return }
+        guard let first = unknown.min(by: { (self.entries[$0]!.line, $0) < (self.entries[$1]!.line, $1) }) else {
+            return
+        }
         throw ConfigError("\(self.path): line \(self.entries[first]!.line): unknown setting '\(first)'")
     }
 }
@@ -116,7 +129,10 @@ public struct ConfigFile {
 /// Sizes: `"256KiB"`, `"4MiB"`, `"1GiB"`, `"512"` (bytes).
 public enum ByteSizeParser {
     public static func parse(_ text: String) -> Int? {
-        let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("B", 1)]
+        let units: [(String, Int)] = [
+            ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30),
+            ("B", 1),
+        ]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             guard let v = Int(text.dropLast(suffix.count).trimmingSpaces()), v >= 0 else { return nil }
             let (product, overflow) = v.multipliedReportingOverflow(by: scale)

@@ -58,11 +58,15 @@ public struct DestinationPolicy: Sendable, Hashable {
     /// The rules for one address, as it is (no embedded address looked at). Runs per UDP datagram: no allocation.
     private func refusal(judging address: [UInt8], hostAddresses: Set<[UInt8]>) -> Refusal? {
         var allowed = -1
-        for prefix in self.allow where prefix.prefixLength > allowed && prefix.contains(address) { allowed = prefix.prefixLength }
+        for prefix in self.allow where prefix.prefixLength > allowed && prefix.contains(address) {
+            allowed = prefix.prefixLength
+        }
         guard allowed >= 0 else {
             if address.allSatisfy({ $0 == 0 }) { return .unspecified }
             if hostAddresses.contains(address) { return .serverAddress }
-            if let prefix = Self.builtInDeny.first(where: { $0.contains(address) }) ?? self.deny.first(where: { $0.contains(address) }) {
+            if let prefix = Self.builtInDeny.first(where: { $0.contains(address) })
+                ?? self.deny.first(where: { $0.contains(address) })
+            {
                 return .denied(prefix)
             }
             return nil
@@ -78,7 +82,9 @@ public struct DestinationPolicy: Sendable, Hashable {
         guard bytes.count == 16 else { return nil }
         let unmapped = IPAddress.unmapped(bytes)
         if unmapped.count == 4 { return unmapped }
-        if bytes[0..<4] == [0x00, 0x64, 0xFF, 0x9B] && bytes[4..<12].allSatisfy({ $0 == 0 }) { return Array(bytes[12..<16]) }
+        if bytes[0..<4] == [0x00, 0x64, 0xFF, 0x9B] && bytes[4..<12].allSatisfy({ $0 == 0 }) {
+            return Array(bytes[12..<16])
+        }
         if bytes[0] == 0x20 && bytes[1] == 0x02 { return Array(bytes[2..<6]) }
         return nil
     }
@@ -108,7 +114,9 @@ extension DestinationPolicy {
     }
 
     public var packetRules: PacketRules {
-        let ordered = (self.allow.map { PacketRule(network: $0.normalized, allow: true) } + self.deny.map { PacketRule(network: $0.normalized, allow: false) })
+        let ordered =
+            (self.allow.map { PacketRule(network: $0.normalized, allow: true) }
+            + self.deny.map { PacketRule(network: $0.normalized, allow: false) })
             .enumerated()
             .sorted { a, b in
                 if a.element.network.prefixLength != b.element.network.prefixLength {
@@ -126,16 +134,36 @@ extension DestinationPolicy {
             embedded += builtIn4.map { PacketRule(network: form($0), allow: false) }
         }
         return PacketRules(
-            ordered4: ordered4, builtIn4: builtIn4, ordered6: ordered.filter { $0.network.address.isIPv6 },
-            builtIn6: Self.builtInDeny.filter { $0.address.isIPv6 }, embedded: embedded
+            ordered4: ordered4,
+            builtIn4: builtIn4,
+            ordered6: ordered.filter { $0.network.address.isIPv6 },
+            builtIn6: Self.builtInDeny.filter { $0.address.isIPv6 },
+            embedded: embedded
         )
     }
 
     /// The IPv6 prefixes that carry an IPv4 prefix: IPv4-mapped, NAT64 (96 bits before the address) and 6to4
     /// (16 bits before it), as `embeddedIPv4(in:)` reads them.
     static let embeddingForms: [@Sendable (CIDR) -> CIDR] = [
-        { CIDR(address: IPAddress(bytes: [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF] + $0.address.bytes)!, prefixLength: 96 + $0.prefixLength) },
-        { CIDR(address: IPAddress(bytes: [0x00, 0x64, 0xFF, 0x9B] + [UInt8](repeating: 0, count: 8) + $0.address.bytes)!, prefixLength: 96 + $0.prefixLength) },
-        { CIDR(address: IPAddress(bytes: [0x20, 0x02] + $0.address.bytes + [UInt8](repeating: 0, count: 10))!, prefixLength: 16 + $0.prefixLength) },
+        {
+            CIDR(
+                address: IPAddress(bytes: [UInt8](repeating: 0, count: 10) + [0xFF, 0xFF] + $0.address.bytes)!,
+                prefixLength: 96 + $0.prefixLength
+            )
+        },
+        {
+            CIDR(
+                address: IPAddress(
+                    bytes: [0x00, 0x64, 0xFF, 0x9B] + [UInt8](repeating: 0, count: 8) + $0.address.bytes
+                )!,
+                prefixLength: 96 + $0.prefixLength
+            )
+        },
+        {
+            CIDR(
+                address: IPAddress(bytes: [0x20, 0x02] + $0.address.bytes + [UInt8](repeating: 0, count: 10))!,
+                prefixLength: 16 + $0.prefixLength
+            )
+        },
     ]
 }

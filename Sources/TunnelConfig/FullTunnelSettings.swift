@@ -29,15 +29,23 @@ public struct ServerTUNSettings: Sendable, Equatable {
     mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.boolean("tun") { self.enabled = v }
         if let v = try file.string("tun_pool") { self.pool = try Self.parsePool(v, origin: file.location("tun_pool")) }
-        if let v = try file.string("tun_pool6") { self.pool6 = try Self.parsePool6(v, origin: file.location("tun_pool6")) }
+        if let v = try file.string("tun_pool6") {
+            self.pool6 = try Self.parsePool6(v, origin: file.location("tun_pool6"))
+        }
         if let v = try file.integer("tun_mtu", range: TunnelAssignment.mtuRange) { self.mtu = v }
-        if let list = try file.strings("tun_dns") { self.dns = try Self.parseAddresses(list, origin: file.location("tun_dns")) }
-        if let v = try file.string("tun_name") { self.deviceName = try Self.parseDeviceName(v, origin: file.location("tun_name")) }
+        if let list = try file.strings("tun_dns") {
+            self.dns = try Self.parseAddresses(list, origin: file.location("tun_dns"))
+        }
+        if let v = try file.string("tun_name") {
+            self.deviceName = try Self.parseDeviceName(v, origin: file.location("tun_name"))
+        }
         if let v = try file.string("state_file") { self.stateFile = v }
     }
 
     public static func parsePool(_ text: String, origin: String) throws(ConfigError) -> CIDR {
-        guard let cidr = CIDR.parse(text), !cidr.address.isIPv6, (8...30).contains(cidr.prefixLength), text.contains("/") else {
+        guard let cidr = CIDR.parse(text), !cidr.address.isIPv6, (8...30).contains(cidr.prefixLength),
+            text.contains("/")
+        else {
             throw ConfigError("\(origin): '\(text)' is not an IPv4 network from /8 to /30 (like 10.77.0.0/24)")
         }
         return cidr
@@ -48,8 +56,12 @@ public struct ServerTUNSettings: Sendable, Equatable {
         case "auto": return .automatic
         case "none", "off": return .none
         default:
-            guard let cidr = CIDR.parse(text), cidr.address.isIPv6, (48...120).contains(cidr.prefixLength), text.contains("/") else {
-                throw ConfigError("\(origin): '\(text)' is not auto, none, or an IPv6 network from /48 to /120 (like fd00:77::/64)")
+            guard let cidr = CIDR.parse(text), cidr.address.isIPv6, (48...120).contains(cidr.prefixLength),
+                text.contains("/")
+            else {
+                throw ConfigError(
+                    "\(origin): '\(text)' is not auto, none, or an IPv6 network from /48 to /120 (like fd00:77::/64)"
+                )
             }
             return .network(cidr)
         }
@@ -58,7 +70,9 @@ public struct ServerTUNSettings: Sendable, Equatable {
     public static func parseAddresses(_ list: [String], origin: String) throws(ConfigError) -> [IPAddress] {
         var out: [IPAddress] = []
         for text in list {
-            guard let address = IPAddress.parse(text) else { throw ConfigError("\(origin): '\(text)' is not an IP address") }
+            guard let address = IPAddress.parse(text) else {
+                throw ConfigError("\(origin): '\(text)' is not an IP address")
+            }
             out.append(address)
         }
         guard out.count <= TunnelAssignment.maxDNSServers else {
@@ -71,12 +85,16 @@ public struct ServerTUNSettings: Sendable, Equatable {
         // The name is spliced into nftables rulesets and ip(8) arguments: letters, digits, '-', '_' and '.' only,
         // and one '%d' (the kernel's "a free number").
         var bytes = Array(text.utf8)
-        if let index = bytes.indices.dropLast().first(where: { bytes[$0] == UInt8(ascii: "%") && bytes[$0 + 1] == UInt8(ascii: "d") }) {
+        if let index = bytes.indices.dropLast().first(where: {
+            bytes[$0] == UInt8(ascii: "%") && bytes[$0 + 1] == UInt8(ascii: "d")
+        }) {
             bytes.replaceSubrange(index...index + 1, with: [UInt8(ascii: "0")])
         }
         let allowed = bytes.allSatisfy { byte in
-            (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z")) || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
-                || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_")
+            (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
+                || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+                || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "-")
+                || byte == UInt8(ascii: "_")
                 || byte == UInt8(ascii: ".")
         }
         guard !text.isEmpty, text.utf8.count <= 15, allowed, text != ".", text != ".." else {
@@ -116,17 +134,23 @@ public struct ClientFullTunnelSettings: Sendable, Equatable {
 
     mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.boolean("full_tunnel") { self.enabled = v }
-        if let list = try file.strings("exclude") { self.exclude = try Self.parseExcludes(list, origin: file.location("exclude")) }
+        if let list = try file.strings("exclude") {
+            self.exclude = try Self.parseExcludes(list, origin: file.location("exclude"))
+        }
         if let list = try file.strings("dns") { self.dns = try Self.parseDNS(list, origin: file.location("dns")) }
         if let v = try file.boolean("kill_switch") { self.killSwitch = v }
-        if let v = try file.string("tun_name") { self.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: file.location("tun_name")) }
+        if let v = try file.string("tun_name") {
+            self.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: file.location("tun_name"))
+        }
         if let v = try file.string("state_file") { self.stateFile = v }
     }
 
     public static func parseExcludes(_ list: [String], origin: String) throws(ConfigError) -> [CIDR] {
         var out: [CIDR] = []
         for text in list {
-            guard let cidr = CIDR.parse(text) else { throw ConfigError("\(origin): '\(text)' is not an address or CIDR prefix") }
+            guard let cidr = CIDR.parse(text) else {
+                throw ConfigError("\(origin): '\(text)' is not an address or CIDR prefix")
+            }
             out.append(cidr.normalized)
         }
         return out
@@ -142,7 +166,9 @@ public struct ClientFullTunnelSettings: Sendable, Equatable {
             }
         }
         let servers = try ServerTUNSettings.parseAddresses(list, origin: origin)
-        guard !servers.isEmpty else { throw ConfigError("\(origin): name at least one DNS server, or 'server', or 'off'") }
+        guard !servers.isEmpty else {
+            throw ConfigError("\(origin): name at least one DNS server, or 'server', or 'off'")
+        }
         return .servers(servers)
     }
 }

@@ -34,13 +34,17 @@ public struct ServerSettings: Sendable {
         if let v = try file.endpoint("listen") { self.listen = v }
         if let v = try file.string("key") { self.keyPath = v }
         if let v = try file.string("authorized_keys") { self.authorizedKeysPath = v }
-        if let v = try file.string("log_level") { self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level")) }
+        if let v = try file.string("log_level") {
+            self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level"))
+        }
         if let v = try file.duration("connect_timeout", min: 1_000_000) { self.connectTimeout = v }
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
         if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: file.location("deny")) }
-        if let list = try file.strings("allow") { self.allow = try CIDR.parseList(list, origin: file.location("allow")) }
+        if let list = try file.strings("allow") {
+            self.allow = try CIDR.parseList(list, origin: file.location("allow"))
+        }
         if let list = try file.strings("ciphers") {
             self.ciphers = []
             for text in list {
@@ -49,7 +53,9 @@ public struct ServerSettings: Sendable {
                 }
                 self.ciphers.append(cipher)
             }
-            guard !self.ciphers.isEmpty else { throw ConfigError("\(file.location("ciphers")): must list at least one cipher") }
+            guard !self.ciphers.isEmpty else {
+                throw ConfigError("\(file.location("ciphers")): must list at least one cipher")
+            }
         }
         try self.timings.apply(&file)
         try self.tun.apply(file: &file)
@@ -67,7 +73,9 @@ public struct ServerSettings: Sendable {
 
     /// Checks that everything required is set and loads the key files.
     public func resolve() throws(ConfigError) -> Resolved {
-        guard let listen = self.listen else { throw ConfigError("--listen HOST:PORT is required (or listen in --config)") }
+        guard let listen = self.listen else {
+            throw ConfigError("--listen HOST:PORT is required (or listen in --config)")
+        }
         guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }
         guard let authorizedPath = self.authorizedKeysPath else {
             throw ConfigError("--authorized-keys PATH is required (or authorized_keys in --config)")
@@ -88,7 +96,13 @@ public struct ServerSettings: Sendable {
         guard self.ciphers.contains(where: \.isAvailable) else {
             throw ConfigError("none of the configured ciphers is available on this CPU (add chachapoly)")
         }
-        return Resolved(settings: self, listen: listen, key: loaded.key, keyFileInsecure: loaded.insecureMode, authorizedKeys: authorized)
+        return Resolved(
+            settings: self,
+            listen: listen,
+            key: loaded.key,
+            keyFileInsecure: loaded.insecureMode,
+            authorizedKeys: authorized
+        )
     }
 }
 

@@ -97,7 +97,9 @@ public enum TOMLParser {
                 if c == UInt8(ascii: "[") {
                     self.advance()
                     self.skipSpaces()
-                    guard self.current != UInt8(ascii: "[") else { throw self.error("arrays of tables are not supported") }
+                    guard self.current != UInt8(ascii: "[") else {
+                        throw self.error("arrays of tables are not supported")
+                    }
                     let name = try self.parseKey()
                     self.skipSpaces()
                     guard self.current == UInt8(ascii: "]") else { throw self.error("expected ']' after table name") }
@@ -147,7 +149,8 @@ public enum TOMLParser {
 
         static func isBareKeyByte(_ c: UInt8) -> Bool {
             (c >= UInt8(ascii: "a") && c <= UInt8(ascii: "z")) || (c >= UInt8(ascii: "A") && c <= UInt8(ascii: "Z"))
-                || (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) || c == UInt8(ascii: "_") || c == UInt8(ascii: "-")
+                || (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) || c == UInt8(ascii: "_")
+                || c == UInt8(ascii: "-")
         }
 
         mutating func parseValue() throws(TOMLError) -> ConfigValue {
@@ -170,24 +173,32 @@ public enum TOMLParser {
             case UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
                 let start = self.index
                 self.advance()
-                while let c = self.current, (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) || c == UInt8(ascii: "_") {
+                while let c = self.current, (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) || c == UInt8(ascii: "_")
+                {
                     self.advance()
                 }
                 let text = String(decoding: self.bytes[start..<self.index], as: UTF8.self)
-                if let c = self.current, c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E") || c == UInt8(ascii: ":") {
+                if let c = self.current,
+                    c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E") || c == UInt8(ascii: ":")
+                {
                     // An address, a CIDR or a fraction written without quotes: show the value as it should be.
-                    while let c = self.current, c > 0x20, c != UInt8(ascii: "#"), c != UInt8(ascii: ","), c != UInt8(ascii: "]") {
+                    while let c = self.current, c > 0x20, c != UInt8(ascii: "#"), c != UInt8(ascii: ","),
+                        c != UInt8(ascii: "]")
+                    {
                         self.advance()
                     }
                     let word = String(decoding: self.bytes[start..<self.index], as: UTF8.self)
                     throw self.error("\(word) needs quotes: write \"\(word)\" (only whole numbers go without them)")
                 }
-                guard !text.hasSuffix("_"), !text.contains("__"), let value = Int(String(text.filter { $0 != "_" })) else {
+                guard !text.hasSuffix("_"), !text.contains("__"), let value = Int(String(text.filter { $0 != "_" }))
+                else {
                     throw self.error("invalid number '\(text)'")
                 }
                 return .integer(value)
             default:
-                throw self.error("unexpected '\(String(decoding: [c], as: UTF8.self))' where a value should be (strings need quotes)")
+                throw self.error(
+                    "unexpected '\(String(decoding: [c], as: UTF8.self))' where a value should be (strings need quotes)"
+                )
             }
         }
 
@@ -245,7 +256,10 @@ public enum TOMLParser {
                 case UInt8(ascii: "u"), UInt8(ascii: "U"):
                     let digits = e == UInt8(ascii: "u") ? 4 : 8
                     guard self.index + digits <= self.bytes.count,
-                        let scalarValue = UInt32(String(decoding: self.bytes[self.index..<self.index + digits], as: UTF8.self), radix: 16),
+                        let scalarValue = UInt32(
+                            String(decoding: self.bytes[self.index..<self.index + digits], as: UTF8.self),
+                            radix: 16
+                        ),
                         let scalar = Unicode.Scalar(scalarValue)
                     else { throw self.error("invalid unicode escape") }
                     for _ in 0..<digits { self.advance() }
@@ -254,7 +268,9 @@ public enum TOMLParser {
                     throw self.error("invalid escape '\\\(String(decoding: [e], as: UTF8.self))'")
                 }
             }
-            guard let text = String(validating: out, as: UTF8.self) else { throw self.error("string is not valid UTF-8") }
+            guard let text = String(validating: out, as: UTF8.self) else {
+                throw self.error("string is not valid UTF-8")
+            }
             return text
         }
     }

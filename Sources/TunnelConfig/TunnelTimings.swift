@@ -36,10 +36,13 @@ public struct TunnelTimings: Sendable, Equatable {
         if let v = try file.integer("max_streams", range: 1...1_000_000) { self.maxStreams = v }
         if let v = try file.byteSize("rekey_bytes", range: (1 << 16)...(1 << 40)) { self.rekeyBytes = v }
         if let v = try file.string("congestion_control") {
-            let valid = !v.isEmpty && v.utf8.count <= 15
+            let valid =
+                !v.isEmpty && v.utf8.count <= 15
                 && v.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x5F }
             guard valid else {
-                throw ConfigError("\(file.location("congestion_control")) must be auto, system, or an algorithm name like cubic or bbr")
+                throw ConfigError(
+                    "\(file.location("congestion_control")) must be auto, system, or an algorithm name like cubic or bbr"
+                )
             }
             self.congestionControl = v
         }

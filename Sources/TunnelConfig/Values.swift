@@ -56,7 +56,9 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
         let maxLength = address.bytes.count * 8
         var length = maxLength
         if parts.count == 2 {
-            guard let l = Int(parts[1]), (0...maxLength).contains(l), parts[1].allSatisfy(\.isNumber) else { return nil }
+            guard let l = Int(parts[1]), (0...maxLength).contains(l), parts[1].allSatisfy(\.isNumber) else {
+                return nil
+            }
             length = l
         }
         return CIDR(address: address, prefixLength: length)
@@ -82,7 +84,9 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
     public static func parseList(_ list: [String], origin: String) throws(ConfigError) -> [CIDR] {
         var prefixes: [CIDR] = []
         for text in list {
-            guard let cidr = CIDR.parse(text) else { throw ConfigError("\(origin): '\(text)' is not an address or CIDR prefix") }
+            guard let cidr = CIDR.parse(text) else {
+                throw ConfigError("\(origin): '\(text)' is not an address or CIDR prefix")
+            }
             prefixes.append(cidr)
         }
         return prefixes
@@ -102,12 +106,16 @@ public enum DurationParser {
     }
 
     public static func parse(_ text: String) -> Int64? {
-        let units: [(String, Int64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000)]
+        let units: [(String, Int64)] = [
+            ("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000),
+        ]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             let number = text.dropLast(suffix.count)
             if suffix == "s" && number.hasSuffix("m") { continue }
             if let whole = Int64(number), whole >= 0 { return Self.scaled(whole, by: scale) }
-            if let value = Double(number), value >= 0, value * Double(scale) < Double(Self.longest) { return Int64(value * Double(scale)) }
+            if let value = Double(number), value >= 0, value * Double(scale) < Double(Self.longest) {
+                return Int64(value * Double(scale))
+            }
             return nil
         }
         if let seconds = Int64(text), seconds >= 0 { return Self.scaled(seconds, by: 1_000_000_000) }

@@ -20,7 +20,11 @@ public enum Base64 {
         var out = [CChar](repeating: 0, count: capacity)
         out.withUnsafeMutableBufferPointer { b64 in
             _ = sodium_bin2base64(
-                b64.baseAddress!, capacity, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), buffer.count, Self.original
+                b64.baseAddress!,
+                capacity,
+                buffer.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                buffer.count,
+                Self.original
             )
         }
         defer { out.withUnsafeMutableBytes { sodium_memzero($0.baseAddress, $0.count) } }
@@ -49,7 +53,16 @@ public enum Base64 {
             b64.withMemoryRebound(to: CChar.self) { text in
                 out.withUnsafeMutableBufferPointer { bin in
                     var end: UnsafePointer<CChar>? = nil
-                    let rc = sodium_base642bin(bin.baseAddress!, bin.count, text.baseAddress!, text.count, nil, &length, &end, variant)
+                    let rc = sodium_base642bin(
+                        bin.baseAddress!,
+                        bin.count,
+                        text.baseAddress!,
+                        text.count,
+                        nil,
+                        &length,
+                        &end,
+                        variant
+                    )
                     // Every character consumed: nothing after the encoded data.
                     return rc == 0 && end == text.baseAddress! + text.count
                 }

@@ -27,7 +27,8 @@ enum Blake2b {
     }
 
     /// `HMAC-HASH(key, data)` into `output` (64 bytes). Keys here are at most 64 bytes (Noise chaining keys).
-    static func hmac(key: UnsafeRawBufferPointer, data: [UnsafeRawBufferPointer], into output: UnsafeMutableRawPointer) {
+    static func hmac(key: UnsafeRawBufferPointer, data: [UnsafeRawBufferPointer], into output: UnsafeMutableRawPointer)
+    {
         precondition(key.count <= blockLength)
         let pad = SecretBytes(count: blockLength)
         let inner = SecretBytes(count: hashLength)
@@ -44,7 +45,11 @@ enum Blake2b {
     }
 
     /// Noise `HKDF(chaining_key, input_key_material, num_outputs)` for 2 or 3 outputs of 64 bytes each.
-    static func hkdf(chainingKey: UnsafeRawBufferPointer, inputKeyMaterial: UnsafeRawBufferPointer, outputs: [SecretBytes]) {
+    static func hkdf(
+        chainingKey: UnsafeRawBufferPointer,
+        inputKeyMaterial: UnsafeRawBufferPointer,
+        outputs: [SecretBytes]
+    ) {
         precondition(outputs.count == 2 || outputs.count == 3)
         let tempKey = SecretBytes(count: hashLength)
         hmac(key: chainingKey, data: [inputKeyMaterial], into: tempKey.pointer)
@@ -55,7 +60,9 @@ enum Blake2b {
             tempKey.withUnsafeBytes { tk in
                 withUnsafeBytes(of: &counter) { counterBytes in
                     if let previous {
-                        previous.withUnsafeBytes { prev in hmac(key: tk, data: [prev, counterBytes], into: output.pointer) }
+                        previous.withUnsafeBytes { prev in
+                            hmac(key: tk, data: [prev, counterBytes], into: output.pointer)
+                        }
                     } else {
                         hmac(key: tk, data: [counterBytes], into: output.pointer)
                     }
@@ -73,5 +80,7 @@ public func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     var db = [UInt8](repeating: 0, count: Blake2b.hashLength)
     da.withUnsafeMutableBytes { out in a.withUnsafeBytes { Blake2b.hash([$0], into: out.baseAddress!) } }
     db.withUnsafeMutableBytes { out in b.withUnsafeBytes { Blake2b.hash([$0], into: out.baseAddress!) } }
-    return da.withUnsafeBytes { x in db.withUnsafeBytes { y in sodium_memcmp(x.baseAddress!, y.baseAddress!, Blake2b.hashLength) == 0 } }
+    return da.withUnsafeBytes { x in
+        db.withUnsafeBytes { y in sodium_memcmp(x.baseAddress!, y.baseAddress!, Blake2b.hashLength) == 0 }
+    }
 }

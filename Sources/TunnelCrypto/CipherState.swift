@@ -75,16 +75,30 @@ final class AEADKey: @unchecked Sendable {
             case .chaChaPoly:
                 _ = self.key.withUnsafeBytes { k in
                     crypto_aead_chacha20poly1305_ietf_encrypt_detached(
-                        ciphertext.assumingMemoryBound(to: UInt8.self), tag.assumingMemoryBound(to: UInt8.self), nil,
-                        plaintext.assumingMemoryBound(to: UInt8.self), UInt64(count), adBase, UInt64(ad.count),
-                        nil, nonce, k.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                        ciphertext.assumingMemoryBound(to: UInt8.self),
+                        tag.assumingMemoryBound(to: UInt8.self),
+                        nil,
+                        plaintext.assumingMemoryBound(to: UInt8.self),
+                        UInt64(count),
+                        adBase,
+                        UInt64(ad.count),
+                        nil,
+                        nonce,
+                        k.baseAddress!.assumingMemoryBound(to: UInt8.self)
                     )
                 }
             case .aesGCM:
                 _ = crypto_aead_aes256gcm_encrypt_detached_afternm(
-                    ciphertext.assumingMemoryBound(to: UInt8.self), tag.assumingMemoryBound(to: UInt8.self), nil,
-                    plaintext.assumingMemoryBound(to: UInt8.self), UInt64(count), adBase, UInt64(ad.count),
-                    nil, nonce, self.aesState!.pointer.assumingMemoryBound(to: crypto_aead_aes256gcm_state.self)
+                    ciphertext.assumingMemoryBound(to: UInt8.self),
+                    tag.assumingMemoryBound(to: UInt8.self),
+                    nil,
+                    plaintext.assumingMemoryBound(to: UInt8.self),
+                    UInt64(count),
+                    adBase,
+                    UInt64(ad.count),
+                    nil,
+                    nonce,
+                    self.aesState!.pointer.assumingMemoryBound(to: crypto_aead_aes256gcm_state.self)
                 )
             }
         }
@@ -106,18 +120,28 @@ final class AEADKey: @unchecked Sendable {
             case .chaChaPoly:
                 return self.key.withUnsafeBytes { k in
                     crypto_aead_chacha20poly1305_ietf_decrypt_detached(
-                        plaintext.assumingMemoryBound(to: UInt8.self), nil,
-                        ciphertext.assumingMemoryBound(to: UInt8.self), UInt64(count),
-                        tag.assumingMemoryBound(to: UInt8.self), adBase, UInt64(ad.count),
-                        nonce, k.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                        plaintext.assumingMemoryBound(to: UInt8.self),
+                        nil,
+                        ciphertext.assumingMemoryBound(to: UInt8.self),
+                        UInt64(count),
+                        tag.assumingMemoryBound(to: UInt8.self),
+                        adBase,
+                        UInt64(ad.count),
+                        nonce,
+                        k.baseAddress!.assumingMemoryBound(to: UInt8.self)
                     )
                 } == 0
             case .aesGCM:
                 return crypto_aead_aes256gcm_decrypt_detached_afternm(
-                    plaintext.assumingMemoryBound(to: UInt8.self), nil,
-                    ciphertext.assumingMemoryBound(to: UInt8.self), UInt64(count),
-                    tag.assumingMemoryBound(to: UInt8.self), adBase, UInt64(ad.count),
-                    nonce, self.aesState!.pointer.assumingMemoryBound(to: crypto_aead_aes256gcm_state.self)
+                    plaintext.assumingMemoryBound(to: UInt8.self),
+                    nil,
+                    ciphertext.assumingMemoryBound(to: UInt8.self),
+                    UInt64(count),
+                    tag.assumingMemoryBound(to: UInt8.self),
+                    adBase,
+                    UInt64(ad.count),
+                    nonce,
+                    self.aesState!.pointer.assumingMemoryBound(to: crypto_aead_aes256gcm_state.self)
                 ) == 0
             }
         }
@@ -158,8 +182,12 @@ public struct CipherState: Sendable {
     public mutating func sealInPlace(_ buffer: UnsafeMutableRawPointer, count: Int) {
         precondition(!self.isExhausted, "nonce space exhausted")
         self.key!.seal(
-            nonce: self.nonce, ad: UnsafeRawBufferPointer(start: nil, count: 0),
-            plaintext: buffer, count: count, ciphertext: buffer, tag: buffer + count
+            nonce: self.nonce,
+            ad: UnsafeRawBufferPointer(start: nil, count: 0),
+            plaintext: buffer,
+            count: count,
+            ciphertext: buffer,
+            tag: buffer + count
         )
         self.nonce &+= 1
     }
@@ -167,12 +195,17 @@ public struct CipherState: Sendable {
     /// Verifies and decrypts a ciphertext of `count` bytes (tag included) into `output` (`count - 16` bytes).
     /// Returns `false` and leaves the counter unchanged if authentication fails.
     @inline(__always)
-    public mutating func open(_ ciphertext: UnsafeRawPointer, count: Int, into output: UnsafeMutableRawPointer) -> Bool {
+    public mutating func open(_ ciphertext: UnsafeRawPointer, count: Int, into output: UnsafeMutableRawPointer) -> Bool
+    {
         guard count >= NoiseCipher.tagLength, !self.isExhausted else { return false }
         let bodyCount = count - NoiseCipher.tagLength
         let ok = self.key!.open(
-            nonce: self.nonce, ad: UnsafeRawBufferPointer(start: nil, count: 0),
-            ciphertext: ciphertext, count: bodyCount, tag: ciphertext + bodyCount, plaintext: output
+            nonce: self.nonce,
+            ad: UnsafeRawBufferPointer(start: nil, count: 0),
+            ciphertext: ciphertext,
+            count: bodyCount,
+            tag: ciphertext + bodyCount,
+            plaintext: output
         )
         if ok { self.nonce &+= 1 }
         return ok
@@ -189,8 +222,12 @@ public struct CipherState: Sendable {
             plaintext.withUnsafeBytes { p in
                 ad.withUnsafeBytes { a in
                     key.seal(
-                        nonce: self.nonce, ad: a, plaintext: p.baseAddress ?? UnsafeRawPointer(o.baseAddress!),
-                        count: plaintext.count, ciphertext: o.baseAddress!, tag: o.baseAddress! + plaintext.count
+                        nonce: self.nonce,
+                        ad: a,
+                        plaintext: p.baseAddress ?? UnsafeRawPointer(o.baseAddress!),
+                        count: plaintext.count,
+                        ciphertext: o.baseAddress!,
+                        tag: o.baseAddress! + plaintext.count
                     )
                 }
             }
@@ -209,8 +246,12 @@ public struct CipherState: Sendable {
             ciphertext.withUnsafeBytes { c in
                 ad.withUnsafeBytes { a in
                     key.open(
-                        nonce: self.nonce, ad: a, ciphertext: c.baseAddress!, count: bodyCount,
-                        tag: c.baseAddress! + bodyCount, plaintext: o.baseAddress!
+                        nonce: self.nonce,
+                        ad: a,
+                        ciphertext: c.baseAddress!,
+                        count: bodyCount,
+                        tag: c.baseAddress! + bodyCount,
+                        plaintext: o.baseAddress!
                     )
                 }
             }
@@ -227,8 +268,12 @@ public struct CipherState: Sendable {
         let newKey = SecretBytes(count: 32)
         let scratch = SecretBytes(count: 32 + NoiseCipher.tagLength)
         key.seal(
-            nonce: UInt64.max, ad: UnsafeRawBufferPointer(start: nil, count: 0),
-            plaintext: scratch.pointer, count: 32, ciphertext: scratch.pointer, tag: scratch.pointer + 32
+            nonce: UInt64.max,
+            ad: UnsafeRawBufferPointer(start: nil, count: 0),
+            plaintext: scratch.pointer,
+            count: 32,
+            ciphertext: scratch.pointer,
+            tag: scratch.pointer + 32
         )
         newKey.pointer.copyMemory(from: scratch.pointer, byteCount: 32)
         self.key = AEADKey(cipher: key.cipher, key: newKey)

@@ -1,9 +1,10 @@
+import CSodium
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import CSodium
 
 /// A private key file: one line of standard base64 (32 bytes), created with mode 0600.
 public enum KeyFile {
@@ -61,7 +62,9 @@ public enum KeyFile {
         }
         defer { close(fd) }
         var info = stat()
-        guard fstat(fd, &info) == 0 else { throw Error(path: path, problem: "cannot stat: \(String(cString: strerror(errno)))") }
+        guard fstat(fd, &info) == 0 else {
+            throw Error(path: path, problem: "cannot stat: \(String(cString: strerror(errno)))")
+        }
         guard (info.st_mode & S_IFMT) == S_IFREG else { throw Error(path: path, problem: "not a regular file") }
         var buffer = [UInt8](repeating: 0, count: maxFileSize + 1)
         defer { wipe(&buffer) }
@@ -78,7 +81,9 @@ public enum KeyFile {
         guard total <= maxFileSize else { throw Error(path: path, problem: "too large for a key file") }
         var text = Array(buffer[0..<total])
         defer { wipe(&text) }
-        while let last = text.last, last == UInt8(ascii: "\n") || last == UInt8(ascii: "\r") || last == UInt8(ascii: " ") {
+        while let last = text.last,
+            last == UInt8(ascii: "\n") || last == UInt8(ascii: "\r") || last == UInt8(ascii: " ")
+        {
             text.removeLast()
         }
         guard !text.isEmpty else { throw Error(path: path, problem: "empty key file") }

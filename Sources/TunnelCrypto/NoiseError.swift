@@ -28,15 +28,21 @@ public struct NoiseError: Error, Hashable, Sendable, CustomStringConvertible {
         self.detail = detail
     }
 
-    @inline(never) static func malformed(_ detail: String) -> NoiseError { NoiseError(code: .malformedMessage, detail: detail) }
+    @inline(never) static func malformed(_ detail: String) -> NoiseError {
+        NoiseError(code: .malformedMessage, detail: detail)
+    }
     @inline(never) static func decryptionFailed(_ detail: String) -> NoiseError {
         NoiseError(code: .decryptionFailed, detail: detail)
     }
     @inline(never) static func invalidPublicKey(_ detail: String) -> NoiseError {
         NoiseError(code: .invalidPublicKey, detail: detail)
     }
-    @inline(never) static func unauthorized() -> NoiseError { NoiseError(code: .unauthorizedKey, detail: "static key not authorized") }
-    @inline(never) static func wrongState(_ detail: String) -> NoiseError { NoiseError(code: .wrongState, detail: detail) }
+    @inline(never) static func unauthorized() -> NoiseError {
+        NoiseError(code: .unauthorizedKey, detail: "static key not authorized")
+    }
+    @inline(never) static func wrongState(_ detail: String) -> NoiseError {
+        NoiseError(code: .wrongState, detail: detail)
+    }
 
     public var description: String { "\(self.code): \(self.detail)" }
 }

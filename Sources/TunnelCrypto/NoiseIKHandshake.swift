@@ -69,7 +69,12 @@ public struct NoiseIKHandshake {
     }
 
     /// A responder with its static key. `ephemeral` is for test vectors only.
-    public init(responderWith cipher: NoiseCipher, prologue: [UInt8], localStatic: PrivateKey, ephemeral: PrivateKey? = nil) {
+    public init(
+        responderWith cipher: NoiseCipher,
+        prologue: [UInt8],
+        localStatic: PrivateKey,
+        ephemeral: PrivateKey? = nil
+    ) {
         self.role = .responder
         self.cipher = cipher
         self.symmetric = SymmetricState(protocolName: Self.protocolName(cipher: cipher), cipher: cipher)
@@ -151,7 +156,9 @@ public struct NoiseIKHandshake {
     // MARK: - Message 2: <- e, ee, se
 
     /// Responder: writes message 2 carrying `payload` and finishes the handshake.
-    public mutating func writeMessage2(payload: [UInt8]) throws(NoiseError) -> (message: [UInt8], transport: NoiseTransport) {
+    public mutating func writeMessage2(
+        payload: [UInt8]
+    ) throws(NoiseError) -> (message: [UInt8], transport: NoiseTransport) {
         guard self.role == .responder, case .expectingMessage2 = self.state,
             let re = self.remoteEphemeral, let rs = self.remoteStatic
         else {
@@ -174,7 +181,9 @@ public struct NoiseIKHandshake {
     }
 
     /// Initiator: reads message 2, returns its payload and the transport states.
-    public mutating func readMessage2(_ message: [UInt8]) throws(NoiseError) -> (payload: [UInt8], transport: NoiseTransport) {
+    public mutating func readMessage2(
+        _ message: [UInt8]
+    ) throws(NoiseError) -> (payload: [UInt8], transport: NoiseTransport) {
         guard self.role == .initiator, case .expectingMessage2 = self.state, let e = self.localEphemeral else {
             throw NoiseError.wrongState("readMessage2 out of turn")
         }

@@ -26,7 +26,9 @@ struct SymmetricState {
         let out1 = SecretBytes(count: Blake2b.hashLength)
         let out2 = SecretBytes(count: Blake2b.hashLength)
         self.chainingKey.withUnsafeBytes { ck in
-            inputKeyMaterial.withUnsafeBytes { ikm in Blake2b.hkdf(chainingKey: ck, inputKeyMaterial: ikm, outputs: [out1, out2]) }
+            inputKeyMaterial.withUnsafeBytes { ikm in
+                Blake2b.hkdf(chainingKey: ck, inputKeyMaterial: ikm, outputs: [out1, out2])
+            }
         }
         self.chainingKey = out1
         let key = SecretBytes(count: 32)
@@ -64,7 +66,11 @@ struct SymmetricState {
         let out1 = SecretBytes(count: Blake2b.hashLength)
         let out2 = SecretBytes(count: Blake2b.hashLength)
         self.chainingKey.withUnsafeBytes { ck in
-            Blake2b.hkdf(chainingKey: ck, inputKeyMaterial: UnsafeRawBufferPointer(start: nil, count: 0), outputs: [out1, out2])
+            Blake2b.hkdf(
+                chainingKey: ck,
+                inputKeyMaterial: UnsafeRawBufferPointer(start: nil, count: 0),
+                outputs: [out1, out2]
+            )
         }
         let k1 = SecretBytes(count: 32)
         let k2 = SecretBytes(count: 32)

@@ -14,7 +14,11 @@ public struct ConnectionTimers: Sendable {
         /// The connection is dead after this long without receiving anything.
         public var deadTimeout: TimeAmount
 
-        public init(handshakeTimeout: TimeAmount = .seconds(10), keepaliveInterval: TimeAmount = .seconds(15), deadTimeout: TimeAmount = .seconds(45)) {
+        public init(
+            handshakeTimeout: TimeAmount = .seconds(10),
+            keepaliveInterval: TimeAmount = .seconds(15),
+            deadTimeout: TimeAmount = .seconds(45)
+        ) {
             self.handshakeTimeout = handshakeTimeout
             self.keepaliveInterval = keepaliveInterval
             self.deadTimeout = deadTimeout

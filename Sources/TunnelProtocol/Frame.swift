@@ -166,7 +166,12 @@ extension ByteBuffer {
             )
         }
         return DecodedFrame(
-            header: FrameHeader(type: FrameType(rawValue: type), flags: FrameFlags(rawValue: flags), streamID: StreamID(stream), length: length),
+            header: FrameHeader(
+                type: FrameType(rawValue: type),
+                flags: FrameFlags(rawValue: flags),
+                streamID: StreamID(stream),
+                length: length
+            ),
             payload: payload
         )
     }

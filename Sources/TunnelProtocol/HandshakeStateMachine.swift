@@ -35,13 +35,20 @@ public struct ClientHandshakeStateMachine {
         self.parameters = parameters
         self.serverKey = serverKey
         self.state = .idle(
-            NoiseIKHandshake(initiatorWith: cipher, prologue: tunnelPrologue, localStatic: staticKey, remoteStatic: serverKey)
+            NoiseIKHandshake(
+                initiatorWith: cipher,
+                prologue: tunnelPrologue,
+                localStatic: staticKey,
+                remoteStatic: serverKey
+            )
         )
     }
 
     /// Message 1, framed (`u16 length ‖ message`), stamped with `timestamp`.
     public mutating func start(timestamp: TAI64N) throws(ProtocolError) -> ByteBuffer {
-        guard case .idle(var noise) = self.state else { throw ProtocolError.handshakeFailed("handshake already started") }
+        guard case .idle(var noise) = self.state else {
+            throw ProtocolError.handshakeFailed("handshake already started")
+        }
         var payload = ByteBuffer(bytes: timestamp.bytes)
         self.parameters.encode(into: &payload)
         let message: [UInt8]
@@ -74,7 +81,12 @@ public struct ClientHandshakeStateMachine {
         }
         var buffer = ByteBuffer(bytes: payload)
         let peer = try SessionParameters.decode(&buffer)
-        return EstablishedSession(transport: transport, cipher: self.cipher, peerParameters: peer, peerStaticKey: self.serverKey)
+        return EstablishedSession(
+            transport: transport,
+            cipher: self.cipher,
+            peerParameters: peer,
+            peerStaticKey: self.serverKey
+        )
     }
 }
 
@@ -146,7 +158,12 @@ public struct ServerHandshakeStateMachine {
             }
             var tlvs = ByteBuffer(bytes: payload.dropFirst(TAI64N.byteCount))
             let parameters = try SessionParameters.decode(&tlvs)
-            let initiation = Initiation(clientKey: noise.remoteStatic!, timestamp: timestamp, parameters: parameters, cipher: cipher)
+            let initiation = Initiation(
+                clientKey: noise.remoteStatic!,
+                timestamp: timestamp,
+                parameters: parameters,
+                cipher: cipher
+            )
             self.state = .initiated(noise, initiation)
             return initiation
         }
@@ -156,7 +173,9 @@ public struct ServerHandshakeStateMachine {
     }
 
     /// Writes message 2 (framed) announcing `parameters`, and finishes.
-    public mutating func respond(parameters: SessionParameters) throws(ProtocolError) -> (message: ByteBuffer, session: EstablishedSession) {
+    public mutating func respond(
+        parameters: SessionParameters
+    ) throws(ProtocolError) -> (message: ByteBuffer, session: EstablishedSession) {
         guard case .initiated(var noise, let initiation) = self.state else {
             throw ProtocolError.handshakeFailed("respond out of turn")
         }
@@ -175,7 +194,10 @@ public struct ServerHandshakeStateMachine {
         framed.writeInteger(UInt16(message.count))
         framed.writeBytes(message)
         let session = EstablishedSession(
-            transport: transport, cipher: initiation.cipher, peerParameters: initiation.parameters, peerStaticKey: initiation.clientKey
+            transport: transport,
+            cipher: initiation.cipher,
+            peerParameters: initiation.parameters,
+            peerStaticKey: initiation.clientKey
         )
         return (framed, session)
     }

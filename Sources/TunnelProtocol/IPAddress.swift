@@ -12,7 +12,9 @@ public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
     /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2) as its 4 IPv4 bytes; any other address
     /// as it is. Dual-stack sockets report IPv4 peers in this form.
     public static func unmapped(_ bytes: [UInt8]) -> [UInt8] {
-        guard bytes.count == 16, bytes[10] == 0xFF, bytes[11] == 0xFF, bytes[0..<10].allSatisfy({ $0 == 0 }) else { return bytes }
+        guard bytes.count == 16, bytes[10] == 0xFF, bytes[11] == 0xFF, bytes[0..<10].allSatisfy({ $0 == 0 }) else {
+            return bytes
+        }
         return Array(bytes[12..<16])
     }
 
@@ -84,7 +86,6 @@ extension String {
     }
 }
 
-
 extension TargetAddress {
     /// A target from text: an IPv4 or IPv6 literal (without brackets) becomes an address, anything else a
     /// name for the server to resolve. `nil` for an empty or over-long name.
@@ -94,7 +95,10 @@ extension TargetAddress {
                 self.init(host: .ipv6(ip.bytes), port: port)
             } else {
                 let b = ip.bytes
-                self.init(host: .ipv4(UInt32(b[0]) << 24 | UInt32(b[1]) << 16 | UInt32(b[2]) << 8 | UInt32(b[3])), port: port)
+                self.init(
+                    host: .ipv4(UInt32(b[0]) << 24 | UInt32(b[1]) << 16 | UInt32(b[2]) << 8 | UInt32(b[3])),
+                    port: port
+                )
             }
             return
         }

@@ -18,9 +18,12 @@ extension Multiplexer {
         let recordSize = record.readableBytes
         var outcome = RecordOutcome()
         while let frame = try record.readFrame() {
-            let header = frame.header, payload = frame.payload
+            let header = frame.header
+            let payload = frame.payload
             if outcome.rekey || outcome.close != nil {
-                throw ProtocolError.malformedRecord("a frame follows \(outcome.rekey ? "REKEY" : "CLOSE") in its record")
+                throw ProtocolError.malformedRecord(
+                    "a frame follows \(outcome.rekey ? "REKEY" : "CLOSE") in its record"
+                )
             }
             switch header.type {
             case .data: try self.receivedData(header, payload, recordSize: recordSize, now: now)
@@ -51,7 +54,9 @@ extension Multiplexer {
             case .padding:
                 break
             default:
-                guard header.type.rawValue >= FrameType.firstExtension else { throw ProtocolError.unknownFrameType(header.type) }
+                guard header.type.rawValue >= FrameType.firstExtension else {
+                    throw ProtocolError.unknownFrameType(header.type)
+                }
             }
         }
         return outcome
@@ -66,7 +71,12 @@ extension Multiplexer {
         guard known else { throw ProtocolError.invalidStreamID("frame for stream \(id), which was never opened") }
     }
 
-    private func receivedData(_ header: FrameHeader, _ payload: ByteBuffer, recordSize: Int, now: NIODeadline) throws(ProtocolError) {
+    private func receivedData(
+        _ header: FrameHeader,
+        _ payload: ByteBuffer,
+        recordSize: Int,
+        now: NIODeadline
+    ) throws(ProtocolError) {
         var payload = payload
         let compressed = header.flags.contains(.compressed)
         // Credit is counted in plaintext bytes: a compressed frame declares its original length up front, so
@@ -76,8 +86,12 @@ extension Multiplexer {
             guard self.configuration.compression else {
                 throw ProtocolError.malformedFrame("compressed DATA, but compression was not negotiated")
             }
-            guard let original = payload.readInteger(as: UInt16.self), Int(original) <= self.configuration.compressedFrameLimit else {
-                throw ProtocolError.malformedFrame("compressed DATA declares more than \(self.configuration.compressedFrameLimit) bytes")
+            guard let original = payload.readInteger(as: UInt16.self),
+                Int(original) <= self.configuration.compressedFrameLimit
+            else {
+                throw ProtocolError.malformedFrame(
+                    "compressed DATA declares more than \(self.configuration.compressedFrameLimit) bytes"
+                )
             }
             count = Int(original)
         }
@@ -130,7 +144,13 @@ extension Multiplexer {
     /// Inflates a compressed frame with the stream's context (a new one when the frame starts one). The
     /// result must have exactly the declared length, which is at most the frame limit: a decompression bomb
     /// ends the connection after inflating no more than that.
-    private func inflate(_ payload: ByteBuffer, declared: Int, header: FrameHeader, stream: MuxStream, now: NIODeadline) throws(ProtocolError)
+    private func inflate(
+        _ payload: ByteBuffer,
+        declared: Int,
+        header: FrameHeader,
+        stream: MuxStream,
+        now: NIODeadline
+    ) throws(ProtocolError)
         -> ByteBuffer
     {
         if header.flags.contains(.compressionStart) {
@@ -145,10 +165,14 @@ extension Multiplexer {
         do {
             output = try inflater.inflate(payload, limit: declared, allocator: ByteBufferAllocator())
         } catch {
-            throw ProtocolError.malformedFrame("compressed DATA on stream \(stream.id) does not inflate to its declared \(declared) bytes (\(error))")
+            throw ProtocolError.malformedFrame(
+                "compressed DATA on stream \(stream.id) does not inflate to its declared \(declared) bytes (\(error))"
+            )
         }
         guard output.readableBytes == declared else {
-            throw ProtocolError.malformedFrame("compressed DATA on stream \(stream.id) inflates to \(output.readableBytes), not \(declared) bytes")
+            throw ProtocolError.malformedFrame(
+                "compressed DATA on stream \(stream.id) inflates to \(output.readableBytes), not \(declared) bytes"
+            )
         }
         return output
     }
@@ -168,16 +192,20 @@ extension Multiplexer {
             throw ProtocolError.resourceLimit("peer keeps opening streams without reading the answers")
         }
         var payload = payload
-        guard let kindByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self) else {
+        guard let kindByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self)
+        else {
             throw ProtocolError.malformedFrame("OPEN too short")
         }
         guard window <= UInt32(Int32.max) else { throw ProtocolError.flowControl("OPEN window \(window) past 2^31-1") }
         let target: TargetAddress
         do {
-            guard let parsed = try payload.readTargetAddress() else { throw ProtocolError.malformedFrame("OPEN address truncated") }
+            guard let parsed = try payload.readTargetAddress() else {
+                throw ProtocolError.malformedFrame("OPEN address truncated")
+            }
             target = parsed
         } catch let error as TargetAddressError {
-            let reply: ReplyCode = if case .unsupportedAddressType = error { .addressTypeNotSupported } else { .generalFailure }
+            let reply: ReplyCode =
+                if case .unsupportedAddressType = error { .addressTypeNotSupported } else { .generalFailure }
             self.enqueueControl(.openResult(id, reply: reply, window: 0, bound: .unspecified))
             return
         } catch {
@@ -193,8 +221,13 @@ extension Multiplexer {
             return
         }
         let stream = MuxStream(
-            id: id, target: target, kind: kind,
-            receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
+            id: id,
+            target: target,
+            kind: kind,
+            receiveWindow: ReceiveWindow(
+                target: self.configuration.initialStreamWindow,
+                maxTarget: self.configuration.maxStreamWindow
+            )
         )
         stream.sendCredit = SendCredit(Int(window))
         self.streams[id.rawValue] = stream
@@ -204,7 +237,8 @@ extension Multiplexer {
 
     private func receivedOpenResult(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
         var payload = payload
-        guard let replyByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self) else {
+        guard let replyByte = payload.readInteger(as: UInt8.self), let window = payload.readInteger(as: UInt32.self)
+        else {
             throw ProtocolError.malformedFrame("OPEN_RESULT too short")
         }
         guard window <= UInt32(Int32.max) else { throw ProtocolError.flowControl("OPEN_RESULT window past 2^31-1") }
@@ -231,7 +265,9 @@ extension Multiplexer {
 
     private func receivedWindowUpdate(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
         var payload = payload
-        guard let increment = payload.readInteger(as: UInt32.self) else { throw ProtocolError.malformedFrame("WINDOW_UPDATE too short") }
+        guard let increment = payload.readInteger(as: UInt32.self) else {
+            throw ProtocolError.malformedFrame("WINDOW_UPDATE too short")
+        }
         if header.streamID == .connection {
             let wasBlocked = self.connectionSendCredit.available == 0
             try self.connectionSendCredit.grant(increment)
@@ -260,7 +296,9 @@ extension Multiplexer {
 
     private func receivedReset(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
         var payload = payload
-        guard let code = payload.readInteger(as: UInt32.self) else { throw ProtocolError.malformedFrame("RESET too short") }
+        guard let code = payload.readInteger(as: UInt32.self) else {
+            throw ProtocolError.malformedFrame("RESET too short")
+        }
         guard let stream = self.streams[header.streamID.rawValue] else {
             try self.checkUnknownStream(header.streamID)
             return
@@ -283,7 +321,9 @@ extension Multiplexer {
         self.peerGoingAway = true
         let lastID = StreamID(last)
         // Streams we opened above `last` were never seen by the peer: fail them here.
-        let unserved = self.streams.values.filter { $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID && $0.state == .opening }
+        let unserved = self.streams.values.filter {
+            $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID && $0.state == .opening
+        }
         for stream in unserved.sorted(by: { $0.id < $1.id }) {
             stream.state = .closed
             stream.resetCode = .refusedStream

@@ -44,11 +44,17 @@ extension Multiplexer {
             }
             let deflater = self.deflater(for: stream)
             // A compressed frame needs room for the deflate bound, never extends, and holds at most the limit.
-            let maxInput = deflater == nil ? max(room, 0) : min(max(space - FrameHeader.byteCount - 2 - 256, 0), self.configuration.compressedFrameLimit)
+            let maxInput =
+                deflater == nil
+                ? max(room, 0)
+                : min(max(space - FrameHeader.byteCount - 2 - 256, 0), self.configuration.compressedFrameLimit)
             // Compressed frames may take a whole frame limit per turn: their wire size is a fraction of it.
             let count = min(
-                stream.pendingBytes, stream.sendCredit.available, self.connectionSendCredit.available,
-                deflater == nil ? self.configuration.quantum : self.configuration.compressedFrameLimit, maxInput
+                stream.pendingBytes,
+                stream.sendCredit.available,
+                self.connectionSendCredit.available,
+                deflater == nil ? self.configuration.quantum : self.configuration.compressedFrameLimit,
+                maxInput
             )
             if count == 0 && stream.pendingBytes > 0 {
                 if deflater != nil && self.connectionSendCredit.available > 0 {
@@ -101,7 +107,9 @@ extension Multiplexer {
             self.schedule(stream)
         }
         if space > 0 { space = self.writeDatagrams(into: &buffer, budget: space) }
-        if pendingBefore >= self.configuration.totalPendingLimit && self.sendablePendingBytes < self.configuration.totalPendingLimit {
+        if pendingBefore >= self.configuration.totalPendingLimit
+            && self.sendablePendingBytes < self.configuration.totalPendingLimit
+        {
             self.resumeBlockedReaders()
         }
         return buffer.writerIndex > start
@@ -138,7 +146,8 @@ extension Multiplexer {
         case .active(let deflater, _, _):
             return deflater
         case .undecided:
-            guard stream.kind == .tcp, let first = stream.pending.first, !CompressibilityHint.looksIncompressible(first) else {
+            guard stream.kind == .tcp, let first = stream.pending.first, !CompressibilityHint.looksIncompressible(first)
+            else {
                 stream.compression = .off
                 return nil
             }
@@ -156,12 +165,20 @@ extension Multiplexer {
 
     /// Writes one compressed DATA frame (`u16 original length ‖ raw deflate`) of the next `count` pending bytes.
     /// Returns its payload size. Stops compressing a stream whose data does not shrink by 10%.
-    private func writeCompressedFrame(_ count: Int, of stream: MuxStream, deflater: Deflater, fin: Bool, into buffer: inout ByteBuffer) -> Int {
+    private func writeCompressedFrame(
+        _ count: Int,
+        of stream: MuxStream,
+        deflater: Deflater,
+        fin: Bool,
+        into buffer: inout ByteBuffer
+    ) -> Int {
         guard case .active(_, let fresh, _) = stream.compression else { return 0 }
         var flags: FrameFlags = [.compressed]
         if fresh { flags.insert(.compressionStart) }
         if fin { flags.insert(.fin) }
-        let lengthIndex = buffer.writeFrameHeader(FrameHeader(type: .data, flags: flags, streamID: stream.id, length: 0))
+        let lengthIndex = buffer.writeFrameHeader(
+            FrameHeader(type: .data, flags: flags, streamID: stream.id, length: 0)
+        )
         buffer.writeInteger(UInt16(count))
         let input = self.takePending(count, of: stream)
         let written = 2 + deflater.compress(input, into: &buffer)

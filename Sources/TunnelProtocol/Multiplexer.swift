@@ -167,7 +167,10 @@ public final class Multiplexer {
     }
 
     /// The parameters this side announces in its handshake, matching `configuration`.
-    public static func announcedParameters(for configuration: Configuration, features: SessionFeatures = []) -> SessionParameters {
+    public static func announcedParameters(
+        for configuration: Configuration,
+        features: SessionFeatures = []
+    ) -> SessionParameters {
         var parameters = SessionParameters()
         parameters.features = features
         parameters.maxConcurrentStreams = UInt32(configuration.maxConcurrentStreams)
@@ -187,7 +190,9 @@ public final class Multiplexer {
     public var queuedOutputBytes: Int { self.controlQueueBytes + self.sendablePendingBytes + self.datagramQueueBytes }
 
     /// Whether frames are waiting to be sent.
-    public var hasOutput: Bool { !self.controlQueue.isEmpty || !self.activeStreams.isEmpty || !self.datagramQueue.isEmpty }
+    public var hasOutput: Bool {
+        !self.controlQueue.isEmpty || !self.activeStreams.isEmpty || !self.datagramQueue.isEmpty
+    }
 
     // MARK: - Opening streams
 
@@ -206,12 +211,19 @@ public final class Multiplexer {
         let id = StreamID(self.nextLocalStreamID)
         self.nextLocalStreamID += 2
         let stream = MuxStream(
-            id: id, target: target, kind: kind,
-            receiveWindow: ReceiveWindow(target: self.configuration.initialStreamWindow, maxTarget: self.configuration.maxStreamWindow)
+            id: id,
+            target: target,
+            kind: kind,
+            receiveWindow: ReceiveWindow(
+                target: self.configuration.initialStreamWindow,
+                maxTarget: self.configuration.maxStreamWindow
+            )
         )
         self.streams[id.rawValue] = stream
         self.localStreamCount += 1
-        self.enqueueControl(.open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target))
+        self.enqueueControl(
+            .open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target)
+        )
         return stream
     }
 
@@ -239,7 +251,8 @@ public final class Multiplexer {
     @discardableResult
     public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
         guard self.configuration.fullTunnel, packet.readableBytes > 0 else { return false }
-        guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload, self.queuedPackets < self.configuration.maxQueuedPackets,
+        guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload,
+            self.queuedPackets < self.configuration.maxQueuedPackets,
             self.datagramQueueBytes + packet.readableBytes <= self.configuration.maxQueuedDatagramBytes
         else {
             self.droppedPackets += 1
@@ -303,7 +316,9 @@ public final class Multiplexer {
         let owed = min(taken, stream.connectionCreditOwed)
         stream.connectionCreditOwed -= owed
         if owed > 0 { self.consumeConnection(owed, now: now) }
-        if stream.state != .closed, let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip) {
+        if stream.state != .closed,
+            let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip)
+        {
             self.enqueueControl(.windowUpdate(stream.id, increment: increment))
             // Keep RTT samples coming while data flows (at most one PING in flight, ten per second).
             if self.outstandingPing == nil && now - self.lastPingSent >= .milliseconds(100) {
@@ -364,7 +379,8 @@ public final class Multiplexer {
     /// Whether the local socket of `stream` should read now. When only a connection-wide limit is in the way,
     /// the stream is remembered and `streamWantsRead` fires once the limit clears.
     public func shouldRead(_ stream: MuxStream) -> Bool {
-        guard stream.state == .open, !stream.localEndOfStream, stream.pendingBytes < self.configuration.streamPendingLimit,
+        guard stream.state == .open, !stream.localEndOfStream,
+            stream.pendingBytes < self.configuration.streamPendingLimit,
             stream.sendCredit.available > stream.pendingBytes
         else { return false }
         if self.readGateOpen { return true }
@@ -420,13 +436,16 @@ public final class Multiplexer {
     /// Frees compression contexts that idled (call every few seconds). Touches only streams that hold one.
     public func releaseIdleCompressionContexts(now: NIODeadline) {
         for stream in self.compressingStreams.values {
-            if case .active(_, _, let lastUse) = stream.compression, now - lastUse >= self.configuration.compressorIdleTimeout {
+            if case .active(_, _, let lastUse) = stream.compression,
+                now - lastUse >= self.configuration.compressorIdleTimeout
+            {
                 stream.compression = .idle
             }
             if stream.inflater != nil && now - stream.lastInflate >= self.configuration.decompressorIdleTimeout {
                 stream.inflater = nil
             }
-            if case .active = stream.compression {} else if stream.inflater == nil {
+            if case .active = stream.compression {
+            } else if stream.inflater == nil {
                 self.compressingStreams.removeValue(forKey: stream.id.rawValue)
             }
         }

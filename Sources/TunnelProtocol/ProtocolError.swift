@@ -4,7 +4,8 @@ public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible 
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Base: String, Hashable, Sendable {
             case malformedFrame, unknownFrameType, flowControlViolation, streamLimitExceeded, invalidStreamID
-            case decryptionFailed, malformedRecord, nonceExhausted, handshakeFailed, handshakeRejected, replayedHandshake
+            case decryptionFailed, malformedRecord, nonceExhausted, handshakeFailed, handshakeRejected,
+                replayedHandshake
             case truncated, resourceLimit
         }
         private let base: Base
@@ -50,27 +51,41 @@ public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible 
     }
 
     @inline(never) @usableFromInline
-    static func malformedFrame(_ detail: String) -> ProtocolError { ProtocolError(code: .malformedFrame, detail: detail) }
+    static func malformedFrame(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .malformedFrame, detail: detail)
+    }
     @inline(never)
     static func unknownFrameType(_ type: FrameType) -> ProtocolError {
         ProtocolError(code: .unknownFrameType, detail: "unknown frame type \(type)")
     }
     @inline(never)
-    static func flowControl(_ detail: String) -> ProtocolError { ProtocolError(code: .flowControlViolation, detail: detail) }
+    static func flowControl(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .flowControlViolation, detail: detail)
+    }
     @inline(never)
-    static func streamLimit(_ detail: String) -> ProtocolError { ProtocolError(code: .streamLimitExceeded, detail: detail) }
+    static func streamLimit(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .streamLimitExceeded, detail: detail)
+    }
     @inline(never)
-    static func invalidStreamID(_ detail: String) -> ProtocolError { ProtocolError(code: .invalidStreamID, detail: detail) }
+    static func invalidStreamID(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .invalidStreamID, detail: detail)
+    }
     @inline(never)
     public static func decryptionFailed() -> ProtocolError {
         ProtocolError(code: .decryptionFailed, detail: "record failed authentication")
     }
     @inline(never)
-    public static func malformedRecord(_ detail: String) -> ProtocolError { ProtocolError(code: .malformedRecord, detail: detail) }
+    public static func malformedRecord(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .malformedRecord, detail: detail)
+    }
     @inline(never)
-    static func nonceExhausted() -> ProtocolError { ProtocolError(code: .nonceExhausted, detail: "nonce counter exhausted") }
+    static func nonceExhausted() -> ProtocolError {
+        ProtocolError(code: .nonceExhausted, detail: "nonce counter exhausted")
+    }
     @inline(never)
-    public static func handshakeFailed(_ detail: String) -> ProtocolError { ProtocolError(code: .handshakeFailed, detail: detail) }
+    public static func handshakeFailed(_ detail: String) -> ProtocolError {
+        ProtocolError(code: .handshakeFailed, detail: detail)
+    }
     @inline(never)
     public static func handshakeRejected(_ detail: String) -> ProtocolError {
         ProtocolError(code: .handshakeRejected, detail: detail)

@@ -88,7 +88,10 @@ public struct RecordOpener {
 
     /// Opens one record whose ciphertext (tag included) is `ciphertext`, decrypting into a new buffer.
     /// Any authentication failure is fatal for the connection.
-    public mutating func open(_ ciphertext: UnsafeRawBufferPointer, allocator: ByteBufferAllocator) throws(ProtocolError) -> ByteBuffer {
+    public mutating func open(
+        _ ciphertext: UnsafeRawBufferPointer,
+        allocator: ByteBufferAllocator
+    ) throws(ProtocolError) -> ByteBuffer {
         var output = allocator.buffer(capacity: max(ciphertext.count - NoiseCipher.tagLength, 1))
         try self.open(ciphertext, appendingTo: &output)
         return output
@@ -96,7 +99,10 @@ public struct RecordOpener {
 
     /// Opens one record, appending its plaintext to `output` (which grows if it must). Lets the caller reuse
     /// one buffer for record after record.
-    public mutating func open(_ ciphertext: UnsafeRawBufferPointer, appendingTo output: inout ByteBuffer) throws(ProtocolError) {
+    public mutating func open(
+        _ ciphertext: UnsafeRawBufferPointer,
+        appendingTo output: inout ByteBuffer
+    ) throws(ProtocolError) {
         let plaintextCount = ciphertext.count - NoiseCipher.tagLength
         guard plaintextCount >= 0 else { throw ProtocolError.malformedRecord("record shorter than its tag") }
         var ok = false

@@ -45,7 +45,9 @@ public struct SessionParameters: Hashable, Sendable {
     /// Parses TLVs; unknown tags are skipped, known tags must have their exact size.
     public static func decode(_ buffer: inout ByteBuffer) throws(ProtocolError) -> SessionParameters {
         var parameters = SessionParameters()
-        while let (tag, field) = try buffer.readTLV(malformed: ProtocolError.handshakeFailed("truncated handshake parameter")) {
+        while let (tag, field) = try buffer.readTLV(
+            malformed: ProtocolError.handshakeFailed("truncated handshake parameter")
+        ) {
             var value = field
             func exact<T: FixedWidthInteger>(_: T.Type) throws(ProtocolError) -> T {
                 guard value.readableBytes == MemoryLayout<T>.size, let v = value.readInteger(as: T.self) else {

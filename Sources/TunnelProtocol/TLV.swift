@@ -15,7 +15,9 @@ extension ByteBuffer {
     }
 
     /// Reads the next TLV: nil at the end, `malformed` when the buffer ends inside one.
-    mutating func readTLV(malformed: @autoclosure () -> ProtocolError) throws(ProtocolError) -> (tag: UInt8, value: ByteBuffer)? {
+    mutating func readTLV(
+        malformed: @autoclosure () -> ProtocolError
+    ) throws(ProtocolError) -> (tag: UInt8, value: ByteBuffer)? {
         guard self.readableBytes > 0 else { return nil }
         guard let tag = self.readInteger(as: UInt8.self), let length = self.readInteger(as: UInt16.self),
             let value = self.readSlice(length: Int(length))

@@ -60,15 +60,20 @@ public struct TunnelAssignment: Hashable, Sendable {
     public static func decode(_ buffer: ByteBuffer) throws(ProtocolError) -> TunnelAssignment {
         var buffer = buffer
         var assignment = TunnelAssignment()
-        while let (tag, field) = try buffer.readTLV(malformed: ProtocolError.malformedFrame("truncated CONTROL field")) {
+        while let (tag, field) = try buffer.readTLV(malformed: ProtocolError.malformedFrame("truncated CONTROL field"))
+        {
             let value = Array(field.readableBytesView)
             switch tag {
             case Tag.ipv4: assignment.ipv4 = try Self.interface(value, addressBytes: 4)
             case Tag.ipv6: assignment.ipv6 = try Self.interface(value, addressBytes: 16)
             case Tag.mtu:
-                guard value.count == 2 else { throw ProtocolError.malformedFrame("CONTROL MTU has length \(value.count)") }
+                guard value.count == 2 else {
+                    throw ProtocolError.malformedFrame("CONTROL MTU has length \(value.count)")
+                }
                 let mtu = Int(value[0]) << 8 | Int(value[1])
-                guard Self.mtuRange.contains(mtu) else { throw ProtocolError.malformedFrame("CONTROL MTU \(mtu) out of range") }
+                guard Self.mtuRange.contains(mtu) else {
+                    throw ProtocolError.malformedFrame("CONTROL MTU \(mtu) out of range")
+                }
                 assignment.mtu = mtu
             case Tag.dns:
                 guard let server = IPAddress(bytes: value) else {
@@ -82,7 +87,9 @@ public struct TunnelAssignment: Hashable, Sendable {
                 continue
             }
         }
-        guard assignment.ipv4 != nil else { throw ProtocolError.malformedFrame("CONTROL assignment without an IPv4 address") }
+        guard assignment.ipv4 != nil else {
+            throw ProtocolError.malformedFrame("CONTROL assignment without an IPv4 address")
+        }
         return assignment
     }
 

@@ -168,8 +168,12 @@ public final class TunnelSession {
             // Key confirmation for the server, and the first RTT sample.
             self.multiplexer!.sendPing(now: self.timers.lastReceive)
         case .server(var machine):
-            let initiation = try machine.receivedInitiation(message) { key in self.delegate?.sessionAuthorize(key) ?? false }
-            switch self.delegate?.sessionCheckReplay(key: initiation.clientKey, timestamp: initiation.timestamp) ?? .replay {
+            let initiation = try machine.receivedInitiation(message) { key in
+                self.delegate?.sessionAuthorize(key) ?? false
+            }
+            switch self.delegate?.sessionCheckReplay(key: initiation.clientKey, timestamp: initiation.timestamp)
+                ?? .replay
+            {
             case .accept: break
             case .replay:
                 throw ProtocolError.replayedHandshake(
@@ -178,7 +182,10 @@ public final class TunnelSession {
             case .flood:
                 throw ProtocolError.replayedHandshake("client \(initiation.clientKey) is handshaking too fast")
             }
-            let accepted = Self.agreedFeatures(offered: initiation.parameters.features, configuration: self.configuration)
+            let accepted = Self.agreedFeatures(
+                offered: initiation.parameters.features,
+                configuration: self.configuration
+            )
             let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
             let (response, session) = try machine.respond(parameters: parameters)
             self.role = .server(machine)
@@ -206,7 +213,11 @@ public final class TunnelSession {
         let features = Self.agreedFeatures(offered: session.peerParameters.features, configuration: self.configuration)
         muxConfiguration.compression = features.contains(.compression)
         muxConfiguration.fullTunnel = features.contains(.fullTunnel)
-        let mux = Multiplexer(role: self.isClient ? .client : .server, configuration: muxConfiguration, peerParameters: session.peerParameters)
+        let mux = Multiplexer(
+            role: self.isClient ? .client : .server,
+            configuration: muxConfiguration,
+            peerParameters: session.peerParameters
+        )
         mux.delegate = self.multiplexerDelegate
         mux.tunnelWritabilityChanged(self.isWritable)
         self.multiplexer = mux
@@ -272,7 +283,9 @@ public final class TunnelSession {
             case .handshakeTimedOut:
                 throw ProtocolError.handshakeFailed("handshake timed out")
             case .dead(let idle):
-                throw ProtocolError.truncated("nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead")
+                throw ProtocolError.truncated(
+                    "nothing received for \(idle.nanoseconds / 1_000_000_000) s: tunnel is dead"
+                )
             case .sendPing:
                 self.multiplexer?.sendPing(now: now)
             case .upkeep:
@@ -296,7 +309,12 @@ public final class TunnelSession {
     public static func reuse(_ kept: inout ByteBuffer?, capacity: Int) -> ByteBuffer {
         if var previous = kept {
             kept = nil
-            if previous.modifyIfUniquelyOwned({ $0.clear(); return $0.capacity >= capacity }) == true { return previous }
+            if previous.modifyIfUniquelyOwned({
+                $0.clear()
+                return $0.capacity >= capacity
+            }) == true {
+                return previous
+            }
         }
         return ByteBufferAllocator().buffer(capacity: capacity)
     }

@@ -17,7 +17,8 @@ public enum CrashRecovery {
     /// The server's state file: `state_file`, or one per network namespace and listen address (several
     /// servers may run in one namespace).
     public static func serverStatePath(_ settings: ServerTUNSettings, listen: Endpoint) -> String {
-        settings.stateFile ?? HostChangeJournal.defaultPath(program: "tunnel-server", instance: "\(listen.host)-\(listen.port)")
+        settings.stateFile
+            ?? HostChangeJournal.defaultPath(program: "tunnel-server", instance: "\(listen.host)-\(listen.port)")
     }
 
     /// `--recover-only`: undoes what a run that did not exit cleanly left in `statePath`, and lets go.
@@ -44,7 +45,9 @@ public enum CrashRecovery {
             throw Refused(description: "\(error)")
         }
         if recovery.undone > 0 {
-            logger.notice("undid \(recovery.undone) change(s) left by a previous run that did not exit cleanly (\(statePath))")
+            logger.notice(
+                "undid \(recovery.undone) change(s) left by a previous run that did not exit cleanly (\(statePath))"
+            )
         }
         if recovery.skipped > 0 {
             logger.notice(

@@ -20,7 +20,10 @@ package final class DatagramReader: ChannelInboundHandler {
     /// A UDP socket bound to `host:port` on `loop` whose datagrams (up to `capacity` bytes each, so none is
     /// truncated) go to `receive`.
     package static func bind(
-        host: String, port: Int, on loop: any EventLoop, capacity: Int = 65536 + 64,
+        host: String,
+        port: Int,
+        on loop: any EventLoop,
+        capacity: Int = 65536 + 64,
         receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
     ) -> EventLoopFuture<any Channel> {
         DatagramBootstrap(group: loop)

@@ -6,5 +6,10 @@ package final class NIOLockedValueBoxChannel: Sendable {
     private let box = NIOLockedValueBox<(any Channel)?>(nil)
     package init() {}
     package func set(_ channel: any Channel) { self.box.withLockedValue { $0 = channel } }
-    package func take() -> (any Channel)? { self.box.withLockedValue { value in defer { value = nil }; return value } }
+    package func take() -> (any Channel)? {
+        self.box.withLockedValue { value in
+            defer { value = nil }
+            return value
+        }
+    }
 }

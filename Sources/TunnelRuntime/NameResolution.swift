@@ -1,7 +1,8 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
 
 /// The one place names are resolved: the system resolver (getaddrinfo), blocking, so callers run it off the
 /// event loops (the server's outbound connector on its resolver thread pool; the client once at start).
@@ -21,11 +22,20 @@ package enum NameResolution {
         var current: UnsafeMutablePointer<addrinfo>? = first
         while let info = current {
             if let sa = info.pointee.ai_addr {
-                let address: SocketAddress? = switch Int32(info.pointee.ai_family) {
-                case AF_INET: SocketAddress(sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee }, host: name)
-                case AF_INET6: SocketAddress(sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee }, host: name)
-                default: nil
-                }
+                let address: SocketAddress? =
+                    switch Int32(info.pointee.ai_family) {
+                    case AF_INET:
+                        SocketAddress(
+                            sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee },
+                            host: name
+                        )
+                    case AF_INET6:
+                        SocketAddress(
+                            sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee },
+                            host: name
+                        )
+                    default: nil
+                    }
                 if let address, !addresses.contains(address) { addresses.append(address) }
             }
             current = info.pointee.ai_next

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import NIOCore
 import TunnelConfig
 import TunnelProtocol
 import TunnelTransport
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 extension TunnelConnectionHandler.Configuration {
     /// The connection configuration for the given timings.
@@ -40,9 +41,16 @@ package enum StreamSocket {
 /// a bulk download queues megabytes in front of every interactive frame.
 package enum TunnelSocket {
     package static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 << 10, high: 128 << 10)
-    package static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 256 << 10)
+    package static let receiveAllocator = AdaptiveRecvByteBufferAllocator(
+        minimum: 4096,
+        initial: 65536,
+        maximum: 256 << 10
+    )
     /// `TCP_NOTSENT_LOWAT` (Linux option 25).
-    package static let notSentLowWater = ChannelOptions.Types.SocketOption(level: .init(rawValue: Int32(IPPROTO_TCP)), name: .init(rawValue: 25))
+    package static let notSentLowWater = ChannelOptions.Types.SocketOption(
+        level: .init(rawValue: Int32(IPPROTO_TCP)),
+        name: .init(rawValue: 25)
+    )
     package static let notSentLowWaterBytes = 128 << 10
 
     /// `TCP_CONGESTION` (Linux option 13).
@@ -50,8 +58,12 @@ package enum TunnelSocket {
 
     /// An algorithm name as `setsockopt(TCP_CONGESTION)` takes it (NUL-padded, at most 15 characters).
     package struct AlgorithmName: Sendable {
-        package var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
-            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        package var bytes:
+            (
+                UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                UInt8
+            ) =
+                (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         package init(_ name: String) {
             withUnsafeMutableBytes(of: &self.bytes) { raw in
                 for (i, byte) in name.utf8.prefix(15).enumerated() { raw[i] = byte }
@@ -67,9 +79,12 @@ package enum TunnelSocket {
     package static func applyCongestionControl(_ choice: String, to channel: any Channel, logger: Logger) {
         guard choice != "system", let provider = channel as? any SocketOptionProvider else { return }
         let name = choice == "auto" ? "bbr" : choice
-        provider.unsafeSetSocketOption(level: .tcp, name: Self.congestionOption, value: AlgorithmName(name)).whenFailure { error in
+        provider.unsafeSetSocketOption(level: .tcp, name: Self.congestionOption, value: AlgorithmName(name)).whenFailure
+        { error in
             if choice != "auto" {
-                logger.warning("cannot use congestion control \(name) on the tunnel connection (\(error)); using the system default")
+                logger.warning(
+                    "cannot use congestion control \(name) on the tunnel connection (\(error)); using the system default"
+                )
             }
         }
     }

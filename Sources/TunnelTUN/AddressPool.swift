@@ -45,9 +45,16 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
 
     /// - Parameters: the IPv4 network (prefix 8...30) and an optional IPv6 network (prefix 48...120). Host
     ///   bits of the given addresses are ignored.
-    public init(ipv4: IPAddress, prefixLength v4Prefix: Int, ipv6: IPAddress? = nil, prefixLength v6Prefix: Int = 64) throws(PoolError) {
+    public init(
+        ipv4: IPAddress,
+        prefixLength v4Prefix: Int,
+        ipv6: IPAddress? = nil,
+        prefixLength v6Prefix: Int = 64
+    ) throws(PoolError) {
         guard !ipv4.isIPv6, (8...30).contains(v4Prefix) else {
-            throw .notANetwork("the IPv4 pool must be an IPv4 network with a prefix from /8 to /30, not \(ipv4)/\(v4Prefix)")
+            throw .notANetwork(
+                "the IPv4 pool must be an IPv4 network with a prefix from /8 to /30, not \(ipv4)/\(v4Prefix)"
+            )
         }
         guard case .v4(let v4) = PacketAddress(ipv4) else { throw .notANetwork("\(ipv4)") }
         let v4Mask: UInt32 = v4Prefix == 0 ? 0 : ~UInt32(0) << (32 - v4Prefix)
@@ -55,7 +62,9 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
         var capacity = (1 << (32 - v4Prefix)) - 3  // network, gateway, broadcast
         if let ipv6 {
             guard ipv6.isIPv6, (48...120).contains(v6Prefix) else {
-                throw .notANetwork("the IPv6 pool must be an IPv6 network with a prefix from /48 to /120, not \(ipv6)/\(v6Prefix)")
+                throw .notANetwork(
+                    "the IPv6 pool must be an IPv6 network with a prefix from /48 to /120, not \(ipv6)/\(v6Prefix)"
+                )
             }
             guard case .v6(let high, let low) = PacketAddress(ipv6) else { throw .notANetwork("\(ipv6)") }
             let hostBits = 128 - v6Prefix

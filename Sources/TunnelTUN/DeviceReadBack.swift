@@ -1,7 +1,8 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
 
 /// Reading a TUN queue outside SwiftNIO's reads, for the readers' read-back (README, full-tunnel data path):
 /// right after writing packets to the device, what the host answered inside those writes is read and sent at

@@ -13,8 +13,11 @@ public enum FirewallRules {
         public var embedded: [(network: String, allow: Bool)]
 
         public init(
-            ordered4: [(network: String, allow: Bool)], builtIn4: [String], ordered6: [(network: String, allow: Bool)],
-            builtIn6: [String], embedded: [(network: String, allow: Bool)]
+            ordered4: [(network: String, allow: Bool)],
+            builtIn4: [String],
+            ordered6: [(network: String, allow: Bool)],
+            builtIn6: [String],
+            embedded: [(network: String, allow: Bool)]
         ) {
             self.ordered4 = ordered4
             self.builtIn4 = builtIn4
@@ -24,7 +27,13 @@ public enum FirewallRules {
         }
 
         /// Everything allowed (no policy).
-        public static let open = ClientDestinations(ordered4: [], builtIn4: [], ordered6: [], builtIn6: [], embedded: [])
+        public static let open = ClientDestinations(
+            ordered4: [],
+            builtIn4: [],
+            ordered6: [],
+            builtIn6: [],
+            embedded: []
+        )
     }
 
     /// Server: NAT for the pools out of every other interface, MSS clamping both ways, no forwarding
@@ -32,7 +41,11 @@ public enum FirewallRules {
     /// where only the DNS forwarder and ping on the gateway addresses are open unless allowed), packets
     /// conntrack cannot place dropped, and no packet leaving another interface with a pool address as source.
     public static func serverTable(
-        name: String, device: String, pool4: String, pool6: String?, gateways: [IPAddress] = [],
+        name: String,
+        device: String,
+        pool4: String,
+        pool6: String?,
+        gateways: [IPAddress] = [],
         destinations: ClientDestinations = .open
     ) -> String {
         let from = "iifname \"\(device)\""
@@ -49,13 +62,17 @@ public enum FirewallRules {
             "        type filter hook input priority filter; policy accept;",
         ]
         for gateway in gateways {
-            lines.append("        iifname != \"\(device)\" \(family(gateway.description)) daddr \(gateway) meta l4proto { tcp, udp } th dport 53 drop")
+            lines.append(
+                "        iifname != \"\(device)\" \(family(gateway.description)) daddr \(gateway) meta l4proto { tcp, udp } th dport 53 drop"
+            )
         }
         lines.append("        \(from) ct state established,related accept")
         for gateway in gateways {
             let ip = family(gateway.description)
             lines.append("        \(from) \(ip) daddr \(gateway) meta l4proto { tcp, udp } th dport 53 accept")
-            lines.append("        \(from) \(ip) daddr \(gateway) \(gateway.isIPv6 ? "icmpv6 type echo-request" : "icmp type echo-request") accept")
+            lines.append(
+                "        \(from) \(ip) daddr \(gateway) \(gateway.isIPv6 ? "icmpv6 type echo-request" : "icmp type echo-request") accept"
+            )
         }
         lines += [
             "        \(from) jump client_to_host",
@@ -113,7 +130,13 @@ public enum FirewallRules {
     /// Client kill switch: nothing leaves except through the tunnel device, to the tunnel server itself, to
     /// excluded networks, on loopback, and the link-level chatter that keeps the uplink working (DHCP,
     /// IPv6 neighbour discovery). Everything else is rejected, so apps fail fast instead of leaking.
-    public static func killSwitchTable(name: String, device: String, server: IPAddress, port: Int, exclude: [String]) -> String {
+    public static func killSwitchTable(
+        name: String,
+        device: String,
+        server: IPAddress,
+        port: Int,
+        exclude: [String]
+    ) -> String {
         var lines = [
             "table inet \(name) {",
             "    chain output {",

@@ -44,7 +44,9 @@ public final class HostChangeJournal: @unchecked Sendable {
 
     /// `text` with anything but letters, digits, '.', '-' and '_' replaced by '-'.
     static func fileNameSafe(_ text: String) -> String {
-        String(text.map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "_") ? $0 : "-" })
+        String(
+            text.map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "_") ? $0 : "-" }
+        )
     }
 
     /// Records how to undo a change that was just made, and saves the journal.
@@ -95,7 +97,9 @@ public final class HostChangeJournal: @unchecked Sendable {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw UnsafeStateFile(path: path, reason: String(cString: strerror(errno))) }
         try Self.checkOwnership(info, path: path, directory: false)
-        guard let text = Self.readAll(fd) else { throw UnsafeStateFile(path: path, reason: String(cString: strerror(errno))) }
+        guard let text = Self.readAll(fd) else {
+            throw UnsafeStateFile(path: path, reason: String(cString: strerror(errno)))
+        }
         guard let state = Self.decode(String(decoding: text, as: UTF8.self)) else {
             unlink(path)
             return Recovery(problems: ["\(path) is not a state file of this program; removed it"])
@@ -122,7 +126,8 @@ public final class HostChangeJournal: @unchecked Sendable {
         public var permissionDenied = false
         public var description: String {
             if self.permissionDenied { return "\(self.path): \(self.reason)" }
-            return "refusing the state file \(self.path): \(self.reason). It records commands to run as this user after a crash, so "
+            return
+                "refusing the state file \(self.path): \(self.reason). It records commands to run as this user after a crash, so "
                 + "it must be a regular file owned by uid \(geteuid()) that no one else can write, in a directory no one else can write"
         }
     }
@@ -133,7 +138,11 @@ public final class HostChangeJournal: @unchecked Sendable {
         guard !directory.isEmpty else { return }  // the root directory
         if mkdir(directory, 0o700) != 0 && errno != EEXIST {
             let denied = errno == EACCES || errno == EPERM
-            throw UnsafeStateFile(path: path, reason: "cannot make \(directory): \(String(cString: strerror(errno)))", permissionDenied: denied)
+            throw UnsafeStateFile(
+                path: path,
+                reason: "cannot make \(directory): \(String(cString: strerror(errno)))",
+                permissionDenied: denied
+            )
         }
         var info = stat()
         guard lstat(directory, &info) == 0 else {
@@ -152,7 +161,10 @@ public final class HostChangeJournal: @unchecked Sendable {
             throw UnsafeStateFile(path: path, reason: "\(what) belongs to uid \(info.st_uid)")
         }
         guard info.st_mode & 0o022 == 0 else {
-            throw UnsafeStateFile(path: path, reason: "\(what) can be written by group or others (mode \(String(info.st_mode & 0o7777, radix: 8)))")
+            throw UnsafeStateFile(
+                path: path,
+                reason: "\(what) can be written by group or others (mode \(String(info.st_mode & 0o7777, radix: 8)))"
+            )
         }
     }
 
@@ -195,11 +207,13 @@ public final class HostChangeJournal: @unchecked Sendable {
             return "`\(arguments.joined(separator: " "))`: \(result.output)"
         case .restoreFile(let path, let original, let written):
             guard readFile(path) == written else { return nil }
-            return writeFile(path, original, mode: 0o644, create: false) ? nil : "cannot restore \(path): \(String(cString: strerror(errno)))"
+            return writeFile(path, original, mode: 0o644, create: false)
+                ? nil : "cannot restore \(path): \(String(cString: strerror(errno)))"
         case .restoreSymlink(let path, let target, let written):
             guard readFile(path) == written else { return nil }
             unlink(path)
-            return symlink(target, path) == 0 ? nil : "cannot restore the link \(path) -> \(target): \(String(cString: strerror(errno)))"
+            return symlink(target, path) == 0
+                ? nil : "cannot restore the link \(path) -> \(target): \(String(cString: strerror(errno)))"
         case .removeFile(let path, let written):
             guard readFile(path) == written else { return nil }
             unlink(path)
@@ -243,12 +257,15 @@ public final class HostChangeJournal: @unchecked Sendable {
     /// state file of ours, or names a tool or a file we never touch.
     static func decode(_ text: String) -> (identity: HostIdentity?, undos: [Undo])? {
         var lines = text.split(separator: "\n", omittingEmptySubsequences: true)
-        guard let first = lines.first, first == Substring(Self.header) || first == Substring(Self.headerVersion1) else { return nil }
+        guard let first = lines.first, first == Substring(Self.header) || first == Substring(Self.headerVersion1) else {
+            return nil
+        }
         lines.removeFirst()
         var identity: HostIdentity?
         if first == Substring(Self.header) {
             let fields = lines.first?.split(separator: " ", omittingEmptySubsequences: false) ?? []
-            guard fields.count == 4, fields[0] == "host", let inode = UInt64(fields[2]), let cookie = UInt64(fields[3]) else { return nil }
+            guard fields.count == 4, fields[0] == "host", let inode = UInt64(fields[2]), let cookie = UInt64(fields[3])
+            else { return nil }
             identity = HostIdentity(boot: String(fields[1]), namespaceInode: inode, namespaceCookie: cookie)
             lines.removeFirst()
         }
@@ -268,10 +285,14 @@ public final class HostChangeJournal: @unchecked Sendable {
                 guard let tool = arguments.first, Self.allowedTools.contains(tool) else { return nil }
                 undos.append(.command(arguments))
             case "file":
-                guard fields.count == 4, let path = file(1), let original = bytes(2), let written = bytes(3) else { return nil }
+                guard fields.count == 4, let path = file(1), let original = bytes(2), let written = bytes(3) else {
+                    return nil
+                }
                 undos.append(.restoreFile(path: path, original: original, written: written))
             case "link":
-                guard fields.count == 4, let path = file(1), let target = text(2), let written = bytes(3) else { return nil }
+                guard fields.count == 4, let path = file(1), let target = text(2), let written = bytes(3) else {
+                    return nil
+                }
                 undos.append(.restoreSymlink(path: path, target: target, written: written))
             case "rm":
                 guard fields.count == 3, let path = file(1), let written = bytes(2) else { return nil }
@@ -381,9 +402,14 @@ public struct HostIdentity: Hashable, Sendable {
 
     /// This process's boot and network namespace.
     public static func current() -> HostIdentity {
-        let boot = HostChangeJournal.readFile("/proc/sys/kernel/random/boot_id")
+        let boot =
+            HostChangeJournal.readFile("/proc/sys/kernel/random/boot_id")
             .map { String(decoding: $0, as: UTF8.self).trimmingWhitespace() } ?? ""
-        return HostIdentity(boot: boot.isEmpty ? "unknown" : boot, namespaceInode: Self.namespaceInode(), namespaceCookie: Self.namespaceCookie())
+        return HostIdentity(
+            boot: boot.isEmpty ? "unknown" : boot,
+            namespaceInode: Self.namespaceInode(),
+            namespaceCookie: Self.namespaceCookie()
+        )
     }
 
     /// The same boot and the same namespace (an unknown part never matches).

@@ -34,13 +34,19 @@ public final class HostChangeLock: @unchecked Sendable {
         do {
             try HostChangeJournal.checkDirectory(of: statePath)
         } catch {
-            throw Failed(description: "\(error)" + (error.permissionDenied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : ""))
+            throw Failed(
+                description: "\(error)"
+                    + (error.permissionDenied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : "")
+            )
         }
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
             let denied = errno == EACCES || errno == EPERM
             let reason = String(cString: strerror(errno))
-            throw Failed(description: "cannot open \(path): \(reason)" + (denied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : ""))
+            throw Failed(
+                description: "cannot open \(path): \(reason)"
+                    + (denied ? " (full-tunnel mode needs root or CAP_NET_ADMIN)" : "")
+            )
         }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let busy = errno == EWOULDBLOCK

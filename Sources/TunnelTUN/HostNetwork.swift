@@ -1,7 +1,8 @@
+import TunnelProtocol
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import TunnelProtocol
 
 /// The host configuration steps of full-tunnel mode, each recorded in a `HostChangeJournal` so it is
 /// undone on exit or after a crash. They run `ip` and `nft` (iproute2, nftables).
@@ -24,7 +25,8 @@ public enum HostNetwork {
     public static func parseRouteGet(_ output: String) -> Path? {
         let firstLine = output.split(separator: "\n").first.map(String.init) ?? ""
         let words = firstLine.split(separator: " ").map(String.init)
-        guard let first = words.first, !["local", "unreachable", "blackhole", "prohibit", "throw"].contains(first) else { return nil }
+        guard let first = words.first, !["local", "unreachable", "blackhole", "prohibit", "throw"].contains(first)
+        else { return nil }
         var gateway: String?
         var device: String?
         var i = 0
@@ -33,7 +35,7 @@ public enum HostNetwork {
             case "via":
                 gateway = words[i + 1]
                 // `via inet6 fe80::1` (an IPv4 route through an IPv6 gateway) names the family first.
-                if (gateway == "inet" || gateway == "inet6"), i + 2 < words.count {
+                if gateway == "inet" || gateway == "inet6", i + 2 < words.count {
                     gateway = words[i + 2]
                     i += 1
                 }
@@ -57,10 +59,16 @@ public enum HostNetwork {
     }
 
     /// Gives a device its addresses and MTU and brings it up.
-    public static func configureDevice(_ name: String, mtu: Int, addresses: [TunnelAssignment.Interface]) throws(SystemCommand.Failure) {
+    public static func configureDevice(
+        _ name: String,
+        mtu: Int,
+        addresses: [TunnelAssignment.Interface]
+    ) throws(SystemCommand.Failure) {
         try SystemCommand.check(["ip", "link", "set", "dev", name, "mtu", String(mtu)])
         for interface in addresses {
-            var arguments = ["ip", interface.address.isIPv6 ? "-6" : "-4", "addr", "add", interface.description, "dev", name]
+            var arguments = [
+                "ip", interface.address.isIPv6 ? "-6" : "-4", "addr", "add", interface.description, "dev", name,
+            ]
             if interface.address.isIPv6 { arguments.append("nodad") }
             try SystemCommand.check(arguments)
         }
@@ -68,7 +76,11 @@ public enum HostNetwork {
     }
 
     /// Replaces a device's addresses of one family (a reconnect brought a different assignment).
-    public static func readdress(_ name: String, from old: TunnelAssignment.Interface, to new: TunnelAssignment.Interface) throws(SystemCommand.Failure) {
+    public static func readdress(
+        _ name: String,
+        from old: TunnelAssignment.Interface,
+        to new: TunnelAssignment.Interface
+    ) throws(SystemCommand.Failure) {
         let family = new.address.isIPv6 ? "-6" : "-4"
         _ = SystemCommand.run(["ip", family, "addr", "del", old.description, "dev", name])
         var arguments = ["ip", family, "addr", "add", new.description, "dev", name]
@@ -79,7 +91,11 @@ public enum HostNetwork {
     /// Adds a route and records its removal. A route that exists already is left alone (and not removed
     /// later: it was not ours).
     public static func addRoute(
-        _ destination: String, ipv6: Bool, type: String? = nil, arguments: [String], journal: HostChangeJournal
+        _ destination: String,
+        ipv6: Bool,
+        type: String? = nil,
+        arguments: [String],
+        journal: HostChangeJournal
     ) throws(SystemCommand.Failure) {
         let family = ipv6 ? "-6" : "-4"
         let route = (type.map { [$0] } ?? []) + [destination] + arguments
@@ -93,13 +109,23 @@ public enum HostNetwork {
     }
 
     /// Adds a route along `path` (the way the host reached it before the tunnel took the default route).
-    public static func addRoute(_ destination: String, ipv6: Bool, along path: Path, journal: HostChangeJournal) throws(SystemCommand.Failure) {
+    public static func addRoute(
+        _ destination: String,
+        ipv6: Bool,
+        along path: Path,
+        journal: HostChangeJournal
+    ) throws(SystemCommand.Failure) {
         try Self.addRoute(destination, ipv6: ipv6, arguments: path.routeArguments, journal: journal)
     }
 
     /// Loads an nftables ruleset that creates table `family name`, after deleting a stale one, and records
     /// the table's removal.
-    public static func installTable(family: String, name: String, ruleset: String, journal: HostChangeJournal?) throws(SystemCommand.Failure) {
+    public static func installTable(
+        family: String,
+        name: String,
+        ruleset: String,
+        journal: HostChangeJournal?
+    ) throws(SystemCommand.Failure) {
         _ = SystemCommand.run(["nft", "delete", "table", family, name])
         try SystemCommand.check(["nft", "-f", "-"], input: ruleset)
         journal?.record(.command(["nft", "delete", "table", family, name]))
@@ -116,9 +142,13 @@ public enum HostNetwork {
         let path = "/proc/sys/" + key.replacingDots()
         let old = Self.sysctl(key)
         if old == value { return true }
-        guard HostChangeJournal.writeFile(path, Array((value + "\n").utf8), mode: 0o644, create: false) else { return false }
+        guard HostChangeJournal.writeFile(path, Array((value + "\n").utf8), mode: 0o644, create: false) else {
+            return false
+        }
         if let old, let journal {
-            journal.record(.restoreFile(path: path, original: Array((old + "\n").utf8), written: Array((value + "\n").utf8)))
+            journal.record(
+                .restoreFile(path: path, original: Array((old + "\n").utf8), written: Array((value + "\n").utf8))
+            )
         }
         return true
     }
@@ -127,7 +157,11 @@ public enum HostNetwork {
 
     /// Points the system resolver (/etc/resolv.conf) at `servers`, keeping its `search` and `options`
     /// lines, and records how to put the old file (or symbolic link) back.
-    public static func pointResolver(at servers: [IPAddress], path: String = "/etc/resolv.conf", journal: HostChangeJournal) -> String? {
+    public static func pointResolver(
+        at servers: [IPAddress],
+        path: String = "/etc/resolv.conf",
+        journal: HostChangeJournal
+    ) -> String? {
         var info = stat()
         let exists = lstat(path, &info) == 0
         let isLink = exists && (info.st_mode & S_IFMT) == S_IFLNK
@@ -165,8 +199,10 @@ public enum ResolverFile {
     /// The new /etc/resolv.conf: `servers` as the only name servers, the old `search`/`domain`/`options`
     /// lines kept.
     public static func rewrite(_ original: String, servers: [IPAddress]) -> String {
-        var lines = ["# Written by tunnel-client --full-tunnel: DNS goes through the tunnel.",
-                     "# The previous file comes back when tunnel-client exits."]
+        var lines = [
+            "# Written by tunnel-client --full-tunnel: DNS goes through the tunnel.",
+            "# The previous file comes back when tunnel-client exits.",
+        ]
         for server in servers { lines.append("nameserver \(server)") }
         for line in original.split(separator: "\n") {
             let trimmed = line.drop { $0 == " " || $0 == "\t" }

@@ -13,7 +13,10 @@ public enum PacketAddress: Hashable, Sendable, CustomStringConvertible {
             self = .v4(b.withUnsafeBytes { UInt32(bigEndian: $0.loadUnaligned(as: UInt32.self)) })
         } else {
             self = b.withUnsafeBytes {
-                .v6(UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)), UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
+                .v6(
+                    UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)),
+                    UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+                )
             }
         }
     }
@@ -23,7 +26,10 @@ public enum PacketAddress: Hashable, Sendable, CustomStringConvertible {
         case .v4(let v):
             return IPAddress(bytes: withUnsafeBytes(of: v.bigEndian) { Array($0) })!
         case .v6(let high, let low):
-            return IPAddress(bytes: withUnsafeBytes(of: high.bigEndian) { Array($0) } + withUnsafeBytes(of: low.bigEndian) { Array($0) })!
+            return IPAddress(
+                bytes: withUnsafeBytes(of: high.bigEndian) { Array($0) }
+                    + withUnsafeBytes(of: low.bigEndian) { Array($0) }
+            )!
         }
     }
 

@@ -24,7 +24,9 @@ public enum SystemCommand {
     }
 
     /// Where the tools may live: sbin is often missing from PATH for a non-root user with CAP_NET_ADMIN.
-    private static let searchDirectories = ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/local/bin"]
+    private static let searchDirectories = [
+        "/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/local/bin",
+    ]
 
     /// The full path of a tool, or nil when it is not installed.
     public static func locate(_ tool: String) -> String? {
@@ -46,9 +48,12 @@ public enum SystemCommand {
         }
         var outputPipe: [Int32] = [0, 0]
         var inputPipe: [Int32] = [0, 0]
-        guard Self.pipeCloseOnExec(&outputPipe) else { return Result(status: -1, output: "pipe: \(String(cString: strerror(errno)))") }
+        guard Self.pipeCloseOnExec(&outputPipe) else {
+            return Result(status: -1, output: "pipe: \(String(cString: strerror(errno)))")
+        }
         guard Self.pipeCloseOnExec(&inputPipe) else {
-            close(outputPipe[0]); close(outputPipe[1])
+            close(outputPipe[0])
+            close(outputPipe[1])
             return Result(status: -1, output: "pipe: \(String(cString: strerror(errno)))")
         }
         var actions = posix_spawn_file_actions_t()
@@ -66,7 +71,8 @@ public enum SystemCommand {
         close(inputPipe[0])
         close(outputPipe[1])
         guard spawned == 0 else {
-            close(inputPipe[1]); close(outputPipe[0])
+            close(inputPipe[1])
+            close(outputPipe[0])
             return Result(status: -1, output: "\(path): \(String(cString: strerror(spawned)))")
         }
         if let input {

@@ -1,10 +1,11 @@
+import CTUN
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import CTUN
-import NIOCore
 
 /// A Linux TUN device (IFF_TUN | IFF_NO_PI): each read returns one IP packet, each write sends one.
 ///
@@ -30,7 +31,8 @@ public final class TUNDevice: Sendable {
             case EPERM, EACCES:
                 return "cannot create TUN device \(self.requested): \(reason) (needs root or CAP_NET_ADMIN)"
             case ENOENT, ENODEV, ENXIO:
-                return "cannot create TUN device \(self.requested): \(reason) (no /dev/net/tun: load the tun module, or give the container the device)"
+                return
+                    "cannot create TUN device \(self.requested): \(reason) (no /dev/net/tun: load the tun module, or give the container the device)"
             case EBUSY:
                 return "cannot create TUN device \(self.requested): it is in use by another process"
             default:

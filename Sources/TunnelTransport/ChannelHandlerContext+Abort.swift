@@ -1,9 +1,10 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
 
 extension ChannelHandlerContext {
     /// Closes the socket with a TCP RST (SO_LINGER 0), so the other end sees an abort, never a clean EOF that it

@@ -1,7 +1,8 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
 
 /// Writes a tunnel connection's records: with send(2) on the socket directly when that is allowed and
 /// nothing written earlier is still waiting in the channel (bytes stay in order), else through the channel.
@@ -49,7 +50,12 @@ final class DirectSocketWriter {
         if self.pendingChannelWrites == 0 && !self.barrier {
             let written = buffer.withUnsafeReadableBytes { bytes in
                 while true {
-                    let count = Glibc.send(descriptor, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                    let count = Glibc.send(
+                        descriptor,
+                        bytes.baseAddress,
+                        bytes.count,
+                        Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT)
+                    )
                     if count >= 0 || errno != EINTR { return count }
                 }
             }

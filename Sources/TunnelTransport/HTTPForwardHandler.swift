@@ -1,5 +1,5 @@
-import Logging
 import LocalProxy
+import Logging
 import NIOCore
 import TunnelProtocol
 
@@ -180,7 +180,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                 guard case .idle = self.responseState else { return }
                 guard self.parseNextRequest() else { return }
             case .body(var framer):
-                guard self.inbound.readableBytes > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+                guard self.inbound.readableBytes > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer
+                else { return }
                 let count: Int
                 do {
                     count = try framer.consume(self.inbound)
@@ -228,7 +229,9 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             self.responseHead.clear()
             let headBytes = rewritten.encoded()
             self.logger.debug("HTTP \(rewritten.method) \(target)\(rewritten.target)")
-            if self.streamUsable, self.streamTarget == target, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            if self.streamUsable, self.streamTarget == target, let stream = self.stream,
+                let mux = self.tunnel?.multiplexer
+            {
                 mux.localRead(headBytes, on: stream)
                 self.requestState = body == .none ? .awaitingResponse : .body(HTTPBodyFramer(body))
                 return true
@@ -281,8 +284,10 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.logger.info("HTTP proxy request refused: \(status) \(message)")
         self.requestState = .done
         self.dropStream()
-        context.writeAndFlush(self.wrapOutboundOut(HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate)))
-            .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(
+            self.wrapOutboundOut(HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate))
+        )
+        .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     private func closeClient() {
@@ -324,7 +329,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             if reply == .succeeded { self.dropStream() } else { self.stream = nil }
             return
         }
-        guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending else {
+        guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending
+        else {
             let (status, _) = HTTPProxy.status(for: reply)
             self.responseState = .idle
             self.fail(status: status, message: "\(reply)")
@@ -383,7 +389,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                     return
                 }
                 let tokens = Set(head.headers.tokens("Connection"))
-                let closeAfter = head.status == 101 || mode == .untilClose || tokens.contains("close")
+                let closeAfter =
+                    head.status == 101 || mode == .untilClose || tokens.contains("close")
                     || (head.version == "HTTP/1.0" && !tokens.contains("keep-alive")) || self.clientWantsClose
                 self.responseState = .body(HTTPBodyFramer(mode), closeAfter: closeAfter)
                 if HTTPBodyFramer(mode).isComplete { self.responseFinished() }
@@ -446,7 +453,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         guard let context = self.context else { return }
         let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
         // Once the socket drained, everything received is written (or was a head, or waits as part of one).
-        let written = buffered == 0
+        let written =
+            buffered == 0
             ? self.receivedFromStream
             : min(self.receivedFromStream, max(0, self.handedToSocket - buffered) + self.creditedWithoutWrite)
         if written > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {

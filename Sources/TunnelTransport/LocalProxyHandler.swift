@@ -1,5 +1,5 @@
-import Logging
 import LocalProxy
+import Logging
 import NIOCore
 import TunnelProtocol
 
@@ -146,13 +146,19 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         while true {
             switch self.phase {
             case .detecting:
-                guard let first = self.buffered?.getInteger(at: self.buffered!.readerIndex, as: UInt8.self) else { return }
+                guard let first = self.buffered?.getInteger(at: self.buffered!.readerIndex, as: UInt8.self) else {
+                    return
+                }
                 switch LocalProxyProtocol.detect(firstByte: first) {
-                case .socks5: self.phase = .socks5(SOCKS5ServerStateMachine(credentials: self.configuration.credentials))
-                case .socks4: self.phase = .socks4(SOCKS4ServerStateMachine(credentials: self.configuration.credentials))
+                case .socks5:
+                    self.phase = .socks5(SOCKS5ServerStateMachine(credentials: self.configuration.credentials))
+                case .socks4:
+                    self.phase = .socks4(SOCKS4ServerStateMachine(credentials: self.configuration.credentials))
                 case .http: self.phase = .http
                 case nil:
-                    self.logger.info("closed a local connection that speaks no proxy protocol (first byte 0x\(String(first, radix: 16)))")
+                    self.logger.info(
+                        "closed a local connection that speaks no proxy protocol (first byte 0x\(String(first, radix: 16)))"
+                    )
                     self.finish(context: context)
                     return
                 }
@@ -162,8 +168,12 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
                 switch action {
                 case .needMoreData: return
                 case .send(let bytes): context.writeAndFlush(self.wrapOutboundOut(bytes), promise: nil)
-                case .request(let command): self.serve(command, style: .socks5, context: context); return
-                case .replyAndClose(let bytes, let reason): self.replyAndClose(bytes, reason: reason, context: context); return
+                case .request(let command):
+                    self.serve(command, style: .socks5, context: context)
+                    return
+                case .replyAndClose(let bytes, let reason):
+                    self.replyAndClose(bytes, reason: reason, context: context)
+                    return
                 case .close(let reason):
                     self.logger.info("SOCKS5 connection closed: \(reason)")
                     self.finish(context: context)
@@ -174,8 +184,12 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
                 self.phase = .socks4(machine)
                 switch action {
                 case .needMoreData: return
-                case .request(let command): self.serve(command, style: .socks4, context: context); return
-                case .replyAndClose(let bytes, let reason): self.replyAndClose(bytes, reason: reason, context: context); return
+                case .request(let command):
+                    self.serve(command, style: .socks4, context: context)
+                    return
+                case .replyAndClose(let bytes, let reason):
+                    self.replyAndClose(bytes, reason: reason, context: context)
+                    return
                 case .close(let reason):
                     self.logger.info("SOCKS4 connection closed: \(reason)")
                     self.finish(context: context)
@@ -196,14 +210,19 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             guard let parsed = try HTTPHeadParser.parseRequest(&self.buffered!) else { return }
             head = parsed
         } catch {
-            self.replyAndClose(HTTPProxy.errorResponse(status: 400, message: error.description), reason: "\(error)", context: context)
+            self.replyAndClose(
+                HTTPProxy.errorResponse(status: 400, message: error.description),
+                reason: "\(error)",
+                context: context
+            )
             return
         }
         switch HTTPProxy.decide(head, credentials: self.configuration.credentials) {
         case .reject(let status, let message, let authenticate):
             self.replyAndClose(
                 HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate),
-                reason: "HTTP \(status): \(message)", context: context
+                reason: "HTTP \(status): \(message)",
+                context: context
             )
         case .tunnel(let target):
             self.serve(.connect(target), style: .httpConnect, context: context)
@@ -216,7 +235,10 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             if let rest = self.buffered { replay.writeImmutableBuffer(rest) }
             self.buffered = nil
             let forward = HTTPForwardHandler(
-                provider: self.provider, credentials: self.configuration.credentials, logger: self.logger, initialBytes: replay
+                provider: self.provider,
+                credentials: self.configuration.credentials,
+                logger: self.logger,
+                initialBytes: replay
             )
             do {
                 try context.pipeline.syncOperations.addHandler(forward)
@@ -240,7 +262,11 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             self.provider.requestStream(to: target, local: local)
         case .udpAssociate(let client):
             guard let relay = self.configuration.udpRelay else {
-                self.replyAndClose(SOCKS5.reply(.commandNotSupported), reason: "UDP ASSOCIATE not enabled", context: context)
+                self.replyAndClose(
+                    SOCKS5.reply(.commandNotSupported),
+                    reason: "UDP ASSOCIATE not enabled",
+                    context: context
+                )
                 return
             }
             self.phase = .finished

@@ -1,7 +1,8 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
 
 /// Finds the descriptor of one of this process's connected TCP sockets from its two addresses, which name
 /// exactly one open TCP connection. SwiftNIO does not hand out its channels' descriptors; the tunnel
@@ -20,7 +21,9 @@ enum SocketDescriptor {
                 var value: Int32 = 0
                 for byte in name {
                     if byte == 0 { break }
-                    guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9"), value < Int32.max / 10 - 9 else { return nil }
+                    guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9"), value < Int32.max / 10 - 9 else {
+                        return nil
+                    }
                     value = value * 10 + Int32(byte - UInt8(ascii: "0"))
                 }
                 return name.first == 0 ? nil : value

@@ -1,12 +1,13 @@
+import Logging
+import NIOCore
+import TunnelCrypto
+import TunnelProtocol
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Logging
-import NIOCore
-import TunnelCrypto
-import TunnelProtocol
 
 /// The one handler on a tunnel TCP connection: record framing, the Noise handshake, the record layer (seal,
 /// open, rekey, authenticated close) and the stream multiplexer, driven from the channel's events.
@@ -94,16 +95,18 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         sessionConfiguration.multiplexer = configuration.multiplexer
         sessionConfiguration.rekeyPolicy = configuration.rekeyPolicy
         sessionConfiguration.timers = ConnectionTimers.Configuration(
-            handshakeTimeout: configuration.handshakeTimeout, keepaliveInterval: configuration.keepaliveInterval,
+            handshakeTimeout: configuration.handshakeTimeout,
+            keepaliveInterval: configuration.keepaliveInterval,
             deadTimeout: configuration.deadTimeout
         )
         sessionConfiguration.maxHandshakeMessage = configuration.maxHandshakeMessage
         sessionConfiguration.compression = configuration.compression
         sessionConfiguration.fullTunnel = configuration.fullTunnel
-        let sessionRole: TunnelSession.Role = switch role {
-        case .client(let machine): .client(machine)
-        case .server(let machine): .server(machine)
-        }
+        let sessionRole: TunnelSession.Role =
+            switch role {
+            case .client(let machine): .client(machine)
+            case .server(let machine): .server(machine)
+            }
         self.core = TunnelSession(role: sessionRole, configuration: sessionConfiguration, now: .now())
         self.core.delegate = self
         self.core.multiplexerDelegate = self
@@ -115,7 +118,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.context = context
         if let remote = context.channel.remoteAddress {
             self.remoteDescription = remote.hostPortDescription
-            self.remoteAddressWithoutPort = remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
+            self.remoteAddressWithoutPort =
+                remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
         }
         if context.channel.isActive { self.start(context: context) }
     }
@@ -128,7 +132,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public func channelActive(context: ChannelHandlerContext) {
         if let remote = context.channel.remoteAddress {
             self.remoteDescription = remote.hostPortDescription
-            self.remoteAddressWithoutPort = remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
+            self.remoteAddressWithoutPort =
+                remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
         }
         self.start(context: context)
         context.fireChannelActive()
@@ -209,7 +214,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         if let event = event as? ChannelEvent, event == .inputClosed {
             // TCP EOF. Without a CLOSE before it, this is truncation.
             if self.phase == .handshaking {
-                self.fail(ProtocolError.handshakeRejected("the peer closed the connection during the handshake"), context: context)
+                self.fail(
+                    ProtocolError.handshakeRejected("the peer closed the connection during the handshake"),
+                    context: context
+                )
             } else if self.phase != .closed {
                 self.fail(ProtocolError.truncated("connection closed by peer without CLOSE"), context: context)
             }
@@ -222,7 +230,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.timer?.cancel()
         self.writer.disable()
         if self.phase != .closed {
-            let error = self.phase == .handshaking
+            let error =
+                self.phase == .handshaking
                 ? ProtocolError.handshakeRejected("the peer closed the connection during the handshake")
                 : ProtocolError.truncated("connection lost without CLOSE")
             self.closeError = error
@@ -240,7 +249,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if self.phase == .handshaking {
-            self.fail(ProtocolError.handshakeRejected("the peer reset the connection during the handshake (\(error))"), context: context)
+            self.fail(
+                ProtocolError.handshakeRejected("the peer reset the connection during the handshake (\(error))"),
+                context: context
+            )
         } else if self.phase != .closed {
             self.fail(ProtocolError.truncated("socket error: \(error)"), context: context)
         }
@@ -257,7 +269,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         }
         if buffer.readableBytes > 0 && self.phase != .closed {
             // Keep the partial message in a buffer of its own, sized for the whole message.
-            let needed = buffer.getInteger(at: buffer.readerIndex, as: UInt16.self).map { 2 + Int($0) } ?? 2 + WireLimits.maxRecordCiphertext
+            let needed =
+                buffer.getInteger(at: buffer.readerIndex, as: UInt16.self).map { 2 + Int($0) } ?? 2
+                + WireLimits.maxRecordCiphertext
             var partial = context.channel.allocator.buffer(capacity: max(needed, buffer.readableBytes))
             partial.writeBuffer(&buffer)
             self.cumulation = partial
@@ -285,11 +299,16 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         let maxPlaintext = WireLimits.maxRecordFrameBytes
         while self.core.hasOutput && context.channel.isWritable {
             let estimate = self.core.queuedOutputBytes
-            let capacity = min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
+            let capacity =
+                min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
             var buffer = TunnelSession.reuse(&self.outputScratch, capacity: capacity)
             let rekeys = self.core.sendRekeys
             do {
-                try self.core.produceRecords(into: &buffer, batchBytes: self.configuration.outputBatchBytes, now: .now())
+                try self.core.produceRecords(
+                    into: &buffer,
+                    batchBytes: self.configuration.outputBatchBytes,
+                    now: .now()
+                )
             } catch {
                 self.fail(error, context: context)
                 return
@@ -452,7 +471,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
     /// Returns false when this connection cannot open a stream now.
     public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, local: any StreamEndpoint) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer, let stream = mux.openStream(to: target, kind: kind) else {
+        guard self.phase == .established, let mux = self.multiplexer,
+            let stream = mux.openStream(to: target, kind: kind)
+        else {
             return false
         }
         local.attach(stream: stream, tunnel: self)
@@ -557,7 +578,8 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
         }
     }
 
-    public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
+    public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
+    {
         guard let local = stream.context as? any StreamEndpoint else { return }
         self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
         local.openCompleted(reply: reply, bound: bound)

@@ -70,7 +70,9 @@ final class Bench: Sendable {
                 offset += n
             }
         }
-        guard let ack = try Sock.recvExact(fd, 1), ack == [1] else { throw Sock.Failure(message: "sink reported corrupt data") }
+        guard let ack = try Sock.recvExact(fd, 1), ack == [1] else {
+            throw Sock.Failure(message: "sink reported corrupt data")
+        }
         return Double(monotonicNanos() - start) / 1e9
     }
 
@@ -114,7 +116,8 @@ final class Bench: Sendable {
             message[0] = UInt8(truncatingIfNeeded: i)
             let t0 = monotonicNanos()
             try Sock.sendAll(fd, message)
-            guard try reply.withUnsafeMutableBytes({ try Sock.recvExact(fd, $0.baseAddress!, size) }), reply == message else {
+            guard try reply.withUnsafeMutableBytes({ try Sock.recvExact(fd, $0.baseAddress!, size) }), reply == message
+            else {
                 throw Sock.Failure(message: "echo mismatch")
             }
             if i >= 100 { latencies.append(Double(monotonicNanos() - t0) / 1000) }  // the first 100 warm up
@@ -147,7 +150,7 @@ final class Bench: Sendable {
             shutdown(fd, Int32(SHUT_RDWR))
             while !finished.withLock({ $0 }) { usleep(1000) }
             close(fd)
-            return Double(received.withLock { $0 }) / seconds / 1048576
+            return Double(received.withLock { $0 }) / seconds / 1_048_576
         }
     }
 

@@ -24,20 +24,34 @@ final class ProxyUnderTest {
         let client = "\(binDirectory)/tunnel-client"
         let serverPub = try run(server, ["keygen", "--force", "--out", dir.appendingPathComponent("server.key").path])
         let clientPub = try run(client, ["keygen", "--force", "--out", dir.appendingPathComponent("client.key").path])
-        try "\(clientPub) bench\n".write(to: dir.appendingPathComponent("authorized_keys"), atomically: true, encoding: .utf8)
-        let (serverProcess, serverAddress) = try start(server, [
-            "--listen", "127.0.0.1:0", "--key", dir.appendingPathComponent("server.key").path,
-            "--authorized-keys", dir.appendingPathComponent("authorized_keys").path, "--log-level", "error",
-        ], ready: "tunnel-server listening on ")
-        let (clientProcess, socksAddress) = try start(client, [
-            "--server", serverAddress, "--server-key", serverPub, "--key", dir.appendingPathComponent("client.key").path,
-            "--socks", "127.0.0.1:0", "--log-level", "error",
-        ] + extraClientArguments, ready: "SOCKS5 listening on ")
+        try "\(clientPub) bench\n".write(
+            to: dir.appendingPathComponent("authorized_keys"),
+            atomically: true,
+            encoding: .utf8
+        )
+        let (serverProcess, serverAddress) = try start(
+            server,
+            [
+                "--listen", "127.0.0.1:0", "--key", dir.appendingPathComponent("server.key").path,
+                "--authorized-keys", dir.appendingPathComponent("authorized_keys").path, "--log-level", "error",
+            ],
+            ready: "tunnel-server listening on "
+        )
+        let (clientProcess, socksAddress) = try start(
+            client,
+            [
+                "--server", serverAddress, "--server-key", serverPub, "--key",
+                dir.appendingPathComponent("client.key").path,
+                "--socks", "127.0.0.1:0", "--log-level", "error",
+            ] + extraClientArguments,
+            ready: "SOCKS5 listening on "
+        )
         guard let port = UInt16(socksAddress.split(separator: ":").last ?? "") else {
             throw Sock.Failure(message: "bad SOCKS address \(socksAddress)")
         }
         let proxy = ProxyUnderTest(
-            label: "tunnel", socksPort: port,
+            label: "tunnel",
+            socksPort: port,
             watched: [("client", clientProcess.processIdentifier), ("server", serverProcess.processIdentifier)]
         )
         proxy.processes = [clientProcess, serverProcess]
@@ -71,7 +85,9 @@ final class ProxyUnderTest {
         try process.run()
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw Sock.Failure(message: "\(path) \(arguments.first ?? "") failed") }
+        guard process.terminationStatus == 0 else {
+            throw Sock.Failure(message: "\(path) \(arguments.first ?? "") failed")
+        }
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 

@@ -17,11 +17,17 @@ enum Sock {
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = port.bigEndian
         addr.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
         guard rc == 0, Glibc.listen(fd, 4096) == 0 else { throw Failure("bind/listen") }
         var bound = sockaddr_in()
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
         return (fd, UInt16(bigEndian: bound.sin_port))
     }
 
@@ -33,7 +39,9 @@ enum Sock {
         addr.sin_port = port.bigEndian
         addr.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
         let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         guard rc == 0 else {
             close(fd)
@@ -97,7 +105,9 @@ enum Sock {
         let fd = try connect(port: proxyPort)
         do {
             try sendAll(fd, [0x05, 0x01, 0x00])
-            guard let method = try recvExact(fd, 2), method == [0x05, 0x00] else { throw Failure(message: "SOCKS method refused") }
+            guard let method = try recvExact(fd, 2), method == [0x05, 0x00] else {
+                throw Failure(message: "SOCKS method refused")
+            }
             try sendAll(fd, [0x05, 0x01, 0x00, 0x01, 127, 0, 0, 1, UInt8(targetPort >> 8), UInt8(targetPort & 0xFF)])
             guard let head = try recvExact(fd, 4) else { throw Failure(message: "SOCKS reply missing") }
             guard head[1] == 0 else { throw Failure(message: "SOCKS reply \(head[1])") }
@@ -139,11 +149,16 @@ func spawn(_ body: @escaping @Sendable () -> Void) {
     pthread_attr_init(&attributes)
     pthread_attr_setstacksize(&attributes, 256 << 10)
     pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-    let rc = pthread_create(&thread, &attributes, { raw in
-        let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
-        box.body()
-        return nil
-    }, box)
+    let rc = pthread_create(
+        &thread,
+        &attributes,
+        { raw in
+            let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
+            box.body()
+            return nil
+        },
+        box
+    )
     precondition(rc == 0, "pthread_create failed")
     pthread_attr_destroy(&attributes)
 }
@@ -153,7 +168,10 @@ extension Sock {
     static func httpConnect(proxyPort: UInt16, targetPort: UInt16) throws -> Int32 {
         let fd = try connect(port: proxyPort)
         do {
-            try sendAll(fd, Array("CONNECT 127.0.0.1:\(targetPort) HTTP/1.1\r\nHost: 127.0.0.1:\(targetPort)\r\n\r\n".utf8))
+            try sendAll(
+                fd,
+                Array("CONNECT 127.0.0.1:\(targetPort) HTTP/1.1\r\nHost: 127.0.0.1:\(targetPort)\r\n\r\n".utf8)
+            )
             var head: [UInt8] = []
             while !head.suffix(4).elementsEqual([13, 10, 13, 10]) {
                 guard let byte = try recvExact(fd, 1) else { throw Failure(message: "proxy closed during CONNECT") }
@@ -210,7 +228,8 @@ extension Sock {
         return bytes.withUnsafeBytes { raw in
             withUnsafePointer(to: &addr) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, raw.baseAddress!, raw.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == raw.count
+                    sendto(fd, raw.baseAddress!, raw.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                        == raw.count
                 }
             }
         }

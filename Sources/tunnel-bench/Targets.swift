@@ -73,7 +73,10 @@ final class Targets: Sendable {
             pattern.withUnsafeBytes { expected in
                 while offset < total {
                     let n = recv(fd, out.baseAddress!, min(out.count, Int(total - offset)), 0)
-                    if n <= 0 { ok = false; return }
+                    if n <= 0 {
+                        ok = false
+                        return
+                    }
                     ok = ok && matches(out.baseAddress!, n, expected, offset)
                     offset += UInt64(n)
                 }
@@ -124,12 +127,16 @@ final class UDPTarget: Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         var addr = Sock.loopback(port: 0)
         let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         guard rc == 0 else { throw Sock.Failure("bind udp") }
         var bound = sockaddr_in()
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
         self.port = UInt16(bigEndian: bound.sin_port)
         let counters = self.counters
         spawn {
@@ -139,7 +146,9 @@ final class UDPTarget: Sendable {
                 while true {
                     var fromLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
                     let n = withUnsafeMutablePointer(to: &from) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, raw.baseAddress!, raw.count, 0, $0, &fromLength) }
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            recvfrom(fd, raw.baseAddress!, raw.count, 0, $0, &fromLength)
+                        }
                     }
                     if n < 0 { continue }
                     counters.received.withLock {
@@ -148,7 +157,9 @@ final class UDPTarget: Sendable {
                     }
                     if counters.echo.withLock({ $0 }) {
                         _ = withUnsafePointer(to: &from) {
-                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, raw.baseAddress!, n, 0, $0, fromLength) }
+                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                                sendto(fd, raw.baseAddress!, n, 0, $0, fromLength)
+                            }
                         }
                     }
                 }

@@ -15,7 +15,8 @@ func runBenchmarks() {
         return arguments[i + 1]
     }
     if arguments.contains("--help") || arguments.contains("-h") {
-        print("""
+        print(
+            """
             USAGE: tunnel-bench [--proxy PORT | --direct] [--quick] [--label NAME] [--only LIST] [--bin-dir DIR]
 
             Measures through a SOCKS5 port on 127.0.0.1: single-stream throughput (down and up, every byte checked),
@@ -26,11 +27,14 @@ func runBenchmarks() {
             It also measures UDP through SOCKS5 UDP ASSOCIATE (64 B round trips, and 1200 B datagram throughput with the
             share delivered) and a download through HTTP CONNECT on the same port.
             LIST: any of bulk, parallel, rr, connect, idle, udp, http (default: all).
-            """)
+            """
+        )
         exit(0)
     }
     let quick = arguments.contains("--quick")
-    let only = Set((option("--only") ?? "bulk,parallel,rr,connect,idle,udp,http").split(separator: ",").map(String.init))
+    let only = Set(
+        (option("--only") ?? "bulk,parallel,rr,connect,idle,udp,http").split(separator: ",").map(String.init)
+    )
     signal(SIGPIPE, SIG_IGN)
     Sock.raiseFileLimit()
 
@@ -40,7 +44,8 @@ func runBenchmarks() {
     } else if arguments.contains("--direct") {
         proxy = ProxyUnderTest(label: "direct", socksPort: nil, watched: [])
     } else {
-        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let executable =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let binDir = option("--bin-dir") ?? URL(fileURLWithPath: executable).deletingLastPathComponent().path
         do {
             proxy = try ProxyUnderTest.startTunnel(binDirectory: binDir, extraClientArguments: [])
@@ -68,7 +73,9 @@ func runBenchmarks() {
     func cpuNote(_ before: [Double], gib: Double) -> String {
         guard !proxy.watched.isEmpty else { return "" }
         let after = cpu()
-        let parts = zip(proxy.watched, zip(before, after)).map { String(format: "%@ %.2f", $0.0.name as NSString, ($0.1.1 - $0.1.0) / gib) }
+        let parts = zip(proxy.watched, zip(before, after)).map {
+            String(format: "%@ %.2f", $0.0.name as NSString, ($0.1.1 - $0.1.0) / gib)
+        }
         let total = zip(before, after).map { $0.1 - $0.0 }.reduce(0, +) / gib
         return String(format: "  (CPU-s/GiB: %@, both %.2f)", parts.joined(separator: ", ") as NSString, total)
     }
@@ -79,10 +86,16 @@ func runBenchmarks() {
             let mib: UInt64 = quick ? 128 : 1024
             var before = cpu()
             let down = try bench.download(mib << 20)
-            report("single stream down, \(mib) MiB", String(format: "%7.1f MiB/s", Double(mib) / down) + cpuNote(before, gib: Double(mib) / 1024))
+            report(
+                "single stream down, \(mib) MiB",
+                String(format: "%7.1f MiB/s", Double(mib) / down) + cpuNote(before, gib: Double(mib) / 1024)
+            )
             before = cpu()
             let up = try bench.upload(mib << 20)
-            report("single stream up, \(mib) MiB", String(format: "%7.1f MiB/s", Double(mib) / up) + cpuNote(before, gib: Double(mib) / 1024))
+            report(
+                "single stream up, \(mib) MiB",
+                String(format: "%7.1f MiB/s", Double(mib) / up) + cpuNote(before, gib: Double(mib) / 1024)
+            )
         }
         if only.contains("parallel") {
             let each: UInt64 = quick ? 8 : 64
@@ -91,28 +104,43 @@ func runBenchmarks() {
             let rates = perStream.map { Double(each) / $0 }
             report(
                 "16 streams down, \(each) MiB each",
-                String(format: "%7.1f MiB/s aggregate, slowest/fastest %.2f", Double(each * 16) / total, rates.min()! / rates.max()!)
+                String(
+                    format: "%7.1f MiB/s aggregate, slowest/fastest %.2f",
+                    Double(each * 16) / total,
+                    rates.min()! / rates.max()!
+                )
                     + cpuNote(before, gib: Double(each * 16) / 1024)
             )
         }
         if only.contains("rr") {
             let count = quick ? 2000 : 10000
             let alone = try bench.requestResponse(count: count, size: 64)
-            report("rr 64 B, alone", String(format: "p50 %6.1f us  p99 %6.1f us", percentile(alone, 50), percentile(alone, 99)))
+            report(
+                "rr 64 B, alone",
+                String(format: "p50 %6.1f us  p99 %6.1f us", percentile(alone, 50), percentile(alone, 99))
+            )
             let stopBulk = try bench.backgroundBulk()
             usleep(300_000)
             let beside = try bench.requestResponse(count: count, size: 64)
             let bulkRate = stopBulk()
             report(
                 "rr 64 B, beside a bulk download",
-                String(format: "p50 %6.1f us  p99 %6.1f us  (bulk ran at %.0f MiB/s)", percentile(beside, 50), percentile(beside, 99), bulkRate)
+                String(
+                    format: "p50 %6.1f us  p99 %6.1f us  (bulk ran at %.0f MiB/s)",
+                    percentile(beside, 50),
+                    percentile(beside, 99),
+                    bulkRate
+                )
             )
         }
         if only.contains("http") {
             let mib: UInt64 = quick ? 128 : 1024
             let before = cpu()
             let seconds = try bench.downloadViaHTTPConnect(mib << 20)
-            report("HTTP CONNECT down, \(mib) MiB", String(format: "%7.1f MiB/s", Double(mib) / seconds) + cpuNote(before, gib: Double(mib) / 1024))
+            report(
+                "HTTP CONNECT down, \(mib) MiB",
+                String(format: "%7.1f MiB/s", Double(mib) / seconds) + cpuNote(before, gib: Double(mib) / 1024)
+            )
         }
         if only.contains("udp") {
             let udp = try UDPTarget()
@@ -120,21 +148,33 @@ func runBenchmarks() {
             let (latencies, lost) = try bench.udpRequestResponse(udp: udp, count: count, size: 64)
             report(
                 "udp rr 64 B",
-                String(format: "p50 %6.1f us  p99 %6.1f us  (%d of %d lost)", percentile(latencies, 50), percentile(latencies, 99), lost, count + 50)
+                String(
+                    format: "p50 %6.1f us  p99 %6.1f us  (%d of %d lost)",
+                    percentile(latencies, 50),
+                    percentile(latencies, 99),
+                    lost,
+                    count + 50
+                )
             )
             let datagrams = quick ? 20_000 : 200_000
             let (seconds, delivered) = try bench.udpThroughput(udp: udp, datagrams: datagrams, size: 1200)
             report(
                 "udp 1200 B datagrams, one way",
-                String(format: "%7.1f MiB/s delivered, %.0f datagrams/s sent, %.1f%% dropped",
-                       Double(delivered * 1200) / seconds / 1048576, Double(datagrams) / seconds,
-                       100 * Double(datagrams - delivered) / Double(datagrams))
+                String(
+                    format: "%7.1f MiB/s delivered, %.0f datagrams/s sent, %.1f%% dropped",
+                    Double(delivered * 1200) / seconds / 1_048_576,
+                    Double(datagrams) / seconds,
+                    100 * Double(datagrams - delivered) / Double(datagrams)
+                )
             )
         }
         if only.contains("connect") {
             let seconds = quick ? 1.0 : 3.0
             let (ok, errors) = bench.connectLoop(threads: 8, seconds: seconds)
-            report("new connections (8 threads)", String(format: "%7.0f conn/s", Double(ok) / seconds) + (errors > 0 ? "  (\(errors) errors)" : ""))
+            report(
+                "new connections (8 threads)",
+                String(format: "%7.0f conn/s", Double(ok) / seconds) + (errors > 0 ? "  (\(errors) errors)" : "")
+            )
         }
         if only.contains("idle") {
             for count in quick ? [200] : [1000, 5000] {
@@ -147,11 +187,20 @@ func runBenchmarks() {
                 for fd in fds { close(fd) }
                 var memory = ""
                 if !proxy.watched.isEmpty {
-                    memory = "  memory per stream: " + zip(proxy.watched, zip(rssBefore, rssDuring)).map {
-                        String(format: "%@ %.1f KB", $0.0.name as NSString, Double($0.1.1 - $0.1.0) * 1024 / Double(count) / 1000)
-                    }.joined(separator: ", ")
+                    memory =
+                        "  memory per stream: "
+                        + zip(proxy.watched, zip(rssBefore, rssDuring)).map {
+                            String(
+                                format: "%@ %.1f KB",
+                                $0.0.name as NSString,
+                                Double($0.1.1 - $0.1.0) * 1024 / Double(count) / 1000
+                            )
+                        }.joined(separator: ", ")
                 }
-                report("\(count) idle streams", String(format: "opened in %.2f s, %d/%d alive", seconds, alive, count) + memory)
+                report(
+                    "\(count) idle streams",
+                    String(format: "opened in %.2f s, %d/%d alive", seconds, alive, count) + memory
+                )
             }
         }
     } catch {

@@ -10,7 +10,9 @@ struct ReconnectPolicyTests {
         var policy = ReconnectPolicy(maximum: .seconds(30))
         var delays: [TimeAmount] = []
         for _ in 0..<10 { delays.append(policy.failed(jitter: 1.0)) }
-        #expect(delays.map { $0.nanoseconds / 1_000_000 } == [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000])
+        #expect(
+            delays.map { $0.nanoseconds / 1_000_000 } == [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        )
         // Jitter takes 50% to 100% of the backoff, never more, never less.
         var other = ReconnectPolicy(maximum: .seconds(30))
         let r1 = other.failed(jitter: 0.5)

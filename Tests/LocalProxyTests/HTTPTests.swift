@@ -7,7 +7,9 @@ import TunnelProtocol
 
 struct HTTPHeadParserTests {
     @Test func parsesARequestHeadAndLeavesTheBody() throws {
-        var buffer = ByteBuffer(string: "GET http://example.com/a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-Multi:  a , b \r\n\r\nBODY")
+        var buffer = ByteBuffer(
+            string: "GET http://example.com/a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-Multi:  a , b \r\n\r\nBODY"
+        )
         let head = try #require(try HTTPHeadParser.parseRequest(&buffer))
         #expect(head.method == "GET" && head.target == "http://example.com/a?b=1" && head.version == "HTTP/1.1")
         #expect(head.headers.values("host") == ["example.com"])
@@ -16,7 +18,10 @@ struct HTTPHeadParserTests {
     }
 
     @Test func parsesCurlsProxyRequest() throws {
-        var buffer = ByteBuffer(string: "GET http://localhost:35903/plain?q=1 HTTP/1.1\r\nHost: localhost:35903\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nProxy-Connection: Keep-Alive\r\n\r\n")
+        var buffer = ByteBuffer(
+            string:
+                "GET http://localhost:35903/plain?q=1 HTTP/1.1\r\nHost: localhost:35903\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nProxy-Connection: Keep-Alive\r\n\r\n"
+        )
         let head = try #require(try HTTPHeadParser.parseRequest(&buffer))
         #expect(head.target == "http://localhost:35903/plain?q=1")
     }
@@ -99,41 +104,84 @@ struct HTTPBodyFramerTests {
 
     @Test func responseFramingRules() throws {
         func head(_ status: Int, _ fields: [(String, String)], version: String = "HTTP/1.1") -> HTTPResponseHead {
-            HTTPResponseHead(version: version, status: status, reason: "", headers: HTTPHeaders(fields.map { ($0.0, $0.1) }))
+            HTTPResponseHead(
+                version: version,
+                status: status,
+                reason: "",
+                headers: HTTPHeaders(fields.map { ($0.0, $0.1) })
+            )
         }
-        #expect(try HTTPBodyFramer.forResponse(head(200, [("Content-Length", "10")]), requestMethod: "GET") == .length(10))
+        #expect(
+            try HTTPBodyFramer.forResponse(head(200, [("Content-Length", "10")]), requestMethod: "GET") == .length(10)
+        )
         #expect(try HTTPBodyFramer.forResponse(head(200, [("Content-Length", "10")]), requestMethod: "HEAD") == .none)
         #expect(try HTTPBodyFramer.forResponse(head(204, []), requestMethod: "GET") == .none)
         #expect(try HTTPBodyFramer.forResponse(head(304, []), requestMethod: "GET") == .none)
-        #expect(try HTTPBodyFramer.forResponse(head(200, [("Transfer-Encoding", "gzip, chunked")]), requestMethod: "GET") == .chunked)
+        #expect(
+            try HTTPBodyFramer.forResponse(head(200, [("Transfer-Encoding", "gzip, chunked")]), requestMethod: "GET")
+                == .chunked
+        )
         #expect(try HTTPBodyFramer.forResponse(head(200, []), requestMethod: "GET") == .untilClose)
         #expect(throws: HTTPParseError.self) {
-            _ = try HTTPBodyFramer.forResponse(head(200, [("Content-Length", "1"), ("Content-Length", "2")]), requestMethod: "GET")
+            _ = try HTTPBodyFramer.forResponse(
+                head(200, [("Content-Length", "1"), ("Content-Length", "2")]),
+                requestMethod: "GET"
+            )
         }
     }
 }
 
 struct HTTPProxyDecisionTests {
-    func head(_ method: String, _ target: String, _ fields: [(String, String)] = [], version: String = "HTTP/1.1") -> HTTPRequestHead {
-        HTTPRequestHead(method: method, target: target, version: version, headers: HTTPHeaders(fields.map { ($0.0, $0.1) }))
+    func head(
+        _ method: String,
+        _ target: String,
+        _ fields: [(String, String)] = [],
+        version: String = "HTTP/1.1"
+    ) -> HTTPRequestHead {
+        HTTPRequestHead(
+            method: method,
+            target: target,
+            version: version,
+            headers: HTTPHeaders(fields.map { ($0.0, $0.1) })
+        )
     }
 
     @Test func connectTargets() {
-        #expect(HTTPProxy.decide(self.head("CONNECT", "example.com:443"), credentials: nil) == .tunnel(TargetAddress(host: .domain("example.com"), port: 443)))
-        #expect(HTTPProxy.decide(self.head("CONNECT", "[::1]:8443"), credentials: nil)
-            == .tunnel(TargetAddress(host: .ipv6(Array(repeating: 0, count: 15) + [1]), port: 8443)))
-        #expect(HTTPProxy.decide(self.head("CONNECT", "10.0.0.1:22"), credentials: nil) == .tunnel(TargetAddress(host: .ipv4(0x0A00_0001), port: 22)))
-        guard case .reject(400, _, _) = HTTPProxy.decide(self.head("CONNECT", "example.com"), credentials: nil) else { Issue.record(); return }
+        #expect(
+            HTTPProxy.decide(self.head("CONNECT", "example.com:443"), credentials: nil)
+                == .tunnel(TargetAddress(host: .domain("example.com"), port: 443))
+        )
+        #expect(
+            HTTPProxy.decide(self.head("CONNECT", "[::1]:8443"), credentials: nil)
+                == .tunnel(TargetAddress(host: .ipv6(Array(repeating: 0, count: 15) + [1]), port: 8443))
+        )
+        #expect(
+            HTTPProxy.decide(self.head("CONNECT", "10.0.0.1:22"), credentials: nil)
+                == .tunnel(TargetAddress(host: .ipv4(0x0A00_0001), port: 22))
+        )
+        guard case .reject(400, _, _) = HTTPProxy.decide(self.head("CONNECT", "example.com"), credentials: nil) else {
+            Issue.record()
+            return
+        }
     }
 
     @Test func absoluteFormIsRewrittenToOriginForm() {
         let decision = HTTPProxy.decide(
-            self.head("GET", "http://example.com:8080/path?q=1#frag", [
-                ("Host", "example.com:8080"), ("Proxy-Connection", "keep-alive"), ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"),
-                ("Keep-Alive", "300"), ("Proxy-Authorization", "Basic abc"), ("Accept", "*/*"),
-            ]), credentials: nil
+            self.head(
+                "GET",
+                "http://example.com:8080/path?q=1#frag",
+                [
+                    ("Host", "example.com:8080"), ("Proxy-Connection", "keep-alive"),
+                    ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"),
+                    ("Keep-Alive", "300"), ("Proxy-Authorization", "Basic abc"), ("Accept", "*/*"),
+                ]
+            ),
+            credentials: nil
         )
-        guard case .forward(let target, let rewritten, let body, let closeAfter) = decision else { Issue.record("\(decision)"); return }
+        guard case .forward(let target, let rewritten, let body, let closeAfter) = decision else {
+            Issue.record("\(decision)")
+            return
+        }
         #expect(target == TargetAddress(host: .domain("example.com"), port: 8080))
         #expect(rewritten.target == "/path?q=1")
         #expect(rewritten.headers.fields.map(\.name) == ["Host", "Accept"])
@@ -144,11 +192,20 @@ struct HTTPProxyDecisionTests {
     /// (a server that read it instead would take the rest of the body as a second, smuggled request).
     @Test func transferEncodingWinsAndContentLengthIsNotForwarded() {
         let decision = HTTPProxy.decide(
-            self.head("POST", "http://h/upload", [
-                ("Host", "h"), ("Content-Length", "5"), ("Transfer-Encoding", "chunked"), ("Content-Type", "text/plain"),
-            ]), credentials: nil
+            self.head(
+                "POST",
+                "http://h/upload",
+                [
+                    ("Host", "h"), ("Content-Length", "5"), ("Transfer-Encoding", "chunked"),
+                    ("Content-Type", "text/plain"),
+                ]
+            ),
+            credentials: nil
         )
-        guard case .forward(_, let rewritten, let body, _) = decision else { Issue.record("\(decision)"); return }
+        guard case .forward(_, let rewritten, let body, _) = decision else {
+            Issue.record("\(decision)")
+            return
+        }
         #expect(body == .chunked)
         #expect(rewritten.headers.values("Content-Length").isEmpty)
         #expect(rewritten.headers.values("Transfer-Encoding") == ["chunked"])
@@ -156,15 +213,28 @@ struct HTTPProxyDecisionTests {
     }
 
     @Test func missingHostIsAddedAndDefaultPortIs80() {
-        guard case .forward(let target, let rewritten, _, _) = HTTPProxy.decide(self.head("GET", "http://h"), credentials: nil) else {
-            Issue.record(); return
+        guard
+            case .forward(let target, let rewritten, _, _) = HTTPProxy.decide(
+                self.head("GET", "http://h"),
+                credentials: nil
+            )
+        else {
+            Issue.record()
+            return
         }
         #expect(target.port == 80 && rewritten.target == "/" && rewritten.headers.values("Host") == ["h"])
     }
 
     @Test func http10WithoutKeepAliveClosesAfter() {
-        guard case .forward(_, let rewritten, _, let closeAfter) = HTTPProxy.decide(self.head("GET", "http://h/", version: "HTTP/1.0"), credentials: nil)
-        else { Issue.record(); return }
+        guard
+            case .forward(_, let rewritten, _, let closeAfter) = HTTPProxy.decide(
+                self.head("GET", "http://h/", version: "HTTP/1.0"),
+                credentials: nil
+            )
+        else {
+            Issue.record()
+            return
+        }
         #expect(closeAfter && rewritten.headers.values("Connection") == ["close"])
     }
 
@@ -179,13 +249,29 @@ struct HTTPProxyDecisionTests {
     @Test func basicAuthentication() {
         let credentials = ProxyCredentials(username: "alice", password: "p:ss")
         let good = "Basic " + "YWxpY2U6cDpzcw=="  // alice:p:ss
-        guard case .tunnel = HTTPProxy.decide(self.head("CONNECT", "h:1", [("Proxy-Authorization", good)]), credentials: credentials) else {
-            Issue.record(); return
+        guard
+            case .tunnel = HTTPProxy.decide(
+                self.head("CONNECT", "h:1", [("Proxy-Authorization", good)]),
+                credentials: credentials
+            )
+        else {
+            Issue.record()
+            return
         }
-        guard case .reject(407, _, true) = HTTPProxy.decide(self.head("CONNECT", "h:1"), credentials: credentials) else { Issue.record(); return }
-        guard case .reject(407, _, true) = HTTPProxy.decide(
-            self.head("CONNECT", "h:1", [("Proxy-Authorization", "Basic YWxpY2U6d3Jvbmc=")]), credentials: credentials)
-        else { Issue.record(); return }
+        guard case .reject(407, _, true) = HTTPProxy.decide(self.head("CONNECT", "h:1"), credentials: credentials)
+        else {
+            Issue.record()
+            return
+        }
+        guard
+            case .reject(407, _, true) = HTTPProxy.decide(
+                self.head("CONNECT", "h:1", [("Proxy-Authorization", "Basic YWxpY2U6d3Jvbmc=")]),
+                credentials: credentials
+            )
+        else {
+            Issue.record()
+            return
+        }
     }
 
     @Test func errorResponsesAreCompleteMessages() {

@@ -24,24 +24,35 @@ struct SOCKS5AuthenticationTests {
 
     @Test func rightCredentialsThenRequest() {
         var machine = SOCKS5ServerStateMachine(credentials: self.credentials)
-        let actions = self.run(&machine, [0x05, 0x02, 0x00, 0x02] + self.auth("alice", "s3cret") + [0x05, 0x01, 0x00, 0x01, 1, 2, 3, 4, 0, 80])
-        #expect(actions == [
-            .send(ByteBuffer(bytes: [0x05, 0x02])), .send(ByteBuffer(bytes: [0x01, 0x00])),
-            .request(.connect(TargetAddress(host: .ipv4(0x0102_0304), port: 80))),
-        ])
+        let actions = self.run(
+            &machine,
+            [0x05, 0x02, 0x00, 0x02] + self.auth("alice", "s3cret") + [0x05, 0x01, 0x00, 0x01, 1, 2, 3, 4, 0, 80]
+        )
+        #expect(
+            actions == [
+                .send(ByteBuffer(bytes: [0x05, 0x02])), .send(ByteBuffer(bytes: [0x01, 0x00])),
+                .request(.connect(TargetAddress(host: .ipv4(0x0102_0304), port: 80))),
+            ]
+        )
     }
 
     @Test(arguments: [("alice", "wrong"), ("bob", "s3cret"), ("alic", "s3cret"), ("", "")])
     func wrongCredentialsFailWithStatus(user: String, pass: String) {
         var machine = SOCKS5ServerStateMachine(credentials: self.credentials)
         let actions = self.run(&machine, [0x05, 0x01, 0x02] + self.auth(user, pass))
-        guard case .replyAndClose(let bytes, _) = actions.last else { Issue.record("\(actions)"); return }
+        guard case .replyAndClose(let bytes, _) = actions.last else {
+            Issue.record("\(actions)")
+            return
+        }
         #expect(Array(bytes.readableBytesView) == [0x01, 0x01])
     }
 
     @Test func onlyUsernamePasswordIsOfferedWhenRequired() {
         var machine = SOCKS5ServerStateMachine(credentials: self.credentials)
-        guard case .replyAndClose(let bytes, _) = self.run(&machine, [0x05, 0x01, 0x00]).last else { Issue.record(); return }
+        guard case .replyAndClose(let bytes, _) = self.run(&machine, [0x05, 0x01, 0x00]).last else {
+            Issue.record()
+            return
+        }
         #expect(Array(bytes.readableBytesView) == [0x05, 0xFF])
     }
 
@@ -73,7 +84,9 @@ struct SOCKS4Tests {
     }
 
     @Test func socks4ConnectByAddress() {
-        let (action, rest) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("user".utf8) + [0] + Array("early".utf8))
+        let (action, rest) = self.run(
+            [0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("user".utf8) + [0] + Array("early".utf8)
+        )
         #expect(action == .request(.connect(TargetAddress(host: .ipv4(0x0A00_0001), port: 80))))
         #expect(String(buffer: rest) == "early")
     }
@@ -95,17 +108,29 @@ struct SOCKS4Tests {
 
     @Test func bindIsRejected() {
         let (action, _) = self.run([0x04, 0x02, 0x00, 0x50, 10, 0, 0, 1, 0])
-        guard case .replyAndClose(let bytes, _) = action else { Issue.record("\(action)"); return }
+        guard case .replyAndClose(let bytes, _) = action else {
+            Issue.record("\(action)")
+            return
+        }
         #expect(Array(bytes.readableBytesView) == [0, 0x5B, 0, 0, 0, 0, 0, 0])
     }
 
     @Test func userIDMustCarryNameAndPasswordWhenCredentialsAreSet() {
         let credentials = ProxyCredentials(username: "alice", password: "x")
-        let (ok, _) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("alice:x".utf8) + [0], credentials: credentials)
+        let (ok, _) = self.run(
+            [0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array("alice:x".utf8) + [0],
+            credentials: credentials
+        )
         #expect(ok == .request(.connect(TargetAddress(host: .ipv4(0x0A00_0001), port: 80))))
         for userID in ["alice", "bob", "alice:", "alice:y", "alice:xx", ":x", ""] {
-            let (bad, reply) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array(userID.utf8) + [0], credentials: credentials)
-            guard case .replyAndClose(let bytes, _) = bad else { Issue.record("\(userID): \(bad)"); continue }
+            let (bad, reply) = self.run(
+                [0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + Array(userID.utf8) + [0],
+                credentials: credentials
+            )
+            guard case .replyAndClose(let bytes, _) = bad else {
+                Issue.record("\(userID): \(bad)")
+                continue
+            }
             #expect(Array(bytes.readableBytesView) == [0, 0x5B, 0, 0, 0, 0, 0, 0], "\(userID)")
             _ = reply
         }
@@ -113,12 +138,19 @@ struct SOCKS4Tests {
 
     @Test func overlongFieldsAreRefused() {
         let (action, _) = self.run([0x04, 0x01, 0x00, 0x50, 10, 0, 0, 1] + [UInt8](repeating: 0x61, count: 300))
-        guard case .replyAndClose = action else { Issue.record("\(action)"); return }
+        guard case .replyAndClose = action else {
+            Issue.record("\(action)")
+            return
+        }
     }
 
     @Test func replyEncoding() {
-        #expect(Array(SOCKS4.reply(.succeeded, bound: TargetAddress(host: .ipv4(0x7F00_0001), port: 8080)).readableBytesView)
-            == [0, 0x5A, 0x1F, 0x90, 127, 0, 0, 1])
+        #expect(
+            Array(
+                SOCKS4.reply(.succeeded, bound: TargetAddress(host: .ipv4(0x7F00_0001), port: 8080)).readableBytesView
+            )
+                == [0, 0x5A, 0x1F, 0x90, 127, 0, 0, 1]
+        )
         #expect(Array(SOCKS4.reply(.connectionRefused).readableBytesView) == [0, 0x5B, 0, 0, 0, 0, 0, 0])
     }
 
@@ -145,10 +177,22 @@ struct SOCKS5UDPTests {
     }
 
     @Test func dropsFragmentsReservedBitsAndGarbage() {
-        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 1, 0x01, 1, 2, 3, 4, 0, 1])) == .failure(.fragmented))
-        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 1, 0, 0x01, 1, 2, 3, 4, 0, 1])) == .failure(.reserved))
-        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x09, 1, 2, 3, 4, 0, 1])) == .failure(.badAddress))
+        #expect(
+            SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 1, 0x01, 1, 2, 3, 4, 0, 1]))
+                == .failure(.fragmented)
+        )
+        #expect(
+            SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 1, 0, 0x01, 1, 2, 3, 4, 0, 1]))
+                == .failure(.reserved)
+        )
+        #expect(
+            SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x09, 1, 2, 3, 4, 0, 1]))
+                == .failure(.badAddress)
+        )
         #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0])) == .failure(.truncated))
-        #expect(SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x03, 20, 0x61, 0x61, 0x61, 0, 1])) == .failure(.truncated))
+        #expect(
+            SOCKS5UDP.tunnelPayload(fromApplication: ByteBuffer(bytes: [0, 0, 0, 0x03, 20, 0x61, 0x61, 0x61, 0, 1]))
+                == .failure(.truncated)
+        )
     }
 }

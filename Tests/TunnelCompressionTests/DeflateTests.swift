@@ -57,7 +57,11 @@ struct DeflateTests {
     @Test func garbageIsCorrupt() throws {
         let inflater = try #require(Inflater())
         #expect(throws: Inflater.InflateError.self) {
-            _ = try inflater.inflate(ByteBuffer(bytes: [0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x12]), limit: 16 << 10, allocator: ByteBufferAllocator())
+            _ = try inflater.inflate(
+                ByteBuffer(bytes: [0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x12]),
+                limit: 16 << 10,
+                allocator: ByteBufferAllocator()
+            )
         }
     }
 
@@ -68,7 +72,10 @@ struct DeflateTests {
             let deflater = try #require(Deflater())
             var compressed = ByteBuffer()
             _ = deflater.compress(self.text(5000), into: &compressed)
-            #expect(try inflater.inflate(compressed, limit: 16 << 10, allocator: ByteBufferAllocator()) == self.text(5000), "round \(round)")
+            #expect(
+                try inflater.inflate(compressed, limit: 16 << 10, allocator: ByteBufferAllocator()) == self.text(5000),
+                "round \(round)"
+            )
         }
     }
 

@@ -53,13 +53,18 @@ struct TOMLParserTests {
 
 struct UnquotedValueTests {
     /// Issue 15 item 13: an address or prefix written without quotes says so, and shows the fix.
-    @Test(arguments: [("listen = 127.0.0.1:0", "127.0.0.1:0"), ("deny = [10.0.0.0/8]", "10.0.0.0/8"), ("t = 1.5", "1.5")])
+    @Test(arguments: [
+        ("listen = 127.0.0.1:0", "127.0.0.1:0"), ("deny = [10.0.0.0/8]", "10.0.0.0/8"), ("t = 1.5", "1.5"),
+    ])
     func unquotedValuesSayTheyNeedQuotes(text: String, word: String) {
         do {
             _ = try ConfigFile(path: "s.toml", text: text)
             Issue.record("accepted: \(text)")
         } catch {
-            #expect(error.message == "s.toml: line 1: \(word) needs quotes: write \"\(word)\" (only whole numbers go without them)")
+            #expect(
+                error.message
+                    == "s.toml: line 1: \(word) needs quotes: write \"\(word)\" (only whole numbers go without them)"
+            )
         }
     }
 }
@@ -74,7 +79,9 @@ struct ValueTests {
         #expect(endpoint.host == host && endpoint.port == port)
     }
 
-    @Test(arguments: ["127.0.0.1", "::1:80", "host:", ":80", "host:65536", "host:-1", "[::1]80", "[nothost]:80", "host:+5"])
+    @Test(arguments: [
+        "127.0.0.1", "::1:80", "host:", ":80", "host:65536", "host:-1", "[::1]80", "[nothost]:80", "host:+5",
+    ])
     func badEndpointsFail(text: String) {
         #expect(throws: ConfigProblem.self) { _ = try Endpoint.parse(text).get() }
     }
@@ -97,7 +104,9 @@ struct ValueTests {
 
     @Test func ipv6Parsing() {
         #expect(IPAddress.parse("::")?.bytes == Array(repeating: 0, count: 16))
-        #expect(IPAddress.parse("2001:db8::1")?.bytes == [0x20, 0x01, 0x0d, 0xb8] + Array(repeating: 0, count: 11) + [1])
+        #expect(
+            IPAddress.parse("2001:db8::1")?.bytes == [0x20, 0x01, 0x0d, 0xb8] + Array(repeating: 0, count: 11) + [1]
+        )
         #expect(IPAddress.parse("::ffff:1.2.3.4")?.bytes == Array(repeating: 0, count: 10) + [0xFF, 0xFF, 1, 2, 3, 4])
         #expect(IPAddress.parse("1:2:3:4:5:6:7:8:9") == nil)
         #expect(IPAddress.parse("1::2::3") == nil)
@@ -142,14 +151,17 @@ struct ValueTests {
 
 struct SettingsTests {
     @Test func serverSettingsFromFile() throws {
-        var file = try ConfigFile(path: "s.toml", text: """
-            listen = "127.0.0.1:9000"
-            connect_timeout = "3s"
-            deny = ["10.0.0.0/8", "::1"]
-            ciphers = ["chachapoly"]
-            stream_window = "512KiB"
-            max_stream_window = "8MiB"
-            """)
+        var file = try ConfigFile(
+            path: "s.toml",
+            text: """
+                listen = "127.0.0.1:9000"
+                connect_timeout = "3s"
+                deny = ["10.0.0.0/8", "::1"]
+                ciphers = ["chachapoly"]
+                stream_window = "512KiB"
+                max_stream_window = "8MiB"
+                """
+        )
         var settings = ServerSettings()
         try settings.apply(file: &file)
         #expect(settings.listen == Endpoint(host: "127.0.0.1", port: 9000))
@@ -191,12 +203,15 @@ struct SettingsTests {
 
     @Test func clientSettingsFromFile() throws {
         let key = PrivateKey().publicKey
-        var file = try ConfigFile(path: "c.toml", text: """
-            server = "[2001:db8::1]:7443"
-            server_key = "\(key.base64)"
-            cipher = "chachapoly"
-            connect_wait = "2s"
-            """)
+        var file = try ConfigFile(
+            path: "c.toml",
+            text: """
+                server = "[2001:db8::1]:7443"
+                server_key = "\(key.base64)"
+                cipher = "chachapoly"
+                connect_wait = "2s"
+                """
+        )
         var settings = ClientSettings()
         try settings.apply(file: &file)
         #expect(settings.server == Endpoint(host: "2001:db8::1", port: 7443))

@@ -38,27 +38,52 @@ struct DestinationPolicyTests {
         #expect(policy.refusal(for: self.bytes("::ffff:198.51.100.7"), hostAddresses: host) == .serverAddress)
         #expect(policy.refusal(for: self.bytes("2001:db8::7"), hostAddresses: host) == .serverAddress)
         #expect(policy.refusal(for: self.bytes("198.51.100.8"), hostAddresses: host) == nil)
-        #expect(DestinationPolicy(allow: self.cidrs(["198.51.100.7"])).refusal(for: self.bytes("198.51.100.7"), hostAddresses: host) == nil)
+        #expect(
+            DestinationPolicy(allow: self.cidrs(["198.51.100.7"])).refusal(
+                for: self.bytes("198.51.100.7"),
+                hostAddresses: host
+            ) == nil
+        )
     }
 
     @Test func allowOpensARangeAndTheMostSpecificPrefixWins() {
-        let policy = DestinationPolicy(deny: self.cidrs(["127.0.0.2/32", "203.0.113.0/24"]), allow: self.cidrs(["127.0.0.0/8", "::1/128"]))
+        let policy = DestinationPolicy(
+            deny: self.cidrs(["127.0.0.2/32", "203.0.113.0/24"]),
+            allow: self.cidrs(["127.0.0.0/8", "::1/128"])
+        )
         let host: Set<[UInt8]> = [self.bytes("127.0.0.1"), self.bytes("::1")]
-        #expect(policy.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil, "allow covers the host's loopback")
+        #expect(
+            policy.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil,
+            "allow covers the host's loopback"
+        )
         #expect(policy.refusal(for: self.bytes("::ffff:127.0.0.1"), hostAddresses: host) == nil)
         #expect(policy.refusal(for: self.bytes("::1"), hostAddresses: host) == nil)
-        #expect(policy.refusal(for: self.bytes("127.0.0.2"), hostAddresses: host) == .denied(CIDR.parse("127.0.0.2/32")!))
-        #expect(policy.refusal(for: self.bytes("203.0.113.9"), hostAddresses: host) == .denied(CIDR.parse("203.0.113.0/24")!))
-        #expect(policy.refusal(for: self.bytes("0.0.0.0"), hostAddresses: host) == .unspecified, "loopback allowed, not 0.0.0.0")
+        #expect(
+            policy.refusal(for: self.bytes("127.0.0.2"), hostAddresses: host) == .denied(CIDR.parse("127.0.0.2/32")!)
+        )
+        #expect(
+            policy.refusal(for: self.bytes("203.0.113.9"), hostAddresses: host)
+                == .denied(CIDR.parse("203.0.113.0/24")!)
+        )
+        #expect(
+            policy.refusal(for: self.bytes("0.0.0.0"), hostAddresses: host) == .unspecified,
+            "loopback allowed, not 0.0.0.0"
+        )
         #expect(policy.refusal(for: self.bytes("::"), hostAddresses: host) == .unspecified)
         #expect(policy.refusal(for: self.bytes("10.1.1.1"), hostAddresses: host) != nil)
         let lan = DestinationPolicy(allow: self.cidrs(["192.168.1.0/24"]))
         #expect(lan.refusal(for: self.bytes("192.168.1.20"), hostAddresses: []) == nil)
         #expect(lan.refusal(for: self.bytes("192.168.2.20"), hostAddresses: []) != nil)
         let everything = DestinationPolicy(deny: self.cidrs(["10.0.0.0/8"]), allow: self.cidrs(["0.0.0.0/0", "::/0"]))
-        #expect(everything.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil, "allow lifts the built-in list")
+        #expect(
+            everything.refusal(for: self.bytes("127.0.0.1"), hostAddresses: host) == nil,
+            "allow lifts the built-in list"
+        )
         #expect(everything.refusal(for: self.bytes("::"), hostAddresses: host) == nil)
-        #expect(everything.refusal(for: self.bytes("10.0.0.1"), hostAddresses: host) != nil, "but not the operator's own deny")
+        #expect(
+            everything.refusal(for: self.bytes("10.0.0.1"), hostAddresses: host) != nil,
+            "but not the operator's own deny"
+        )
     }
 
     @Test func configAndFlagsAddToTheLists() throws {
@@ -96,9 +121,15 @@ struct DestinationPolicyPacketRulesTests {
     static let policies: [DestinationPolicy] = [
         DestinationPolicy(),
         DestinationPolicy(allow: cidrs(["10.231.2.0/24", "fd31:2::/64"])),
-        DestinationPolicy(deny: cidrs(["203.0.113.0/24", "2001:db8::/32"]), allow: cidrs(["192.168.1.0/24", "127.0.0.0/8", "::1/128"])),
+        DestinationPolicy(
+            deny: cidrs(["203.0.113.0/24", "2001:db8::/32"]),
+            allow: cidrs(["192.168.1.0/24", "127.0.0.0/8", "::1/128"])
+        ),
         // An operator deny more specific than an allow, an allow more specific than a deny, equal lengths.
-        DestinationPolicy(deny: cidrs(["10.1.2.0/24", "8.8.0.0/16", "198.51.100.0/24"]), allow: cidrs(["10.0.0.0/8", "8.8.8.0/24", "198.51.100.0/24"])),
+        DestinationPolicy(
+            deny: cidrs(["10.1.2.0/24", "8.8.0.0/16", "198.51.100.0/24"]),
+            allow: cidrs(["10.0.0.0/8", "8.8.8.0/24", "198.51.100.0/24"])
+        ),
         // Everything allowed, but one range.
         DestinationPolicy(deny: cidrs(["100.64.1.0/24"]), allow: cidrs(["0.0.0.0/0", "::/0"])),
         DestinationPolicy(allow: cidrs(["::ffff:0:0/96", "2002::/16"])),
@@ -145,10 +176,21 @@ struct DestinationPolicyPacketRulesTests {
     }
 
     @Test func rulesAreOrderedLongestFirstWithAllowFirstOnATie() {
-        let rules = DestinationPolicy(deny: Self.cidrs(["10.1.0.0/16", "10.0.0.0/8"]), allow: Self.cidrs(["10.1.2.3/16", "10.0.0.0/8"])).packetRules
-        #expect(rules.ordered4.map(\.network.description) == ["10.1.0.0/16", "10.1.0.0/16", "10.0.0.0/8", "10.0.0.0/8"])
+        let rules = DestinationPolicy(
+            deny: Self.cidrs(["10.1.0.0/16", "10.0.0.0/8"]),
+            allow: Self.cidrs(["10.1.2.3/16", "10.0.0.0/8"])
+        ).packetRules
+        #expect(
+            rules.ordered4.map(\.network.description) == ["10.1.0.0/16", "10.1.0.0/16", "10.0.0.0/8", "10.0.0.0/8"]
+        )
         #expect(rules.ordered4.map(\.allow) == [true, false, true, false])
-        #expect(rules.embedded.contains(DestinationPolicy.PacketRule(network: CIDR.parse("::ffff:10.0.0.0/104")!, allow: true)))
-        #expect(rules.embedded.contains(DestinationPolicy.PacketRule(network: CIDR.parse("2002:a9fe::/32")!, allow: false)))
+        #expect(
+            rules.embedded.contains(
+                DestinationPolicy.PacketRule(network: CIDR.parse("::ffff:10.0.0.0/104")!, allow: true)
+            )
+        )
+        #expect(
+            rules.embedded.contains(DestinationPolicy.PacketRule(network: CIDR.parse("2002:a9fe::/32")!, allow: false))
+        )
     }
 }

@@ -4,14 +4,17 @@ import TunnelProtocol
 
 struct FullTunnelSettingsTests {
     @Test func serverKeys() throws {
-        var file = try ConfigFile(path: "s.toml", text: """
-            tun = true
-            tun_pool = "10.50.0.0/16"
-            tun_pool6 = "none"
-            tun_mtu = 1400
-            tun_dns = ["1.1.1.1", "2606:4700:4700::1111"]
-            tun_name = "vpn0"
-            """)
+        var file = try ConfigFile(
+            path: "s.toml",
+            text: """
+                tun = true
+                tun_pool = "10.50.0.0/16"
+                tun_pool6 = "none"
+                tun_mtu = 1400
+                tun_dns = ["1.1.1.1", "2606:4700:4700::1111"]
+                tun_name = "vpn0"
+                """
+        )
         var settings = ServerSettings()
         try settings.apply(file: &file)
         #expect(settings.tun.enabled)
@@ -25,7 +28,8 @@ struct FullTunnelSettingsTests {
     }
 
     @Test(arguments: [
-        "tun_pool = \"10.0.0.0/31\"", "tun_pool = \"fd00::/64\"", "tun_pool = \"10.0.0.1\"", "tun_pool6 = \"10.0.0.0/24\"",
+        "tun_pool = \"10.0.0.0/31\"", "tun_pool = \"fd00::/64\"", "tun_pool = \"10.0.0.1\"",
+        "tun_pool6 = \"10.0.0.0/24\"",
         "tun_pool6 = \"fd00::/40\"", "tun_mtu = 100", "tun_mtu = 65535", "tun_dns = [\"resolver\"]",
         "tun_name = \"much-too-long-name\"", "tun_name = \"a/b\"", "tun_name = \"\"",
     ])
@@ -36,13 +40,16 @@ struct FullTunnelSettingsTests {
     }
 
     @Test func clientKeys() throws {
-        var file = try ConfigFile(path: "c.toml", text: """
-            full_tunnel = true
-            exclude = ["192.168.1.7/24", "fd00:1::/64"]
-            dns = ["9.9.9.9"]
-            kill_switch = true
-            state_file = "/tmp/state"
-            """)
+        var file = try ConfigFile(
+            path: "c.toml",
+            text: """
+                full_tunnel = true
+                exclude = ["192.168.1.7/24", "fd00:1::/64"]
+                dns = ["9.9.9.9"]
+                kill_switch = true
+                state_file = "/tmp/state"
+                """
+        )
         var settings = ClientSettings()
         try settings.apply(file: &file)
         #expect(settings.fullTunnel.enabled)
@@ -69,7 +76,9 @@ struct DeviceNameTests {
         #expect(try ServerTUNSettings.parseDeviceName(name, origin: "--tun-name") == name)
     }
 
-    @Test(arguments: ["", "a\"b", "x; flush ruleset", "tun{0}", "t%s", "%d%d", "tun 0", "a/b", "..", ".", "abcdefghijklmnop", "tün0"])
+    @Test(arguments: [
+        "", "a\"b", "x; flush ruleset", "tun{0}", "t%s", "%d%d", "tun 0", "a/b", "..", ".", "abcdefghijklmnop", "tün0",
+    ])
     func namesThatCouldChangeARulesetAreRefused(name: String) {
         #expect(throws: ConfigError.self) { _ = try ServerTUNSettings.parseDeviceName(name, origin: "--tun-name") }
     }

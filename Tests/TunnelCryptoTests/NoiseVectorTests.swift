@@ -17,7 +17,9 @@ struct NoiseVectorTests {
     }
 
     static func loadVectors() throws -> [Vector] {
-        let url = try #require(Bundle.module.url(forResource: "noise-ik-vectors", withExtension: "json", subdirectory: "Fixtures"))
+        let url = try #require(
+            Bundle.module.url(forResource: "noise-ik-vectors", withExtension: "json", subdirectory: "Fixtures")
+        )
         let root = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as? [String: Any])
         let entries = try #require(root["vectors"] as? [[String: Any]])
         return try entries.map { entry in
@@ -29,10 +31,14 @@ struct NoiseVectorTests {
                 (payload: fromHex(message["payload"]!)!, ciphertext: fromHex(message["ciphertext"]!)!)
             }
             return Vector(
-                name: try #require(entry["protocol_name"] as? String), prologue: try hex("init_prologue"),
-                initStatic: try hex("init_static"), initEphemeral: try hex("init_ephemeral"),
-                respStatic: try hex("resp_static"), respEphemeral: try hex("resp_ephemeral"),
-                handshakeHash: try hex("handshake_hash"), messages: messages
+                name: try #require(entry["protocol_name"] as? String),
+                prologue: try hex("init_prologue"),
+                initStatic: try hex("init_static"),
+                initEphemeral: try hex("init_ephemeral"),
+                respStatic: try hex("resp_static"),
+                respEphemeral: try hex("resp_ephemeral"),
+                handshakeHash: try hex("handshake_hash"),
+                messages: messages
             )
         }
     }
@@ -44,18 +50,26 @@ struct NoiseVectorTests {
         let initiatorStatic = try #require(PrivateKey(rawBytes: vector.initStatic))
         let responderStatic = try #require(PrivateKey(rawBytes: vector.respStatic))
         var initiator = NoiseIKHandshake(
-            initiatorWith: cipher, prologue: vector.prologue, localStatic: initiatorStatic,
-            remoteStatic: responderStatic.publicKey, ephemeral: PrivateKey(rawBytes: vector.initEphemeral)
+            initiatorWith: cipher,
+            prologue: vector.prologue,
+            localStatic: initiatorStatic,
+            remoteStatic: responderStatic.publicKey,
+            ephemeral: PrivateKey(rawBytes: vector.initEphemeral)
         )
         var responder = NoiseIKHandshake(
-            responderWith: cipher, prologue: vector.prologue, localStatic: responderStatic,
+            responderWith: cipher,
+            prologue: vector.prologue,
+            localStatic: responderStatic,
             ephemeral: PrivateKey(rawBytes: vector.respEphemeral)
         )
 
         let message1 = try initiator.writeMessage1(payload: vector.messages[0].payload)
         #expect(message1 == vector.messages[0].ciphertext)
         var seenKey: PublicKey?
-        let payload1 = try responder.readMessage1(message1) { seenKey = $0; return true }
+        let payload1 = try responder.readMessage1(message1) {
+            seenKey = $0
+            return true
+        }
         #expect(payload1 == vector.messages[0].payload)
         #expect(seenKey == initiatorStatic.publicKey)
 
@@ -95,9 +109,16 @@ struct NoiseVectorTests {
     @Test func unauthorizedInitiatorIsRefusedBeforePayload() throws {
         let server = PrivateKey()
         var initiator = NoiseIKHandshake(
-            initiatorWith: .chaChaPoly, prologue: Array("tunnel/1".utf8), localStatic: PrivateKey(), remoteStatic: server.publicKey
+            initiatorWith: .chaChaPoly,
+            prologue: Array("tunnel/1".utf8),
+            localStatic: PrivateKey(),
+            remoteStatic: server.publicKey
         )
-        var responder = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: Array("tunnel/1".utf8), localStatic: server)
+        var responder = NoiseIKHandshake(
+            responderWith: .chaChaPoly,
+            prologue: Array("tunnel/1".utf8),
+            localStatic: server
+        )
         let message1 = try initiator.writeMessage1(payload: [1, 2, 3])
         #expect(throws: NoiseError.self) { _ = try responder.readMessage1(message1) { _ in false } }
     }
@@ -109,7 +130,10 @@ struct NoiseVectorTests {
         let server = PrivateKey()
         func message1() throws -> [UInt8] {
             var initiator = NoiseIKHandshake(
-                initiatorWith: .chaChaPoly, prologue: [], localStatic: PrivateKey(), remoteStatic: server.publicKey
+                initiatorWith: .chaChaPoly,
+                prologue: [],
+                localStatic: PrivateKey(),
+                remoteStatic: server.publicKey
             )
             return try initiator.writeMessage1(payload: Array(repeating: 7, count: 12))
         }
@@ -133,7 +157,10 @@ struct NoiseVectorTests {
 
     @Test func wrongServerKeyFailsDecryption() throws {
         var initiator = NoiseIKHandshake(
-            initiatorWith: .chaChaPoly, prologue: [], localStatic: PrivateKey(), remoteStatic: PrivateKey().publicKey
+            initiatorWith: .chaChaPoly,
+            prologue: [],
+            localStatic: PrivateKey(),
+            remoteStatic: PrivateKey().publicKey
         )
         var responder = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: [], localStatic: PrivateKey())
         let message1 = try initiator.writeMessage1(payload: [])
@@ -148,9 +175,16 @@ struct NoiseVectorTests {
     @Test func prologueMismatchFails() throws {
         let server = PrivateKey()
         var initiator = NoiseIKHandshake(
-            initiatorWith: .chaChaPoly, prologue: Array("tunnel/1".utf8), localStatic: PrivateKey(), remoteStatic: server.publicKey
+            initiatorWith: .chaChaPoly,
+            prologue: Array("tunnel/1".utf8),
+            localStatic: PrivateKey(),
+            remoteStatic: server.publicKey
         )
-        var responder = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: Array("tunnel/2".utf8), localStatic: server)
+        var responder = NoiseIKHandshake(
+            responderWith: .chaChaPoly,
+            prologue: Array("tunnel/2".utf8),
+            localStatic: server
+        )
         let message1 = try initiator.writeMessage1(payload: [])
         #expect(throws: NoiseError.self) { _ = try responder.readMessage1(message1) }
     }
@@ -158,7 +192,12 @@ struct NoiseVectorTests {
     @Test func tamperedMessagesAreRejected() throws {
         let server = PrivateKey()
         for position in [0, 40, 90] {
-            var initiator = NoiseIKHandshake(initiatorWith: .chaChaPoly, prologue: [], localStatic: PrivateKey(), remoteStatic: server.publicKey)
+            var initiator = NoiseIKHandshake(
+                initiatorWith: .chaChaPoly,
+                prologue: [],
+                localStatic: PrivateKey(),
+                remoteStatic: server.publicKey
+            )
             var responder = NoiseIKHandshake(responderWith: .chaChaPoly, prologue: [], localStatic: server)
             var message1 = try initiator.writeMessage1(payload: [9, 9, 9])
             message1[position] ^= 0x01

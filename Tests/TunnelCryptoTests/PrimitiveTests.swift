@@ -20,7 +20,9 @@ struct PrimitiveTests {
         let key = Array("key".utf8)
         let message = Array("The quick brown fox jumps over the lazy dog".utf8)
         out.withUnsafeMutableBytes { o in
-            key.withUnsafeBytes { k in message.withUnsafeBytes { m in Blake2b.hmac(key: k, data: [m], into: o.baseAddress!) } }
+            key.withUnsafeBytes { k in
+                message.withUnsafeBytes { m in Blake2b.hmac(key: k, data: [m], into: o.baseAddress!) }
+            }
         }
         #expect(
             toHex(out)
@@ -35,7 +37,9 @@ struct PrimitiveTests {
             #expect(Base64.decode(encoded) == bytes)
             #expect(encoded == Data(bytes).base64EncodedString())
         }
-        for junk in ["abc", "ab=c", "a===", "@@@@", "AAAA=AAA", "AA=A", "AB==", "AAB=", "QQ== ", " QQ==", "QQ==QQ==", "QQ\n=="] {
+        for junk in [
+            "abc", "ab=c", "a===", "@@@@", "AAAA=AAA", "AA=A", "AB==", "AAB=", "QQ== ", " QQ==", "QQ==QQ==", "QQ\n==",
+        ] {
             #expect(Base64.decode(junk) == nil, "\(junk)")
         }
         // Trailing bits must be zero (one canonical spelling per value): "QR==" would also mean "A".
@@ -64,13 +68,17 @@ struct PrimitiveTests {
         var buffer = [UInt8](repeating: 0x42, count: 100 + 16)
         buffer.withUnsafeMutableBytes { a.sealInPlace($0.baseAddress!, count: 100) }
         var out = [UInt8](repeating: 0, count: 100)
-        let ok = out.withUnsafeMutableBytes { o in buffer.withUnsafeBytes { b.open($0.baseAddress!, count: $0.count, into: o.baseAddress!) } }
+        let ok = out.withUnsafeMutableBytes { o in
+            buffer.withUnsafeBytes { b.open($0.baseAddress!, count: $0.count, into: o.baseAddress!) }
+        }
         #expect(ok)
         #expect(out == [UInt8](repeating: 0x42, count: 100))
         var stale = CipherState(cipher: .chaChaPoly, key: key)
         buffer = [UInt8](repeating: 0x42, count: 116)
         buffer.withUnsafeMutableBytes { a.sealInPlace($0.baseAddress!, count: 100) }
-        let staleOK = out.withUnsafeMutableBytes { o in buffer.withUnsafeBytes { stale.open($0.baseAddress!, count: $0.count, into: o.baseAddress!) } }
+        let staleOK = out.withUnsafeMutableBytes { o in
+            buffer.withUnsafeBytes { stale.open($0.baseAddress!, count: $0.count, into: o.baseAddress!) }
+        }
         #expect(!staleOK)
         #expect(stale.nonce == 0, "a failed open must not advance the nonce")
     }

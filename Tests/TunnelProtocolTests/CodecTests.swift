@@ -6,13 +6,17 @@ import Testing
 struct CodecTests {
     @Test func frameHeaderRoundTrips() throws {
         var buffer = ByteBuffer()
-        let lengthIndex = buffer.writeFrameHeader(FrameHeader(type: .windowUpdate, flags: [.fin, .ack], streamID: StreamID(0xDEAD_BEEF), length: 4))
+        let lengthIndex = buffer.writeFrameHeader(
+            FrameHeader(type: .windowUpdate, flags: [.fin, .ack], streamID: StreamID(0xDEAD_BEEF), length: 4)
+        )
         #expect(lengthIndex == 6)
         buffer.writeInteger(UInt32(7))
         #expect(Array(buffer.readableBytesView.prefix(8)) == [0x03, 0x03, 0xDE, 0xAD, 0xBE, 0xEF, 0x00, 0x04])
         let frame = try #require(try buffer.readFrame())
         let (header, payload) = (frame.header, frame.payload)
-        #expect(header == FrameHeader(type: .windowUpdate, flags: [.fin, .ack], streamID: StreamID(0xDEAD_BEEF), length: 4))
+        #expect(
+            header == FrameHeader(type: .windowUpdate, flags: [.fin, .ack], streamID: StreamID(0xDEAD_BEEF), length: 4)
+        )
         #expect(payload.readableBytes == 4)
         #expect(try buffer.readFrame() == nil)
     }
@@ -77,7 +81,9 @@ struct CodecTests {
         #expect(try SessionParameters.decode(&empty) == SessionParameters())
     }
 
-    @Test(arguments: [[UInt8]([0x03, 0x00, 0x02, 0, 1]), [0x05, 0x00, 0x04, 0, 0, 0, 1], [0x01, 0x00], [0x02, 0x00, 0x09, 1]])
+    @Test(arguments: [
+        [UInt8]([0x03, 0x00, 0x02, 0, 1]), [0x05, 0x00, 0x04, 0, 0, 0, 1], [0x01, 0x00], [0x02, 0x00, 0x09, 1],
+    ])
     func malformedParametersAreRejected(bytes: [UInt8]) {
         var buffer = ByteBuffer(bytes: bytes)
         #expect(throws: ProtocolError.self) { _ = try SessionParameters.decode(&buffer) }

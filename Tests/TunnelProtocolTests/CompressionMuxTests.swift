@@ -48,7 +48,10 @@ struct CompressionMuxTests {
         try pair.pump()
         #expect(pair.clientEvents.delivered[1] == Array(data.readableBytesView))
         #expect(pair.server.compressedInput <= 64 << 10, "switched off after the first probe")
-        guard case .off = s.compression else { Issue.record("still compressing"); return }
+        guard case .off = s.compression else {
+            Issue.record("still compressing")
+            return
+        }
     }
 
     @Test func tlsStreamsAreNeverCompressed() throws {
@@ -78,7 +81,9 @@ struct CompressionMuxTests {
         var record = ByteBuffer()
         var flags: FrameFlags = [.compressed]
         if start { flags.insert(.compressionStart) }
-        record.writeFrameHeader(FrameHeader(type: .data, flags: flags, streamID: stream, length: 2 + body.readableBytes))
+        record.writeFrameHeader(
+            FrameHeader(type: .data, flags: flags, streamID: stream, length: 2 + body.readableBytes)
+        )
         record.writeInteger(declared)
         record.writeImmutableBuffer(body)
         return record

@@ -5,10 +5,18 @@ import TunnelProtocol
 /// The connection timers on a fake clock: no event loop, no waiting.
 struct ConnectionTimersTests {
     let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000_000)
-    let configuration = ConnectionTimers.Configuration(handshakeTimeout: .seconds(10), keepaliveInterval: .seconds(15), deadTimeout: .seconds(45))
+    let configuration = ConnectionTimers.Configuration(
+        handshakeTimeout: .seconds(10),
+        keepaliveInterval: .seconds(15),
+        deadTimeout: .seconds(45)
+    )
 
     /// Ticks every `tickInterval` from `start` to `end`; returns each tick's time and actions.
-    func run(_ timers: inout ConnectionTimers, from start: NIODeadline, to end: NIODeadline) -> [(NIODeadline, [ConnectionTimers.Action])] {
+    func run(
+        _ timers: inout ConnectionTimers,
+        from start: NIODeadline,
+        to end: NIODeadline
+    ) -> [(NIODeadline, [ConnectionTimers.Action])] {
         var out: [(NIODeadline, [ConnectionTimers.Action])] = []
         var now = start
         while now <= end {

@@ -129,7 +129,8 @@ struct DatagramTests {
         let pair = MuxPair()
         let (c, s) = try self.openAssociation(pair)
         let (clientStream, serverStream) = try pair.openAccepted()
-        let (mux, association, stream) = role == .client ? (pair.client, c, clientStream) : (pair.server, s, serverStream)
+        let (mux, association, stream) =
+            role == .client ? (pair.client, c, clientStream) : (pair.server, s, serverStream)
         let sink = DatagramSink()
         (role == .client ? s : c).context = sink
         var sizes = Array(stride(from: 0, through: 65_000, by: 997))
@@ -139,7 +140,10 @@ struct DatagramTests {
         for size in sizes {
             // A stream with data at the same time, so datagrams share records with DATA frames.
             mux.localRead(bytes(3000), on: stream)
-            let accepted = mux.sendDatagram(ByteBuffer(repeating: UInt8(truncatingIfNeeded: size), count: size), on: association)
+            let accepted = mux.sendDatagram(
+                ByteBuffer(repeating: UInt8(truncatingIfNeeded: size), count: size),
+                on: association
+            )
             #expect(accepted == (size <= WireLimits.maxUnsplitFramePayload), "size \(size)")
             if accepted { expectedDelivered.append(size) } else { expectedDrops += 1 }
             try pair.pump()
@@ -147,7 +151,11 @@ struct DatagramTests {
         }
         #expect(mux.droppedDatagrams == expectedDrops)
         #expect(sink.datagrams.map(\.count) == expectedDelivered)
-        #expect(zip(sink.datagrams, expectedDelivered).allSatisfy { d, n in d.allSatisfy { $0 == UInt8(truncatingIfNeeded: n) } })
+        #expect(
+            zip(sink.datagrams, expectedDelivered).allSatisfy { d, n in
+                d.allSatisfy { $0 == UInt8(truncatingIfNeeded: n) }
+            }
+        )
     }
 
     @Test func theLargestDatagramFitsARecordThatEndsWithARekey() throws {

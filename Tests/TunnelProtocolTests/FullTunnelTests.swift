@@ -23,7 +23,11 @@ struct FullTunnelMuxTests {
         #expect(pair.client.sendIPPacket(self.packet(60, tag: 2)))
         #expect(pair.server.sendIPPacket(self.packet(1000, tag: 3)))
         try pair.pump()
-        #expect(pair.serverEvents.packets == [Array(self.packet(1420, tag: 1).readableBytesView), Array(self.packet(60, tag: 2).readableBytesView)])
+        #expect(
+            pair.serverEvents.packets == [
+                Array(self.packet(1420, tag: 1).readableBytesView), Array(self.packet(60, tag: 2).readableBytesView),
+            ]
+        )
         #expect(pair.clientEvents.packets == [Array(self.packet(1000, tag: 3).readableBytesView)])
     }
 
@@ -121,7 +125,10 @@ struct TunnelAssignmentTests {
 
     @Test func roundTrips() throws {
         #expect(try TunnelAssignment.decode(self.encoded(self.full)) == self.full)
-        let minimal = TunnelAssignment(ipv4: .init(address: IPAddress.parse("192.168.5.9")!, prefixLength: 16), mtu: 1280)
+        let minimal = TunnelAssignment(
+            ipv4: .init(address: IPAddress.parse("192.168.5.9")!, prefixLength: 16),
+            mtu: 1280
+        )
         #expect(try TunnelAssignment.decode(self.encoded(minimal)) == minimal)
     }
 

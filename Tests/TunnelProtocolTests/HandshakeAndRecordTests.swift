@@ -8,19 +8,27 @@ struct HandshakeAndRecordTests {
     let server = PrivateKey()
     let client = PrivateKey()
 
-    func handshake(cipher: NoiseCipher, serverCiphers: [NoiseCipher] = [.aesGCM, .chaChaPoly]) throws
+    func handshake(
+        cipher: NoiseCipher,
+        serverCiphers: [NoiseCipher] = [.aesGCM, .chaChaPoly]
+    ) throws
         -> (EstablishedSession, EstablishedSession)
     {
         var parameters = SessionParameters()
         parameters.maxConcurrentStreams = 9
         var clientMachine = ClientHandshakeStateMachine(
-            cipher: cipher, staticKey: self.client, serverKey: self.server.publicKey, parameters: parameters
+            cipher: cipher,
+            staticKey: self.client,
+            serverKey: self.server.publicKey,
+            parameters: parameters
         )
         var serverMachine = ServerHandshakeStateMachine(staticKey: self.server, ciphers: serverCiphers)
         var message1 = try clientMachine.start(timestamp: TAI64N(unixNanoseconds: 1_800_000_000_000_000_000))
         let length = Int(message1.readInteger(as: UInt16.self)!)
         #expect(length == message1.readableBytes)
-        let initiation = try serverMachine.receivedInitiation(Array(message1.readableBytesView)) { $0 == self.client.publicKey }
+        let initiation = try serverMachine.receivedInitiation(Array(message1.readableBytesView)) {
+            $0 == self.client.publicKey
+        }
         #expect(initiation.clientKey == self.client.publicKey)
         #expect(initiation.parameters.maxConcurrentStreams == 9)
         #expect(initiation.cipher == cipher)
@@ -49,7 +57,10 @@ struct HandshakeAndRecordTests {
             let length = try #require(try RecordFraming.nextLength(in: wire))
             #expect(length == size + 16)
             let plaintext = try wire.withUnsafeReadableBytes { raw in
-                try opener.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), allocator: ByteBufferAllocator())
+                try opener.open(
+                    UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]),
+                    allocator: ByteBufferAllocator()
+                )
             }
             #expect(Array(plaintext.readableBytesView) == [UInt8](repeating: UInt8(size & 0xFF), count: size))
             wire.moveReaderIndex(forwardBy: 2 + length)
@@ -74,7 +85,10 @@ struct HandshakeAndRecordTests {
         let length = Int(wire.getInteger(at: 0, as: UInt16.self)!)
         #expect(throws: ProtocolError.self) {
             try tampered.withUnsafeReadableBytes { raw in
-                _ = try opener.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), allocator: ByteBufferAllocator())
+                _ = try opener.open(
+                    UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]),
+                    allocator: ByteBufferAllocator()
+                )
             }
         }
         let good = try wire.withUnsafeReadableBytes { raw in
@@ -86,7 +100,11 @@ struct HandshakeAndRecordTests {
     @Test func rekeyKeepsBothSidesInStepAndIsTriggeredByBudget() throws {
         let (clientSession, serverSession) = try self.handshake(cipher: .aesGCM)
         let t0 = NIODeadline.now()
-        var sealer = RecordSealer(cipher: clientSession.transport.send, policy: RekeyPolicy(maxBytes: 1000, maxRecords: 1 << 20, maxInterval: .minutes(10)), now: t0)
+        var sealer = RecordSealer(
+            cipher: clientSession.transport.send,
+            policy: RekeyPolicy(maxBytes: 1000, maxRecords: 1 << 20, maxInterval: .minutes(10)),
+            now: t0
+        )
         var opener = RecordOpener(cipher: serverSession.transport.receive)
         #expect(!sealer.needsRekey(now: t0))
         var wire = ByteBuffer()
@@ -98,7 +116,10 @@ struct HandshakeAndRecordTests {
             #expect(rekey == (round % 2 == 1))
             let length = Int(wire.getInteger(at: wire.readerIndex, as: UInt16.self)!)
             _ = try wire.withUnsafeReadableBytes { raw in
-                try opener.open(UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]), allocator: ByteBufferAllocator())
+                try opener.open(
+                    UnsafeRawBufferPointer(rebasing: raw[2..<(2 + length)]),
+                    allocator: ByteBufferAllocator()
+                )
             }
             wire.moveReaderIndex(forwardBy: 2 + length)
             if rekey {
@@ -107,12 +128,19 @@ struct HandshakeAndRecordTests {
             }
         }
         #expect(sealer.rekeyCount == 2 && opener.rekeyCount == 2)
-        #expect(RecordSealer(cipher: clientSession.transport.send, policy: RekeyPolicy(), now: t0).needsRekey(now: t0 + .minutes(11)))
+        #expect(
+            RecordSealer(cipher: clientSession.transport.send, policy: RekeyPolicy(), now: t0).needsRekey(
+                now: t0 + .minutes(11)
+            )
+        )
     }
 
     @Test func unauthorizedClientIsRefused() throws {
         var clientMachine = ClientHandshakeStateMachine(
-            cipher: .chaChaPoly, staticKey: self.client, serverKey: self.server.publicKey, parameters: SessionParameters()
+            cipher: .chaChaPoly,
+            staticKey: self.client,
+            serverKey: self.server.publicKey,
+            parameters: SessionParameters()
         )
         var serverMachine = ServerHandshakeStateMachine(staticKey: self.server, ciphers: [.chaChaPoly])
         var message1 = try clientMachine.start(timestamp: TAI64N(unixNanoseconds: 1))
@@ -127,10 +155,20 @@ struct HandshakeAndRecordTests {
         let key = self.client.publicKey
         let t = NIODeadline.uptimeNanoseconds(10_000_000_000)
         #expect(table.check(key: key, timestamp: TAI64N(unixNanoseconds: 2_000_000_000), now: t) == .accept)
-        #expect(table.check(key: key, timestamp: TAI64N(unixNanoseconds: 2_000_000_000), now: t + .seconds(1)) == .replay)
-        #expect(table.check(key: key, timestamp: TAI64N(unixNanoseconds: 1_000_000_000), now: t + .seconds(1)) == .replay)
-        #expect(table.check(key: key, timestamp: TAI64N(unixNanoseconds: 3_000_000_000), now: t + .milliseconds(5)) == .flood)
-        #expect(table.check(key: key, timestamp: TAI64N(unixNanoseconds: 3_000_000_000), now: t + .milliseconds(30)) == .accept)
+        #expect(
+            table.check(key: key, timestamp: TAI64N(unixNanoseconds: 2_000_000_000), now: t + .seconds(1)) == .replay
+        )
+        #expect(
+            table.check(key: key, timestamp: TAI64N(unixNanoseconds: 1_000_000_000), now: t + .seconds(1)) == .replay
+        )
+        #expect(
+            table.check(key: key, timestamp: TAI64N(unixNanoseconds: 3_000_000_000), now: t + .milliseconds(5))
+                == .flood
+        )
+        #expect(
+            table.check(key: key, timestamp: TAI64N(unixNanoseconds: 3_000_000_000), now: t + .milliseconds(30))
+                == .accept
+        )
         #expect(table.check(key: PrivateKey().publicKey, timestamp: TAI64N(unixNanoseconds: 1), now: t) == .accept)
     }
 

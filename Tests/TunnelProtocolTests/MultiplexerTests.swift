@@ -50,7 +50,11 @@ struct MultiplexerTests {
         pair.client.localRead(bytes(10), on: c)
         pair.client.localEndOfStream(on: c)
         try pair.pump()
-        #expect(pair.serverEvents.take().suffix(2) == [.received(c.id, Array(bytes(10).readableBytesView)), .endOfStream(c.id)])
+        #expect(
+            pair.serverEvents.take().suffix(2) == [
+                .received(c.id, Array(bytes(10).readableBytesView)), .endOfStream(c.id),
+            ]
+        )
         #expect(s.finReceived && !s.finSent && s.state == .open)
         // The server can still send after the client's FIN.
         pair.server.localRead(bytes(5), on: s)
@@ -63,7 +67,10 @@ struct MultiplexerTests {
         pair.server.release(s)
         try pair.pump()
         #expect(pair.client.streamCount == 0 && pair.server.streamCount == 0)
-        #expect(pair.clientEvents.take().isEmpty && pair.serverEvents.take().isEmpty, "a graceful release sends no RESET")
+        #expect(
+            pair.clientEvents.take().isEmpty && pair.serverEvents.take().isEmpty,
+            "a graceful release sends no RESET"
+        )
     }
 
     @Test func zeroLengthFinIsSent() throws {
@@ -352,7 +359,10 @@ struct MultiplexerTests {
         pair.client.sendPing(now: pair.now)
         pair.now = pair.now + .microseconds(900)
         try pair.pump()
-        #expect(pair.client.minimumRoundTrip == .microseconds(250), "a queued, slower sample does not raise the minimum")
+        #expect(
+            pair.client.minimumRoundTrip == .microseconds(250),
+            "a queued, slower sample does not raise the minimum"
+        )
     }
 
     @Test func goAwayRefusesNewStreamsAndFailsUnservedOpens() throws {
@@ -525,7 +535,10 @@ struct MultiplexerTests {
         try window.received(32 << 10)
         #expect(window.consumed(32 << 10, now: t0, roundTrip: .milliseconds(10)) == 32 << 10)
         try window.received(32 << 10)
-        #expect(window.consumed(32 << 10, now: t0 + .milliseconds(15), roundTrip: .milliseconds(10)) == 32 << 10, "slower than an RTT: no growth")
+        #expect(
+            window.consumed(32 << 10, now: t0 + .milliseconds(15), roundTrip: .milliseconds(10)) == 32 << 10,
+            "slower than an RTT: no growth"
+        )
         try window.received(32 << 10)
         let increment = window.consumed(32 << 10, now: t0 + .milliseconds(20), roundTrip: .milliseconds(10))
         #expect(increment == UInt32((32 << 10) + (64 << 10)))

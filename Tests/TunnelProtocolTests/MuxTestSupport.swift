@@ -70,12 +70,19 @@ final class MuxPair {
     var toServer: [ByteBuffer] = []
     var toClient: [ByteBuffer] = []
 
-    init(client clientConfig: Multiplexer.Configuration = .init(), server serverConfig: Multiplexer.Configuration = .init()) {
+    init(
+        client clientConfig: Multiplexer.Configuration = .init(),
+        server serverConfig: Multiplexer.Configuration = .init()
+    ) {
         self.client = Multiplexer(
-            role: .client, configuration: clientConfig, peerParameters: Multiplexer.announcedParameters(for: serverConfig)
+            role: .client,
+            configuration: clientConfig,
+            peerParameters: Multiplexer.announcedParameters(for: serverConfig)
         )
         self.server = Multiplexer(
-            role: .server, configuration: serverConfig, peerParameters: Multiplexer.announcedParameters(for: clientConfig)
+            role: .server,
+            configuration: serverConfig,
+            peerParameters: Multiplexer.announcedParameters(for: clientConfig)
         )
         self.client.delegate = self.clientEvents
         self.server.delegate = self.serverEvents
@@ -104,11 +111,17 @@ final class MuxPair {
     }
 
     /// Opens a client stream and has the server accept it.
-    func openAccepted(_ target: TargetAddress = TargetAddress(host: .domain("example.com"), port: 443)) throws -> (MuxStream, MuxStream) {
+    func openAccepted(
+        _ target: TargetAddress = TargetAddress(host: .domain("example.com"), port: 443)
+    ) throws -> (MuxStream, MuxStream) {
         let clientStream = self.client.openStream(to: target)!
         try self.pump()
         let serverStream = self.server.stream(clientStream.id)!
-        self.server.completeOpen(serverStream, reply: .succeeded, bound: TargetAddress(host: .ipv4(0x7F00_0001), port: 5555))
+        self.server.completeOpen(
+            serverStream,
+            reply: .succeeded,
+            bound: TargetAddress(host: .ipv4(0x7F00_0001), port: 5555)
+        )
         try self.pump()
         _ = self.clientEvents.take()
         _ = self.serverEvents.take()

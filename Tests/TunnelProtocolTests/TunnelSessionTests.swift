@@ -73,12 +73,21 @@ struct TunnelSessionTests {
 
     func makeEnds(now: NIODeadline) -> (client: SessionEnd, server: SessionEnd) {
         let client = SessionEnd(
-            .client(ClientHandshakeStateMachine(cipher: .chaChaPoly, staticKey: self.clientKey, serverKey: self.serverKey.publicKey,
-                                                parameters: Multiplexer.announcedParameters(for: .init()))),
-            configuration: self.configuration(), now: now
+            .client(
+                ClientHandshakeStateMachine(
+                    cipher: .chaChaPoly,
+                    staticKey: self.clientKey,
+                    serverKey: self.serverKey.publicKey,
+                    parameters: Multiplexer.announcedParameters(for: .init())
+                )
+            ),
+            configuration: self.configuration(),
+            now: now
         )
         let server = SessionEnd(
-            .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])), configuration: self.configuration(), now: now
+            .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])),
+            configuration: self.configuration(),
+            now: now
         )
         server.authorized = [self.clientKey.publicKey]
         return (client, server)
@@ -110,7 +119,9 @@ struct TunnelSessionTests {
         #expect(server.session.established?.peerStaticKey == self.clientKey.publicKey)
 
         // A stream, both ways, more than many records' worth.
-        let clientStream = client.session.multiplexer!.openStream(to: TargetAddress(host: .domain("example.com"), port: 443))!
+        let clientStream = client.session.multiplexer!.openStream(
+            to: TargetAddress(host: .domain("example.com"), port: 443)
+        )!
         try self.pump(client, server, over: connection, now: now)
         let serverStream = server.session.multiplexer!.stream(clientStream.id)!
         server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
@@ -158,7 +169,9 @@ struct TunnelSessionTests {
         let first = MemoryConnection(chunk: 700)
         try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
         try self.pump(client, server, over: first, now: now)
-        let clientStream = client.session.multiplexer!.openStream(to: TargetAddress(host: .ipv4(0x0A00_0001), port: 22))!
+        let clientStream = client.session.multiplexer!.openStream(
+            to: TargetAddress(host: .ipv4(0x0A00_0001), port: 22)
+        )!
         try self.pump(client, server, over: first, now: now)
         let serverStream = server.session.multiplexer!.stream(clientStream.id)!
         server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
@@ -172,7 +185,10 @@ struct TunnelSessionTests {
         try self.pump(client, server, over: second, now: now)
         let up = server.streams.delivered[clientStream.id.rawValue] ?? []
         #expect(up.count == 8000)
-        #expect(up == Array(bytes(3000, seed: 1).readableBytesView) + Array(bytes(5000, seed: 2).readableBytesView), "bytes differ")
+        #expect(
+            up == Array(bytes(3000, seed: 1).readableBytesView) + Array(bytes(5000, seed: 2).readableBytesView),
+            "bytes differ"
+        )
         let down = client.streams.delivered[clientStream.id.rawValue] ?? []
         #expect(down == Array(bytes(4000, seed: 3).readableBytesView), "bytes differ")
     }
@@ -200,7 +216,11 @@ struct TunnelSessionTests {
     @Test func featuresAreOnOnlyWhenBothSidesWantThem() {
         var configuration = TunnelSession.Configuration()
         configuration.compression = true
-        #expect(TunnelSession.agreedFeatures(offered: [.compression, .fullTunnel], configuration: configuration) == [.compression])
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.compression, .fullTunnel], configuration: configuration) == [
+                .compression
+            ]
+        )
         configuration.compression = false
         #expect(TunnelSession.agreedFeatures(offered: [.compression], configuration: configuration) == [])
         configuration.fullTunnel = true

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import NIOCore
 import NIOEmbedded
 import Testing
 import TunnelProtocol
 
 @testable import TunnelTUN
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct PacketHeaderTests {
     func ipv4(source: [UInt8], destination: [UInt8], ihl: UInt8 = 5, length: Int = 40) -> ByteBuffer {
@@ -76,7 +77,10 @@ struct DeviceReadBackTests {
     @Test func readsQueuedPacketsInOrderThenNothing() throws {
         var fds: [Int32] = [0, 0]
         try #require(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &fds) == 0)
-        defer { close(fds[0]); close(fds[1]) }
+        defer {
+            close(fds[0])
+            close(fds[1])
+        }
         try #require(fcntl(fds[0], F_SETFL, O_NONBLOCK) == 0)
         let channel = EmbeddedChannel()
         var state = DeviceReadBack(descriptor: fds[0], packetCapacity: 2048)
@@ -128,7 +132,11 @@ struct AddressPoolTests {
     func key(_ n: UInt8) -> [UInt8] { [n] }
 
     @Test func leasesAreStablePerKeyAndDistinct() throws {
-        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("fd00:1:2:77::")!)
+        var pool = try AddressPool<[UInt8]>(
+            ipv4: IPAddress.parse("10.77.0.0")!,
+            prefixLength: 24,
+            ipv6: IPAddress.parse("fd00:1:2:77::")!
+        )
         #expect(pool.capacity == 253)
         #expect(pool.gatewayV4 == PacketAddress(IPAddress.parse("10.77.0.1")!))
         #expect(pool.gatewayV6 == PacketAddress(IPAddress.parse("fd00:1:2:77::1")!))
@@ -173,7 +181,11 @@ struct AddressPoolTests {
     }
 
     @Test func slotMapFindsTheLeaseOfEitherAddress() throws {
-        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("fd00:1:2:77::")!)
+        var pool = try AddressPool<[UInt8]>(
+            ipv4: IPAddress.parse("10.77.0.0")!,
+            prefixLength: 24,
+            ipv6: IPAddress.parse("fd00:1:2:77::")!
+        )
         let map = pool.slotMap
         for n in UInt8(1)...5 {
             let leased = pool.lease(for: self.key(n), seed: UInt64(n) * 40)
@@ -185,8 +197,10 @@ struct AddressPoolTests {
         #expect(map.slot(of: PacketAddress(IPAddress.parse("10.77.0.2")!)) == 0)
         #expect(map.slot(of: PacketAddress(IPAddress.parse("10.77.0.254")!)) == 252)
         // Not client addresses: network, gateway, broadcast, neighbours, other networks.
-        for text in ["10.77.0.0", "10.77.0.1", "10.77.0.255", "10.77.1.2", "10.76.255.255", "0.0.0.0", "255.255.255.255",
-                     "fd00:1:2:77::1", "fd00:1:2:77::", "fd00:1:2:77::ff", "fd00:1:2:78::2", "fd00:1:2:77:1::2", "::2"] {
+        for text in [
+            "10.77.0.0", "10.77.0.1", "10.77.0.255", "10.77.1.2", "10.76.255.255", "0.0.0.0", "255.255.255.255",
+            "fd00:1:2:77::1", "fd00:1:2:77::", "fd00:1:2:77::ff", "fd00:1:2:78::2", "fd00:1:2:77:1::2", "::2",
+        ] {
             #expect(map.slot(of: PacketAddress(IPAddress.parse(text)!)) == nil, "\(text)")
         }
     }
@@ -199,10 +213,18 @@ struct AddressPoolTests {
     }
 
     @Test func refusesUnusableNetworks() {
-        #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 31) }
-        #expect(throws: AddressPool<[UInt8]>.PoolError.self) { try AddressPool<[UInt8]>(ipv4: IPAddress.parse("fd00::")!, prefixLength: 24) }
         #expect(throws: AddressPool<[UInt8]>.PoolError.self) {
-            try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 24, ipv6: IPAddress.parse("10.1.0.0")!)
+            try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.0.0.0")!, prefixLength: 31)
+        }
+        #expect(throws: AddressPool<[UInt8]>.PoolError.self) {
+            try AddressPool<[UInt8]>(ipv4: IPAddress.parse("fd00::")!, prefixLength: 24)
+        }
+        #expect(throws: AddressPool<[UInt8]>.PoolError.self) {
+            try AddressPool<[UInt8]>(
+                ipv4: IPAddress.parse("10.0.0.0")!,
+                prefixLength: 24,
+                ipv6: IPAddress.parse("10.1.0.0")!
+            )
         }
     }
 }
@@ -221,8 +243,16 @@ struct HostChangeJournalTests {
         let undos: [HostChangeJournal.Undo] = [
             .command(["ip", "-4", "route", "del", "192.0.2.1/32", "via", "10.0.0.1", "dev", "eth0"]),
             .command(["nft", "delete", "table", "inet", "x"]),
-            .restoreFile(path: "/etc/resolv.conf", original: Array("nameserver 1.1.1.1\n".utf8), written: Array("nameserver 10.77.0.1\n".utf8)),
-            .restoreFile(path: "/proc/sys/net/ipv4/ip_forward", original: Array("0\n".utf8), written: Array("1\n".utf8)),
+            .restoreFile(
+                path: "/etc/resolv.conf",
+                original: Array("nameserver 1.1.1.1\n".utf8),
+                written: Array("nameserver 10.77.0.1\n".utf8)
+            ),
+            .restoreFile(
+                path: "/proc/sys/net/ipv4/ip_forward",
+                original: Array("0\n".utf8),
+                written: Array("1\n".utf8)
+            ),
             .restoreSymlink(path: "/etc/resolv.conf", target: "../run/systemd/resolve/stub-resolv.conf", written: []),
             .removeFile(path: "/etc/netns/x y/resolv.conf", written: [0, 1, 255]),
         ]
@@ -236,13 +266,16 @@ struct HostChangeJournalTests {
         // Without the host line, a version 2 file is not ours.
         #expect(HostChangeJournal.decode(HostChangeJournal.header + "\n") == nil)
         // A version 1 file (no host line) is read, with no identity (so its commands are never run).
-        let old = HostChangeJournal.decode(HostChangeJournal.headerVersion1 + "\ncmd \(HostChangeJournal.hex(Array("ip".utf8)))\n")
+        let old = HostChangeJournal.decode(
+            HostChangeJournal.headerVersion1 + "\ncmd \(HostChangeJournal.hex(Array("ip".utf8)))\n"
+        )
         #expect(old?.undos == [.command(["ip"])] && old?.identity == nil)
     }
 
     @Test func onlyOurOwnToolsAndFilesAreAccepted() {
         func line(_ words: [String]) -> String {
-            HostChangeJournal.header + "\nhost b 1 2\ncmd " + words.map { HostChangeJournal.hex(Array($0.utf8)) }.joined(separator: " ") + "\n"
+            HostChangeJournal.header + "\nhost b 1 2\ncmd "
+                + words.map { HostChangeJournal.hex(Array($0.utf8)) }.joined(separator: " ") + "\n"
         }
         #expect(HostChangeJournal.decode(line(["ip", "link", "del", "x"])) != nil)
         #expect(HostChangeJournal.decode(line(["nft", "delete", "table", "inet", "x"])) != nil)
@@ -254,9 +287,11 @@ struct HostChangeJournalTests {
         }
         #expect(HostChangeJournal.decode(file("/etc/resolv.conf")) != nil)
         #expect(HostChangeJournal.decode(file("/proc/sys/net/ipv6/conf/all/forwarding")) != nil)
-        for path in ["/etc/shadow", "/root/.ssh/authorized_keys", "/proc/sys/kernel/core_pattern", "/proc/sys/net/../kernel/modprobe",
-                     "resolv.conf", "/etc/../etc/passwd/resolv.conf"]
-        {
+        for path in [
+            "/etc/shadow", "/root/.ssh/authorized_keys", "/proc/sys/kernel/core_pattern",
+            "/proc/sys/net/../kernel/modprobe",
+            "resolv.conf", "/etc/../etc/passwd/resolv.conf",
+        ] {
             #expect(HostChangeJournal.decode(file(path)) == nil, "\(path)")
         }
     }
@@ -299,24 +334,55 @@ struct HostChangeJournalTests {
         HostChangeJournal.writeFile(resolver, Array("ours\n".utf8), mode: 0o644, create: true)
         // A command that fails (an address that does not parse) and so shows in `problems` when it runs.
         let command = HostChangeJournal.Undo.command(["ip", "-4", "addr", "del", "999.1.1.1/32", "dev", "lo"])
-        let file = HostChangeJournal.Undo.restoreFile(path: resolver, original: Array("theirs\n".utf8), written: Array("ours\n".utf8))
+        let file = HostChangeJournal.Undo.restoreFile(
+            path: resolver,
+            original: Array("theirs\n".utf8),
+            written: Array("ours\n".utf8)
+        )
         var others = [
-            HostIdentity(boot: Self.here.boot, namespaceInode: Self.here.namespaceInode, namespaceCookie: Self.here.namespaceCookie &+ 1),
-            HostIdentity(boot: "another-boot", namespaceInode: Self.here.namespaceInode, namespaceCookie: Self.here.namespaceCookie),
+            HostIdentity(
+                boot: Self.here.boot,
+                namespaceInode: Self.here.namespaceInode,
+                namespaceCookie: Self.here.namespaceCookie &+ 1
+            ),
+            HostIdentity(
+                boot: "another-boot",
+                namespaceInode: Self.here.namespaceInode,
+                namespaceCookie: Self.here.namespaceCookie
+            ),
         ]
-        others.append(HostIdentity(boot: Self.here.boot, namespaceInode: Self.here.namespaceInode &+ 1, namespaceCookie: Self.here.namespaceCookie))
+        others.append(
+            HostIdentity(
+                boot: Self.here.boot,
+                namespaceInode: Self.here.namespaceInode &+ 1,
+                namespaceCookie: Self.here.namespaceCookie
+            )
+        )
         for identity in others {
             let path = directory + "/state"
-            HostChangeJournal.writeFile(path, Array(HostChangeJournal.encode([command, file], identity: identity).utf8), mode: 0o600, create: true)
+            HostChangeJournal.writeFile(
+                path,
+                Array(HostChangeJournal.encode([command, file], identity: identity).utf8),
+                mode: 0o600,
+                create: true
+            )
             HostChangeJournal.writeFile(resolver, Array("ours\n".utf8), mode: 0o644, create: false)
             let recovery = try HostChangeJournal.recover(path: path)
-            #expect(recovery.skipped == 1 && recovery.undone == 1 && recovery.problems.isEmpty, "\(identity): \(recovery)")
+            #expect(
+                recovery.skipped == 1 && recovery.undone == 1 && recovery.problems.isEmpty,
+                "\(identity): \(recovery)"
+            )
             #expect(HostChangeJournal.readFile(resolver) == Array("theirs\n".utf8))
             #expect(HostChangeJournal.readFile(path) == nil)
         }
         // The same namespace and boot: the command runs (and fails: it is only there to show it ran).
         let path = directory + "/state"
-        HostChangeJournal.writeFile(path, Array(HostChangeJournal.encode([command], identity: Self.here).utf8), mode: 0o600, create: true)
+        HostChangeJournal.writeFile(
+            path,
+            Array(HostChangeJournal.encode([command], identity: Self.here).utf8),
+            mode: 0o600,
+            create: true
+        )
         let recovery = try HostChangeJournal.recover(path: path)
         #expect(recovery.skipped == 0 && recovery.problems.count == 1, "\(recovery)")
     }
@@ -324,7 +390,9 @@ struct HostChangeJournalTests {
     @Test func recoveryRefusesStateFilesOthersCouldHaveWritten() throws {
         let (directory, cleanup) = Self.scratch()
         defer { cleanup() }
-        let text = Array(HostChangeJournal.encode([.command(["ip", "link", "del", "nonexistent0"])], identity: Self.here).utf8)
+        let text = Array(
+            HostChangeJournal.encode([.command(["ip", "link", "del", "nonexistent0"])], identity: Self.here).utf8
+        )
         func refused(_ path: String) -> String? {
             do {
                 _ = try HostChangeJournal.recover(path: path)
@@ -371,7 +439,10 @@ struct HostChangeJournalTests {
         let journal = HostChangeJournal(path: path)
         journal.record(.command(["ip", "link", "del", "nonexistent0"]))
         #expect(HostChangeJournal.readFile(victim) == Array("precious\n".utf8))
-        #expect(HostChangeJournal.decode(String(decoding: HostChangeJournal.readFile(path) ?? [], as: UTF8.self))?.undos.count == 1)
+        #expect(
+            HostChangeJournal.decode(String(decoding: HostChangeJournal.readFile(path) ?? [], as: UTF8.self))?.undos
+                .count == 1
+        )
         var info = stat()
         #expect(lstat(path, &info) == 0 && info.st_mode & 0o777 == 0o600 && (info.st_mode & S_IFMT) == S_IFREG)
     }
@@ -383,30 +454,44 @@ struct HostNetworkTests {
             HostNetwork.parseRouteGet("203.0.113.5 via 192.168.1.1 dev wlan0 src 192.168.1.20 uid 0 \n    cache ")
                 == HostNetwork.Path(gateway: "192.168.1.1", device: "wlan0")
         )
-        #expect(HostNetwork.parseRouteGet("10.223.0.2 dev veth0 src 10.223.0.1 uid 0") == HostNetwork.Path(gateway: nil, device: "veth0"))
         #expect(
-            HostNetwork.parseRouteGet("2001:db8::1 from :: via fe80::1 dev eth0 proto ra src 2001:db8::9 metric 100 pref medium")
+            HostNetwork.parseRouteGet("10.223.0.2 dev veth0 src 10.223.0.1 uid 0")
+                == HostNetwork.Path(gateway: nil, device: "veth0")
+        )
+        #expect(
+            HostNetwork.parseRouteGet(
+                "2001:db8::1 from :: via fe80::1 dev eth0 proto ra src 2001:db8::9 metric 100 pref medium"
+            )
                 == HostNetwork.Path(gateway: "fe80::1", device: "eth0")
         )
-        #expect(HostNetwork.parseRouteGet("8.8.8.8 via inet6 fe80::1 dev eth0 src 10.0.0.2") == HostNetwork.Path(gateway: "fe80::1", device: "eth0"))
+        #expect(
+            HostNetwork.parseRouteGet("8.8.8.8 via inet6 fe80::1 dev eth0 src 10.0.0.2")
+                == HostNetwork.Path(gateway: "fe80::1", device: "eth0")
+        )
         #expect(HostNetwork.parseRouteGet("local 127.0.0.1 dev lo table local src 127.0.0.1 uid 0") == nil)
         #expect(HostNetwork.parseRouteGet("unreachable 10.1.1.1") == nil)
         #expect(HostNetwork.parseRouteGet("") == nil)
     }
 
     @Test func resolverFileKeepsSearchAndOptions() {
-        let original = "# generated\nnameserver 192.168.1.1\nnameserver fe80::1%eth0\nsearch lan example.com\noptions edns0\n"
+        let original =
+            "# generated\nnameserver 192.168.1.1\nnameserver fe80::1%eth0\nsearch lan example.com\noptions edns0\n"
         let rewritten = ResolverFile.rewrite(original, servers: [IPAddress.parse("10.77.0.1")!])
         #expect(ResolverFile.nameservers(in: rewritten) == [IPAddress.parse("10.77.0.1")!])
         #expect(rewritten.contains("search lan example.com\n"))
         #expect(rewritten.contains("options edns0\n"))
         #expect(!rewritten.contains("192.168.1.1"))
-        #expect(ResolverFile.nameservers(in: original) == [IPAddress.parse("192.168.1.1")!, IPAddress.parse("fe80::1")!])
+        #expect(
+            ResolverFile.nameservers(in: original) == [IPAddress.parse("192.168.1.1")!, IPAddress.parse("fe80::1")!]
+        )
     }
 
     @Test func firewallTablesNameTheirDeviceAndPools() {
         let server = FirewallRules.serverTable(
-            name: "tunnel_server_tunnel0", device: "tunnel0", pool4: "10.77.0.0/24", pool6: "fd00:77::/64",
+            name: "tunnel_server_tunnel0",
+            device: "tunnel0",
+            pool4: "10.77.0.0/24",
+            pool6: "fd00:77::/64",
             gateways: [IPAddress.parse("10.77.0.1")!, IPAddress.parse("fd00:77::1")!]
         )
         #expect(server.contains("iifname != \"tunnel0\" ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 drop"))
@@ -423,7 +508,11 @@ struct HostNetworkTests {
         #expect(!noV6.contains("ip6 saddr"))
 
         let killSwitch = FirewallRules.killSwitchTable(
-            name: "ks", device: "tunnel1", server: IPAddress.parse("203.0.113.9")!, port: 7443, exclude: ["192.168.1.0/24", "fd00:1::/64"]
+            name: "ks",
+            device: "tunnel1",
+            server: IPAddress.parse("203.0.113.9")!,
+            port: 7443,
+            exclude: ["192.168.1.0/24", "fd00:1::/64"]
         )
         #expect(killSwitch.contains("oifname \"tunnel1\" accept"))
         #expect(killSwitch.contains("ip daddr 203.0.113.9 tcp dport 7443 accept"))

@@ -1,8 +1,8 @@
+import LocalProxy
 import Logging
 import NIOCore
 import NIOEmbedded
 import Testing
-import LocalProxy
 import TunnelProtocol
 
 @testable import TunnelTransport
@@ -11,7 +11,9 @@ import TunnelProtocol
 final class FakeProvider: TunnelStreamProvider {
     var requests: [(TargetAddress, any StreamEndpoint)] = []
     var cancelled = 0
-    func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) { self.requests.append((target, local)) }
+    func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) {
+        self.requests.append((target, local))
+    }
     func cancelStreamRequest(_ local: any StreamEndpoint) { self.cancelled += 1 }
 }
 
@@ -19,7 +21,9 @@ struct LocalProxyHandlerTests {
     func makeChannel(credentials: ProxyCredentials? = nil) throws -> (EmbeddedChannel, FakeProvider) {
         let provider = FakeProvider()
         let handler = LocalProxyHandler(
-            provider: provider, configuration: LocalProxyHandler.Configuration(credentials: credentials), logger: Logger(label: "test")
+            provider: provider,
+            configuration: LocalProxyHandler.Configuration(credentials: credentials),
+            logger: Logger(label: "test")
         )
         let channel = EmbeddedChannel(handler: handler)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
@@ -36,13 +40,17 @@ struct LocalProxyHandlerTests {
         let (channel, provider) = try self.makeChannel()
         try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00]))
         #expect(try self.bytes(channel) == [0x05, 0x00])
-        try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x03, 0x04] + Array("host".utf8) + [0x01, 0xBB]))
+        try channel.writeInbound(
+            ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x03, 0x04] + Array("host".utf8) + [0x01, 0xBB])
+        )
         #expect(provider.requests.count == 1)
         #expect(provider.requests.first?.0 == TargetAddress(host: .domain("host"), port: 443))
         #expect(try self.bytes(channel).isEmpty, "no reply before the tunnel answers")
     }
 
-    @Test(arguments: [ReplyCode.connectionRefused, .hostUnreachable, .networkUnreachable, .ttlExpired, .notAllowed, .generalFailure])
+    @Test(arguments: [
+        ReplyCode.connectionRefused, .hostUnreachable, .networkUnreachable, .ttlExpired, .notAllowed, .generalFailure,
+    ])
     func failedOpenRepliesWithTheCodeAndCloses(reply: ReplyCode) throws {
         let (channel, provider) = try self.makeChannel()
         try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 10, 0, 0, 1, 0, 80]))
@@ -69,7 +77,9 @@ struct LocalProxyHandlerTests {
 
     @Test func earlyDataAfterTheRequestIsKeptForTheStream() throws {
         let (channel, provider) = try self.makeChannel()
-        try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 10, 0, 0, 1, 0, 80, 9, 9, 9]))
+        try channel.writeInbound(
+            ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 10, 0, 0, 1, 0, 80, 9, 9, 9])
+        )
         #expect(provider.requests.count == 1)
         #expect(channel.isActive)
         try channel.writeInbound(ByteBuffer(bytes: [UInt8](repeating: 7, count: 5000)))
@@ -87,7 +97,9 @@ struct LocalProxyHandlerTests {
 
     @Test func httpConnectAsksTheProviderAndFailureIsA502() throws {
         let (channel, provider) = try self.makeChannel()
-        try channel.writeInbound(ByteBuffer(string: "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"))
+        try channel.writeInbound(
+            ByteBuffer(string: "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        )
         #expect(provider.requests.first?.0 == TargetAddress(host: .domain("example.com"), port: 443))
         provider.requests.first?.1.openCompleted(reply: .hostUnreachable, bound: .unspecified)
         let response = String(decoding: try self.bytes(channel), as: UTF8.self)

@@ -22,10 +22,14 @@ final class TestDelegate: TunnelConnectionDelegate {
     func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
         self.replay.check(key: key, timestamp: timestamp, now: .now())
     }
-    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) { self.established = session }
+    func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) {
+        self.established = session
+    }
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) { self.confirmed = true }
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) { self.closedWith = .some(error) }
-    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) { self.packets.append(Array(packet.readableBytesView)) }
+    func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
+        self.packets.append(Array(packet.readableBytesView))
+    }
 }
 
 struct TunnelConnectionHandlerTests {
@@ -33,21 +37,37 @@ struct TunnelConnectionHandlerTests {
     let clientKey = PrivateKey()
     let logger = Logger(label: "test")
 
-    func makePair(authorized: Bool = true, cipher: NoiseCipher = .chaChaPoly, fullTunnel: Bool = false) throws
-        -> (client: EmbeddedChannel, server: EmbeddedChannel, clientDelegate: TestDelegate, serverDelegate: TestDelegate)
+    func makePair(
+        authorized: Bool = true,
+        cipher: NoiseCipher = .chaChaPoly,
+        fullTunnel: Bool = false
+    ) throws
+        -> (
+            client: EmbeddedChannel, server: EmbeddedChannel, clientDelegate: TestDelegate, serverDelegate: TestDelegate
+        )
     {
         var configuration = TunnelConnectionHandler.Configuration()
         configuration.fullTunnel = fullTunnel
         let clientMachine = ClientHandshakeStateMachine(
-            cipher: cipher, staticKey: self.clientKey, serverKey: self.serverKey.publicKey,
-            parameters: Multiplexer.announcedParameters(for: configuration.multiplexer, features: fullTunnel ? [.fullTunnel] : [])
+            cipher: cipher,
+            staticKey: self.clientKey,
+            serverKey: self.serverKey.publicKey,
+            parameters: Multiplexer.announcedParameters(
+                for: configuration.multiplexer,
+                features: fullTunnel ? [.fullTunnel] : []
+            )
         )
-        let clientHandler = TunnelConnectionHandler(role: .client(clientMachine), configuration: configuration, logger: self.logger)
+        let clientHandler = TunnelConnectionHandler(
+            role: .client(clientMachine),
+            configuration: configuration,
+            logger: self.logger
+        )
         let clientDelegate = TestDelegate()
         clientHandler.delegate = clientDelegate
         let serverHandler = TunnelConnectionHandler(
             role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.aesGCM, .chaChaPoly])),
-            configuration: configuration, logger: self.logger
+            configuration: configuration,
+            logger: self.logger
         )
         let serverDelegate = TestDelegate(allowed: authorized ? self.clientKey.publicKey : nil)
         serverHandler.delegate = serverDelegate
@@ -190,7 +210,8 @@ struct TunnelConnectionHandlerTests {
         #expect(serverDelegate.established != nil)
         // The same message 1 on a second connection to the same server state.
         let second = TunnelConnectionHandler(
-            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])), logger: self.logger
+            role: .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])),
+            logger: self.logger
         )
         second.delegate = serverDelegate
         serverDelegate.established = nil
