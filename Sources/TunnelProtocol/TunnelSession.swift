@@ -71,6 +71,8 @@ public final class TunnelSession {
     private var opener: RecordOpener?
     /// The last record's plaintext buffer, reused for the next record when no frame of it is still held.
     private var plaintextScratch: ByteBuffer?
+    /// The start of a message whose rest has not arrived yet.
+    private var partialMessage: ByteBuffer?
 
     public init(role: Role, configuration: Configuration, now: NIODeadline) {
         self.role = role
@@ -109,6 +111,49 @@ public final class TunnelSession {
     public func acceptsLength(of partial: ByteBuffer) -> Bool {
         guard let length = try? RecordFraming.nextLength(in: partial) else { return false }
         return self.phase != .handshaking || length <= self.configuration.maxHandshakeMessage
+    }
+
+    /// Bytes of the connection, as they were read: processes every whole message and keeps the start of an
+    /// incomplete one for the next read. Throws on anything the peer got wrong: the connection must then end
+    /// at once.
+    public func received(_ bytes: ByteBuffer) throws(ProtocolError) {
+        var buffer = bytes
+        if var partial = self.partialMessage {
+            // Complete the one message that straddles the read boundary by copying only what it still lacks;
+            // everything after it is processed in place, without a copy.
+            self.partialMessage = nil
+            while true {
+                let missing = Self.bytesMissing(in: partial)
+                if missing == 0 { break }
+                // A length not worth waiting for: `receive` reports it.
+                if partial.readableBytes >= 2 && !self.acceptsLength(of: partial) { break }
+                let take = min(missing, buffer.readableBytes)
+                if take > 0 { partial.writeImmutableBuffer(buffer.readSlice(length: take)!) }
+                if take < missing {
+                    self.partialMessage = partial
+                    return
+                }
+            }
+            try self.receive(&partial)
+            guard self.phase != .closed else { return }
+        }
+        try self.receive(&buffer)
+        if buffer.readableBytes > 0 && self.phase != .closed {
+            // Keep the partial message in a buffer of its own, sized for the whole message.
+            let length = buffer.getInteger(at: buffer.readerIndex, as: UInt16.self)
+            let needed = length.map { 2 + Int($0) } ?? (2 + WireLimits.maxRecordCiphertext)
+            var partial = ByteBufferAllocator().buffer(capacity: max(needed, buffer.readableBytes))
+            partial.writeBuffer(&buffer)
+            self.partialMessage = partial
+        }
+    }
+
+    /// How many more bytes `partial` needs to hold one whole message (its 2-byte length first).
+    private static func bytesMissing(in partial: ByteBuffer) -> Int {
+        guard let length = partial.getInteger(at: partial.readerIndex, as: UInt16.self) else {
+            return 2 - partial.readableBytes
+        }
+        return max(0, 2 + Int(length) - partial.readableBytes)
     }
 
     /// Processes every whole message at the front of `buffer` (handshake messages, then records), leaving a

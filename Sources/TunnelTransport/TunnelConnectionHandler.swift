@@ -65,7 +65,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// The session the handshake established.
     public var session: EstablishedSession? { self.core.established }
 
-    private var cumulation: ByteBuffer?
     /// The last small output buffer, reused once the socket has written it.
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
@@ -155,46 +154,18 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let incoming = self.unwrapInboundIn(data)
         self.core.noteReceive(now: .now())
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
-        var buffer = incoming
-        if var partial = self.cumulation {
-            // Complete the one message that straddles the read boundary by copying only what it still lacks;
-            // everything after it is processed in place, without a copy.
-            self.cumulation = nil
-            while true {
-                let missing = Self.bytesMissing(in: partial)
-                if missing == 0 { break }
-                if partial.readableBytes >= 2 && !self.acceptsLength(of: partial) { break }  // process() reports it
-                let take = min(missing, buffer.readableBytes)
-                if take > 0 { partial.writeImmutableBuffer(buffer.readSlice(length: take)!) }
-                if take < missing {
-                    self.cumulation = partial
-                    return
-                }
-            }
-            self.process(&partial, context: context)
-            guard self.phase != .closed else { return }
+        do {
+            try self.core.received(self.unwrapInboundIn(data))
+        } catch {
+            self.fail(error, context: context)
+            return
         }
-        self.process(&buffer, context: context)
         // Hand what this read delivered to the local sockets now rather than after the whole read burst: a
         // small reply behind a bulk transfer should not wait for a megabyte of other streams' records.
         self.flushLocalStreams()
-    }
-
-    /// Whether the length prefix at the front of `partial` is worth waiting for.
-    private func acceptsLength(of partial: ByteBuffer) -> Bool {
-        self.core.acceptsLength(of: partial)
-    }
-
-    /// How many more bytes `partial` needs to hold one whole message (its 2-byte length first).
-    private static func bytesMissing(in partial: ByteBuffer) -> Int {
-        guard let length = partial.getInteger(at: partial.readerIndex, as: UInt16.self) else {
-            return 2 - partial.readableBytes
-        }
-        return max(0, 2 + Int(length) - partial.readableBytes)
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
@@ -255,26 +226,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             )
         } else if self.phase != .closed {
             self.fail(ProtocolError.truncated("socket error: \(error)"), context: context)
-        }
-    }
-
-    // MARK: - Inbound bytes: handshake messages, then records
-
-    private func process(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
-        do {
-            try self.core.receive(&buffer)
-        } catch {
-            self.fail(error, context: context)
-            return
-        }
-        if buffer.readableBytes > 0 && self.phase != .closed {
-            // Keep the partial message in a buffer of its own, sized for the whole message.
-            let needed =
-                buffer.getInteger(at: buffer.readerIndex, as: UInt16.self).map { 2 + Int($0) } ?? 2
-                + WireLimits.maxRecordCiphertext
-            var partial = context.channel.allocator.buffer(capacity: max(needed, buffer.readableBytes))
-            partial.writeBuffer(&buffer)
-            self.cumulation = partial
         }
     }
 
@@ -633,29 +584,6 @@ func wallClockNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
-}
-
-extension SocketAddress {
-    /// The address as 4 or 16 bytes.
-    public var packedBytes: [UInt8]? {
-        switch self {
-        case .v4(let a):
-            return withUnsafeBytes(of: a.address.sin_addr) { Array($0) }
-        case .v6(let a):
-            return withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
-        default:
-            return nil
-        }
-    }
-
-    /// The address as 4 or 16 bytes, an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as IPv4.
-    public var unmappedBytes: [UInt8]? { self.packedBytes.map(IPAddress.unmapped) }
-
-    /// `1.2.3.4:5` or `[::1]:5`, for logs.
-    public var hostPortDescription: String {
-        guard let host = self.ipAddress, let port = self.port else { return self.description }
-        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-    }
 }
 
 extension TunnelConnectionHandler: TunnelSessionDelegate {
