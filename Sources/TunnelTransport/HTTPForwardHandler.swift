@@ -66,16 +66,11 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     private var streamTarget: TargetAddress?
     private var streamUsable = false
 
-    /// Credit accounting: bytes received from the stream, the part of them written to the socket as they came
-    /// (body bytes), the part that is not written as such (heads are re-encoded), and what was reported
-    /// consumed. While NIO still buffers writes, `handedToSocket - buffered` are known to be written.
-    private var receivedFromStream = 0
-    private var handedToSocket = 0
-    private var creditedWithoutWrite = 0
-    private var reportedConsumed = 0
+    /// Credit accounting: body bytes are handed to the socket as they came, heads are re-encoded (consumed
+    /// otherwise).
+    private var credit = StreamCreditReporter()
     /// A CONNECT that follows plain requests on this connection, while its stream opens.
     private var connectLocal: LocalStreamHandler?
-    private var drainWatcher = false
     private var pendingWrites = false
 
     init(provider: any TunnelStreamProvider, credentials: ProxyCredentials?, logger: Logger, initialBytes: ByteBuffer) {
@@ -347,7 +342,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func deliver(_ data: ByteBuffer) {
         guard let context = self.context else { return }
-        self.receivedFromStream += data.readableBytes
+        self.credit.received(data.readableBytes)
         var data = data
         while data.readableBytes > 0 {
             switch self.responseState {
@@ -373,7 +368,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                     return
                 }
                 // The head is written re-encoded: its received bytes are credited as parsed.
-                self.creditedWithoutWrite += collected - self.responseHead.readableBytes
+                self.credit.consumedWithoutWrite(collected - self.responseHead.readableBytes)
                 data = self.responseHead
                 self.responseHead = ByteBuffer()
                 context.write(self.wrapOutboundOut(head.encoded()), promise: nil)
@@ -404,7 +399,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                 }
                 if count > 0 {
                     context.write(self.wrapOutboundOut(data.readSlice(length: count)!), promise: nil)
-                    self.handedToSocket += count
+                    self.credit.handed(count)
                     self.notePendingWrite()
                 }
                 self.responseState = .body(framer, closeAfter: closeAfter)
@@ -435,10 +430,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     private func resetCredit() {
-        self.receivedFromStream = 0
-        self.handedToSocket = 0
-        self.creditedWithoutWrite = 0
-        self.reportedConsumed = 0
+        self.credit.reset()
     }
 
     public func flushDelivered() {
@@ -452,21 +444,16 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     private func reportWritten() {
         guard let context = self.context else { return }
         let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
-        // Once the socket drained, everything received is written (or was a head, or waits as part of one).
-        let written =
-            buffered == 0
-            ? self.receivedFromStream
-            : min(self.receivedFromStream, max(0, self.handedToSocket - buffered) + self.creditedWithoutWrite)
-        if written > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-            mux.consumed(written - self.reportedConsumed, on: stream, now: .now())
-            self.reportedConsumed = written
+        let consumed = self.credit.newlyConsumed(buffered: buffered)
+        if consumed > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            mux.consumed(consumed, on: stream, now: .now())
         }
-        if buffered > 0 && !self.drainWatcher {
-            self.drainWatcher = true
+        if buffered > 0 && !self.credit.watchingDrain {
+            self.credit.watchingDrain = true
             let promise = context.eventLoop.makePromise(of: Void.self)
             context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: promise)
             promise.futureResult.assumeIsolated().whenComplete { result in
-                self.drainWatcher = false
+                self.credit.watchingDrain = false
                 if case .success = result { self.reportWritten() }
             }
         }

@@ -22,13 +22,9 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     /// The last delivered buffer, written at flush time (so a batch is one writev).
     private var heldWrite: ByteBuffer?
     private var unflushedBytes = 0
-    /// Bytes handed to the socket so far, and how many of them were reported consumed to the multiplexer.
-    /// The difference that NIO still buffers is read back from the channel, so the common case (the socket
-    /// took everything) needs no promise at all.
-    private var handedToSocket = 0
-    private var reportedConsumed = 0
-    /// An empty write with a promise is queued behind buffered bytes, to learn when they are written.
-    private var drainWatcher = false
+    /// Bytes handed to the socket, and how many were reported consumed. What NIO still buffers is read back
+    /// from the channel, so the common case (the socket took everything) needs no promise at all.
+    private var credit = StreamCreditReporter()
     private enum Ending { case none, shutdownOutput, close }
     private var ending = Ending.none
     private var outputShut = false
@@ -173,7 +169,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     public func flushDelivered() {
         guard let context = self.context, let held = self.heldWrite else { return }
         self.heldWrite = nil
-        self.handedToSocket += self.unflushedBytes
+        self.credit.receivedAndHanded(self.unflushedBytes)
         self.unflushedBytes = 0
         context.writeAndFlush(self.wrapOutboundOut(held), promise: nil)
         self.reportWritten()
@@ -188,11 +184,10 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     /// Reports newly written bytes as consumed (credit goes back to the peer); watches for the rest.
     private func reportWritten() {
         let buffered = self.bufferedInChannel
-        let written = self.handedToSocket - buffered
-        if written > self.reportedConsumed, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-            mux.consumed(written - self.reportedConsumed, on: stream, now: .now())
+        let consumed = self.credit.newlyConsumed(buffered: buffered)
+        if consumed > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+            mux.consumed(consumed, on: stream, now: .now())
         }
-        self.reportedConsumed = max(self.reportedConsumed, written)
         if buffered > 0 {
             self.watchDrain()
         } else {
@@ -203,12 +198,12 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     /// The application reads slower than data arrives: learn when NIO's buffer has drained, through an empty
     /// write queued behind the buffered bytes.
     private func watchDrain() {
-        guard !self.drainWatcher, let context = self.context else { return }
-        self.drainWatcher = true
+        guard !self.credit.watchingDrain, let context = self.context else { return }
+        self.credit.watchingDrain = true
         let promise = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: promise)
         promise.futureResult.assumeIsolated().whenComplete { result in
-            self.drainWatcher = false
+            self.credit.watchingDrain = false
             if case .success = result { self.reportWritten() }
         }
     }
