@@ -38,6 +38,20 @@ let programLinkerSettings: [LinkerSetting] = [
     ),
 ]
 
+/// What the runtime modules (shared, client side, server side) build on.
+let runtimeDependencies: [Target.Dependency] = [
+    "CTUN",
+    "TunnelTransport",
+    "TunnelConfig",
+    "TunnelTUN",
+    "LocalProxy",
+    .product(name: "NIOCore", package: "swift-nio"),
+    .product(name: "NIOPosix", package: "swift-nio"),
+    .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+    .product(name: "Logging", package: "swift-log"),
+    .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+]
+
 let package = Package(
     name: "tunnel",
     platforms: [.macOS(.v14)],
@@ -127,54 +141,19 @@ let package = Package(
         // What both programs run: socket settings, the crash journal's takeover, name resolution.
         .target(
             name: "TunnelRuntime",
-            dependencies: [
-                "CTUN",
-                "TunnelTransport",
-                "TunnelConfig",
-                "TunnelTUN",
-                "LocalProxy",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ],
+            dependencies: runtimeDependencies,
             swiftSettings: swiftSettings
         ),
         // tunnel-client's side: the tunnel manager and reconnects, the UDP relay, full-tunnel mode.
         .target(
             name: "ClientRuntime",
-            dependencies: [
-                "TunnelRuntime",
-                "CTUN",
-                "TunnelTransport",
-                "TunnelConfig",
-                "TunnelTUN",
-                "LocalProxy",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ],
+            dependencies: ["TunnelRuntime"] + runtimeDependencies,
             swiftSettings: swiftSettings
         ),
         // tunnel-server's side: sessions, outbound connections, UDP associations, the TUN device, DNS.
         .target(
             name: "ServerRuntime",
-            dependencies: [
-                "TunnelRuntime",
-                "CTUN",
-                "TunnelTransport",
-                "TunnelConfig",
-                "TunnelTUN",
-                "LocalProxy",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ],
+            dependencies: ["TunnelRuntime"] + runtimeDependencies,
             swiftSettings: swiftSettings
         ),
         .target(
