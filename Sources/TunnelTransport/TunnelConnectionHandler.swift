@@ -19,30 +19,58 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
-    /// Timers and sizes of one connection.
+    /// Timers and sizes of one connection: the session's (each default written once, there) and how this
+    /// handler writes.
     public struct Configuration: Sendable {
-        /// Multiplexer windows and limits.
-        public var multiplexer = Multiplexer.Configuration()
-        /// When each sending direction rekeys.
-        public var rekeyPolicy = RekeyPolicy()
-        /// The whole handshake must finish within this time.
-        public var handshakeTimeout: TimeAmount = .seconds(10)
-        /// A PING goes out after this long without receiving anything.
-        public var keepaliveInterval: TimeAmount = .seconds(15)
-        /// The connection is declared dead after this long without receiving anything.
-        public var deadTimeout: TimeAmount = .seconds(45)
-        /// Largest handshake message accepted (message 1 is about 130 bytes).
-        public var maxHandshakeMessage = 4096
+        /// The session's: multiplexer, rekey policy, timers, handshake limit, the features it wants.
+        public var session = TunnelSession.Configuration()
         /// Bytes of records built per flush before handing them to the socket.
         public var outputBatchBytes = 256 << 10
         /// After CLOSE is queued, how long the peer has to take what is still unsent before the connection is
         /// cut (a peer that reads nothing must not keep a stopping process alive).
         public var closeTimeout: TimeAmount = .seconds(1)
-        /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
-        public var compression = false
-        /// Client: ask for full-tunnel mode (IP packets). Server: allow it (it has a TUN device).
-        public var fullTunnel = false
         public init() {}
+
+        /// Multiplexer windows and limits.
+        public var multiplexer: Multiplexer.Configuration {
+            get { self.session.multiplexer }
+            set { self.session.multiplexer = newValue }
+        }
+        /// When each sending direction rekeys.
+        public var rekeyPolicy: RekeyPolicy {
+            get { self.session.rekeyPolicy }
+            set { self.session.rekeyPolicy = newValue }
+        }
+        /// The whole handshake must finish within this time.
+        public var handshakeTimeout: TimeAmount {
+            get { self.session.timers.handshakeTimeout }
+            set { self.session.timers.handshakeTimeout = newValue }
+        }
+        /// A PING goes out after this long without receiving anything.
+        public var keepaliveInterval: TimeAmount {
+            get { self.session.timers.keepaliveInterval }
+            set { self.session.timers.keepaliveInterval = newValue }
+        }
+        /// The connection is declared dead after this long without receiving anything.
+        public var deadTimeout: TimeAmount {
+            get { self.session.timers.deadTimeout }
+            set { self.session.timers.deadTimeout = newValue }
+        }
+        /// Largest handshake message accepted.
+        public var maxHandshakeMessage: Int {
+            get { self.session.maxHandshakeMessage }
+            set { self.session.maxHandshakeMessage = newValue }
+        }
+        /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
+        public var compression: Bool {
+            get { self.session.compression }
+            set { self.session.compression = newValue }
+        }
+        /// Client: ask for full-tunnel mode (IP packets). Server: allow it (it has a TUN device).
+        public var fullTunnel: Bool {
+            get { self.session.fullTunnel }
+            set { self.session.fullTunnel = newValue }
+        }
     }
 
     /// Which side of the handshake this connection runs.
@@ -90,23 +118,12 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public init(role: Role, configuration: Configuration = Configuration(), logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        var sessionConfiguration = TunnelSession.Configuration()
-        sessionConfiguration.multiplexer = configuration.multiplexer
-        sessionConfiguration.rekeyPolicy = configuration.rekeyPolicy
-        sessionConfiguration.timers = ConnectionTimers.Configuration(
-            handshakeTimeout: configuration.handshakeTimeout,
-            keepaliveInterval: configuration.keepaliveInterval,
-            deadTimeout: configuration.deadTimeout
-        )
-        sessionConfiguration.maxHandshakeMessage = configuration.maxHandshakeMessage
-        sessionConfiguration.compression = configuration.compression
-        sessionConfiguration.fullTunnel = configuration.fullTunnel
         let sessionRole: TunnelSession.Role =
             switch role {
             case .client(let machine): .client(machine)
             case .server(let machine): .server(machine)
             }
-        self.core = TunnelSession(role: sessionRole, configuration: sessionConfiguration, now: .now())
+        self.core = TunnelSession(role: sessionRole, configuration: configuration.session, now: .now())
         self.core.delegate = self
         self.core.multiplexerDelegate = self
     }
