@@ -36,15 +36,6 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         case done
     }
 
-    private enum ResponseState {
-        /// No request outstanding.
-        case idle
-        /// Reading a response head for a request with this method.
-        case head(method: String)
-        /// Relaying a response body.
-        case body(HTTPBodyFramer, closeAfter: Bool)
-    }
-
     private let provider: any TunnelStreamProvider
     private let credentials: ProxyCredentials?
     private var logger: Logger
@@ -52,8 +43,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     private var inbound: ByteBuffer
     private var requestState = RequestState.head
-    private var responseState = ResponseState.idle
-    private var responseHead = ByteBuffer()
+    /// The response side: heads re-encoded, bodies passed through by their framing.
+    private var response = HTTPResponseRelay()
     /// The request head (origin form) and anything after it, waiting for the stream to open.
     private var pending: ByteBuffer?
     private var pendingMethod = "GET"
@@ -107,7 +98,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             self.clientEOF = true
             switch self.requestState {
             case .head where self.inbound.readableBytes == 0:
-                if case .idle = self.responseState {
+                if self.response.isIdle {
                     self.closeClient()
                 } else {
                     self.applicationLeft()
@@ -172,7 +163,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         while self.context != nil {
             switch self.requestState {
             case .head:
-                guard case .idle = self.responseState else { return }
+                guard self.response.isIdle else { return }
                 guard self.parseNextRequest() else { return }
             case .body(var framer):
                 guard self.inbound.readableBytes > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer
@@ -220,8 +211,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         case .forward(let target, let rewritten, let body, let closeAfter):
             self.clientWantsClose = closeAfter
             self.pendingMethod = rewritten.method
-            self.responseState = .head(method: rewritten.method)
-            self.responseHead.clear()
+            self.response.expectResponse(to: rewritten.method)
             let headBytes = rewritten.encoded()
             self.logger.debug("HTTP \(rewritten.method) \(target)\(rewritten.target)")
             if self.streamUsable, self.streamTarget == target, let stream = self.stream,
@@ -327,7 +317,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending
         else {
             let (status, _) = HTTPProxy.status(for: reply)
-            self.responseState = .idle
+            self.response = HTTPResponseRelay()
             self.fail(status: status, message: "\(reply)")
             return
         }
@@ -344,74 +334,36 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         guard let context = self.context else { return }
         self.credit.received(data.readableBytes)
         var data = data
-        while data.readableBytes > 0 {
-            switch self.responseState {
-            case .idle:
-                // Bytes beyond the response: the origin broke HTTP framing. Stop using this stream.
-                self.logger.debug("origin sent bytes after a complete response; dropping the connection")
-                self.streamUsable = false
-                self.closeClient()
-                return
-            case .head(let method):
-                self.responseHead.writeBuffer(&data)
-                let collected = self.responseHead.readableBytes
-                var head: HTTPResponseHead
-                do {
-                    guard let parsed = try HTTPHeadParser.parseResponse(&self.responseHead) else { return }
-                    head = parsed
-                    // As for requests (RFC 9112 §6.3): the transfer coding frames the body; the application
-                    // must not be handed a Content-Length that says otherwise.
-                    if !head.headers.tokens("Transfer-Encoding").isEmpty { head.headers.remove("Content-Length") }
-                } catch {
-                    self.logger.info("origin sent an invalid response: \(error)")
-                    self.abortClient()
-                    return
-                }
-                // The head is written re-encoded: its received bytes are credited as parsed.
-                self.credit.consumedWithoutWrite(collected - self.responseHead.readableBytes)
-                data = self.responseHead
-                self.responseHead = ByteBuffer()
-                context.write(self.wrapOutboundOut(head.encoded()), promise: nil)
-                self.notePendingWrite()
-                if head.status < 200 && head.status != 101 {
-                    continue  // 1xx: the final response follows
-                }
-                let mode: HTTPBodyFramer.Mode
-                do {
-                    mode = try HTTPBodyFramer.forResponse(head, requestMethod: method)
-                } catch {
-                    self.abortClient()
-                    return
-                }
-                let tokens = Set(head.headers.tokens("Connection"))
-                let closeAfter =
-                    head.status == 101 || mode == .untilClose || tokens.contains("close")
-                    || (head.version == "HTTP/1.0" && !tokens.contains("keep-alive")) || self.clientWantsClose
-                self.responseState = .body(HTTPBodyFramer(mode), closeAfter: closeAfter)
-                if HTTPBodyFramer(mode).isComplete { self.responseFinished() }
-            case .body(var framer, let closeAfter):
-                let count: Int
-                do {
-                    count = try framer.consume(data)
-                } catch {
-                    self.abortClient()
-                    return
-                }
-                if count > 0 {
-                    context.write(self.wrapOutboundOut(data.readSlice(length: count)!), promise: nil)
-                    self.credit.handed(count)
+        do {
+            while let output = try self.response.next(&data, clientWantsClose: self.clientWantsClose) {
+                switch output {
+                case .head(let head, let consumed):
+                    // The head is written re-encoded: its received bytes are credited as parsed.
+                    self.credit.consumedWithoutWrite(consumed)
+                    context.write(self.wrapOutboundOut(head), promise: nil)
                     self.notePendingWrite()
+                case .body(let bytes):
+                    self.credit.handed(bytes.readableBytes)
+                    context.write(self.wrapOutboundOut(bytes), promise: nil)
+                    self.notePendingWrite()
+                case .finished(let closeAfter):
+                    self.responseFinished(closeAfter: closeAfter)
+                    if self.context == nil { return }
                 }
-                self.responseState = .body(framer, closeAfter: closeAfter)
-                if framer.isComplete { self.responseFinished() }
             }
+        } catch .bytesAfterResponse {
+            // The origin broke HTTP framing. Stop using this stream.
+            self.logger.debug("origin sent bytes after a complete response; dropping the connection")
+            self.streamUsable = false
+            self.closeClient()
+        } catch {
+            self.logger.info("origin sent an invalid response: \(error)")
+            self.abortClient()
         }
     }
 
     /// The response is complete: the connection takes the next request, or closes.
-    private func responseFinished() {
-        guard case .body(_, let closeAfter) = self.responseState else { return }
-        self.responseState = .idle
+    private func responseFinished(closeAfter: Bool) {
         self.flushDelivered()
         if closeAfter || self.clientEOF && self.inbound.readableBytes == 0 {
             self.closeClient()
@@ -461,15 +413,15 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func peerFinished() {
         self.streamUsable = false
-        switch self.responseState {
-        case .body(let framer, _) where framer.mode == .untilClose:
-            // A close-delimited body ends here; so does the application's connection.
-            self.responseState = .body(HTTPBodyFramer(.none), closeAfter: true)
-            self.responseFinished()
-        case .idle:
-            // The origin closed an idle keep-alive connection; the next request opens a new stream.
-            self.dropStream()
-        case .head, .body:
+        do {
+            if case .finished(let closeAfter) = try self.response.originClosed() {
+                // A close-delimited body ends here; so does the application's connection.
+                self.responseFinished(closeAfter: closeAfter)
+            } else {
+                // The origin closed an idle keep-alive connection; the next request opens a new stream.
+                self.dropStream()
+            }
+        } catch {
             self.logger.debug("origin closed in the middle of a response")
             self.abortClient()
         }
@@ -485,10 +437,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         }
     }
 
-    private var isIdle: Bool {
-        if case .idle = self.responseState { return true }
-        return false
-    }
+    private var isIdle: Bool { self.response.isIdle }
 
     /// The response cannot be completed: reset the application's connection so it sees a failure.
     private func abortClient() {
