@@ -37,14 +37,12 @@ final class ServerTUN: Sendable {
     }
 
     private struct State {
-        var pool: AddressPool<PublicKey>
-        /// The session of each pool slot: routing a packet is arithmetic and an index, no hashing.
-        var routes: [Route?]
+        /// The session of each pool address: routing a packet is arithmetic and an index, no hashing.
+        var router: PacketRouter<PublicKey, Route>
         var closed = false
 
         init(pool: AddressPool<PublicKey>) {
-            self.pool = pool
-            self.routes = Array(repeating: nil, count: pool.capacity)
+            self.router = PacketRouter(pool: pool)
         }
     }
 
@@ -296,7 +294,7 @@ final class ServerTUN: Sendable {
     func stop() async {
         self.state.withLockedValue { state in
             state.closed = true
-            for slot in state.routes.indices { state.routes[slot] = nil }
+            state.router.removeAll()
         }
         let channels = self.readChannels.withLockedValue { channels in
             defer { channels = [] }
@@ -337,9 +335,7 @@ final class ServerTUN: Sendable {
         let lease: AddressPool<PublicKey>.Lease? = self.state.withLockedValue { state in
             guard !state.closed else { return nil }
             let seed = key.bytes.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            guard let lease = state.pool.lease(for: key, seed: seed) else { return nil }
-            state.routes[lease.slot] = route
-            return lease
+            return state.router.attach(key: key, seed: seed, route: route, owner: route.id)
         }
         guard let lease else { return nil }
         var assignment = self.template
@@ -354,19 +350,14 @@ final class ServerTUN: Sendable {
     func detach(key: PublicKey, id: ObjectIdentifier, slot: Int) {
         self.state.withLockedValue { state in
             guard !state.closed else { return }
-            if state.routes[slot]?.id == id {
-                state.routes[slot] = nil
-                state.pool.release(key)
-            } else if state.routes[slot] == nil {
-                state.pool.release(key)
-            }
+            state.router.detach(key: key, owner: id, slot: slot)
         }
     }
 
     /// The session that owns `destination`.
     func route(to destination: PacketAddress) -> Route? {
         guard let slot = self.slots.slot(of: destination) else { return nil }
-        return self.state.withLockedValue { $0.routes[slot] }
+        return self.state.withLockedValue { $0.router.route(slot: slot) }
     }
 }
 

@@ -555,3 +555,65 @@ enum FileManagerLite {
         rmdir(path)
     }
 }
+
+struct PacketRouterTests {
+    final class Session {}
+
+    func router(capacity prefix: Int = 29) throws -> PacketRouter<String, String> {
+        PacketRouter(
+            pool: try AddressPool<String>(
+                ipv4: IPAddress.parse("10.9.0.0")!,
+                prefixLength: prefix,
+                ipv6: IPAddress.parse("fd00:9::")!,
+                prefixLength: 64
+            )
+        )
+    }
+
+    @Test func packetsGoToTheSessionThatOwnsTheirDestination() throws {
+        var router = try self.router()
+        let a = Session()
+        let b = Session()
+        let leaseA = router.attach(key: "a", seed: 1, route: "session a", owner: ObjectIdentifier(a))!
+        let leaseB = router.attach(key: "b", seed: 1, route: "session b", owner: ObjectIdentifier(b))!
+        #expect(leaseA.slot != leaseB.slot)
+        #expect(router.route(to: leaseA.ipv4) == "session a" && router.route(to: leaseA.ipv6!) == "session a")
+        #expect(router.route(to: leaseB.ipv4) == "session b")
+        // The gateway (host 1) and addresses outside the pool belong to no session.
+        #expect(router.route(to: PacketAddress(IPAddress.parse("10.9.0.1")!)) == nil)
+        #expect(router.route(to: PacketAddress(IPAddress.parse("10.8.0.2")!)) == nil)
+    }
+
+    @Test func aReconnectKeepsItsAddressAndAStaleDetachLeavesTheNewSessionAlone() throws {
+        var router = try self.router()
+        let old = Session()
+        let new = Session()
+        let first = router.attach(key: "a", seed: 7, route: "old", owner: ObjectIdentifier(old))!
+        // The key reconnects before the old session is gone: same addresses, the new session takes over.
+        let second = router.attach(key: "a", seed: 7, route: "new", owner: ObjectIdentifier(new))!
+        #expect(second == first)
+        router.detach(key: "a", owner: ObjectIdentifier(old), slot: first.slot)
+        #expect(router.route(to: first.ipv4) == "new", "the old session's late detach must not unroute the new one")
+        router.detach(key: "a", owner: ObjectIdentifier(new), slot: first.slot)
+        #expect(router.route(to: first.ipv4) == nil)
+        // Back later: the same address again.
+        let third = router.attach(key: "a", seed: 7, route: "later", owner: ObjectIdentifier(new))!
+        #expect(third == first)
+    }
+
+    @Test func aFullPoolRefusesANewKeyWhileEveryoneIsConnected() throws {
+        var router = try self.router(capacity: 30)  // a /30 holds one client (.2; .1 is the gateway)
+        var sessions: [Session] = []
+        var attached = 0
+        for i in 0..<8 {
+            let session = Session()
+            sessions.append(session)
+            if router.attach(key: "k\(i)", seed: UInt64(i), route: "s\(i)", owner: ObjectIdentifier(session)) != nil {
+                attached += 1
+            }
+        }
+        #expect(attached == router.pool.capacity)
+        router.removeAll()
+        #expect(router.route(slot: 0) == nil)
+    }
+}
