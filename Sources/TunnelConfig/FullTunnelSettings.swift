@@ -172,17 +172,3 @@ public struct ClientFullTunnelSettings: Sendable, Equatable {
         return .servers(servers)
     }
 }
-
-extension CIDR {
-    /// The network itself (host bits cleared), as `ip route` wants it.
-    public var normalized: CIDR {
-        var bytes = self.address.bytes
-        var remaining = self.prefixLength
-        for i in 0..<bytes.count {
-            let bits = min(8, max(0, remaining))
-            bytes[i] &= bits == 0 ? 0 : UInt8(truncatingIfNeeded: 0xFF << (8 - bits))
-            remaining -= 8
-        }
-        return CIDR(address: IPAddress(bytes: bytes)!, prefixLength: self.prefixLength)
-    }
-}

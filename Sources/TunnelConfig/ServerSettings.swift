@@ -1,4 +1,5 @@
 import TunnelCrypto
+import TunnelProtocol
 
 /// Everything `tunnel-server` runs with: defaults, then the config file, then flags.
 public struct ServerSettings: Sendable {

@@ -40,46 +40,7 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// An address prefix such as `10.0.0.0/8` or `fd00::/8`. A bare address is a /32 or /128.
-public struct CIDR: Hashable, Sendable, CustomStringConvertible {
-    public var address: IPAddress
-    public var prefixLength: Int
-
-    public init(address: IPAddress, prefixLength: Int) {
-        self.address = address
-        self.prefixLength = prefixLength
-    }
-
-    public static func parse(_ text: String) -> CIDR? {
-        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count <= 2, let address = IPAddress.parse(String(parts[0])) else { return nil }
-        let maxLength = address.bytes.count * 8
-        var length = maxLength
-        if parts.count == 2 {
-            guard let l = Int(parts[1]), (0...maxLength).contains(l), parts[1].allSatisfy(\.isNumber) else {
-                return nil
-            }
-            length = l
-        }
-        return CIDR(address: address, prefixLength: length)
-    }
-
-    /// Whether `bytes` (4 or 16) fall inside this prefix. IPv4-mapped IPv6 addresses match IPv4 prefixes.
-    public func contains(_ bytes: [UInt8]) -> Bool {
-        let candidate = self.address.bytes.count == 4 ? IPAddress.unmapped(bytes) : bytes
-        guard candidate.count == self.address.bytes.count else { return false }
-        var remaining = self.prefixLength
-        for i in 0..<candidate.count where remaining > 0 {
-            let bits = min(8, remaining)
-            let mask = UInt8(truncatingIfNeeded: 0xFF << (8 - bits))
-            if candidate[i] & mask != self.address.bytes[i] & mask { return false }
-            remaining -= bits
-        }
-        return true
-    }
-
-    public var description: String { "\(self.address)/\(self.prefixLength)" }
-
+extension CIDR {
     /// Parses every entry of a list; `origin` names the setting or flag in the error.
     public static func parseList(_ list: [String], origin: String) throws(ConfigError) -> [CIDR] {
         var prefixes: [CIDR] = []

@@ -7,15 +7,7 @@ import NIOCore
 /// skipped, known ones must have their exact size, so later versions can add fields.
 public struct TunnelAssignment: Hashable, Sendable {
     /// An address on the inner network with its prefix length.
-    public struct Interface: Hashable, Sendable, CustomStringConvertible {
-        public var address: IPAddress
-        public var prefixLength: Int
-        public init(address: IPAddress, prefixLength: Int) {
-            self.address = address
-            self.prefixLength = prefixLength
-        }
-        public var description: String { "\(self.address)/\(self.prefixLength)" }
-    }
+    public typealias Interface = CIDR
 
     /// The client's IPv4 address.
     public var ipv4: Interface?
