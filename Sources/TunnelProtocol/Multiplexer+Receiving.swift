@@ -107,7 +107,7 @@ extension Multiplexer {
         case .closed:
             if count > 0 { self.consumeConnection(count, now: now) }
             return
-        case .open:
+        case .open, .halfClosedLocal, .halfClosedRemote:
             break
         }
         if compressed {
@@ -129,13 +129,13 @@ extension Multiplexer {
             let data = compressed || count * 2 >= recordSize ? payload : ByteBuffer(buffer: payload)
             self.delegate?.multiplexer(self, received: data, on: stream)
         }
-        if header.flags.contains(.fin), stream.state == .open {
+        if header.flags.contains(.fin), stream.state.isOpen {
             // The state changes before the delegate hears of it: the delegate may close the local socket (and
             // release the stream) from inside the call.
-            stream.finReceived = true
-            if stream.finSent {
+            if stream.state == .halfClosedLocal {
                 self.markClosed(stream, reset: nil)
             } else {
+                stream.state = .halfClosedRemote
                 self.delegate?.multiplexer(self, receivedEndOfStream: stream)
             }
         }
@@ -247,7 +247,7 @@ extension Multiplexer {
             try self.checkUnknownStream(header.streamID)
             return
         }
-        guard self.role == .client, stream.state == .opening || stream.state == .closed else {
+        guard self.role == .client, stream.state == .opening || stream.state.isClosed else {
             throw ProtocolError.malformedFrame("OPEN_RESULT for stream \(stream.id), which is not opening")
         }
         guard stream.state == .opening else { return }
@@ -257,7 +257,7 @@ extension Multiplexer {
             stream.sendCredit = SendCredit(Int(window))
             self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
         } else {
-            stream.state = .closed
+            stream.state = .closed(reset: nil)
             self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
             self.release(stream)
         }
@@ -284,7 +284,7 @@ extension Multiplexer {
             try self.checkUnknownStream(header.streamID)
             return
         }
-        guard stream.state == .open else { return }
+        guard stream.state.isOpen else { return }
         let before = stream.sendCredit.available
         try stream.sendCredit.grant(increment)
         self.clearCreditStalled(stream)
@@ -304,8 +304,7 @@ extension Multiplexer {
             return
         }
         if stream.state == .opening && self.role == .client {
-            stream.state = .closed
-            stream.resetCode = ErrorCode(rawValue: code)
+            stream.state = .closed(reset: ErrorCode(rawValue: code))
             self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
             self.release(stream)
             return
@@ -325,8 +324,7 @@ extension Multiplexer {
             $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID && $0.state == .opening
         }
         for stream in unserved.sorted(by: { $0.id < $1.id }) {
-            stream.state = .closed
-            stream.resetCode = .refusedStream
+            stream.state = .closed(reset: .refusedStream)
             self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
             self.release(stream)
         }
@@ -339,7 +337,7 @@ extension Multiplexer {
             return  // the association ended while this datagram was in flight
         }
         guard stream.kind == .udp else { throw ProtocolError.malformedFrame("DATAGRAM on TCP stream \(stream.id)") }
-        guard stream.state == .open else { return }
+        guard stream.state.isOpen else { return }
         stream.context?.deliverDatagram(payload)
     }
 

@@ -94,9 +94,12 @@ extension Multiplexer {
                 if stream.sendCredit.available == 0 { self.markCreditStalled(stream) }
             }
             if fin {
-                stream.finSent = true
                 lastStream = nil
-                if stream.finReceived { self.markClosed(stream, reset: nil) }
+                if stream.state == .halfClosedRemote {
+                    self.markClosed(stream, reset: nil)
+                } else {
+                    stream.state = .halfClosedLocal
+                }
                 if stream.releaseWhenFinished { self.removeFromTable(stream) }
                 continue
             }

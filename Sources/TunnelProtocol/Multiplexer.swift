@@ -232,7 +232,7 @@ public final class Multiplexer {
     /// record (`WireLimits.maxUnsplitFramePayload`), or the queue is full.
     @discardableResult
     public func sendDatagram(_ payload: ByteBuffer, on stream: MuxStream) -> Bool {
-        guard stream.kind == .udp, stream.state == .open else { return false }
+        guard stream.kind == .udp, stream.state.isOpen else { return false }
         guard payload.readableBytes <= WireLimits.maxUnsplitFramePayload,
             self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes
         else {
@@ -280,7 +280,7 @@ public final class Multiplexer {
         if reply == .succeeded {
             stream.state = .open
         } else {
-            stream.state = .closed
+            stream.state = .closed(reset: nil)
             self.release(stream)
         }
     }
@@ -289,7 +289,7 @@ public final class Multiplexer {
 
     /// Bytes read from the local socket of `stream`.
     public func localRead(_ data: ByteBuffer, on stream: MuxStream) {
-        guard stream.state == .open, !stream.localEndOfStream, data.readableBytes > 0 else { return }
+        guard stream.state.isOpen, !stream.localEndOfStream, data.readableBytes > 0 else { return }
         stream.pending.append(data)
         stream.pendingBytes += data.readableBytes
         self.totalPendingBytes += data.readableBytes
@@ -303,7 +303,7 @@ public final class Multiplexer {
 
     /// The local socket of `stream` reached EOF: FIN follows the pending bytes.
     public func localEndOfStream(on stream: MuxStream) {
-        guard stream.state == .open, !stream.localEndOfStream else { return }
+        guard stream.state.isOpen, !stream.localEndOfStream else { return }
         stream.localEndOfStream = true
         self.schedule(stream)
     }
@@ -316,7 +316,7 @@ public final class Multiplexer {
         let owed = min(taken, stream.connectionCreditOwed)
         stream.connectionCreditOwed -= owed
         if owed > 0 { self.consumeConnection(owed, now: now) }
-        if stream.state != .closed,
+        if !stream.state.isClosed,
             let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip)
         {
             self.enqueueControl(.windowUpdate(stream.id, increment: increment))
@@ -324,14 +324,14 @@ public final class Multiplexer {
             if self.outstandingPing == nil && now - self.lastPingSent >= .milliseconds(100) {
                 self.sendPing(now: now)
             }
-        } else if stream.state == .closed {
+        } else if stream.state.isClosed {
             _ = stream.receiveWindow.consumed(count, now: now, roundTrip: nil)
         }
     }
 
     /// The local socket of `stream` failed or was reset: RESET the stream.
     public func resetStream(_ stream: MuxStream, code: ErrorCode) {
-        guard !stream.released, stream.state != .closed else { return }
+        guard !stream.released, !stream.state.isClosed else { return }
         self.enqueueControl(.reset(stream.id, code))
         self.markClosed(stream, reset: code)
     }
@@ -342,7 +342,7 @@ public final class Multiplexer {
     public func release(_ stream: MuxStream) {
         guard !stream.released, !stream.releaseWhenFinished else { return }
         stream.context = nil
-        if stream.state == .open && stream.localEndOfStream && stream.finReceived {
+        if stream.state.isOpen && stream.localEndOfStream && stream.finReceived {
             if stream.finSent {
                 self.markClosed(stream, reset: nil)
             } else {
@@ -350,7 +350,7 @@ public final class Multiplexer {
                 return
             }
         }
-        if stream.state != .closed {
+        if !stream.state.isClosed {
             self.enqueueControl(.reset(stream.id, .cancel))
             self.markClosed(stream, reset: .cancel)
         }
@@ -379,7 +379,7 @@ public final class Multiplexer {
     /// Whether the local socket of `stream` should read now. When only a connection-wide limit is in the way,
     /// the stream is remembered and `streamWantsRead` fires once the limit clears.
     public func shouldRead(_ stream: MuxStream) -> Bool {
-        guard stream.state == .open, !stream.localEndOfStream,
+        guard stream.state.isOpen, !stream.localEndOfStream,
             stream.pendingBytes < self.configuration.streamPendingLimit,
             stream.sendCredit.available > stream.pendingBytes
         else { return false }
@@ -421,10 +421,9 @@ public final class Multiplexer {
     /// stream this side opened that still waits for its OPEN_RESULT gets a failed result first (and is
     /// released), as on RESET and GOAWAY: its application must get an answer.
     public func abortAllStreams(code: ErrorCode) {
-        for stream in Array(self.streams.values) where stream.state != .closed {
+        for stream in Array(self.streams.values) where !stream.state.isClosed {
             if stream.state == .opening && stream.id.isClientInitiated == (self.role == .client) {
-                stream.state = .closed
-                stream.resetCode = code
+                stream.state = .closed(reset: code)
                 self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
                 self.release(stream)
             } else {
@@ -489,9 +488,8 @@ public final class Multiplexer {
 
     /// Moves a stream to `closed` and tells the delegate (once).
     func markClosed(_ stream: MuxStream, reset: ErrorCode?) {
-        guard stream.state != .closed else { return }
-        stream.state = .closed
-        stream.resetCode = reset
+        guard !stream.state.isClosed else { return }
+        stream.state = .closed(reset: reset)
         self.clearCreditStalled(stream)
         self.totalPendingBytes -= stream.pendingBytes
         stream.pendingBytes = 0
@@ -520,7 +518,7 @@ public final class Multiplexer {
     func resumeBlockedReaders() {
         while self.readGateOpen, let stream = self.readBlockedStreams.popFirst() {
             stream.readBlocked = false
-            if !stream.released && stream.state == .open {
+            if !stream.released && stream.state.isOpen {
                 self.delegate?.multiplexer(self, streamWantsRead: stream)
             }
         }

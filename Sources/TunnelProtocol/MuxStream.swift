@@ -18,15 +18,36 @@ extension MuxStreamContext {
 /// One multiplexed stream, as the multiplexer tracks it. The handler that owns the stream's local socket
 /// keeps itself in `context`.
 public final class MuxStream {
-    /// Lifecycle on the wire (RFC 9113 §5.1 / RFC 4254 §5.3 in spirit).
+    /// Lifecycle on the wire, each half-closed state spelled out (RFC 9113 §5.1; as NIOSSH's
+    /// `ChildChannelStateMachine`).
     public enum State: Hashable, Sendable {
         /// OPEN is on the wire (client) or being served (server); no data flows yet.
         case opening
-        /// Data may flow in each direction that has not sent its FIN.
+        /// Data may flow both ways.
         case open
-        /// Both FINs crossed, or a RESET went either way. Nothing more is sent or accepted; the stream stays
-        /// known until its local socket has finished writing and the handler releases it.
-        case closed
+        /// Our FIN is on the wire; the peer may still send.
+        case halfClosedLocal
+        /// The peer's FIN arrived; we may still send.
+        case halfClosedRemote
+        /// Both FINs crossed (`reset` nil), or a RESET went either way (its code). Nothing more is sent or
+        /// accepted; the stream stays known until its local socket has finished writing and the handler
+        /// releases it.
+        case closed(reset: ErrorCode?)
+
+        /// Opened and not closed: data may flow in at least one direction.
+        public var isOpen: Bool {
+            switch self {
+            case .open, .halfClosedLocal, .halfClosedRemote: true
+            case .opening, .closed: false
+            }
+        }
+
+        public var isClosed: Bool {
+            if case .closed = self { true } else { false }
+        }
+
+        /// This side may still send (its FIN is not out).
+        public var maySend: Bool { self == .open || self == .halfClosedRemote }
     }
 
     /// The stream's id.
@@ -37,12 +58,14 @@ public final class MuxStream {
     public let kind: StreamKind
     /// Lifecycle state.
     public internal(set) var state: State = .opening
-    /// Our FIN is on the wire.
-    public internal(set) var finSent = false
-    /// The peer's FIN arrived.
-    public internal(set) var finReceived = false
-    /// Set when the stream ended by RESET (either way), with its code.
-    public internal(set) var resetCode: ErrorCode? = nil
+    /// The peer's FIN arrived (the stream may be closed since).
+    public var finReceived: Bool { self.state == .halfClosedRemote }
+    /// Our FIN is on the wire and the peer's has not come.
+    public var finSent: Bool { self.state == .halfClosedLocal }
+    /// The code of the RESET that ended the stream, if one did.
+    public var resetCode: ErrorCode? {
+        if case .closed(let reset) = self.state { reset } else { nil }
+    }
     /// The local socket reached EOF: a FIN goes out after the pending bytes.
     public internal(set) var localEndOfStream = false
     /// Whoever carries out this stream's I/O (the handler of its local socket). Typed by the transport layer.
@@ -106,7 +129,7 @@ public final class MuxStream {
 
     /// Whether the scheduler has something it may send now (ignoring connection credit).
     var hasSendableWork: Bool {
-        guard self.state == .open, !self.finSent else { return false }
+        guard self.state.maySend else { return false }
         if self.pendingBytes > 0 { return self.sendCredit.available > 0 }
         return self.localEndOfStream
     }

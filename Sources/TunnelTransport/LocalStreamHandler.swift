@@ -53,7 +53,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
             return
         }
         // The stream may have closed while this handler was being installed.
-        if let stream = self.stream, stream.state == .closed {
+        if let stream = self.stream, stream.state.isClosed {
             self.streamClosed(reset: stream.resetCode)
         }
     }

@@ -55,14 +55,15 @@ struct MultiplexerTests {
                 .received(c.id, Array(bytes(10).readableBytesView)), .endOfStream(c.id),
             ]
         )
-        #expect(s.finReceived && !s.finSent && s.state == .open)
+        #expect(s.state == .halfClosedRemote && s.finReceived && !s.finSent)
+        #expect(c.state == .halfClosedLocal && c.finSent)
         // The server can still send after the client's FIN.
         pair.server.localRead(bytes(5), on: s)
         pair.server.localEndOfStream(on: s)
         try pair.pump()
         #expect(pair.clientEvents.take() == [.received(c.id, Array(bytes(5).readableBytesView)), .closed(c.id, nil)])
         #expect(pair.serverEvents.take() == [.closed(s.id, nil)])
-        #expect(c.state == .closed && s.state == .closed)
+        #expect(c.state == .closed(reset: nil) && s.state == .closed(reset: nil))
         pair.client.release(c)
         pair.server.release(s)
         try pair.pump()
@@ -134,7 +135,8 @@ struct MultiplexerTests {
         pair.client.resetStream(c, code: .cancel)
         try pair.pump()
         #expect(pair.serverEvents.take() == [.closed(s.id, .cancel)])
-        #expect(c.state == .closed && s.state == .closed)
+        #expect(c.state == .closed(reset: .cancel) && s.state == .closed(reset: .cancel))
+        #expect(s.resetCode == .cancel)
     }
 
     @Test func releaseOfAnOpenStreamResetsIt() throws {
