@@ -189,13 +189,19 @@ let package = Package(
 
         // MARK: - Tests
         .testTarget(name: "TunnelCryptoTests", dependencies: ["TunnelCrypto"], resources: [.copy("Fixtures")]),
+        // Helpers the test targets share (test data, doubles), so none is copied between them.
+        .target(
+            name: "TunnelTestSupport",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            path: "Tests/TunnelTestSupport"
+        ),
         .testTarget(
             name: "TunnelCompressionTests",
-            dependencies: ["TunnelCompression", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["TunnelCompression", "TunnelTestSupport", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "TunnelProtocolTests",
-            dependencies: ["TunnelProtocol", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["TunnelProtocol", "TunnelTestSupport", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "LocalProxyTests",

@@ -1,25 +1,16 @@
 import NIOCore
 import Testing
+import TunnelTestSupport
 
 @testable import TunnelCompression
 
 struct DeflateTests {
-    func text(_ count: Int) -> ByteBuffer {
-        var out = ByteBuffer()
-        var i = 0
-        while out.readableBytes < count {
-            out.writeString("{\"id\": \(i), \"name\": \"user\(i % 97)\", \"ok\": true}\n")
-            i += 1
-        }
-        return out.getSlice(at: 0, length: count)!
-    }
-
     @Test func framesInflateOneByOneAndShrinkText() throws {
         let deflater = try #require(Deflater())
         let inflater = try #require(Inflater())
         var total = 0
         for n in 0..<20 {
-            let input = self.text(16 << 10)
+            let input = TestData.compressibleText(16 << 10)
             var compressed = ByteBuffer()
             let written = deflater.compress(input, into: &compressed)
             #expect(written == compressed.readableBytes)
@@ -71,9 +62,10 @@ struct DeflateTests {
         for round in 0..<3 {
             let deflater = try #require(Deflater())
             var compressed = ByteBuffer()
-            _ = deflater.compress(self.text(5000), into: &compressed)
+            _ = deflater.compress(TestData.compressibleText(5000), into: &compressed)
             #expect(
-                try inflater.inflate(compressed, limit: 16 << 10, allocator: ByteBufferAllocator()) == self.text(5000),
+                try inflater.inflate(compressed, limit: 16 << 10, allocator: ByteBufferAllocator())
+                    == TestData.compressibleText(5000),
                 "round \(round)"
             )
         }

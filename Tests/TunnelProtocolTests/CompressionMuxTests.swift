@@ -1,6 +1,7 @@
 import NIOCore
 import Testing
 import TunnelCompression
+import TunnelTestSupport
 
 @testable import TunnelProtocol
 
@@ -11,24 +12,10 @@ struct CompressionMuxTests {
         return MuxPair(client: config, server: config)
     }
 
-    func text(_ count: Int) -> ByteBuffer {
-        var out = ByteBuffer()
-        var i = 0
-        while out.readableBytes < count {
-            out.writeString("<tr><td>row \(i)</td><td>\(i * 7 % 1000)</td></tr>\n")
-            i += 1
-        }
-        return out.getSlice(at: 0, length: count)!
-    }
-
-    func random(_ count: Int) -> ByteBuffer {
-        ByteBuffer(bytes: (0..<count).map { _ in UInt8.random(in: 0...255) })
-    }
-
     @Test func textIsCompressedAndArrivesIntact() throws {
         let pair = self.compressedPair()
         let (_, s) = try pair.openAccepted()
-        let data = self.text(300_000)
+        let data = TestData.compressibleText(300_000)
         pair.server.localRead(data, on: s)
         var wire = 0
         for var record in MuxPair.produce(pair.server) {
@@ -43,7 +30,7 @@ struct CompressionMuxTests {
     @Test func randomDataStopsBeingCompressed() throws {
         let pair = self.compressedPair()
         let (_, s) = try pair.openAccepted()
-        let data = self.random(200_000)
+        let data = TestData.random(200_000)
         pair.server.localRead(data, on: s)
         try pair.pump()
         #expect(pair.clientEvents.delivered[1] == Array(data.readableBytesView))
@@ -65,14 +52,14 @@ struct CompressionMuxTests {
     @Test func idleContextsAreFreedAndRestartCleanly() throws {
         let pair = self.compressedPair()
         let (_, s) = try pair.openAccepted()
-        pair.server.localRead(self.text(10_000), on: s)
+        pair.server.localRead(TestData.compressibleText(10_000), on: s)
         try pair.pump()
         #expect(pair.server.streamsWithCompressionContexts == 1)
         pair.server.releaseIdleCompressionContexts(now: .now() + .seconds(31))
         pair.client.releaseIdleCompressionContexts(now: .now() + .seconds(61))
         #expect(pair.server.streamsWithCompressionContexts == 0)
         #expect(pair.client.streamsWithCompressionContexts == 0)
-        pair.server.localRead(self.text(10_000), on: s)
+        pair.server.localRead(TestData.compressibleText(10_000), on: s)
         try pair.pump()
         #expect(pair.clientEvents.delivered[1]?.count == 20_000)
     }
@@ -100,7 +87,7 @@ struct CompressionMuxTests {
         var record = self.compressedFrame(stream: c.id, declared: 16384, body: bomb)
         #expect(throws: ProtocolError.self) { _ = try pair.client.receivedRecord(&record, now: pair.now) }
         var short = ByteBuffer()
-        _ = try #require(Deflater()).compress(self.text(100), into: &short)
+        _ = try #require(Deflater()).compress(TestData.compressibleText(100), into: &short)
         var lying = self.compressedFrame(stream: c.id, declared: 200, body: short)
         #expect(throws: ProtocolError.self) { _ = try pair.client.receivedRecord(&lying, now: pair.now) }
     }
@@ -109,7 +96,7 @@ struct CompressionMuxTests {
         let plain = MuxPair()
         let (c, _) = try plain.openAccepted()
         var body = ByteBuffer()
-        _ = try #require(Deflater()).compress(self.text(100), into: &body)
+        _ = try #require(Deflater()).compress(TestData.compressibleText(100), into: &body)
         var record = self.compressedFrame(stream: c.id, declared: 100, body: body)
         #expect(throws: ProtocolError.self) { _ = try plain.client.receivedRecord(&record, now: plain.now) }
         let pair = self.compressedPair()
@@ -124,7 +111,7 @@ struct CompressionMuxTests {
         config.connectionWindow = 1 << 20
         let pair = MuxPair(client: config, server: config)
         let (c, s) = try pair.openAccepted()
-        pair.server.localRead(self.text(200_000), on: s)
+        pair.server.localRead(TestData.compressibleText(200_000), on: s)
         pair.client.resetStream(c, code: .cancel)
         pair.client.release(c)
         for var record in MuxPair.produce(pair.server) { _ = try pair.client.receivedRecord(&record, now: pair.now) }
