@@ -88,7 +88,7 @@ public struct NoiseIKHandshake {
     public var handshakeHash: [UInt8] { self.symmetric.handshakeHash }
 
     /// How many DH operations this handshake has done (tests: both refusals of message 1 cost the same).
-    private(set) var diffieHellmanCount = 0
+    public private(set) var diffieHellmanCount = 0
 
     private mutating func mixDH(_ local: PrivateKey, _ remote: PublicKey) throws(NoiseError) {
         self.diffieHellmanCount += 1

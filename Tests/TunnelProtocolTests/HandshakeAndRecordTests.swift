@@ -5,6 +5,35 @@ import TunnelCrypto
 @testable import TunnelProtocol
 
 struct HandshakeAndRecordTests {
+    /// A server that takes both ciphers tries message 1 under each: a listed key whose payload fails (a prober
+    /// that knows a client's public key, not its private key) and an unlisted key must cost the same X25519
+    /// work over all of them, whichever cipher the prober picked, or timing tells which keys are clients.
+    @Test(arguments: [NoiseCipher.aesGCM, NoiseCipher.chaChaPoly])
+    func listedAndUnlistedKeysCostTheSameOverEveryCipher(probe: NoiseCipher) throws {
+        guard probe.isAvailable else { return }
+        var clientMachine = ClientHandshakeStateMachine(
+            cipher: probe,
+            staticKey: self.client,
+            serverKey: self.server.publicKey,
+            parameters: SessionParameters()
+        )
+        var message1 = try clientMachine.start(timestamp: TAI64N(unixNanoseconds: 1_800_000_000_000_000_000))
+        message1.moveReaderIndex(forwardBy: 2)
+        var tampered = Array(message1.readableBytesView)
+        tampered[tampered.count - 1] ^= 1
+        var listed = ServerHandshakeStateMachine(staticKey: self.server, ciphers: [.aesGCM, .chaChaPoly])
+        #expect(throws: ProtocolError.self) { _ = try listed.receivedInitiation(tampered) { _ in true } }
+        var unlisted = ServerHandshakeStateMachine(staticKey: self.server, ciphers: [.aesGCM, .chaChaPoly])
+        do {
+            _ = try unlisted.receivedInitiation(Array(message1.readableBytesView)) { _ in false }
+            Issue.record("an unlisted key was accepted")
+        } catch {
+            #expect(error.detail.contains("not authorized"))
+        }
+        #expect(unlisted.diffieHellmanCount == listed.diffieHellmanCount)
+        #expect(listed.diffieHellmanCount >= 2)
+    }
+
     let server = PrivateKey()
     let client = PrivateKey()
 
