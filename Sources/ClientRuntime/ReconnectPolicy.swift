@@ -92,10 +92,7 @@ struct WaitingQueue<Item> {
         return true
     }
 
-    /// The oldest request, removed.
-    mutating func popFirst() -> Item? { self.entries.popFirst()?.item }
-
-    /// Puts back a request taken with `popFirst` that could not be served yet (it keeps its deadline).
+    /// Puts back a request taken with `popFirstEntry` that could not be served yet (it keeps its deadline).
     mutating func putBack(_ item: Item, deadline: NIODeadline) {
         self.entries.prepend(Entry(item: item, deadline: deadline))
     }

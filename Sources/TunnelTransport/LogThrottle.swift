@@ -16,6 +16,8 @@ public struct LogThrottle<Source: Hashable & Sendable>: Sendable {
     private var entries: [Source: Entry] = [:]
     /// Lines suppressed for sources that found the table full.
     private var overflow = 0
+    /// Before this, pruning the full table could not free anything.
+    private var nextPrune = NIODeadline.distantPast
 
     public init(burst: Int = 5, window: TimeAmount = .seconds(60), maxSources: Int = 4096) {
         self.burst = burst
@@ -49,8 +51,19 @@ public struct LogThrottle<Source: Hashable & Sendable>: Sendable {
             return .suppress
         }
         if self.entries.count >= self.maxSources {
-            // Forget sources whose window is over (their summaries are lost only if they had any: count them).
-            self.entries = self.entries.filter { now - $0.value.windowStart < self.window || $0.value.suppressed > 0 }
+            // Forget sources whose window is over and that have no summary due (`due` reports the others). Only
+            // when one can be over: a flood of new sources must not cost a pass over the table each.
+            if now >= self.nextPrune {
+                self.entries = self.entries.filter {
+                    now - $0.value.windowStart < self.window || $0.value.suppressed > 0
+                }
+                let window = self.window
+                var oldest = now
+                for entry in self.entries.values where now - entry.windowStart < window {
+                    oldest = min(oldest, entry.windowStart)
+                }
+                self.nextPrune = oldest + window
+            }
             if self.entries.count >= self.maxSources {
                 self.overflow += 1
                 return .suppress

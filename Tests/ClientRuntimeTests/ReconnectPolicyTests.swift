@@ -15,12 +15,12 @@ struct ReconnectPolicyTests {
         )
         // Jitter takes 50% to 100% of the backoff, never more, never less.
         var other = ReconnectPolicy(maximum: .seconds(30))
-        let r1 = other.failed(jitter: 0.5)
-        #expect(r1 == .milliseconds(125))
-        let r2 = other.failed(jitter: 0.0)
-        #expect(r2 == .milliseconds(250), "jitter is clamped to 0.5 ..< 1.0")
-        let r3 = other.failed(jitter: 7.0)
-        #expect(r3 == .milliseconds(1000))
+        let atHalf = other.failed(jitter: 0.5)
+        #expect(atHalf == .milliseconds(125))
+        let belowRange = other.failed(jitter: 0.0)
+        #expect(belowRange == .milliseconds(250), "jitter is clamped to 0.5 ..< 1.0")
+        let aboveRange = other.failed(jitter: 7.0)
+        #expect(aboveRange == .milliseconds(1000))
     }
 
     @Test func warningsForTheFirstFailureThenEveryTenth() {
@@ -39,20 +39,20 @@ struct ReconnectPolicyTests {
         policy.succeeded(now: self.t0)
         #expect(policy.backoff == .milliseconds(250) && policy.consecutiveFailures == 0)
         // Replaced three times in a minute: the count says so, and a success keeps the grown backoff.
-        let r4 = policy.replaced(now: self.t0)
-        #expect(r4 == 1)
+        let once = policy.replaced(now: self.t0)
+        #expect(once == 1)
         _ = policy.failed(jitter: 1)
-        let r5 = policy.replaced(now: self.t0 + .seconds(10))
-        #expect(r5 == 2)
+        let twice = policy.replaced(now: self.t0 + .seconds(10))
+        #expect(twice == 2)
         _ = policy.failed(jitter: 1)
-        let r6 = policy.replaced(now: self.t0 + .seconds(20))
-        #expect(r6 == 3)
+        let thrice = policy.replaced(now: self.t0 + .seconds(20))
+        #expect(thrice == 3)
         _ = policy.failed(jitter: 1)
         policy.succeeded(now: self.t0 + .seconds(21))
         #expect(policy.backoff == .seconds(2))
         // A minute later the replacements are forgotten.
-        let r7 = policy.replaced(now: self.t0 + .seconds(100))
-        #expect(r7 == 1)
+        let afresh = policy.replaced(now: self.t0 + .seconds(100))
+        #expect(afresh == 1)
         policy.succeeded(now: self.t0 + .seconds(161))
         #expect(policy.backoff == .milliseconds(250))
     }
@@ -71,19 +71,19 @@ struct WaitingQueueTests {
 
     @Test func boundedFirstComeFirstServedAndExpiring() {
         var queue = WaitingQueue<String>(capacity: 3)
-        let r8 = queue.append("a", deadline: self.t0 + .seconds(10))
-        #expect(r8)
-        let r9 = queue.append("b", deadline: self.t0 + .seconds(11))
-        #expect(r9)
-        let r10 = queue.append("c", deadline: self.t0 + .seconds(12))
-        #expect(r10)
-        let r11 = queue.append("d", deadline: self.t0 + .seconds(13))
-        #expect(!r11, "full: answered at once")
+        let tookA = queue.append("a", deadline: self.t0 + .seconds(10))
+        #expect(tookA)
+        let tookB = queue.append("b", deadline: self.t0 + .seconds(11))
+        #expect(tookB)
+        let tookC = queue.append("c", deadline: self.t0 + .seconds(12))
+        #expect(tookC)
+        let tookD = queue.append("d", deadline: self.t0 + .seconds(13))
+        #expect(!tookD, "full: answered at once")
         #expect(queue.nextDeadline == self.t0 + .seconds(10))
-        let r12 = queue.expired(now: self.t0 + .seconds(9))
-        #expect(r12.isEmpty)
-        let r13 = queue.expired(now: self.t0 + .seconds(11))
-        #expect(r13 == ["a", "b"])
+        let early = queue.expired(now: self.t0 + .seconds(9))
+        #expect(early.isEmpty)
+        let due = queue.expired(now: self.t0 + .seconds(11))
+        #expect(due == ["a", "b"])
         #expect(queue.count == 1 && queue.nextDeadline == self.t0 + .seconds(12))
     }
 
@@ -93,20 +93,20 @@ struct WaitingQueueTests {
         _ = queue.append("b", deadline: self.t0 + .seconds(11))
         let first = queue.popFirstEntry()!
         queue.putBack(first.item, deadline: first.deadline)
-        let r14 = queue.popFirst()
-        #expect(r14 == "a")
-        let r15 = queue.remove(where: { $0 == "b" })
-        #expect(r15)
-        let r16 = queue.remove(where: { $0 == "b" })
-        #expect(!r16)
+        let again = queue.popFirstEntry()
+        #expect(again?.item == "a" && again?.deadline == self.t0 + .seconds(10))
+        let removed = queue.remove(where: { $0 == "b" })
+        #expect(removed)
+        let removedAgain = queue.remove(where: { $0 == "b" })
+        #expect(!removedAgain)
         #expect(queue.isEmpty && queue.nextDeadline == nil)
     }
 
     @Test func shutdownAnswersEveryone() {
         var queue = WaitingQueue<Int>(capacity: 10)
         for i in 0..<5 { _ = queue.append(i, deadline: self.t0) }
-        let r17 = queue.removeAll()
-        #expect(r17 == [0, 1, 2, 3, 4])
+        let answered = queue.removeAll()
+        #expect(answered == [0, 1, 2, 3, 4])
         #expect(queue.isEmpty)
     }
 }

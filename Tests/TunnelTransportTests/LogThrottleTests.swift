@@ -36,6 +36,8 @@ struct LogThrottleTests {
         var logged = 0
         for source in 0..<10_000 where throttle.event(from: source, now: self.start) != .suppress { logged += 1 }
         #expect(logged == 100 && throttle.trackedSources == 100)
+        // Once the first sources' window is over, a new source finds room again.
+        #expect(throttle.event(from: 99_999, now: self.start + .seconds(61)) == .log(suppressedBefore: 0))
         let due = throttle.due(now: self.start + .seconds(60))
         #expect(due.count == 1 && due[0].source == nil && due[0].suppressed == 9_900)
     }
