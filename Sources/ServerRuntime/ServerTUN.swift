@@ -52,7 +52,6 @@ final class ServerTUN: Sendable {
     /// What every client is told besides its own addresses.
     let template: TunnelAssignment
     private let state: NIOLockedValueBox<State>
-    private let slots: AddressSlotMap
     private let prefix4: Int
     private let prefix6: Int?
     private let journal: NIOLockedValueBox<HostChangeJournal>
@@ -83,7 +82,6 @@ final class ServerTUN: Sendable {
         self.queueOfLoop = queueOfLoop
         self.readers = NIOLockedValueBox(Array(repeating: nil, count: loops.count))
         self.state = NIOLockedValueBox(State(pool: pool))
-        self.slots = pool.slotMap
         self.prefix4 = pool.ipv4.prefixLength
         self.prefix6 = pool.ipv6?.prefixLength
         self.template = template
@@ -356,8 +354,7 @@ final class ServerTUN: Sendable {
 
     /// The session that owns `destination`.
     func route(to destination: PacketAddress) -> Route? {
-        guard let slot = self.slots.slot(of: destination) else { return nil }
-        return self.state.withLockedValue { $0.router.route(slot: slot) }
+        self.state.withLockedValue { $0.router.route(to: destination) }
     }
 }
 

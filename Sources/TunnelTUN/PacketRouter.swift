@@ -51,11 +51,6 @@ public struct PacketRouter<Key: Hashable & Sendable, Route> {
         return self.routes[slot]
     }
 
-    /// The session of `slot`, if any.
-    public func route(slot: Int) -> Route? {
-        self.routes.indices.contains(slot) ? self.routes[slot] : nil
-    }
-
     /// Every route is dropped (the device is closing).
     public mutating func removeAll() {
         for slot in self.routes.indices {

@@ -604,16 +604,22 @@ struct PacketRouterTests {
     @Test func aFullPoolRefusesANewKeyWhileEveryoneIsConnected() throws {
         var router = try self.router(capacity: 30)  // a /30 holds one client (.2; .1 is the gateway)
         var sessions: [Session] = []
-        var attached = 0
+        var leases: [AddressPool<String>.Lease] = []
         for i in 0..<8 {
             let session = Session()
             sessions.append(session)
-            if router.attach(key: "k\(i)", seed: UInt64(i), route: "s\(i)", owner: ObjectIdentifier(session)) != nil {
-                attached += 1
+            if let lease = router.attach(
+                key: "k\(i)",
+                seed: UInt64(i),
+                route: "s\(i)",
+                owner: ObjectIdentifier(session)
+            ) {
+                leases.append(lease)
             }
         }
-        #expect(attached == router.pool.capacity)
+        #expect(leases.count == router.pool.capacity)
+        #expect(router.route(to: leases[0].ipv4) == "s0")
         router.removeAll()
-        #expect(router.route(slot: 0) == nil)
+        #expect(router.route(to: leases[0].ipv4) == nil)
     }
 }
