@@ -15,18 +15,21 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "tunnel-client",
         abstract: "The local end of the encrypted SOCKS5 tunnel.",
+        usage: """
+            tunnel-client [<options>]
+            tunnel-client keygen --out <path> [--force]
+            tunnel-client pubkey --key <path>
+            """,
         discussion: """
             Listens on one local port for SOCKS5 (CONNECT and UDP ASSOCIATE), SOCKS4/4a and HTTP proxy requests \
             (CONNECT and plain http:// requests), and carries every stream through one Noise IK \
             connection to tunnel-server, which resolves names and opens the connections. Prints \
             "SOCKS5 listening on HOST:PORT" when ready. Reconnects with backoff when the tunnel drops. \
-            Subcommands: "tunnel-client keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
-            public key; "tunnel-client pubkey --key PATH" prints the public key of a key file. \
             With --full-tunnel, every app's traffic goes through the tunnel (a TUN device, routes, DNS; see the \
             README). SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), undo \
             any full-tunnel changes, then exit 0.
             """,
-        subcommands: []
+        subcommands: [Keygen.self, Pubkey.self]
     )
 
     @Option(
@@ -144,29 +147,13 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     )
     var recoverOnly = false
 
-    @Option(
-        name: .long,
-        help: ArgumentHelp(
-            "TOML config file (see Configs/client.toml); flags override its values. Default: none.",
-            valueName: "file"
-        )
-    )
-    var config: String?
-
-    @Option(
-        name: .customLong("log-level"),
-        help: ArgumentHelp(
-            "trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).",
-            valueName: "level"
-        )
-    )
-    var logLevel: String?
+    @OptionGroup var common: CommonOptions
 
     public init() {}
 
     public func run() async throws {
         var settings = ClientSettings()
-        if let path = self.config {
+        if let path = self.common.config {
             var file = try ConfigFile.load(path)
             try settings.apply(file: &file)
         }
@@ -197,7 +184,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if let v = self.tunName {
             settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name")
         }
-        if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if self.recoverOnly {
             let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
             do {

@@ -21,14 +21,11 @@ enum Entry {
         signal(SIGPIPE, SIG_IGN)
         raiseOpenFileLimit()
         let arguments = Array(CommandLine.arguments.dropFirst())
-        if let first = arguments.first, first == "keygen" || first == "pubkey" {
-            // Subcommands are dispatched here: the root's own options (--key) must not swallow theirs.
-            let rest = Array(arguments.dropFirst())
-            if first == "keygen" {
-                await Self.runSubcommand(Keygen.self, rest, name: "\(name) keygen")
-            } else {
-                await Self.runSubcommand(Pubkey.self, rest, name: "\(name) pubkey")
-            }
+        if let first = arguments.first,
+            let subcommand = Root.configuration.subcommands.first(where: { $0._commandName == first })
+        {
+            // A subcommand is parsed on its own: the root's options (its --key) must not take the subcommand's.
+            await Self.run(subcommand, of: root, Array(arguments.dropFirst()), name: "\(name) \(first)")
         }
         do {
             var command = try Root.parseAsRoot(arguments)
@@ -58,8 +55,9 @@ enum Entry {
 }
 
 extension Entry {
-    static func runSubcommand<Command: ParsableCommand>(
-        _ type: Command.Type,
+    static func run<Root: ParsableCommand>(
+        _ type: any ParsableCommand.Type,
+        of root: Root.Type,
         _ arguments: [String],
         name: String
     ) async -> Never {
@@ -72,13 +70,8 @@ extension Entry {
             exit(2)
         } catch {
             if type.exitCode(for: error) == .success {
-                let help = type.fullMessage(for: error)
-                let usage = "USAGE: \(Command.configuration.commandName ?? "")"
-                if let range = help.firstRange(of: usage) {
-                    print(help[..<range.lowerBound] + "USAGE: \(name)" + help[range.upperBound...])
-                } else {
-                    print(help)
-                }
+                // The help as the root shows it for this subcommand: usage with the program's name.
+                print(Root.helpMessage(for: type))
                 exit(0)
             }
             printError("\(name): \(type.message(for: error)) (see \(name) --help)")

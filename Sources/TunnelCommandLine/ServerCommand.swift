@@ -15,15 +15,19 @@ public struct TunnelServerCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "tunnel-server",
         abstract: "The remote end of the encrypted SOCKS5 tunnel.",
+        usage: """
+            tunnel-server [<options>]
+            tunnel-server keygen --out <path> [--force]
+            tunnel-server pubkey --key <path>
+            """,
         discussion: """
             Accepts tunnel connections (Noise IK over TCP) from clients whose public keys are listed in the \
             authorized-keys file, and opens the TCP connections their streams ask for. Prints \
-            "tunnel-server listening on HOST:PORT" when ready. Subcommands: "tunnel-server keygen --out PATH [--force]" writes a new private key (mode 0600) and prints its \
-            public key; "tunnel-server pubkey --key PATH" prints the public key of a key file. \
+            "tunnel-server listening on HOST:PORT" when ready. \
             SIGINT/SIGTERM: stop accepting, let open \
             streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: []
+        subcommands: [Keygen.self, Pubkey.self]
     )
 
     @Option(
@@ -115,36 +119,20 @@ public struct TunnelServerCommand: AsyncParsableCommand {
     )
     var recoverOnly = false
 
-    @Option(
-        name: .long,
-        help: ArgumentHelp(
-            "TOML config file (see Configs/server.toml); flags override its values. Default: none.",
-            valueName: "file"
-        )
-    )
-    var config: String?
-
-    @Option(
-        name: .customLong("log-level"),
-        help: ArgumentHelp(
-            "trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).",
-            valueName: "level"
-        )
-    )
-    var logLevel: String?
+    @OptionGroup var common: CommonOptions
 
     public init() {}
 
     public func run() async throws {
         var settings = ServerSettings()
-        if let path = self.config {
+        if let path = self.common.config {
             var file = try ConfigFile.load(path)
             try settings.apply(file: &file)
         }
         if let v = self.listen { settings.listen = try parseEndpointFlag(v, flag: "--listen") }
         if let v = self.key { settings.keyPath = v }
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
-        if let v = self.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
         if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }

@@ -47,3 +47,24 @@ struct Pubkey: ParsableCommand {
         }
     }
 }
+
+/// The options both programs take: a config file and the log level.
+struct CommonOptions: ParsableArguments {
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "TOML config file (examples in Configs/); flags override its values. Default: none.",
+            valueName: "file"
+        )
+    )
+    var config: String?
+
+    @Option(
+        name: .customLong("log-level"),
+        help: ArgumentHelp(
+            "trace, debug, info, notice, warning, error or critical (default: info, or log_level in --config).",
+            valueName: "level"
+        )
+    )
+    var logLevel: String?
+}
