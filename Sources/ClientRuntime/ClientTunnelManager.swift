@@ -50,7 +50,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
     var fullTunnel: ClientFullTunnel? {
         didSet {
-            self.configuration.fullTunnel = self.fullTunnel != nil
+            self.configuration.session.fullTunnel = self.fullTunnel != nil
             // An app's packet while the tunnel is down is a user waiting, like a SOCKS request.
             self.fullTunnel?.onPacketWhileDown = { [weak self] in self?.someoneIsWaiting() }
         }
@@ -66,7 +66,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.eventLoop = eventLoop
         self.resolved = resolved
         var configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
-        configuration.compression = resolved.settings.compress
+        configuration.session.compression = resolved.settings.compress
         self.configuration = configuration
         self.logger = logger
         self.reconnect = ReconnectPolicy(maximum: .nanoseconds(resolved.settings.reconnectMax))
@@ -90,14 +90,14 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.connecting = true
         self.reconnect.attempting(now: .now())
         let cipher = self.nextCipher
-        var features: SessionFeatures = []
-        if self.configuration.compression { features.insert(.compression) }
-        if self.configuration.fullTunnel { features.insert(.fullTunnel) }
         let machine = ClientHandshakeStateMachine(
             cipher: cipher,
             staticKey: self.resolved.key,
             serverKey: self.resolved.serverKey,
-            parameters: Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: features)
+            parameters: Multiplexer.announcedParameters(
+                for: self.configuration.session.multiplexer,
+                features: self.configuration.session.features
+            )
         )
         let handler = TunnelConnectionHandler(
             role: .client(machine),
@@ -111,7 +111,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let logger = self.logger
         self.logger.debug("connecting to \(server) (\(cipher))")
         ClientBootstrap(group: self.eventLoop)
-            .connectTimeout(.nanoseconds(self.configuration.handshakeTimeout.nanoseconds))
+            .connectTimeout(.nanoseconds(self.configuration.session.timers.handshakeTimeout.nanoseconds))
             .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
             .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
             .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
@@ -173,7 +173,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.nextCipher = session.cipher
         self.reconnect.succeeded(now: .now())
         let compression: String
-        if self.configuration.compression {
+        if self.configuration.session.compression {
             compression = tunnel.compressionActive ? ", compression on" : ", compression refused by the server"
         } else {
             compression = ""

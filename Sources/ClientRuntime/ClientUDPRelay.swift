@@ -43,8 +43,7 @@ final class ClientUDPAssociation: StreamEndpoint {
     private var applicationAddress: SocketAddress?
 
     private var udp: (any Channel)?
-    private var stream: MuxStream?
-    private weak var tunnel: TunnelConnectionHandler?
+    private var stream: TunnelStream?
     private var streamOpen = false
     private var replied = false
     private var closed = false
@@ -140,8 +139,8 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.closed = true
         self.timer?.cancel()
         self.udp?.close(promise: nil)
-        if let stream = self.stream, let tunnel = self.tunnel {
-            tunnel.release(stream)
+        if let stream = self.stream {
+            stream.release()
         } else if !self.streamOpen {
             // Still queued for a tunnel (reconnecting): it must not be opened for an application that left.
             self.provider.cancelStreamRequest(self)
@@ -158,7 +157,7 @@ final class ClientUDPAssociation: StreamEndpoint {
     // MARK: - From the application
 
     func applicationDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
-        guard !self.closed, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
+        guard !self.closed, let stream = self.stream else { return }
         // Only the application that asked may use the relay (RFC 1928 §7).
         if let fixed = self.applicationAddress {
             guard envelope.remoteAddress == fixed else { return self.drop() }
@@ -170,7 +169,7 @@ final class ClientUDPAssociation: StreamEndpoint {
         }
         switch SOCKS5UDP.tunnelPayload(fromApplication: envelope.data) {
         case .success(let payload):
-            if mux.sendDatagram(payload, on: stream) {
+            if stream.sendDatagram(payload) {
                 self.sent += 1
                 self.lastActivity = .now()
             } else {
@@ -187,9 +186,8 @@ final class ClientUDPAssociation: StreamEndpoint {
 
     // MARK: - StreamEndpoint
 
-    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+    func attach(_ stream: TunnelStream) {
         self.stream = stream
-        self.tunnel = tunnel
     }
 
     func openCompleted(reply: ReplyCode, bound: TargetAddress) {

@@ -98,10 +98,6 @@ final class OutboundConnector: Sendable {
     }
 
     /// The event loop a tunnel connection runs on (UDP sockets of its associations share it).
-    func eventLoopOf(_ tunnel: TunnelConnectionHandler) -> any EventLoop {
-        tunnel.eventLoop!
-    }
-
     /// Resolves a name for UDP, keeping only the addresses the deny list allows (empty when none).
     func resolveAllowed(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<[SocketAddress]> {
         self.resolve(target, on: eventLoop).map { resolution in

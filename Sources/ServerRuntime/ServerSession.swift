@@ -177,11 +177,11 @@ final class ServerSession: TunnelConnectionDelegate {
         self.reader?.value.readBack(sendingFirstAtOnce: written == 1)
     }
 
-    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
+    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: TunnelStream) {
         if stream.kind == .udp {
             ServerUDPAssociation(
                 stream: stream,
-                tunnel: tunnel,
+                eventLoop: self.handle.eventLoop,
                 connector: self.connector,
                 idleTimeout: self.udpIdleTimeout,
                 logger: self.logger
@@ -192,33 +192,32 @@ final class ServerSession: TunnelConnectionDelegate {
         self.connector.connect(to: stream.target, on: self.handle.eventLoop).assumeIsolated().whenSuccess { outcome in
             switch outcome {
             case .connected(let channel):
-                guard stream.state == .opening, tunnel.isEstablished else {
+                guard stream.isOpening, stream.tunnelIsUp else {
                     // The client gave up (RESET) or the tunnel went away while connecting.
                     channel.close(promise: nil)
-                    tunnel.release(stream)
+                    stream.release()
                     return
                 }
                 let local = LocalStreamHandler()
-                tunnel.attach(local, to: stream)
+                stream.attach(local)
                 do {
                     try channel.pipeline.syncOperations.addHandler(local)
                 } catch {
                     channel.close(promise: nil)
-                    tunnel.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
+                    stream.completeOpen(reply: .generalFailure, bound: .unspecified)
                     return
                 }
-                tunnel.completeOpen(
-                    stream,
+                stream.completeOpen(
                     reply: .succeeded,
                     bound: channel.localAddress?.targetAddress ?? .unspecified
                 )
                 local.streamStarted()
             case .failed(let reply, let why):
                 self.logger.debug("stream \(stream.id) to \(stream.target) failed: \(why)")
-                if stream.state == .opening {
-                    tunnel.completeOpen(stream, reply: reply, bound: .unspecified)
+                if stream.isOpening {
+                    stream.completeOpen(reply: reply, bound: .unspecified)
                 } else {
-                    tunnel.release(stream)
+                    stream.release()
                 }
             }
         }

@@ -11,8 +11,7 @@ import TunnelTransport
 /// source. Names are resolved here (the client never does DNS), with a small cache; the deny list applies to
 /// every destination. The association ends with its stream, or after `idleTimeout` without traffic.
 final class ServerUDPAssociation: MuxStreamContext {
-    private let stream: MuxStream
-    private weak var tunnel: TunnelConnectionHandler?
+    private let stream: TunnelStream
     private let connector: OutboundConnector
     private let eventLoop: any EventLoop
     private var logger: Logger
@@ -40,23 +39,22 @@ final class ServerUDPAssociation: MuxStreamContext {
     static let maxContacted = 4096
 
     init(
-        stream: MuxStream,
-        tunnel: TunnelConnectionHandler,
+        stream: TunnelStream,
+        eventLoop: any EventLoop,
         connector: OutboundConnector,
         idleTimeout: TimeAmount,
         logger: Logger
     ) {
         self.stream = stream
-        self.tunnel = tunnel
         self.connector = connector
-        self.eventLoop = connector.eventLoopOf(tunnel)
+        self.eventLoop = eventLoop
         self.idleTimeout = idleTimeout
         self.logger = logger
     }
 
     /// Binds the sockets, then answers the OPEN.
     func start() {
-        self.stream.context = self
+        self.stream.deliverEvents(to: self)
         let reader = NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>(
             { [weak self] in self?.remoteDatagram($0) },
             eventLoop: self.eventLoop
@@ -70,12 +68,11 @@ final class ServerUDPAssociation: MuxStreamContext {
                 self.ipv4 = channel
                 bind("::").assumeIsolated().whenComplete { v6 in
                     if case .success(let channel) = v6 { self.ipv6 = channel }
-                    guard !self.closed, self.stream.state == .opening else {
+                    guard !self.closed, self.stream.isOpening else {
                         self.close()
                         return
                     }
-                    self.tunnel?.completeOpen(
-                        self.stream,
+                    self.stream.completeOpen(
                         reply: .succeeded,
                         bound: self.ipv4?.localAddress?.targetAddress ?? .unspecified
                     )
@@ -84,7 +81,7 @@ final class ServerUDPAssociation: MuxStreamContext {
             case .failure(let error):
                 self.logger.info("UDP association: cannot bind a socket: \(error)")
                 self.closed = true
-                self.tunnel?.completeOpen(self.stream, reply: .generalFailure, bound: .unspecified)
+                self.stream.completeOpen(reply: .generalFailure, bound: .unspecified)
             }
         }
     }
@@ -106,7 +103,7 @@ final class ServerUDPAssociation: MuxStreamContext {
         self.timer?.cancel()
         self.ipv4?.close(promise: nil)
         self.ipv6?.close(promise: nil)
-        self.tunnel?.release(self.stream)
+        self.stream.release()
         self.logger.debug(
             "UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(self.dropped) dropped"
         )
@@ -191,7 +188,7 @@ final class ServerUDPAssociation: MuxStreamContext {
     // MARK: - From the internet
 
     func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
-        guard !self.closed, let mux = self.tunnel?.multiplexer else { return }
+        guard !self.closed else { return }
         guard let bytes = envelope.remoteAddress.unmappedBytes, self.contacted.contains(bytes) else {
             self.dropped += 1
             return  // from an address this association never sent to
@@ -200,7 +197,7 @@ final class ServerUDPAssociation: MuxStreamContext {
         // Tagged with its real source, an IPv4 peer as IPv4 (targetAddress unmaps).
         let source = envelope.remoteAddress.targetAddress
         let payload = SOCKS5UDP.tunnelPayload(from: source, data: envelope.data, allocator: ByteBufferAllocator())
-        if mux.sendDatagram(payload, on: self.stream) {
+        if self.stream.sendDatagram(payload) {
             self.received += 1
         } else {
             self.dropped += 1

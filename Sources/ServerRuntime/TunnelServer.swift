@@ -43,8 +43,8 @@ public final class TunnelServer: Sendable {
     public func start() async throws -> SocketAddress {
         let settings = self.resolved.settings
         var connectionConfiguration = TunnelConnectionHandler.Configuration(settings.timings)
-        connectionConfiguration.compression = settings.allowCompression
-        connectionConfiguration.fullTunnel = settings.tun.enabled
+        connectionConfiguration.session.compression = settings.allowCompression
+        connectionConfiguration.session.fullTunnel = settings.tun.enabled
         let configuration = connectionConfiguration
         var tun: ServerTUN? = nil
         if settings.tun.enabled {

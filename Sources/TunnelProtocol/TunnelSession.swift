@@ -40,6 +40,14 @@ public final class TunnelSession {
         /// Client: ask for full-tunnel mode. Server: allow it.
         public var fullTunnel = false
         public init() {}
+
+        /// What a client offers in its handshake (or a server would grant).
+        public var features: SessionFeatures {
+            var features: SessionFeatures = []
+            if self.compression { features.insert(.compression) }
+            if self.fullTunnel { features.insert(.fullTunnel) }
+            return features
+        }
     }
 
     public enum Phase: Sendable {
@@ -243,10 +251,7 @@ public final class TunnelSession {
     /// and the other side's handshake carries it. The server grants what the client asked and it allows; the
     /// client takes what the server granted and it asked for.
     public static func agreedFeatures(offered: SessionFeatures, configuration: Configuration) -> SessionFeatures {
-        var features: SessionFeatures = []
-        if configuration.compression && offered.contains(.compression) { features.insert(.compression) }
-        if configuration.fullTunnel && offered.contains(.fullTunnel) { features.insert(.fullTunnel) }
-        return features
+        configuration.features.intersection(offered)
     }
 
     private func establish(_ session: EstablishedSession) {
@@ -300,6 +305,7 @@ public final class TunnelSession {
     /// dropped: produce the records worth sending first) and appends the record that carries CLOSE. Nothing
     /// is sent or processed after it.
     public func close(code: ErrorCode, into buffer: inout ByteBuffer) throws(ProtocolError) {
+        self.drainDeadline = nil
         guard self.phase == .established, let mux = self.multiplexer else {
             self.phase = .closed
             return
@@ -314,7 +320,52 @@ public final class TunnelSession {
     /// The session failed or its connection is gone: open streams are aborted with `code`.
     public func abort(code: ErrorCode) {
         self.phase = .closed
+        self.drainDeadline = nil
         self.multiplexer?.abortAllStreams(code: code)
+    }
+
+    // MARK: - Drain
+
+    /// While the session drains: when it closes even if streams are still open.
+    public private(set) var drainDeadline: NIODeadline?
+
+    /// Whether the session drains (GOAWAY sent: no new streams, CLOSE once the last one has finished).
+    public var isDraining: Bool { self.drainDeadline != nil }
+
+    /// Whether a stream can be opened now (established, not draining, an id and a slot free).
+    public var canOpenStream: Bool {
+        self.phase == .established && self.drainDeadline == nil && self.multiplexer?.canOpenStream == true
+    }
+
+    /// A graceful end (docs/PROTOCOL.md §3.6): GOAWAY goes out now and no stream opens after it; the open
+    /// ones run on until they finish or `deadline` passes (`drainCloseDue`). Returns false when there is
+    /// nothing to drain (not established): close at once. A second call keeps the earlier deadline.
+    public func beginDrain(deadline: NIODeadline) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        if let current = self.drainDeadline {
+            self.drainDeadline = min(current, deadline)
+            return true
+        }
+        self.drainDeadline = deadline
+        mux.goAway(code: .shutdown)
+        return true
+    }
+
+    /// The CLOSE a drain calls for at `now`: `.noError` once every stream has finished, `.shutdown` when
+    /// the deadline passed with streams still open, nil otherwise (or when not draining).
+    public func drainCloseDue(now: NIODeadline) -> ErrorCode? {
+        guard let deadline = self.drainDeadline, self.phase == .established, let mux = self.multiplexer else {
+            return nil
+        }
+        if mux.streamCount == 0 { return .noError }
+        return now >= deadline ? .shutdown : nil
+    }
+
+    /// When the driver should call `tick` next: the timers' interval, or the drain deadline if sooner.
+    public func nextTick(after now: NIODeadline) -> NIODeadline {
+        let regular = now + self.timers.tickInterval
+        guard let deadline = self.drainDeadline else { return regular }
+        return min(regular, deadline)
     }
 
     // MARK: - Timers

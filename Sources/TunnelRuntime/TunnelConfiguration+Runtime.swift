@@ -12,14 +12,16 @@ extension TunnelConnectionHandler.Configuration {
     /// The connection configuration for the given timings.
     package init(_ timings: TunnelTimings) {
         self.init()
-        self.handshakeTimeout = .nanoseconds(timings.handshakeTimeout)
-        self.keepaliveInterval = .nanoseconds(timings.keepaliveInterval)
-        self.deadTimeout = .nanoseconds(timings.deadTimeout)
-        self.multiplexer.initialStreamWindow = timings.streamWindow
-        self.multiplexer.maxStreamWindow = timings.maxStreamWindow
-        self.multiplexer.connectionWindow = timings.connectionWindow
-        self.multiplexer.maxConcurrentStreams = timings.maxStreams
-        self.rekeyPolicy = RekeyPolicy(maxBytes: UInt64(timings.rekeyBytes))
+        self.session.timers = ConnectionTimers.Configuration(
+            handshakeTimeout: .nanoseconds(timings.handshakeTimeout),
+            keepaliveInterval: .nanoseconds(timings.keepaliveInterval),
+            deadTimeout: .nanoseconds(timings.deadTimeout)
+        )
+        self.session.multiplexer.initialStreamWindow = timings.streamWindow
+        self.session.multiplexer.maxStreamWindow = timings.maxStreamWindow
+        self.session.multiplexer.connectionWindow = timings.connectionWindow
+        self.session.multiplexer.maxConcurrentStreams = timings.maxStreams
+        self.session.rekeyPolicy = RekeyPolicy(maxBytes: UInt64(timings.rekeyBytes))
     }
 }
 

@@ -12,8 +12,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     public typealias OutboundOut = ByteBuffer
 
     /// The stream, once opened.
-    public private(set) var stream: MuxStream?
-    private weak var tunnel: TunnelConnectionHandler?
+    public private(set) var stream: TunnelStream?
     private var context: ChannelHandlerContext?
 
     /// Client: called once with the OPEN_RESULT.
@@ -33,12 +32,8 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public init() {}
 
-    /// The multiplexer of the tunnel this stream runs over.
-    public var multiplexer: Multiplexer? { self.tunnel?.multiplexer }
-
-    public func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+    public func attach(_ stream: TunnelStream) {
         self.stream = stream
-        self.tunnel = tunnel
     }
 
     // MARK: - Channel events
@@ -53,7 +48,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
             return
         }
         // The stream may have closed while this handler was being installed.
-        if let stream = self.stream, stream.state.isClosed {
+        if let stream = self.stream, stream.isClosed {
             self.streamClosed(reset: stream.resetCode)
         }
     }
@@ -80,16 +75,15 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
             self.releaseStream()
             return
         }
-        if let stream = self.stream, let mux = self.multiplexer {
-            if let early, early.readableBytes > 0 { mux.localRead(early, on: stream) }
-            if inputClosed { mux.localEndOfStream(on: stream) }
+        if let stream = self.stream {
+            if let early, early.readableBytes > 0 { stream.send(early) }
+            if inputClosed { stream.finish() }
         }
         self.streamStarted()
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
-        mux.localRead(self.unwrapInboundIn(data), on: stream)
+        self.stream?.send(self.unwrapInboundIn(data))
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
@@ -99,19 +93,17 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
-            if let stream = self.stream, let mux = self.tunnel?.multiplexer {
-                mux.localEndOfStream(on: stream)
-            }
+            self.stream?.finish()
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        if self.outputShut && !self.sawError, let stream = self.stream, let mux = self.tunnel?.multiplexer {
+        if self.outputShut && !self.sawError {
             // With our output already shut, NIO turns the socket's EOF straight into a full close (no
             // inputClosed event): that EOF still ends the stream cleanly.
-            mux.localEndOfStream(on: stream)
+            self.stream?.finish()
         }
         self.releaseStream()
         context.fireChannelInactive()
@@ -119,31 +111,27 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.sawError = true
-        self.tunnel?.logger.debug("stream \(self.stream?.id.description ?? "?") local socket error: \(error)")
-        if let stream = self.stream, let mux = self.tunnel?.multiplexer {
-            mux.resetStream(stream, code: .cancel)
-        }
+        self.stream?.logger?.debug("stream \(self.stream?.id.description ?? "?") local socket error: \(error)")
+        self.stream?.reset(code: .cancel)
         context.close(promise: nil)
     }
 
     private func releaseStream() {
         guard !self.released else { return }
         self.released = true
-        if let stream = self.stream, let tunnel = self.tunnel {
-            tunnel.release(stream)
-        }
+        self.stream?.release()
     }
 
     // MARK: - Driven by the tunnel
 
     /// Reads from the socket if the multiplexer wants more from this stream.
     public func readIfWanted() {
-        guard let context = self.context, let stream = self.stream, let mux = self.tunnel?.multiplexer else { return }
-        if mux.shouldRead(stream) { context.read() }
+        guard let context = self.context, let stream = self.stream else { return }
+        if stream.wantsInput { context.read() }
     }
 
     public func cancelPendingOpen() {
-        if let stream = self.stream, let tunnel = self.tunnel { tunnel.release(stream) }
+        self.stream?.release()
     }
 
     /// Client: the OPEN_RESULT arrived.
@@ -159,7 +147,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
         if let held = self.heldWrite {
             context.write(self.wrapOutboundOut(held), promise: nil)
         } else {
-            self.tunnel?.markNeedsFlush(self)
+            self.stream?.needsFlush(self)
         }
         self.heldWrite = data
         self.unflushedBytes += data.readableBytes
@@ -185,9 +173,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     private func reportWritten() {
         let buffered = self.bufferedInChannel
         let consumed = self.credit.newlyConsumed(buffered: buffered)
-        if consumed > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-            mux.consumed(consumed, on: stream, now: .now())
-        }
+        if consumed > 0 { self.stream?.consumed(consumed) }
         if buffered > 0 {
             self.watchDrain()
         } else {

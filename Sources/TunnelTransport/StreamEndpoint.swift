@@ -6,8 +6,8 @@ import TunnelProtocol
 /// loop as the multiplexer reports events for the stream (`deliver`, `peerFinished`, `streamClosed`,
 /// `readIfWanted` come from `MuxStreamContext`).
 public protocol StreamEndpoint: MuxStreamContext {
-    /// Binds the endpoint to its stream once the stream exists.
-    func attach(stream: MuxStream, tunnel: TunnelConnectionHandler)
+    /// Binds the endpoint to its stream once the stream exists (its one handle on it).
+    func attach(_ stream: TunnelStream)
     /// Client: the OPEN_RESULT arrived.
     func openCompleted(reply: ReplyCode, bound: TargetAddress)
     /// End of a batch of deliveries (one flush per tunnel read).

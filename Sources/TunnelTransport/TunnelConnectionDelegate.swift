@@ -12,8 +12,8 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession)
     /// Server: the client proved it holds the session keys (its first record authenticated).
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler)
-    /// Server: the client asks for a stream to `stream.target`. Answer with `completeOpen`.
-    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream)
+    /// Server: the client asks for a stream to `stream.target`. Answer with `stream.completeOpen`.
+    func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: TunnelStream)
     /// The peer sent GOAWAY: no new streams on this connection.
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler)
     /// A stream left the table (a slot for a new one may be free).
@@ -36,8 +36,8 @@ extension TunnelConnectionDelegate {
     public func tunnelCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict { .accept }
     public func tunnelConfirmed(_ tunnel: TunnelConnectionHandler) {}
     public func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool { false }
-    public func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: MuxStream) {
-        tunnel.completeOpen(stream, reply: .commandNotSupported, bound: .unspecified)
+    public func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: TunnelStream) {
+        stream.completeOpen(reply: .commandNotSupported, bound: .unspecified)
     }
     public func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {}
     public func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {}

@@ -3,18 +3,12 @@ import NIOCore
 import TunnelCrypto
 import TunnelProtocol
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-/// The one handler on a tunnel TCP connection: record framing, the Noise handshake, the record layer (seal,
-/// open, rekey, authenticated close) and the stream multiplexer, driven from the channel's events.
-///
-/// All protocol decisions live in the pure state machines it owns (`ClientHandshakeStateMachine` /
-/// `ServerHandshakeStateMachine`, `RecordSealer`, `RecordOpener`, `Multiplexer`); this class carries out
-/// their I/O. Every stream's local socket lives on this channel's event loop, so nothing here locks.
+/// The one handler on a tunnel TCP connection: events in, actions out. Every protocol decision (handshake,
+/// records, rekey, multiplexing, timers, drain) is its `TunnelSession`'s, a value with no channel; this class
+/// feeds it the socket's bytes and the clock, writes the records it produces, wakes it when its next tick is
+/// due, and carries out the end it calls for (CLOSE, or an abortive close on failure). Every stream's local
+/// socket lives on this channel's event loop, so nothing here locks. The side toward the runtime and the
+/// stream endpoints is in `TunnelConnectionHandler+Events.swift`.
 public final class TunnelConnectionHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
@@ -30,54 +24,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         /// cut (a peer that reads nothing must not keep a stopping process alive).
         public var closeTimeout: TimeAmount = .seconds(1)
         public init() {}
-
-        /// Multiplexer windows and limits.
-        public var multiplexer: Multiplexer.Configuration {
-            get { self.session.multiplexer }
-            set { self.session.multiplexer = newValue }
-        }
-        /// When each sending direction rekeys.
-        public var rekeyPolicy: RekeyPolicy {
-            get { self.session.rekeyPolicy }
-            set { self.session.rekeyPolicy = newValue }
-        }
-        /// The whole handshake must finish within this time.
-        public var handshakeTimeout: TimeAmount {
-            get { self.session.timers.handshakeTimeout }
-            set { self.session.timers.handshakeTimeout = newValue }
-        }
-        /// A PING goes out after this long without receiving anything.
-        public var keepaliveInterval: TimeAmount {
-            get { self.session.timers.keepaliveInterval }
-            set { self.session.timers.keepaliveInterval = newValue }
-        }
-        /// The connection is declared dead after this long without receiving anything.
-        public var deadTimeout: TimeAmount {
-            get { self.session.timers.deadTimeout }
-            set { self.session.timers.deadTimeout = newValue }
-        }
-        /// Largest handshake message accepted.
-        public var maxHandshakeMessage: Int {
-            get { self.session.maxHandshakeMessage }
-            set { self.session.maxHandshakeMessage = newValue }
-        }
-        /// Client: ask for compression. Server: allow it when asked. Used only if both sides want it.
-        public var compression: Bool {
-            get { self.session.compression }
-            set { self.session.compression = newValue }
-        }
-        /// Client: ask for full-tunnel mode (IP packets). Server: allow it (it has a TUN device).
-        public var fullTunnel: Bool {
-            get { self.session.fullTunnel }
-            set { self.session.fullTunnel = newValue }
-        }
     }
 
     /// Which side of the handshake this connection runs.
-    public enum Role {
-        case client(ClientHandshakeStateMachine)
-        case server(ServerHandshakeStateMachine)
-    }
+    public typealias Role = TunnelSession.Role
 
     public let configuration: Configuration
     public var logger: Logger
@@ -86,8 +36,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// The session: handshake, records, multiplexer and timers, as a value with no channel. This handler only
     /// moves its bytes and acts on what it reports.
     public let core: TunnelSession
-    private var phase: TunnelSession.Phase { self.core.phase }
-    private var context: ChannelHandlerContext?
+    var phase: TunnelSession.Phase { self.core.phase }
+    private(set) var context: ChannelHandlerContext?
     /// The stream multiplexer, once the handshake has finished.
     public var multiplexer: Multiplexer? { self.core.multiplexer }
     /// The session the handshake established.
@@ -97,7 +47,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
     /// Set while `enqueueIPPacket` queues: output waits for the caller's `flushNow()` instead of a task.
-    private var flushHeld = false
+    var flushHeld = false
     /// Output was queued under `flushHeld` and not flushed yet.
     private var flushOwed = false
     private var streamsToFlush: [any StreamEndpoint] = []
@@ -107,8 +57,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
     public private(set) var peerCloseCode: ErrorCode?
     /// Writes records, with send(2) itself once `enableDirectWrites()` found the socket.
-    private let writer = DirectSocketWriter()
-    private var drainDeadline: NIODeadline?
+    let writer = DirectSocketWriter()
+    /// CLOSE is being written.
+    private var closing = false
+    /// Runs once the drain that `shutdown` began is over.
     private var drainCompletion: (() -> Void)?
     /// Remote address, for logs.
     public private(set) var remoteDescription = "?"
@@ -118,12 +70,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public init(role: Role, configuration: Configuration = Configuration(), logger: Logger) {
         self.configuration = configuration
         self.logger = logger
-        let sessionRole: TunnelSession.Role =
-            switch role {
-            case .client(let machine): .client(machine)
-            case .server(let machine): .server(machine)
-            }
-        self.core = TunnelSession(role: sessionRole, configuration: configuration.session, now: .now())
+        self.core = TunnelSession(role: role, configuration: configuration.session, now: .now())
         self.core.delegate = self
         self.core.multiplexerDelegate = self
     }
@@ -132,11 +79,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        if let remote = context.channel.remoteAddress {
-            self.remoteDescription = remote.hostPortDescription
-            self.remoteAddressWithoutPort =
-                remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
-        }
         if context.channel.isActive { self.start(context: context) }
     }
 
@@ -146,11 +88,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelActive(context: ChannelHandlerContext) {
-        if let remote = context.channel.remoteAddress {
-            self.remoteDescription = remote.hostPortDescription
-            self.remoteAddressWithoutPort =
-                remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
-        }
         self.start(context: context)
         context.fireChannelActive()
     }
@@ -160,6 +97,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private func start(context: ChannelHandlerContext) {
         guard !self.started else { return }
         self.started = true
+        if let remote = context.channel.remoteAddress {
+            self.remoteDescription = remote.hostPortDescription
+            self.remoteAddressWithoutPort =
+                remote.unmappedBytes.flatMap { IPAddress(bytes: $0) }?.description ?? remote.description
+        }
         self.core.isWritable = context.channel.isWritable
         do {
             try self.core.start(now: .now(), wallClock: wallClockNanoseconds())
@@ -201,14 +143,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
             // TCP EOF. Without a CLOSE before it, this is truncation.
-            if self.phase == .handshaking {
-                self.fail(
-                    ProtocolError.handshakeRejected("the peer closed the connection during the handshake"),
-                    context: context
-                )
-            } else if self.phase != .closed {
-                self.fail(ProtocolError.truncated("connection closed by peer without CLOSE"), context: context)
-            }
+            self.fail(self.lost("closed the connection"), context: context)
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -218,11 +153,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.timer?.cancel()
         self.writer.disable()
         if self.phase != .closed {
-            let error =
-                self.phase == .handshaking
-                ? ProtocolError.handshakeRejected("the peer closed the connection during the handshake")
-                : ProtocolError.truncated("connection lost without CLOSE")
-            self.closeError = error
+            self.closeError = self.lost("closed the connection")
             self.core.abort(code: .internalError)
         }
         self.flushLocalStreams()
@@ -236,19 +167,18 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if self.phase == .handshaking {
-            self.fail(
-                ProtocolError.handshakeRejected("the peer reset the connection during the handshake (\(error))"),
-                context: context
-            )
-        } else if self.phase != .closed {
-            self.fail(ProtocolError.truncated("socket error: \(error)"), context: context)
-        }
+        self.fail(self.lost("reset the connection (\(error))"), context: context)
+    }
+
+    /// The error for a connection that ended below the protocol (EOF, reset) in the current phase.
+    private func lost(_ what: String) -> ProtocolError {
+        self.phase == .handshaking
+            ? .handshakeRejected("the peer \(what) during the handshake") : .truncated("the peer \(what) without CLOSE")
     }
 
     // MARK: - Outbound records
 
-    private func scheduleFlush() {
+    func scheduleFlush() {
         if self.flushHeld {
             self.flushOwed = true
             return
@@ -262,7 +192,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     /// Builds records from whatever the multiplexer has queued, up to the batch size, and writes them in one go.
-    private func produceOutput(context: ChannelHandlerContext) {
+    func produceOutput(context: ChannelHandlerContext) {
         self.flushOwed = false
         let maxPlaintext = WireLimits.maxRecordFrameBytes
         while self.core.hasOutput && context.channel.isWritable {
@@ -284,14 +214,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             for _ in rekeys..<self.core.sendRekeys { self.logger.debug("rekeyed sending direction") }
             guard buffer.readableBytes > 0 else { break }
             TunnelSession.keep(buffer, in: &self.outputScratch)
-            self.send(buffer, context: context)
+            self.writer.write(buffer, context: context)
         }
-        self.checkDrained()
-    }
-
-    /// Writes `buffer` to the socket (directly when allowed: `DirectSocketWriter`).
-    private func send(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
-        self.writer.write(buffer, context: context)
+        self.closeIfDrained()
     }
 
     private func flushLocalStreams() {
@@ -308,7 +233,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     // MARK: - Timers
 
     private func armTimer(context: ChannelHandlerContext) {
-        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: self.core.timers.tickInterval) {
+        self.timer?.cancel()
+        let deadline = self.core.nextTick(after: .now())
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
             guard let context = self.context else { return }
             self.timerFired(context: context)
         }
@@ -316,12 +243,14 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     private func timerFired(context: ChannelHandlerContext) {
         guard self.phase != .closed else { return }
+        let now = NIODeadline.now()
         do {
-            try self.core.tick(now: .now())
+            try self.core.tick(now: now)
         } catch {
             self.fail(error, context: context)
             return
         }
+        if self.closeIfDrained(now: now) { return }
         if self.flushOwed {
             // A packet queued with `enqueueIPPacket` was never followed by `flushNow()`: a caller's bug, but the
             // packets still go.
@@ -332,27 +261,38 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     // MARK: - Closing
 
-    /// Graceful shutdown: GOAWAY now, then CLOSE once every stream has finished or `timeout` passed.
+    /// Graceful shutdown: GOAWAY now, then CLOSE once every stream has finished or `timeout` passed
+    /// (the session decides: `TunnelSession.beginDrain`); `completion` runs when the connection is over.
     public func shutdown(drainTimeout timeout: TimeAmount, completion: @escaping () -> Void) {
-        guard let context = self.context, self.phase == .established, let mux = self.multiplexer else {
+        guard let context = self.context, self.core.beginDrain(deadline: .now() + timeout) else {
             completion()
             if let context = self.context, self.phase != .closed { self.close(code: .shutdown, context: context) }
             return
         }
-        self.drainCompletion = completion
-        self.drainDeadline = .now() + timeout
-        mux.goAway(code: .shutdown)
-        context.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
-            guard let context = self.context, self.phase == .established, self.drainDeadline != nil else { return }
-            self.logger.info("drain timeout: closing with \(self.multiplexer?.streamCount ?? 0) streams still open")
-            self.close(code: .shutdown, context: context)
+        if let earlier = self.drainCompletion {
+            self.drainCompletion = {
+                earlier()
+                completion()
+            }
+        } else {
+            self.drainCompletion = completion
         }
+        self.armTimer(context: context)
         self.produceOutput(context: context)
     }
 
-    private func checkDrained() {
-        guard self.drainDeadline != nil, let context = self.context, let mux = self.multiplexer else { return }
-        if mux.streamCount == 0 { self.close(code: .noError, context: context) }
+    /// Sends CLOSE if a drain is over (its last stream finished, or its deadline passed). Returns whether
+    /// it closed.
+    @discardableResult
+    func closeIfDrained(now: NIODeadline? = nil) -> Bool {
+        guard self.core.isDraining, !self.closing, let context = self.context,
+            let code = self.core.drainCloseDue(now: now ?? .now())
+        else { return false }
+        if code != .noError {
+            self.logger.info("drain timeout: closing with \(self.multiplexer?.streamCount ?? 0) streams still open")
+        }
+        self.close(code: code, context: context)
+        return true
     }
 
     /// Ends the connection with an authenticated CLOSE (after any queued records), aborting open streams.
@@ -369,7 +309,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             }
             return
         }
-        self.drainDeadline = nil
+        // What is queued goes out before the CLOSE.
+        self.closing = true
         self.produceOutput(context: context)
         self.timer?.cancel()
         var buffer = context.channel.allocator.buffer(capacity: 64)
@@ -396,7 +337,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private func peerClosed(code: ErrorCode, context: ChannelHandlerContext) {
+    func peerClosed(code: ErrorCode, context: ChannelHandlerContext) {
         self.logger.info("peer closed the tunnel (\(code))")
         self.peerCloseCode = code
         self.timer?.cancel()
@@ -433,200 +374,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             completion()
         }
     }
-
-    // MARK: - Streams (used by the runtime and the local handlers)
-
-    /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
-    /// Returns false when this connection cannot open a stream now.
-    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, local: any StreamEndpoint) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer,
-            let stream = mux.openStream(to: target, kind: kind)
-        else {
-            return false
-        }
-        local.attach(stream: stream, tunnel: self)
-        stream.context = local
-        return true
-    }
-
-    /// Whether this connection has used up its stream ids (it can only drain).
-    public var streamIDsExhausted: Bool { self.multiplexer?.streamIDsExhausted ?? false }
-
-    /// Whether `openStream` would succeed now.
-    public var canOpenStream: Bool {
-        self.phase == .established && self.drainDeadline == nil && (self.multiplexer?.canOpenStream ?? false)
-    }
-
-    /// Server: answers an OPEN once the outbound connection succeeded or failed.
-    public func completeOpen(_ stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
-        self.multiplexer?.completeOpen(stream, reply: reply, bound: bound)
-    }
-
-    /// Server: binds a stream to the handler of its outbound socket.
-    public func attach(_ local: any StreamEndpoint, to stream: MuxStream) {
-        local.attach(stream: stream, tunnel: self)
-        stream.context = local
-    }
-
-    /// A stream's local socket is gone: the stream leaves the table.
-    public func release(_ stream: MuxStream) {
-        guard let mux = self.multiplexer else { return }
-        mux.release(stream)
-        self.delegate?.tunnelStreamReleased(self)
-        self.checkDrained()
-    }
-
-    /// The connection's event loop (while attached to a channel).
-    public var eventLoop: (any EventLoop)? { self.context?.eventLoop }
-
-    /// Whether this connection compresses stream data (negotiated).
-    public var compressionActive: Bool { self.multiplexer?.configuration.compression ?? false }
-
-    /// Whether the tunnel is up.
-    public var isEstablished: Bool { self.phase == .established }
-
-    // MARK: - Full tunnel
-
-    /// Lets this connection write records to its socket with send(2) itself instead of through the channel's
-    /// write path whenever the channel holds no earlier write: a few microseconds less per write on the
-    /// latency path (the full tunnel's packets). Finds the socket's descriptor by its addresses (a scan of
-    /// the process's descriptors, so once per connection); does nothing if it cannot. Returns whether it is on.
-    @discardableResult
-    public func enableDirectWrites() -> Bool {
-        guard self.phase == .established, let channel = self.context?.channel else { return self.writer.isEnabled }
-        return self.writer.enable(channel: channel)
-    }
-
-    /// Whether IP packets flow on this connection (negotiated).
-    public var fullTunnelActive: Bool { self.multiplexer?.configuration.fullTunnel ?? false }
-
-    /// Queues one IP packet for the peer; false when it was dropped (queue full, or not a full tunnel).
-    @discardableResult
-    public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer else { return false }
-        return mux.sendIPPacket(packet)
-    }
-
-    /// Queues one IP packet like `sendIPPacket` but without scheduling a flush for it: the caller (a TUN
-    /// reader, handing over a read burst) calls `flushNow()` before this event-loop tick ends. One task per
-    /// packet less on the latency path.
-    @discardableResult
-    public func enqueueIPPacket(_ packet: ByteBuffer) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer else { return false }
-        self.flushHeld = true
-        defer { self.flushHeld = false }
-        return mux.sendIPPacket(packet)
-    }
-
-    /// Builds and writes records for whatever is queued now, instead of at the end of this event-loop tick
-    /// (a TUN reader calls it when its read burst is over: the packets go out without another turn of the
-    /// loop).
-    public func flushNow() {
-        guard let context = self.context else { return }
-        self.produceOutput(context: context)
-    }
-
-    /// IP packets dropped because the send queue was full.
-    public var droppedPackets: Int { self.multiplexer?.droppedPackets ?? 0 }
-
-    /// Sends a CONTROL frame ahead of stream data.
-    public func sendControl(_ payload: ByteBuffer) {
-        guard self.phase == .established, let mux = self.multiplexer else { return }
-        mux.sendControl(payload)
-    }
-}
-
-extension TunnelConnectionHandler: MultiplexerDelegate {
-    public func multiplexer(_ mux: Multiplexer, openRequested stream: MuxStream) {
-        self.logger.debug("stream \(stream.id) requested to \(stream.target)")
-        if let delegate = self.delegate {
-            delegate.tunnel(self, openRequested: stream)
-        } else {
-            mux.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
-        }
-    }
-
-    public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
-    {
-        guard let local = stream.context as? any StreamEndpoint else { return }
-        self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
-        local.openCompleted(reply: reply, bound: bound)
-    }
-
-    public func multiplexer(_ mux: Multiplexer, received data: ByteBuffer, on stream: MuxStream) {
-        stream.context?.deliver(data)
-    }
-
-    public func multiplexer(_ mux: Multiplexer, receivedEndOfStream stream: MuxStream) {
-        stream.context?.peerFinished()
-    }
-
-    public func multiplexer(_ mux: Multiplexer, streamClosed stream: MuxStream, reset: ErrorCode?) {
-        if let reset { self.logger.debug("stream \(stream.id) to \(stream.target) reset: \(reset)") }
-        guard let context = stream.context else {
-            // No local socket (yet): nothing to close; the stream leaves the table now unless a connect is
-            // still running, which checks the state when it finishes.
-            return
-        }
-        context.streamClosed(reset: reset)
-    }
-
-    public func multiplexer(_ mux: Multiplexer, streamWantsRead stream: MuxStream) {
-        stream.context?.readIfWanted()
-    }
-
-    public func multiplexer(_ mux: Multiplexer, peerGoingAway lastStreamID: StreamID, code: ErrorCode) {
-        self.logger.info("peer is going away (\(code)); no new streams on this tunnel")
-        self.delegate?.tunnelPeerGoingAway(self)
-    }
-
-    public func multiplexerHasOutput(_ mux: Multiplexer) {
-        self.scheduleFlush()
-    }
-
-    public func multiplexer(_ mux: Multiplexer, receivedIPPacket packet: ByteBuffer) {
-        self.delegate?.tunnel(self, receivedIPPacket: packet)
-    }
-
-    public func multiplexer(_ mux: Multiplexer, receivedControl payload: ByteBuffer) throws(ProtocolError) {
-        try self.delegate?.tunnel(self, receivedControl: payload)
-    }
 }
 
 @available(*, unavailable)
 extension TunnelConnectionHandler: Sendable {}
-
-/// Wall-clock time for handshake timestamps (monotonic time cannot order handshakes across restarts).
-func wallClockNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
-}
-
-extension TunnelConnectionHandler: TunnelSessionDelegate {
-    public func sessionAuthorize(_ key: PublicKey) -> Bool {
-        self.delegate?.tunnelAuthorize(key) ?? false
-    }
-
-    public func sessionCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
-        self.delegate?.tunnelCheckReplay(key: key, timestamp: timestamp) ?? .replay
-    }
-
-    public func session(_ session: TunnelSession, send message: ByteBuffer) {
-        guard let context = self.context else { return }
-        self.send(message, context: context)
-    }
-
-    public func session(_ session: TunnelSession, established: EstablishedSession) {
-        self.delegate?.tunnelEstablished(self, session: established)
-    }
-
-    public func sessionConfirmed(_ session: TunnelSession) {
-        self.delegate?.tunnelConfirmed(self)
-    }
-
-    public func session(_ session: TunnelSession, peerClosed code: ErrorCode) {
-        guard let context = self.context else { return }
-        self.peerClosed(code: code, context: context)
-    }
-}

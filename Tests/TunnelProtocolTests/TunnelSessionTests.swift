@@ -189,6 +189,53 @@ struct TunnelSessionTests {
         #expect(down == Array(bytes(4000, seed: 3).readableBytesView), "bytes differ")
     }
 
+    /// A drain (docs/PROTOCOL.md §3.6): GOAWAY reaches the peer at once and no stream opens after it; the
+    /// CLOSE is due with "no error" when the last stream finished, or with "shutting down" at the deadline.
+    @Test func aDrainEndsWhenTheLastStreamFinishesOrAtItsDeadline() throws {
+        for finishInTime in [true, false] {
+            let now = self.t0
+            let (client, server) = self.makeEnds(now: now)
+            let connection = MemoryConnection()
+            try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
+            try self.pump(client, server, over: connection, now: now)
+            let clientStream = client.session.multiplexer!.openStream(
+                to: TargetAddress(host: .domain("example.com"), port: 80)
+            )!
+            try self.pump(client, server, over: connection, now: now)
+            let serverStream = server.session.multiplexer!.stream(clientStream.id)!
+            server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
+            try self.pump(client, server, over: connection, now: now)
+
+            #expect(server.session.drainCloseDue(now: now) == nil, "not draining")
+            #expect(server.session.beginDrain(deadline: now + .seconds(5)))
+            #expect(server.session.isDraining && !server.session.canOpenStream)
+            #expect(server.session.nextTick(after: now + .seconds(3)) == now + .seconds(5), "it wakes at the deadline")
+            try self.pump(client, server, over: connection, now: now)
+            #expect(client.streams.events.contains { if case .goingAway = $0 { true } else { false } })
+            #expect(server.session.drainCloseDue(now: now + .seconds(4)) == nil, "a stream is still open")
+
+            if finishInTime {
+                // The stream still carries data after GOAWAY, then ends both ways.
+                client.session.multiplexer!.localRead(bytes(1000, seed: 4), on: clientStream)
+                client.session.multiplexer!.localEndOfStream(on: clientStream)
+                try self.pump(client, server, over: connection, now: now)
+                #expect(server.streams.delivered[clientStream.id.rawValue]?.count == 1000)
+                server.session.multiplexer!.localEndOfStream(on: serverStream)
+                try self.pump(client, server, over: connection, now: now)
+                server.session.multiplexer!.release(serverStream)
+                #expect(server.session.drainCloseDue(now: now + .seconds(1)) == .noError)
+            } else {
+                #expect(server.session.drainCloseDue(now: now + .seconds(5)) == .shutdown)
+            }
+            var record = ByteBuffer()
+            try server.session.close(code: .noError, into: &record)
+            #expect(!server.session.isDraining && server.session.phase == .closed)
+        }
+        // Nothing to drain before the handshake: the caller closes at once.
+        let (_, idle) = self.makeEnds(now: self.t0)
+        #expect(!idle.session.beginDrain(deadline: self.t0 + .seconds(5)))
+    }
+
     @Test func anUnlistedClientAndAReplayedFirstMessageAreRefused() throws {
         let now = self.t0
         let (client, server) = self.makeEnds(now: now)

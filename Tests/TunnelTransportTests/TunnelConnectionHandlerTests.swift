@@ -47,13 +47,13 @@ struct TunnelConnectionHandlerTests {
         )
     {
         var configuration = TunnelConnectionHandler.Configuration()
-        configuration.fullTunnel = fullTunnel
+        configuration.session.fullTunnel = fullTunnel
         let clientMachine = ClientHandshakeStateMachine(
             cipher: cipher,
             staticKey: self.clientKey,
             serverKey: self.serverKey.publicKey,
             parameters: Multiplexer.announcedParameters(
-                for: configuration.multiplexer,
+                for: configuration.session.multiplexer,
                 features: fullTunnel ? [.fullTunnel] : []
             )
         )

@@ -1,0 +1,194 @@
+import Logging
+import NIOCore
+import TunnelCrypto
+import TunnelProtocol
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The connection's side toward the runtime and the stream endpoints: opening streams (client), the full
+/// tunnel's packets, CONTROL frames; and what the session and its multiplexer report, passed on to the
+/// runtime's delegate and to each stream's endpoint.
+extension TunnelConnectionHandler {
+    // MARK: - Streams (used by the runtime and the local handlers)
+
+    /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
+    /// Returns false when this connection cannot open a stream now.
+    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, local: any StreamEndpoint) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer,
+            let stream = mux.openStream(to: target, kind: kind)
+        else {
+            return false
+        }
+        TunnelStream(stream, tunnel: self).attach(local)
+        return true
+    }
+
+    /// Whether this connection has used up its stream ids (it can only drain).
+    public var streamIDsExhausted: Bool { self.multiplexer?.streamIDsExhausted ?? false }
+
+    /// Whether `openStream` would succeed now.
+    public var canOpenStream: Bool { self.core.canOpenStream }
+
+    /// A stream's local socket is gone: the stream leaves the table (through `TunnelStream.release`).
+    func release(_ stream: MuxStream) {
+        guard let mux = self.multiplexer else { return }
+        mux.release(stream)
+        self.delegate?.tunnelStreamReleased(self)
+        self.closeIfDrained()
+    }
+
+    /// The connection's event loop (while attached to a channel).
+    public var eventLoop: (any EventLoop)? { self.context?.eventLoop }
+
+    /// Whether this connection compresses stream data (negotiated).
+    public var compressionActive: Bool { self.multiplexer?.configuration.compression ?? false }
+
+    /// Whether the tunnel is up.
+    public var isEstablished: Bool { self.phase == .established }
+
+    // MARK: - Full tunnel
+
+    /// Lets this connection write records to its socket with send(2) itself instead of through the channel's
+    /// write path whenever the channel holds no earlier write: a few microseconds less per write on the
+    /// latency path (the full tunnel's packets). Finds the socket's descriptor by its addresses (a scan of
+    /// the process's descriptors, so once per connection); does nothing if it cannot. Returns whether it is on.
+    @discardableResult
+    public func enableDirectWrites() -> Bool {
+        guard self.phase == .established, let channel = self.context?.channel else { return self.writer.isEnabled }
+        return self.writer.enable(channel: channel)
+    }
+
+    /// Whether IP packets flow on this connection (negotiated).
+    public var fullTunnelActive: Bool { self.multiplexer?.configuration.fullTunnel ?? false }
+
+    /// Queues one IP packet for the peer; false when it was dropped (queue full, or not a full tunnel).
+    @discardableResult
+    public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        return mux.sendIPPacket(packet)
+    }
+
+    /// Queues one IP packet like `sendIPPacket` but without scheduling a flush for it: the caller (a TUN
+    /// reader, handing over a read burst) calls `flushNow()` before this event-loop tick ends. One task per
+    /// packet less on the latency path.
+    @discardableResult
+    public func enqueueIPPacket(_ packet: ByteBuffer) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        self.flushHeld = true
+        defer { self.flushHeld = false }
+        return mux.sendIPPacket(packet)
+    }
+
+    /// Builds and writes records for whatever is queued now, instead of at the end of this event-loop tick
+    /// (a TUN reader calls it when its read burst is over: the packets go out without another turn of the
+    /// loop).
+    public func flushNow() {
+        guard let context = self.context else { return }
+        self.produceOutput(context: context)
+    }
+
+    /// IP packets dropped because the send queue was full.
+    public var droppedPackets: Int { self.multiplexer?.droppedPackets ?? 0 }
+
+    /// Sends a CONTROL frame ahead of stream data.
+    public func sendControl(_ payload: ByteBuffer) {
+        guard self.phase == .established, let mux = self.multiplexer else { return }
+        mux.sendControl(payload)
+    }
+}
+
+extension TunnelConnectionHandler: MultiplexerDelegate {
+    public func multiplexer(_ mux: Multiplexer, openRequested stream: MuxStream) {
+        self.logger.debug("stream \(stream.id) requested to \(stream.target)")
+        if let delegate = self.delegate {
+            delegate.tunnel(self, openRequested: TunnelStream(stream, tunnel: self))
+        } else {
+            mux.completeOpen(stream, reply: .generalFailure, bound: .unspecified)
+        }
+    }
+
+    public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
+    {
+        guard let local = stream.context as? any StreamEndpoint else { return }
+        self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
+        local.openCompleted(reply: reply, bound: bound)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, received data: ByteBuffer, on stream: MuxStream) {
+        stream.context?.deliver(data)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedEndOfStream stream: MuxStream) {
+        stream.context?.peerFinished()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, streamClosed stream: MuxStream, reset: ErrorCode?) {
+        if let reset { self.logger.debug("stream \(stream.id) to \(stream.target) reset: \(reset)") }
+        guard let context = stream.context else {
+            // No local socket (yet): nothing to close; the stream leaves the table now unless a connect is
+            // still running, which checks the state when it finishes.
+            return
+        }
+        context.streamClosed(reset: reset)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, streamWantsRead stream: MuxStream) {
+        stream.context?.readIfWanted()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, peerGoingAway lastStreamID: StreamID, code: ErrorCode) {
+        self.logger.info("peer is going away (\(code)); no new streams on this tunnel")
+        self.delegate?.tunnelPeerGoingAway(self)
+    }
+
+    public func multiplexerHasOutput(_ mux: Multiplexer) {
+        self.scheduleFlush()
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedIPPacket packet: ByteBuffer) {
+        self.delegate?.tunnel(self, receivedIPPacket: packet)
+    }
+
+    public func multiplexer(_ mux: Multiplexer, receivedControl payload: ByteBuffer) throws(ProtocolError) {
+        try self.delegate?.tunnel(self, receivedControl: payload)
+    }
+}
+
+/// Wall-clock time for handshake timestamps (monotonic time cannot order handshakes across restarts).
+func wallClockNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return UInt64(max(0, ts.tv_sec)) * 1_000_000_000 + UInt64(max(0, ts.tv_nsec))
+}
+
+extension TunnelConnectionHandler: TunnelSessionDelegate {
+    public func sessionAuthorize(_ key: PublicKey) -> Bool {
+        self.delegate?.tunnelAuthorize(key) ?? false
+    }
+
+    public func sessionCheckReplay(key: PublicKey, timestamp: TAI64N) -> ReplayTable.Verdict {
+        self.delegate?.tunnelCheckReplay(key: key, timestamp: timestamp) ?? .replay
+    }
+
+    public func session(_ session: TunnelSession, send message: ByteBuffer) {
+        guard let context = self.context else { return }
+        self.writer.write(message, context: context)
+    }
+
+    public func session(_ session: TunnelSession, established: EstablishedSession) {
+        self.delegate?.tunnelEstablished(self, session: established)
+    }
+
+    public func sessionConfirmed(_ session: TunnelSession) {
+        self.delegate?.tunnelConfirmed(self)
+    }
+
+    public func session(_ session: TunnelSession, peerClosed code: ErrorCode) {
+        guard let context = self.context else { return }
+        self.peerClosed(code: code, context: context)
+    }
+}
