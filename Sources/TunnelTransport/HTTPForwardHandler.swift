@@ -14,6 +14,9 @@ import TunnelProtocol
 /// `100 Continue` are not held back), and credit returns as the application's socket takes them, so a
 /// response of any size streams within the stream's window.
 ///
+/// The protocol decisions are two values' (`HTTPRequestForwarder` for requests, its `HTTPResponseRelay` for
+/// responses); this class moves bytes between them, the socket and the stream.
+///
 /// An application that leaves is noticed at once: a full close ends the stream (and a request still queued
 /// or opening is cancelled), and so does a half-close while a request or response is outstanding, as Squid
 /// does by default (`half_closed_clients off`): HTTP/1.1 clients do not half-close to finish a request.
@@ -21,42 +24,13 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
-    private enum RequestState {
-        /// Waiting for (the rest of) a request head.
-        case head
-        /// Waiting for the stream to `target` to open; `pending` holds the request head and what followed.
-        case opening(TargetAddress)
-        /// Sending a request body upstream.
-        case body(HTTPBodyFramer)
-        /// The request is sent; the next one waits until the response is complete.
-        case awaitingResponse
-        /// A CONNECT is being set up; the connection becomes a tunnel once it opens.
-        case connecting
-        /// Nothing more to read (closing, or turned into a tunnel).
-        case done
-    }
-
     private let provider: any TunnelStreamProvider
-    private let credentials: ProxyCredentials?
     private var logger: Logger
     private var context: ChannelHandlerContext?
-
-    private var inbound: ByteBuffer
-    private var requestState = RequestState.head
-    /// The response side: heads re-encoded, bodies passed through by their framing.
-    private var response = HTTPResponseRelay()
-    /// The request head (origin form) and anything after it, waiting for the stream to open.
-    private var pending: ByteBuffer?
-    private var pendingMethod = "GET"
-    private var clientWantsClose = false
-    private var clientEOF = false
-
-    /// The current upstream stream and where it goes.
-    private var stream: MuxStream?
-    private weak var tunnel: TunnelConnectionHandler?
-    private var streamTarget: TargetAddress?
-    private var streamUsable = false
-
+    /// Requests (and, in `forwarder.response`, responses) as a pure value.
+    private var forwarder: HTTPRequestForwarder
+    /// The current upstream stream.
+    private var stream: TunnelStream?
     /// Credit accounting: body bytes are handed to the socket as they came, heads are re-encoded (consumed
     /// otherwise).
     private var credit = StreamCreditReporter()
@@ -66,9 +40,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     init(provider: any TunnelStreamProvider, credentials: ProxyCredentials?, logger: Logger, initialBytes: ByteBuffer) {
         self.provider = provider
-        self.credentials = credentials
         self.logger = logger
-        self.inbound = initialBytes
+        self.forwarder = HTTPRequestForwarder(credentials: credentials, initialBytes: initialBytes)
     }
 
     // MARK: - Application side
@@ -83,8 +56,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var incoming = self.unwrapInboundIn(data)
-        self.inbound.writeBuffer(&incoming)
+        self.forwarder.received(self.unwrapInboundIn(data))
         self.processRequests()
     }
 
@@ -95,20 +67,10 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
-            self.clientEOF = true
-            switch self.requestState {
-            case .head where self.inbound.readableBytes == 0:
-                if self.response.isIdle {
-                    self.closeClient()
-                } else {
-                    self.applicationLeft()
-                }
-            case .connecting:
-                break  // the tunnel starts with a FIN once it opens
-            case .done:
-                break
-            case .head, .opening, .body, .awaitingResponse:
-                self.applicationLeft()
+            switch self.forwarder.applicationClosedInput() {
+            case .wait: break
+            case .close: self.closeClient()
+            case .abort: self.applicationLeft()
             }
             return
         }
@@ -130,8 +92,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     /// Cancels the upstream stream, a request still waiting for one, and a CONNECT being set up.
     private func cancelRequests() {
-        if case .opening = self.requestState, self.stream == nil { self.provider.cancelStreamRequest(self) }
-        self.requestState = .done
+        if case .opening = self.forwarder.state, self.stream == nil { self.provider.cancelStreamRequest(self) }
+        self.forwarder.finish()
         self.dropStream()
         if let local = self.connectLocal {
             self.connectLocal = nil
@@ -142,106 +104,42 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("HTTP proxy connection error: \(error)")
-        self.requestState = .done
+        self.forwarder.finish()
         context.close(promise: nil)
     }
 
-    /// Whether the application's socket should be read: while a head is incomplete, or a body can flow.
+    /// Reads the application's socket while a head is incomplete, or a body can flow (the stream has credit).
     public func readIfWanted() {
-        guard let context = self.context else { return }
-        switch self.requestState {
-        case .head:
-            if self.inbound.readableBytes < HTTPHeadParser.defaultMaxSize { context.read() }
-        case .body:
-            if let stream = self.stream, let mux = self.tunnel?.multiplexer, mux.shouldRead(stream) { context.read() }
-        case .opening, .awaitingResponse, .connecting, .done:
-            break
-        }
+        guard let context = self.context, self.forwarder.wantsInput else { return }
+        if case .body = self.forwarder.state, self.stream?.wantsInput != true { return }
+        context.read()
     }
 
+    /// Carries out what the forwarder says until it waits.
     private func processRequests() {
-        while self.context != nil {
-            switch self.requestState {
-            case .head:
-                guard self.response.isIdle else { return }
-                guard self.parseNextRequest() else { return }
-            case .body(var framer):
-                guard self.inbound.readableBytes > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer
-                else { return }
-                let count: Int
-                do {
-                    count = try framer.consume(self.inbound)
-                } catch {
-                    self.fail(status: 400, message: error.description)
-                    return
-                }
-                if count > 0 { mux.localRead(self.inbound.readSlice(length: count)!, on: stream) }
-                if framer.isComplete {
-                    self.requestState = .awaitingResponse
-                } else {
-                    self.requestState = .body(framer)
-                    return
-                }
-            case .opening, .awaitingResponse, .connecting, .done:
-                return
+        while self.context != nil, let action = self.forwarder.next() {
+            switch action {
+            case .send(let bytes, let request):
+                if let request { self.logger.debug("HTTP \(request)") }
+                self.stream?.send(bytes)
+            case .open(let target, let request):
+                self.logger.debug("HTTP \(request)")
+                self.dropStream()
+                self.provider.requestStream(to: target, local: self)
+            case .connect(let target, let early):
+                self.startTunnel(to: target, early: early)
+            case .refuse(let status, let message, let authenticate):
+                self.fail(status: status, message: message, authenticate: authenticate)
+            case .close:
+                self.closeClient()
             }
         }
     }
-
-    /// Parses one request head; returns false when it has to wait.
-    private func parseNextRequest() -> Bool {
-        let head: HTTPRequestHead
-        do {
-            guard let parsed = try HTTPHeadParser.parseRequest(&self.inbound) else {
-                if self.clientEOF && self.inbound.readableBytes == 0 { self.closeClient() }
-                return false
-            }
-            head = parsed
-        } catch {
-            self.fail(status: 400, message: error.description)
-            return false
-        }
-        switch HTTPProxy.decide(head, credentials: self.credentials) {
-        case .reject(let status, let message, let authenticate):
-            self.fail(status: status, message: message, authenticate: authenticate)
-            return false
-        case .tunnel(let target):
-            self.startTunnel(to: target)
-            return false
-        case .forward(let target, let rewritten, let body, let closeAfter):
-            self.clientWantsClose = closeAfter
-            self.pendingMethod = rewritten.method
-            self.response.expectResponse(to: rewritten.method)
-            let headBytes = rewritten.encoded()
-            self.logger.debug("HTTP \(rewritten.method) \(target)\(rewritten.target)")
-            if self.streamUsable, self.streamTarget == target, let stream = self.stream,
-                let mux = self.tunnel?.multiplexer
-            {
-                mux.localRead(headBytes, on: stream)
-                self.requestState = body == .none ? .awaitingResponse : .body(HTTPBodyFramer(body))
-                return true
-            }
-            // Another host (or no usable stream): a new stream; the old one ends.
-            self.dropStream()
-            self.pending = headBytes
-            self.requestState = .opening(target)
-            self.streamTarget = target
-            self.pendingBody = body
-            self.provider.requestStream(to: target, local: self)
-            return false
-        }
-    }
-
-    private var pendingBody = HTTPBodyFramer.Mode.none
 
     /// CONNECT on a connection that carried plain requests: it becomes a tunnel to `target`.
-    private func startTunnel(to target: TargetAddress) {
-        guard let context = self.context else { return }
+    private func startTunnel(to target: TargetAddress, early: ByteBuffer) {
         self.dropStream()
-        self.requestState = .connecting
         let local = LocalStreamHandler()
-        let early = self.inbound
-        self.inbound = ByteBuffer()
         self.connectLocal = local
         local.onOpenResult = { [weak self] reply, _ in
             guard let self, let context = self.context, context.channel.isActive else {
@@ -256,10 +154,9 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
                 return
             }
             context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: HTTPProxy.connectEstablished)), promise: nil)
-            self.requestState = .done
-            local.takeOver(from: context, early: early, inputClosed: self.clientEOF)
+            self.forwarder.finish()
+            local.takeOver(from: context, early: early, inputClosed: self.forwarder.clientInputClosed)
         }
-        _ = context
         self.provider.requestStream(to: target, local: local)
     }
 
@@ -267,7 +164,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     private func fail(status: Int, message: String, authenticate: Bool = false) {
         guard let context = self.context else { return }
         self.logger.info("HTTP proxy request refused: \(status) \(message)")
-        self.requestState = .done
+        self.forwarder.finish()
         self.dropStream()
         context.writeAndFlush(
             self.wrapOutboundOut(HTTPProxy.errorResponse(status: status, message: message, authenticate: authenticate))
@@ -277,31 +174,35 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
 
     private func closeClient() {
         guard let context = self.context else { return }
-        self.requestState = .done
+        self.forwarder.finish()
         self.dropStream()
         context.writeAndFlush(self.wrapOutboundOut(ByteBuffer())).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
         }
     }
 
-    /// Lets go of the current stream: a finished exchange ends with FIN, anything else is reset.
+    /// The response cannot be completed: reset the application's connection so it sees a failure.
+    private func abortClient() {
+        guard let context = self.context else { return }
+        self.forwarder.finish()
+        self.dropStream()
+        context.closeAbortively()
+    }
+
+    /// Lets go of the current stream (an idle keep-alive upstream is simply abandoned: the server resets its
+    /// connection to the origin).
     private func dropStream() {
-        guard let stream = self.stream, let tunnel = self.tunnel else {
-            self.stream = nil
-            return
-        }
+        self.forwarder.upstreamUnusable()
+        guard let stream = self.stream else { return }
         self.stream = nil
-        self.streamUsable = false
-        self.resetCredit()
-        // An idle keep-alive upstream is simply abandoned: the server resets its connection to the origin.
-        tunnel.release(stream)
+        self.credit.reset()
+        stream.release()
     }
 
     // MARK: - StreamEndpoint (the upstream)
 
-    public func attach(stream: MuxStream, tunnel: TunnelConnectionHandler) {
+    public func attach(_ stream: TunnelStream) {
         self.stream = stream
-        self.tunnel = tunnel
     }
 
     public func cancelPendingOpen() {
@@ -309,23 +210,23 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func openCompleted(reply: ReplyCode, bound: TargetAddress) {
-        guard case .opening = self.requestState, self.context != nil else {
+        guard case .opening = self.forwarder.state, self.context != nil else {
             // Nobody waits for this stream any more (the application left): let it go.
             if reply == .succeeded { self.dropStream() } else { self.stream = nil }
             return
         }
-        guard reply == .succeeded, let stream = self.stream, let mux = self.tunnel?.multiplexer, let head = self.pending
-        else {
+        guard reply == .succeeded, self.stream != nil else {
             let (status, _) = HTTPProxy.status(for: reply)
-            self.response = HTTPResponseRelay()
-            self.fail(status: status, message: "\(reply)")
+            if case .refuse(let status, let message, _) = self.forwarder.upstreamFailed(
+                status: status,
+                message: "\(reply)"
+            ) {
+                self.fail(status: status, message: message)
+            }
             return
         }
-        self.pending = nil
-        self.streamUsable = true
-        self.resetCredit()
-        mux.localRead(head, on: stream)
-        self.requestState = self.pendingBody == .none ? .awaitingResponse : .body(HTTPBodyFramer(self.pendingBody))
+        self.credit.reset()
+        self.forwarder.upstreamOpened()
         self.processRequests()
         self.readIfWanted()
     }
@@ -335,7 +236,10 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.credit.received(data.readableBytes)
         var data = data
         do {
-            while let output = try self.response.next(&data, clientWantsClose: self.clientWantsClose) {
+            while let output = try self.forwarder.response.next(
+                &data,
+                clientWantsClose: self.forwarder.clientWantsClose
+            ) {
                 switch output {
                 case .head(let head, let consumed):
                     // The head is written re-encoded: its received bytes are credited as parsed.
@@ -354,7 +258,6 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         } catch .bytesAfterResponse {
             // The origin broke HTTP framing. Stop using this stream.
             self.logger.debug("origin sent bytes after a complete response; dropping the connection")
-            self.streamUsable = false
             self.closeClient()
         } catch {
             self.logger.info("origin sent an invalid response: \(error)")
@@ -365,11 +268,10 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     /// The response is complete: the connection takes the next request, or closes.
     private func responseFinished(closeAfter: Bool) {
         self.flushDelivered()
-        if closeAfter || self.clientEOF && self.inbound.readableBytes == 0 {
+        if self.forwarder.responseFinished(closeAfter: closeAfter) {
             self.closeClient()
             return
         }
-        if case .awaitingResponse = self.requestState { self.requestState = .head }
         self.processRequests()
         self.readIfWanted()
     }
@@ -378,11 +280,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     private func notePendingWrite() {
         guard !self.pendingWrites else { return }
         self.pendingWrites = true
-        self.tunnel?.markNeedsFlush(self)
-    }
-
-    private func resetCredit() {
-        self.credit.reset()
+        self.stream?.needsFlush(self)
     }
 
     public func flushDelivered() {
@@ -397,9 +295,7 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         guard let context = self.context else { return }
         let buffered = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
         let consumed = self.credit.newlyConsumed(buffered: buffered)
-        if consumed > 0, let stream = self.stream, let mux = self.tunnel?.multiplexer {
-            mux.consumed(consumed, on: stream, now: .now())
-        }
+        if consumed > 0 { self.stream?.consumed(consumed) }
         if buffered > 0 && !self.credit.watchingDrain {
             self.credit.watchingDrain = true
             let promise = context.eventLoop.makePromise(of: Void.self)
@@ -412,9 +308,9 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func peerFinished() {
-        self.streamUsable = false
+        self.forwarder.upstreamUnusable()
         do {
-            if case .finished(let closeAfter) = try self.response.originClosed() {
+            if case .finished(let closeAfter) = try self.forwarder.response.originClosed() {
                 // A close-delimited body ends here; so does the application's connection.
                 self.responseFinished(closeAfter: closeAfter)
             } else {
@@ -428,23 +324,13 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
     }
 
     public func streamClosed(reset: ErrorCode?) {
-        self.streamUsable = false
-        if case .opening = self.requestState { return }
-        if self.isIdle, case .head = self.requestState {
+        self.forwarder.upstreamUnusable()
+        if case .opening = self.forwarder.state { return }
+        if self.forwarder.response.isIdle, self.forwarder.state == .head {
             self.dropStream()  // between exchanges: nothing is lost
         } else {
             self.abortClient()
         }
-    }
-
-    private var isIdle: Bool { self.response.isIdle }
-
-    /// The response cannot be completed: reset the application's connection so it sees a failure.
-    private func abortClient() {
-        guard let context = self.context else { return }
-        self.requestState = .done
-        self.dropStream()
-        context.closeAbortively()
     }
 }
 
