@@ -217,7 +217,13 @@ let package = Package(
         .testTarget(name: "TunnelConfigTests", dependencies: ["TunnelConfig", "TunnelProtocol", "TunnelCrypto"]),
         .testTarget(
             name: "ClientRuntimeTests",
-            dependencies: ["ClientRuntime", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "ClientRuntime", "TunnelConfig", "TunnelProtocol", "TunnelTUN",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "TunnelTransportTests",

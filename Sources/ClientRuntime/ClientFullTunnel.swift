@@ -26,7 +26,9 @@ final class ClientFullTunnel {
     private let eventLoop: any EventLoop
     private let settings: ClientFullTunnelSettings
     private let server: IPAddress
-    private let device: TUNDevice
+    private let device: any PacketDevice
+    /// Runs the host's commands and names its resolver file (`HostNetwork.live`, or a test's double).
+    private let host: HostNetwork
     private let journal: HostChangeJournal
     /// Held while this process owns the journal's changes.
     private let lock: HostChangeLock
@@ -37,10 +39,10 @@ final class ClientFullTunnel {
     private var ipv4: PacketAddress?
     private var ipv6: PacketAddress?
     /// The tunnel packets go to (nil while it is down).
-    private var tunnel: TunnelConnectionHandler?
+    private var tunnel: (any PacketTunnel)?
     private var readChannel: (any Channel)?
     /// The device's reader, for `readBack()` after writes.
-    private var reader: ClientTUNReader?
+    private var reader: DeviceReader<ClientFullTunnel>?
     /// A TCP packet from the tunnel was written to the device in the current socket read.
     private var wroteTCPToDevice = false
     private var droppedWhileDown = 0
@@ -52,15 +54,19 @@ final class ClientFullTunnel {
         var description: String
     }
 
-    /// Prepares the host: crash recovery, the original paths, the device, and the kill switch.
+    /// Prepares the host: crash recovery, the original paths, the device, and the kill switch. `device`
+    /// (a TUN device named by the settings unless given) and `host` are a test's doubles when given.
     init(
         eventLoop: any EventLoop,
         settings: ClientFullTunnelSettings,
         server: IPAddress,
         port: Int,
-        logger: Logger
+        logger: Logger,
+        device: (any PacketDevice)? = nil,
+        host: HostNetwork = .live
     ) throws {
         self.eventLoop = eventLoop
+        self.host = host
         self.settings = settings
         self.server = server
         self.logger = logger
@@ -76,14 +82,15 @@ final class ClientFullTunnel {
         self.lock = try CrashRecovery.takeOver(
             statePath: statePath,
             program: "tunnel-client --full-tunnel",
-            logger: logger
+            logger: logger,
+            commands: host.commands
         )
 
         // How the host reaches the server and the excluded networks now, before the tunnel takes over.
-        self.serverPath = HostNetwork.currentPath(to: server)
+        self.serverPath = host.currentPath(to: server)
         var excludePaths: [(CIDR, HostNetwork.Path)] = []
         for network in settings.exclude {
-            guard let path = HostNetwork.currentPath(to: network.address) else {
+            guard let path = host.currentPath(to: network.address) else {
                 logger.warning("--exclude \(network): no route to it now; it will go through the tunnel")
                 continue
             }
@@ -91,16 +98,21 @@ final class ClientFullTunnel {
         }
         self.excludePaths = excludePaths
 
-        do {
-            self.device = try TUNDevice(requested: settings.deviceName)
-        } catch {
-            throw SetupError(description: "\(error)")
+        if let device {
+            self.device = device
+        } else {
+            do {
+                self.device = try TUNDevice(requested: settings.deviceName)
+            } catch {
+                self.lock.release()
+                throw SetupError(description: "\(error)")
+            }
         }
-        self.journal = HostChangeJournal(path: statePath)
+        self.journal = HostChangeJournal(path: statePath, commands: host.commands)
         if settings.killSwitch {
             let table = Self.killSwitchTable
             do {
-                try HostNetwork.installTable(
+                try host.installTable(
                     family: "inet",
                     name: table,
                     ruleset: FirewallRules.killSwitchTable(
@@ -134,8 +146,8 @@ final class ClientFullTunnel {
             .channelOption(.maxMessagesPerRead, value: 32)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let reader = ClientTUNReader(
-                        owner: owner.value,
+                    let reader = DeviceReader(
+                        sink: owner.value,
                         descriptor: owner.value.device.readDescriptor(),
                         packetCapacity: capacity
                     )
@@ -157,7 +169,7 @@ final class ClientFullTunnel {
 
     /// The server assigned addresses on `tunnel`. The first assignment brings the tunnel up; later ones
     /// (after a reconnect) only change what changed.
-    func assigned(_ assignment: TunnelAssignment, on tunnel: TunnelConnectionHandler) throws(SetupError) {
+    func assigned(_ assignment: TunnelAssignment, on tunnel: any PacketTunnel) throws(SetupError) {
         if let current = self.assignment {
             if current != assignment { try self.reconfigure(from: current, to: assignment) }
         } else {
@@ -178,7 +190,7 @@ final class ClientFullTunnel {
         do {
             // The server and the excluded networks keep their original way out.
             if let path = self.serverPath {
-                try HostNetwork.addRoute(
+                try self.host.addRoute(
                     self.hostPrefix(self.server),
                     ipv6: self.server.isIPv6,
                     along: path,
@@ -186,7 +198,7 @@ final class ClientFullTunnel {
                 )
             }
             for (network, path) in self.excludePaths {
-                try HostNetwork.addRoute(
+                try self.host.addRoute(
                     network.description,
                     ipv6: network.address.isIPv6,
                     along: path,
@@ -194,20 +206,20 @@ final class ClientFullTunnel {
                 )
             }
             let addresses = [assignment.ipv4, assignment.ipv6].compactMap { $0 }
-            try HostNetwork.configureDevice(name, mtu: assignment.mtu, addresses: addresses)
+            try self.host.configureDevice(name, mtu: assignment.mtu, addresses: addresses)
             // Routes through the device vanish with it, so they need no journal entry.
             let journal = HostChangeJournal(path: nil)
             for half in ["0.0.0.0/1", "128.0.0.0/1"] {
-                try HostNetwork.addRoute(half, ipv6: false, arguments: ["dev", name], journal: journal)
+                try self.host.addRoute(half, ipv6: false, arguments: ["dev", name], journal: journal)
             }
             if assignment.ipv6 != nil {
                 for half in ["::/1", "8000::/1"] {
-                    try HostNetwork.addRoute(half, ipv6: true, arguments: ["dev", name], journal: journal)
+                    try self.host.addRoute(half, ipv6: true, arguments: ["dev", name], journal: journal)
                 }
             } else if Self.hostHasIPv6 {
                 // No IPv6 inside the tunnel: block it rather than let it leak past.
                 for half in ["::/1", "8000::/1"] {
-                    try HostNetwork.addRoute(
+                    try self.host.addRoute(
                         half,
                         ipv6: true,
                         type: "unreachable",
@@ -252,7 +264,7 @@ final class ClientFullTunnel {
             let route = self.hostPrefix(server)
             if !server.isIPv6 || assignment.ipv6 != nil {
                 do {
-                    try HostNetwork.addRoute(
+                    try self.host.addRoute(
                         route,
                         ipv6: server.isIPv6,
                         arguments: ["dev", self.device.name],
@@ -263,7 +275,7 @@ final class ClientFullTunnel {
                 }
             }
         }
-        if let problem = HostNetwork.pointResolver(at: servers, journal: self.journal) {
+        if let problem = self.host.pointResolver(at: servers, journal: self.journal) {
             throw SetupError(
                 description:
                     "pointing the resolver at \(servers.map(\.description).joined(separator: ", ")): \(problem)"
@@ -275,10 +287,10 @@ final class ClientFullTunnel {
     private func reconfigure(from old: TunnelAssignment, to new: TunnelAssignment) throws(SetupError) {
         do {
             if let a = old.ipv4, let b = new.ipv4, a != b {
-                try HostNetwork.readdress(self.device.name, from: a, to: b)
+                try self.host.readdress(self.device.name, from: a, to: b)
             }
             if let a = old.ipv6, let b = new.ipv6, a != b {
-                try HostNetwork.readdress(self.device.name, from: a, to: b)
+                try self.host.readdress(self.device.name, from: a, to: b)
             }
         } catch {
             throw SetupError(description: "changing the tunnel's addresses: \(error)")
@@ -304,7 +316,7 @@ final class ClientFullTunnel {
     // MARK: - Packets
 
     /// The tunnel `tunnel` is gone: packets are dropped until a new one is assigned.
-    func tunnelLost(_ tunnel: TunnelConnectionHandler) {
+    func tunnelLost(_ tunnel: any PacketTunnel) {
         if self.tunnel === tunnel { self.tunnel = nil }
     }
 
@@ -364,58 +376,19 @@ final class ClientFullTunnel {
     }
 }
 
-/// Hands each packet the client's device reads to the full tunnel: on NIO's reads, and on `readBack()`.
-final class ClientTUNReader: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    private let owner: ClientFullTunnel
-    private var readBackState: DeviceReadBack
-
-    init(owner: ClientFullTunnel, descriptor: Int32, packetCapacity: Int) {
-        self.owner = owner
-        self.readBackState = DeviceReadBack(descriptor: descriptor, packetCapacity: packetCapacity)
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.readBackState.attached(to: context.channel)
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        self.readBackState.channel(active: true)
-        context.fireChannelActive()
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        self.readBackState.channel(active: false)
-        context.fireChannelInactive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.readBackState.busy = true
-        self.owner.packetFromDevice(self.unwrapInboundIn(data))
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        self.readBackState.busy = false
-        self.owner.deviceReadComplete()
-        // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
-        // way, take what else a busy device holds in one batch instead of one wake-up each.
-        if self.readBackState.delivered(at: .now()) { self.readBack() }
-    }
-
-    /// Reads and sends the packets the device holds now, without waiting for readiness.
-    func readBack() {
-        guard self.readBackState.ready else { return }
-        self.readBackState.busy = true
-        defer { self.readBackState.busy = false }
-        var read = 0
-        while read < DeviceReadBack.limit, let packet = self.readBackState.readPacket() {
-            self.owner.packetFromDevice(packet)
-            read += 1
-        }
-        if read > 0 { self.owner.deviceReadComplete() }
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
-    }
+extension ClientFullTunnel: DevicePacketSink {
+    func devicePacket(_ packet: ByteBuffer) { self.packetFromDevice(packet) }
+    func deviceBurstFinished() { self.deviceReadComplete() }
 }
+
+/// Where the full tunnel sends the packets apps on this host send: the tunnel connection (or a test's
+/// double).
+protocol PacketTunnel: AnyObject {
+    /// Queues one packet; flushed by `flushNow`. False when it was dropped.
+    @discardableResult
+    func enqueueIPPacket(_ packet: ByteBuffer) -> Bool
+    /// Sends what is queued now.
+    func flushNow()
+}
+
+extension TunnelConnectionHandler: PacketTunnel {}

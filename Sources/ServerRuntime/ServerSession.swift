@@ -30,7 +30,7 @@ final class ServerSession: TunnelConnectionDelegate {
     private var slot: Int?
     private var queue = 0
     /// Full tunnel: the reader of that queue, to pick up replies the device already holds after a write.
-    private var reader: NIOLoopBound<ServerTUNReader>?
+    private var reader: NIOLoopBound<DeviceReader<ServerTUNQueue>>?
     /// Packets from the client waiting for the end of the current socket read.
     private var pendingPackets: [ByteBuffer] = []
     private var spoofedPackets = 0

@@ -46,7 +46,7 @@ final class ServerTUN: Sendable {
         }
     }
 
-    let device: TUNDevice
+    let device: any PacketDevice
     /// The device queue each event loop reads and writes (one queue per loop).
     private let queueOfLoop: [ObjectIdentifier: Int]
     /// What every client is told besides its own addresses.
@@ -59,13 +59,13 @@ final class ServerTUN: Sendable {
     private let lock: HostChangeLock
     private let readChannels = NIOLockedValueBox<[any Channel]>([])
     /// The reader of each queue, for `reader(of:)`.
-    private let readers: NIOLockedValueBox<[NIOLoopBound<ServerTUNReader>?]>
+    private let readers: NIOLockedValueBox<[NIOLoopBound<DeviceReader<ServerTUNQueue>>?]>
     private let forwarder: NIOLoopBoundBox<DNSForwarder?>
     private let loop: any EventLoop
     private let logger: Logger
 
     private init(
-        device: TUNDevice,
+        device: any PacketDevice,
         loops: [any EventLoop],
         pool: AddressPool<PublicKey>,
         template: TunnelAssignment,
@@ -146,7 +146,7 @@ final class ServerTUN: Sendable {
         let lock = try CrashRecovery.takeOver(statePath: statePath, program: "tunnel-server --tun", logger: logger)
         // One device queue per event loop: replies to a session's packets come back on its own loop.
         let loops = Array(group.makeIterator())
-        let device: TUNDevice
+        let device: any PacketDevice
         do {
             device = try TUNDevice(requested: settings.deviceName, queues: loops.count)
         } catch {
@@ -165,7 +165,7 @@ final class ServerTUN: Sendable {
         let forwarder = NIOLoopBoundBox<DNSForwarder?>.makeEmptyBox(eventLoop: loop)
         var template = TunnelAssignment(mtu: settings.mtu, dnsServers: settings.dns)
         do {
-            try HostNetwork.configureDevice(
+            try HostNetwork.live.configureDevice(
                 device.name,
                 mtu: settings.mtu,
                 addresses: [gateway4] + (gateway6.map { [$0] } ?? [])
@@ -179,7 +179,7 @@ final class ServerTUN: Sendable {
                 )
             }
             let table = Self.tableName(device: device.name)
-            try HostNetwork.installTable(
+            try HostNetwork.live.installTable(
                 family: "inet",
                 name: table,
                 ruleset: FirewallRules.serverTable(
@@ -245,8 +245,8 @@ final class ServerTUN: Sendable {
                     .channelOption(.maxMessagesPerRead, value: 32)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            let reader = ServerTUNReader(
-                                tun: tun,
+                            let reader = DeviceReader(
+                                sink: ServerTUNQueue(tun: tun, loop: channel.eventLoop),
                                 descriptor: device.readDescriptor(queue: queue),
                                 packetCapacity: settings.mtu + 64
                             )
@@ -319,7 +319,7 @@ final class ServerTUN: Sendable {
 
     /// The reader of the device queue `loop` reads, for a session on `loop` to call `readBack()` on after
     /// writing packets.
-    func reader(of loop: any EventLoop) -> NIOLoopBound<ServerTUNReader>? {
+    func reader(of loop: any EventLoop) -> NIOLoopBound<DeviceReader<ServerTUNQueue>>? {
         guard let queue = self.queueOfLoop[ObjectIdentifier(loop)],
             let reader = self.readers.withLockedValue({ $0[queue] }), reader.eventLoop === loop
         else { return nil }
@@ -358,81 +358,36 @@ final class ServerTUN: Sendable {
     }
 }
 
-/// Reads packets from the server's TUN device and hands each to the session owning its destination: at once
-/// when that session runs on this loop, else in one batch per session and read burst.
+/// Where the packets of one device queue go: each to the session owning its destination, at once when that
+/// session runs on this queue's loop, else in one batch per session and read burst.
 ///
-/// Besides NIO's reads on readiness, a session calls `readBack()` right after writing a client's packets to
-/// this queue. Forwarding a packet runs inside the `write(2)`, so when the host answers at once (a ping to a
-/// nearby host, a TCP ACK) the reply is often already queued when the write returns; reading it there sends
-/// it on without another turn of the event loop (an epoll round and NIO's dispatch) on the round trip.
-final class ServerTUNReader: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
+/// Besides NIO's reads on readiness, a session calls its reader's `readBack()` right after writing a
+/// client's packets to this queue. Forwarding a packet runs inside the `write(2)`, so when the host answers
+/// at once (a ping to a nearby host, a TCP ACK) the reply is often already queued when the write returns;
+/// reading it there sends it on without another turn of the event loop (an epoll round and NIO's dispatch)
+/// on the round trip.
+final class ServerTUNQueue: DevicePacketSink {
     private let tun: ServerTUN
-    private var readBackState: DeviceReadBack
+    private let loop: ObjectIdentifier
     /// Packets for sessions on other loops, one batch per session, handed over at the end of the read burst.
     private var batches: [(route: ServerTUN.Route, packets: [ByteBuffer])] = []
     /// Sessions on this loop that got packets in this read burst (flushed at its end). A burst reaches a
     /// handful of sessions at most, so small arrays beat dictionaries here.
     private var local: [TunnelConnectionHandler] = []
-    private var loop: ObjectIdentifier?
     private(set) var unroutable = 0
 
-    init(tun: ServerTUN, descriptor: Int32, packetCapacity: Int) {
+    init(tun: ServerTUN, loop: any EventLoop) {
         self.tun = tun
-        self.readBackState = DeviceReadBack(descriptor: descriptor, packetCapacity: packetCapacity)
+        self.loop = ObjectIdentifier(loop)
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.loop = ObjectIdentifier(context.eventLoop)
-        self.readBackState.attached(to: context.channel)
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        self.readBackState.channel(active: true)
-        context.fireChannelActive()
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        self.readBackState.channel(active: false)
-        context.fireChannelInactive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.readBackState.busy = true
-        self.route(self.unwrapInboundIn(data))
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        self.finishBurst()
-        // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
-        // way, take what else a busy queue holds in one batch instead of one wake-up each.
-        if self.readBackState.delivered(at: .now()) { self.readBack(sendingFirstAtOnce: false) }
-    }
-
-    /// Reads and routes the packets this queue holds now, without waiting for readiness. Call on this
-    /// reader's loop.
-    ///
-    /// With `sendingFirstAtOnce` (after writing one packet) the first packet found goes out before the next
-    /// read, which most often finds the queue empty: a ping reply does not wait for that read. After more
-    /// writes (a transfer's ACKs) the answers go out as one batch, in one send.
-    func readBack(sendingFirstAtOnce: Bool) {
-        guard self.readBackState.ready else { return }
-        self.readBackState.busy = true
-        for index in 0..<DeviceReadBack.limit {
-            guard let packet = self.readBackState.readPacket() else { break }
-            self.route(packet)
-            if sendingFirstAtOnce && index == 0 { self.flushLocal() }
-        }
-        self.finishBurst()
-    }
-
-    private func route(_ packet: ByteBuffer) {
+    func devicePacket(_ packet: ByteBuffer) {
         guard let destination = IPPacket.destination(of: packet), let route = self.tun.route(to: destination) else {
             self.unroutable += 1
             return
         }
         if route.loop == self.loop {
-            // Queued without a flush of its own: the whole read burst goes out in `finishBurst`.
+            // Queued without a flush of its own: the whole read burst goes out in `deviceBurstFinished`.
             let handler = route.handler.value
             handler.enqueueIPPacket(packet)
             if !self.local.contains(where: { $0 === handler }) { self.local.append(handler) }
@@ -443,16 +398,12 @@ final class ServerTUNReader: ChannelInboundHandler {
         }
     }
 
-    /// Sends what this burst queued for sessions on this loop.
-    private func flushLocal() {
-        guard !self.local.isEmpty else { return }
-        for handler in self.local { handler.flushNow() }
-        self.local.removeAll(keepingCapacity: true)
-    }
-
-    private func finishBurst() {
-        defer { self.readBackState.busy = false }
-        self.flushLocal()
+    /// Sends what this burst queued: for sessions on this loop now, for the others on their loops.
+    func deviceBurstFinished() {
+        if !self.local.isEmpty {
+            for handler in self.local { handler.flushNow() }
+            self.local.removeAll(keepingCapacity: true)
+        }
         guard !self.batches.isEmpty else { return }
         for (route, packets) in self.batches {
             route.handler.eventLoop.execute {
@@ -462,10 +413,5 @@ final class ServerTUNReader: ChannelInboundHandler {
             }
         }
         self.batches.removeAll(keepingCapacity: true)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // EIO: the device went away (deleted by hand). Nothing more can be read.
-        context.close(promise: nil)
     }
 }

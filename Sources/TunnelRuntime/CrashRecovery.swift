@@ -30,7 +30,12 @@ public enum CrashRecovery {
 
     /// Takes the lock of the journal at `statePath` (throws when another instance holds it, or the file is
     /// not safely ours) and undoes what it records.
-    package static func takeOver(statePath: String, program: String, logger: Logger) throws(Refused) -> HostChangeLock {
+    package static func takeOver(
+        statePath: String,
+        program: String,
+        logger: Logger,
+        commands: any HostCommands = SystemCommand.live
+    ) throws(Refused) -> HostChangeLock {
         let lock: HostChangeLock
         do {
             lock = try HostChangeLock(statePath: statePath, program: program)
@@ -39,7 +44,7 @@ public enum CrashRecovery {
         }
         let recovery: HostChangeJournal.Recovery
         do {
-            recovery = try HostChangeJournal.recover(path: statePath)
+            recovery = try HostChangeJournal.recover(path: statePath, commands: commands)
         } catch {
             lock.release()
             throw Refused(description: "\(error)")

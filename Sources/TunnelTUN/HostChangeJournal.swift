@@ -26,11 +26,14 @@ public final class HostChangeJournal: @unchecked Sendable {
     public private(set) var undos: [Undo] = []
     /// Where the changes are being made (written into the state file).
     private let identity: HostIdentity
+    /// What runs the undo commands.
+    public let commands: any HostCommands
 
     /// A journal that writes its state to `path` (its directory is created, mode 0700), or keeps it in
-    /// memory only.
-    public init(path: String?) {
+    /// memory only; `commands` runs its undo commands.
+    public init(path: String?, commands: any HostCommands = SystemCommand.live) {
         self.path = path
+        self.commands = commands
         self.identity = path == nil ? HostIdentity(boot: "", namespaceInode: 0, namespaceCookie: 0) : .current()
     }
 
@@ -61,7 +64,7 @@ public final class HostChangeJournal: @unchecked Sendable {
     public func rollback() -> [String] {
         var problems: [String] = []
         while let undo = self.undos.popLast() {
-            if let problem = Self.perform(undo) { problems.append(problem) }
+            if let problem = self.perform(undo) { problems.append(problem) }
         }
         if let path = self.path { unlink(path) }
         return problems
@@ -85,7 +88,10 @@ public final class HostChangeJournal: @unchecked Sendable {
     ///
     /// Files (the resolver) are put back only if they still hold what we wrote; commands (`ip`, `nft`) run
     /// only when the file was written in this boot and this network namespace.
-    public static func recover(path: String) throws(UnsafeStateFile) -> Recovery {
+    public static func recover(
+        path: String,
+        commands: any HostCommands = SystemCommand.live
+    ) throws(UnsafeStateFile) -> Recovery {
         try Self.checkDirectory(of: path)
         let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         if fd < 0 {
@@ -111,7 +117,7 @@ public final class HostChangeJournal: @unchecked Sendable {
             recovery.skipped = undos.count(where: { if case .command = $0 { true } else { false } })
             undos.removeAll { if case .command = $0 { true } else { false } }
         }
-        let journal = HostChangeJournal(path: path)
+        let journal = HostChangeJournal(path: path, commands: commands)
         journal.undos = undos
         recovery.undone = undos.count
         recovery.problems = journal.rollback()
@@ -194,10 +200,10 @@ public final class HostChangeJournal: @unchecked Sendable {
 
     // MARK: - Undo actions
 
-    private static func perform(_ undo: Undo) -> String? {
+    private func perform(_ undo: Undo) -> String? {
         switch undo {
         case .command(let arguments):
-            let result = SystemCommand.run(arguments)
+            let result = self.commands.run(arguments)
             // "No such process/file" means the thing is gone already, which is what we wanted.
             if result.succeeded || result.output.contains("No such") || result.output.contains("does not exist")
                 || result.output.contains("Cannot find device")
@@ -206,16 +212,16 @@ public final class HostChangeJournal: @unchecked Sendable {
             }
             return "`\(arguments.joined(separator: " "))`: \(result.output)"
         case .restoreFile(let path, let original, let written):
-            guard readFile(path) == written else { return nil }
-            return writeFile(path, original, mode: 0o644, create: false)
+            guard Self.readFile(path) == written else { return nil }
+            return Self.writeFile(path, original, mode: 0o644, create: false)
                 ? nil : "cannot restore \(path): \(String(cString: strerror(errno)))"
         case .restoreSymlink(let path, let target, let written):
-            guard readFile(path) == written else { return nil }
+            guard Self.readFile(path) == written else { return nil }
             unlink(path)
             return symlink(target, path) == 0
                 ? nil : "cannot restore the link \(path) -> \(target): \(String(cString: strerror(errno)))"
         case .removeFile(let path, let written):
-            guard readFile(path) == written else { return nil }
+            guard Self.readFile(path) == written else { return nil }
             unlink(path)
             return nil
         }

@@ -5,8 +5,21 @@ import Glibc
 #endif
 
 /// The host configuration steps of full-tunnel mode, each recorded in a `HostChangeJournal` so it is
-/// undone on exit or after a crash. They run `ip` and `nft` (iproute2, nftables).
-public enum HostNetwork {
+/// undone on exit or after a crash. They run `ip` and `nft` (iproute2, nftables) through `commands`, and
+/// rewrite the resolver file at `resolverPath`: `live` is this host, a test passes a double and a file of
+/// its own.
+public struct HostNetwork: Sendable {
+    public let commands: any HostCommands
+    public let resolverPath: String
+
+    public init(commands: any HostCommands, resolverPath: String = "/etc/resolv.conf") {
+        self.commands = commands
+        self.resolverPath = resolverPath
+    }
+
+    /// This host.
+    public static let live = HostNetwork(commands: SystemCommand.live)
+
     /// How the host reaches an address now: through a gateway, or on-link, out of a device.
     public struct Path: Hashable, Sendable, CustomStringConvertible {
         public var gateway: String?
@@ -52,45 +65,45 @@ public enum HostNetwork {
     }
 
     /// How the host reaches `address` right now (before any route of ours is in place).
-    public static func currentPath(to address: IPAddress) -> Path? {
-        let result = SystemCommand.run(["ip", address.isIPv6 ? "-6" : "-4", "route", "get", address.description])
+    public func currentPath(to address: IPAddress) -> Path? {
+        let result = self.commands.run(["ip", address.isIPv6 ? "-6" : "-4", "route", "get", address.description])
         guard result.succeeded else { return nil }
         return Self.parseRouteGet(result.output)
     }
 
     /// Gives a device its addresses and MTU and brings it up.
-    public static func configureDevice(
+    public func configureDevice(
         _ name: String,
         mtu: Int,
         addresses: [TunnelAssignment.Interface]
     ) throws(SystemCommand.Failure) {
-        try SystemCommand.check(["ip", "link", "set", "dev", name, "mtu", String(mtu)])
+        try self.commands.check(["ip", "link", "set", "dev", name, "mtu", String(mtu)])
         for interface in addresses {
             var arguments = [
                 "ip", interface.address.isIPv6 ? "-6" : "-4", "addr", "add", interface.description, "dev", name,
             ]
             if interface.address.isIPv6 { arguments.append("nodad") }
-            try SystemCommand.check(arguments)
+            try self.commands.check(arguments)
         }
-        try SystemCommand.check(["ip", "link", "set", "dev", name, "up"])
+        try self.commands.check(["ip", "link", "set", "dev", name, "up"])
     }
 
     /// Replaces a device's addresses of one family (a reconnect brought a different assignment).
-    public static func readdress(
+    public func readdress(
         _ name: String,
         from old: TunnelAssignment.Interface,
         to new: TunnelAssignment.Interface
     ) throws(SystemCommand.Failure) {
         let family = new.address.isIPv6 ? "-6" : "-4"
-        _ = SystemCommand.run(["ip", family, "addr", "del", old.description, "dev", name])
+        _ = self.commands.run(["ip", family, "addr", "del", old.description, "dev", name])
         var arguments = ["ip", family, "addr", "add", new.description, "dev", name]
         if new.address.isIPv6 { arguments.append("nodad") }
-        try SystemCommand.check(arguments)
+        try self.commands.check(arguments)
     }
 
     /// Adds a route and records its removal. A route that exists already is left alone (and not removed
     /// later: it was not ours).
-    public static func addRoute(
+    public func addRoute(
         _ destination: String,
         ipv6: Bool,
         type: String? = nil,
@@ -100,7 +113,7 @@ public enum HostNetwork {
         let family = ipv6 ? "-6" : "-4"
         let route = (type.map { [$0] } ?? []) + [destination] + arguments
         let add = ["ip", family, "route", "add"] + route
-        let result = SystemCommand.run(add)
+        let result = self.commands.run(add)
         if !result.succeeded {
             if result.output.contains("File exists") { return }
             throw SystemCommand.Failure(command: add, result: result)
@@ -109,25 +122,25 @@ public enum HostNetwork {
     }
 
     /// Adds a route along `path` (the way the host reached it before the tunnel took the default route).
-    public static func addRoute(
+    public func addRoute(
         _ destination: String,
         ipv6: Bool,
         along path: Path,
         journal: HostChangeJournal
     ) throws(SystemCommand.Failure) {
-        try Self.addRoute(destination, ipv6: ipv6, arguments: path.routeArguments, journal: journal)
+        try self.addRoute(destination, ipv6: ipv6, arguments: path.routeArguments, journal: journal)
     }
 
     /// Loads an nftables ruleset that creates table `family name`, after deleting a stale one, and records
     /// the table's removal.
-    public static func installTable(
+    public func installTable(
         family: String,
         name: String,
         ruleset: String,
         journal: HostChangeJournal?
     ) throws(SystemCommand.Failure) {
-        _ = SystemCommand.run(["nft", "delete", "table", family, name])
-        try SystemCommand.check(["nft", "-f", "-"], input: ruleset)
+        _ = self.commands.run(["nft", "delete", "table", family, name])
+        try self.commands.check(["nft", "-f", "-"], input: ruleset)
         journal?.record(.command(["nft", "delete", "table", family, name]))
     }
 
@@ -157,11 +170,8 @@ public enum HostNetwork {
 
     /// Points the system resolver (/etc/resolv.conf) at `servers`, keeping its `search` and `options`
     /// lines, and records how to put the old file (or symbolic link) back.
-    public static func pointResolver(
-        at servers: [IPAddress],
-        path: String = "/etc/resolv.conf",
-        journal: HostChangeJournal
-    ) -> String? {
+    public func pointResolver(at servers: [IPAddress], journal: HostChangeJournal) -> String? {
+        let path = self.resolverPath
         var info = stat()
         let exists = lstat(path, &info) == 0
         let isLink = exists && (info.st_mode & S_IFMT) == S_IFLNK

@@ -7,6 +7,10 @@ import Glibc
 /// Only at setup and teardown, never per packet. The child gets no shell: arguments go to it as they are.
 public enum SystemCommand {
     public struct Result: Sendable {
+        public init(status: Int32, output: String) {
+            self.status = status
+            self.output = output
+        }
         /// Exit status (128 + signal when killed; -1 when it could not start).
         public var status: Int32
         /// Standard output and standard error together, trimmed.
@@ -15,6 +19,10 @@ public enum SystemCommand {
     }
 
     public struct Failure: Error, CustomStringConvertible {
+        public init(command: [String], result: Result) {
+            self.command = command
+            self.result = result
+        }
         public var command: [String]
         public var result: Result
         public var description: String {
@@ -116,6 +124,38 @@ public enum SystemCommand {
         let result = Self.run(arguments, input: input)
         guard result.succeeded else { throw Failure(command: arguments, result: result) }
         return result.output
+    }
+}
+
+/// How host setup runs its commands (`ip`, `nft`): on this system (`SystemCommand.live`), or through a test's
+/// double that records them and answers as the tools would, so full-tunnel code runs in tests without root.
+public protocol HostCommands: Sendable {
+    /// Runs `arguments` (the first is the tool), feeding `input` to its standard input.
+    func run(_ arguments: [String], input: String?) -> SystemCommand.Result
+}
+
+extension HostCommands {
+    public func run(_ arguments: [String]) -> SystemCommand.Result {
+        self.run(arguments, input: nil)
+    }
+
+    /// Runs `arguments` and throws when it fails.
+    @discardableResult
+    public func check(_ arguments: [String], input: String? = nil) throws(SystemCommand.Failure) -> String {
+        let result = self.run(arguments, input: input)
+        guard result.succeeded else { throw SystemCommand.Failure(command: arguments, result: result) }
+        return result.output
+    }
+}
+
+extension SystemCommand {
+    /// The system's own tools.
+    public static let live: any HostCommands = Live()
+
+    struct Live: HostCommands {
+        func run(_ arguments: [String], input: String?) -> SystemCommand.Result {
+            SystemCommand.run(arguments, input: input)
+        }
     }
 }
 

@@ -81,12 +81,12 @@ public final class TUNDevice: Sendable {
 
     /// The read descriptor of a queue, to hand to `NIOPipeBootstrap.takingOwnershipOfDescriptor(input:)`,
     /// which closes it.
-    public func readDescriptor(queue: Int = 0) -> Int32 { self.readDescriptors[queue] }
+    public func readDescriptor(queue: Int) -> Int32 { self.readDescriptors[queue] }
 
     /// Writes one packet on a queue. False when the kernel would block (its queue is full: the packet is
     /// dropped, as a router would) or refused the packet.
     @inlinable
-    public func write(_ packet: ByteBuffer, queue: Int = 0) -> Bool {
+    public func write(_ packet: ByteBuffer, queue: Int) -> Bool {
         packet.withUnsafeReadableBytes { bytes in
             Self.write(descriptor: self.writeDescriptor(queue: queue), bytes)
         }

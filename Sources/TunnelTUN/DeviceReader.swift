@@ -76,3 +76,80 @@ public struct DeviceReadBack {
         return packet
     }
 }
+
+/// Where a device reader hands the packets it reads.
+public protocol DevicePacketSink: AnyObject {
+    /// One packet read from the device.
+    func devicePacket(_ packet: ByteBuffer)
+    /// A burst of reads is over: send on what it queued.
+    func deviceBurstFinished()
+}
+
+/// The handler on a device queue's pipe channel: hands each packet NIO reads to its sink, and reads back
+/// (`DeviceReadBack`) after NIO's one-packet reads while the queue is busy, and when the sink's owner asks
+/// (`readBack`, right after writing packets to the device). Shared by the client's full tunnel and the
+/// server's TUN queues.
+public final class DeviceReader<Sink: DevicePacketSink>: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
+    public let sink: Sink
+    private var state: DeviceReadBack
+
+    public init(sink: Sink, descriptor: Int32, packetCapacity: Int) {
+        self.sink = sink
+        self.state = DeviceReadBack(descriptor: descriptor, packetCapacity: packetCapacity)
+    }
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.state.attached(to: context.channel)
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        self.state.channel(active: true)
+        context.fireChannelActive()
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.state.channel(active: false)
+        context.fireChannelInactive()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.state.busy = true
+        self.sink.devicePacket(self.unwrapInboundIn(data))
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.state.busy = false
+        self.sink.deviceBurstFinished()
+        // NIO reads one packet per wake-up (a device read never fills its buffer): once that packet is on its
+        // way, take what else a busy queue holds in one batch instead of one wake-up each.
+        if self.state.delivered(at: .now()) { self.readBack() }
+    }
+
+    /// Reads and hands on the packets the queue holds now, without waiting for readiness. Call on the
+    /// channel's event loop.
+    ///
+    /// With `sendingFirstAtOnce` (after writing one packet) the first packet found goes on before the next
+    /// read, which most often finds the queue empty: a ping reply does not wait for that read. After more
+    /// writes (a transfer's ACKs) the answers go on as one batch.
+    public func readBack(sendingFirstAtOnce: Bool = false) {
+        guard self.state.ready else { return }
+        self.state.busy = true
+        defer { self.state.busy = false }
+        var read = 0
+        while read < DeviceReadBack.limit, let packet = self.state.readPacket() {
+            self.sink.devicePacket(packet)
+            read += 1
+            if sendingFirstAtOnce && read == 1 { self.sink.deviceBurstFinished() }
+        }
+        if read > (sendingFirstAtOnce ? 1 : 0) { self.sink.deviceBurstFinished() }
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // EIO: the device went away (deleted by hand). Nothing more can be read.
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension DeviceReader: Sendable {}
