@@ -220,15 +220,7 @@ extension Multiplexer {
             self.enqueueControl(.openResult(id, reply: .commandNotSupported, window: 0, bound: .unspecified))
             return
         }
-        let stream = MuxStream(
-            id: id,
-            target: target,
-            kind: kind,
-            receiveWindow: ReceiveWindow(
-                target: self.configuration.initialStreamWindow,
-                maxTarget: self.configuration.maxStreamWindow
-            )
-        )
+        let stream = self.makeStream(id, target: target, kind: kind)
         stream.sendCredit = SendCredit(Int(window))
         self.streams[id.rawValue] = stream
         self.peerStreamCount += 1

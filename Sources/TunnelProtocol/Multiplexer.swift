@@ -210,7 +210,18 @@ public final class Multiplexer {
         guard self.canOpenStream else { return nil }
         let id = StreamID(self.nextLocalStreamID)
         self.nextLocalStreamID += 2
-        let stream = MuxStream(
+        let stream = self.makeStream(id, target: target, kind: kind)
+        self.streams[id.rawValue] = stream
+        self.localStreamCount += 1
+        self.enqueueControl(
+            .open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target)
+        )
+        return stream
+    }
+
+    /// A new stream with this side's initial receive window.
+    func makeStream(_ id: StreamID, target: TargetAddress, kind: StreamKind) -> MuxStream {
+        MuxStream(
             id: id,
             target: target,
             kind: kind,
@@ -219,12 +230,6 @@ public final class Multiplexer {
                 maxTarget: self.configuration.maxStreamWindow
             )
         )
-        self.streams[id.rawValue] = stream
-        self.localStreamCount += 1
-        self.enqueueControl(
-            .open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target)
-        )
-        return stream
     }
 
     /// Queues one datagram (`atyp addr port data`) on a UDP association. Returns false when it was dropped
