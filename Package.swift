@@ -218,7 +218,7 @@ let package = Package(
         .testTarget(
             name: "ClientRuntimeTests",
             dependencies: [
-                "ClientRuntime", "TunnelConfig", "TunnelProtocol", "TunnelTUN",
+                "ClientRuntime", "TunnelConfig", "TunnelProtocol", "TunnelRuntime", "TunnelTUN",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

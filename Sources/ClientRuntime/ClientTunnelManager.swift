@@ -110,39 +110,57 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let congestionControl = self.resolved.settings.timings.congestionControl
         let logger = self.logger
         self.logger.debug("connecting to \(server) (\(cipher))")
-        ClientBootstrap(group: self.eventLoop)
-            .connectTimeout(.nanoseconds(self.configuration.session.timers.handshakeTimeout.nanoseconds))
-            .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
-            .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
-            .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
-            .channelOption(.maxMessagesPerRead, value: 1)
-            .channelInitializer { channel in
-                TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
-                return channel.eventLoop.makeSucceededVoidFuture()
+        let host = self.connectHost ?? server.host
+        let timeout = self.configuration.session.timers.handshakeTimeout
+        // Our own socket, raced over the server's addresses (Happy Eyeballs), handed to NIO connected: the
+        // handler knows its descriptor for direct writes without searching for it.
+        NIOThreadPool.singleton.runIfActive(eventLoop: self.eventLoop) {
+            Dialer.connect(host: host, port: UInt16(server.port), timeout: timeout)
+        }
+        .assumeIsolated()
+        .whenComplete { result in
+            let connection: Dialer.Connection
+            switch result {
+            case .success(.success(let connected)):
+                connection = connected
+            case .success(.failure(let failure)):
+                self.connecting = false
+                self.attemptFailed("cannot connect to \(server): \(failure)", handshake: false)
+                return
+            case .failure(let error):
+                self.connecting = false
+                self.attemptFailed("cannot connect to \(server): \(error)", handshake: false)
+                return
             }
-            .connect(host: self.connectHost ?? server.host, port: server.port)
-            .assumeIsolated()
-            .whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    // The handler joins only the connection that won: a name with several addresses makes NIO
-                    // try them (Happy Eyeballs, RFC 8305) on channels of their own, each through the
-                    // initializer, and a handler shared with a losing attempt lost its context when that
-                    // attempt was closed (the tunnel came up and then never wrote again).
-                    do {
+            guard !self.stopped else {
+                close(connection.descriptor)
+                self.connecting = false
+                return
+            }
+            handler.socketDescriptor = connection.descriptor
+            ClientBootstrap(group: self.eventLoop)
+                .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
+                .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
+                .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
+                .channelOption(.maxMessagesPerRead, value: 1)
+                .channelInitializer { channel in
+                    TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
+                    return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(boundHandler.value)
-                    } catch {
-                        channel.close(promise: nil)
+                    }
+                }
+                .withConnectedSocket(connection.descriptor)
+                .assumeIsolated()
+                .whenComplete { result in
+                    switch result {
+                    case .success:
+                        self.live[ObjectIdentifier(handler)] = handler
+                    case .failure(let error):
                         self.connecting = false
                         self.attemptFailed("cannot use the connection to \(server): \(error)", handshake: false)
-                        return
                     }
-                    self.live[ObjectIdentifier(handler)] = handler
-                case .failure(let error):
-                    self.connecting = false
-                    self.attemptFailed("cannot connect to \(server): \(describeConnectError(error))", handshake: false)
                 }
-            }
+        }
     }
 
     private func attemptFailed(_ why: String, handshake: Bool) {
@@ -340,17 +358,4 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
         return EventLoopFuture.andAllComplete(futures, on: self.eventLoop)
     }
-}
-
-/// A short description of a connect failure (NIO wraps the per-address errors).
-func describeConnectError(_ error: any Error) -> String {
-    if let connectionError = error as? NIOConnectionError {
-        if let first = connectionError.connectionErrors.first { return describeConnectError(first.error) }
-        if let dns = connectionError.dnsAError ?? connectionError.dnsAAAAError { return "cannot resolve: \(dns)" }
-    }
-    if let ioError = error as? IOError {
-        return "\(String(cString: strerror(ioError.errnoCode))) (errno \(ioError.errnoCode))"
-    }
-    if let channelError = error as? ChannelError, case .connectTimeout = channelError { return "connect timed out" }
-    return "\(error)"
 }

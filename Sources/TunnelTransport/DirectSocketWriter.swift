@@ -21,11 +21,12 @@ final class DirectSocketWriter {
 
     var isEnabled: Bool { self.descriptor != nil }
 
-    /// Finds the channel's socket among this process's descriptors and writes to it directly from now on.
-    func enable(channel: any Channel) -> Bool {
+    /// Writes to the channel's socket directly from now on: `known` when given, else the descriptor found
+    /// among this process's by the channel's addresses.
+    func enable(channel: any Channel, descriptor known: Int32? = nil) -> Bool {
         guard self.descriptor == nil else { return true }
         guard channel.isActive, let local = channel.localAddress, let remote = channel.remoteAddress,
-            let descriptor = SocketDescriptor.find(local: local, remote: remote)
+            let descriptor = known ?? SocketDescriptor.find(local: local, remote: remote)
         else { return false }
         self.descriptor = descriptor
         // Writes made before now were not counted: the first write after this goes behind them.

@@ -54,12 +54,14 @@ extension TunnelConnectionHandler {
 
     /// Lets this connection write records to its socket with send(2) itself instead of through the channel's
     /// write path whenever the channel holds no earlier write: a few microseconds less per write on the
-    /// latency path (the full tunnel's packets). Finds the socket's descriptor by its addresses (a scan of
-    /// the process's descriptors, so once per connection); does nothing if it cannot. Returns whether it is on.
+    /// latency path (the full tunnel's packets). Uses `socketDescriptor` when the socket was made by us (the
+    /// client's), else finds it by its addresses (a scan of the process's descriptors, once per connection: a
+    /// server's accepted sockets come from NIO, which does not tell their descriptors); does nothing if it
+    /// cannot. Returns whether it is on.
     @discardableResult
     public func enableDirectWrites() -> Bool {
         guard self.phase == .established, let channel = self.context?.channel else { return self.writer.isEnabled }
-        return self.writer.enable(channel: channel)
+        return self.writer.enable(channel: channel, descriptor: self.socketDescriptor)
     }
 
     /// Whether IP packets flow on this connection (negotiated).

@@ -56,6 +56,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var closeError: ProtocolError?
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
     public private(set) var peerCloseCode: ErrorCode?
+    /// The socket's descriptor, when whoever made the socket knows it (it was handed to NIO connected).
+    public var socketDescriptor: Int32?
     /// Writes records, with send(2) itself once `enableDirectWrites()` found the socket.
     let writer = DirectSocketWriter()
     /// CLOSE is being written.

@@ -1,0 +1,123 @@
+import NIOCore
+import Testing
+import TunnelRuntime
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The client's own connect: Happy Eyeballs over a server's addresses (RFC 8305), on loopback only.
+struct DialerTests {
+    /// A listening TCP socket on 127.0.0.1 with a kernel-chosen port; `backlog` 0 and `fill` connections never
+    /// accepted make it a black hole (the kernel drops further SYNs while the accept queue is full).
+    final class Listener {
+        let fd: Int32
+        let port: Int
+        var fillers: [Int32] = []
+
+        init(fill: Bool = false) {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            self.fd = fd
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            listen(fd, fill ? 0 : 16)
+            var bound = sockaddr_in()
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &bound) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+            }
+            self.port = Int(UInt16(bigEndian: bound.sin_port))
+            if fill {
+                // Fill the accept queue (and the SYN queue's room for it) so that the next SYN goes unanswered.
+                for _ in 0..<4 {
+                    if case .success(let connection) = Dialer.connect(
+                        to: [self.address],
+                        timeout: .milliseconds(200)
+                    ) {
+                        self.fillers.append(connection.descriptor)
+                    }
+                }
+            }
+        }
+
+        var address: SocketAddress { try! SocketAddress(ipAddress: "127.0.0.1", port: self.port) }
+
+        deinit {
+            for fd in self.fillers { close(fd) }
+            close(self.fd)
+        }
+    }
+
+    @Test func addressesAlternateByFamilyStartingWithTheFirst() throws {
+        let v6a = try SocketAddress(ipAddress: "2001:db8::1", port: 1)
+        let v6b = try SocketAddress(ipAddress: "2001:db8::2", port: 1)
+        let v4a = try SocketAddress(ipAddress: "192.0.2.1", port: 1)
+        let v4b = try SocketAddress(ipAddress: "192.0.2.2", port: 1)
+        #expect(Dialer.interleaved([v6a, v6b, v4a, v4b]) == [v6a, v4a, v6b, v4b])
+        #expect(Dialer.interleaved([v4a, v6a, v6b]) == [v4a, v6a, v6b])
+        #expect(Dialer.interleaved([]) == [])
+    }
+
+    @Test func connectsToAListenerAndReportsARefusal() throws {
+        let listener = Listener()
+        guard
+            case .success(let connection) = Dialer.connect(
+                host: "127.0.0.1",
+                port: UInt16(listener.port),
+                timeout: .seconds(2)
+            )
+        else {
+            Issue.record("no connection")
+            return
+        }
+        #expect(connection.address.port == listener.port)
+        close(connection.descriptor)
+
+        let closedPort = listener.port
+        close(listener.fd)
+        let refused = Dialer.connect(
+            to: [try SocketAddress(ipAddress: "127.0.0.1", port: closedPort)],
+            timeout: .seconds(2)
+        )
+        guard case .failure(let failure) = refused else {
+            Issue.record("connected to a closed port")
+            return
+        }
+        #expect(failure.description.contains("refused"))
+    }
+
+    /// A first address that never answers does not hold the connection up: the next one starts after the
+    /// attempt delay and wins, long before the timeout.
+    @Test func anAddressThatNeverAnswersIsOvertakenByTheNext() throws {
+        let blackHole = Listener(fill: true)
+        let good = Listener()
+        let start = NIODeadline.now()
+        let result = Dialer.connect(
+            to: [blackHole.address, good.address],
+            timeout: .seconds(10),
+            attemptDelay: .milliseconds(100)
+        )
+        let elapsed = NIODeadline.now() - start
+        guard case .success(let connection) = result else {
+            Issue.record("no connection: \(result)")
+            return
+        }
+        #expect(connection.address == good.address)
+        #expect(elapsed < .seconds(5))
+        close(connection.descriptor)
+
+        // Alone, the black hole times out.
+        let alone = Dialer.connect(to: [blackHole.address], timeout: .milliseconds(300))
+        guard case .failure(let failure) = alone else {
+            Issue.record("the black hole answered")
+            return
+        }
+        #expect(failure.description == "connect timed out")
+    }
+}
