@@ -76,13 +76,19 @@ final class ProxyUnderTest {
         if let directory { try? FileManager.default.removeItem(at: directory) }
     }
 
-    private static func run(_ path: String, _ arguments: [String]) throws -> String {
+    /// Starts `path` with its standard output on a pipe.
+    private static func launch(_ path: String, _ arguments: [String]) throws -> (Process, Pipe) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
         let pipe = Pipe()
         process.standardOutput = pipe
         try process.run()
+        return (process, pipe)
+    }
+
+    private static func run(_ path: String, _ arguments: [String]) throws -> String {
+        let (process, pipe) = try Self.launch(path, arguments)
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         guard process.terminationStatus == 0 else {
@@ -92,12 +98,7 @@ final class ProxyUnderTest {
     }
 
     private static func start(_ path: String, _ arguments: [String], ready: String) throws -> (Process, String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
+        let (process, pipe) = try Self.launch(path, arguments)
         var text = ""
         let handle = pipe.fileHandleForReading
         let deadline = monotonicNanos() + 15_000_000_000
