@@ -119,6 +119,14 @@ extension Multiplexer {
     }
 
     /// Writes queued datagrams and IP packets that fit in `budget`; returns the budget left.
+    /// The size of the next control frame or datagram in line (0 when none): frames that cannot be split,
+    /// so a record must have room for them.
+    public var nextUnsplittableFrameBytes: Int {
+        let control = self.controlQueue.first?.encodedLength ?? 0
+        let datagram = self.datagramQueue.first.map { FrameHeader.byteCount + $0.1.readableBytes } ?? 0
+        return max(control, datagram)
+    }
+
     private func writeDatagrams(into buffer: inout ByteBuffer, budget: Int) -> Int {
         var budget = budget
         while let (id, payload) = self.datagramQueue.first {

@@ -286,11 +286,20 @@ public final class TunnelSession {
 
     /// Appends sealed records of what the multiplexer has queued until `buffer` holds at least `batchBytes`
     /// or nothing is left. A record that is due to rekey carries REKEY and the sending key changes after it.
-    public func produceRecords(into buffer: inout ByteBuffer, batchBytes: Int, now: NIODeadline) throws(ProtocolError) {
+    ///
+    /// Records carry at most `recordBytes` of frames (smaller records leave the scheduler more say on a slow
+    /// link), except that a frame that cannot be split (a datagram, an IP packet) always fits its record.
+    public func produceRecords(
+        into buffer: inout ByteBuffer,
+        batchBytes: Int,
+        recordBytes: Int = WireLimits.maxRecordFrameBytes,
+        now: NIODeadline
+    ) throws(ProtocolError) {
         guard self.phase == .established, let mux = self.multiplexer else { return }
         while buffer.readableBytes < batchBytes {
             let start = self.sealer!.beginRecord(in: &buffer)
-            guard mux.produceRecord(into: &buffer, limit: WireLimits.maxRecordFrameBytes) else {
+            let limit = min(WireLimits.maxRecordFrameBytes, max(recordBytes, mux.nextUnsplittableFrameBytes))
+            guard mux.produceRecord(into: &buffer, limit: limit) else {
                 buffer.moveWriterIndex(to: start)
                 return
             }

@@ -3,6 +3,10 @@ import NIOCore
 import TunnelCrypto
 import TunnelProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The one handler on a tunnel TCP connection: events in, actions out. Every protocol decision (handshake,
 /// records, rekey, multiplexing, timers, drain) is its `TunnelSession`'s, a value with no channel; this class
 /// feeds it the socket's bytes and the clock, writes the records it produces, wakes it when its next tick is
@@ -43,6 +47,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// The session the handshake established.
     public var session: EstablishedSession? { self.core.established }
 
+    /// How much output may wait below the multiplexer (the kernel's unsent bytes, the channel's buffer).
+    private var sendBudget = SendQueueBudget()
+    /// Produces output once the kernel has sent enough of what it holds.
+    private var outputWake: Scheduled<Void>?
     /// The last small output buffer, reused once the socket has written it.
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
@@ -196,18 +204,36 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Builds records from whatever the multiplexer has queued, up to the batch size, and writes them in one go.
     func produceOutput(context: ChannelHandlerContext) {
         self.flushOwed = false
+        guard self.core.hasOutput else {
+            self.closeIfDrained()
+            return
+        }
         let maxPlaintext = WireLimits.maxRecordFrameBytes
+        let now = NIODeadline.now()
+        if self.sendBudget.needsMeasurement(now: now) { self.measureSendBudget(context: context, now: now) }
+        // Each write at most what may wait below the scheduler: the rest stays in the multiplexer, whose
+        // order decides what goes next.
+        var batchBytes = min(self.configuration.outputBatchBytes, self.sendBudget.limit)
         while self.core.hasOutput && context.channel.isWritable {
+            if self.sendBudget.checksKernelQueue, let info = TCPInfo.of(context.channel) {
+                switch self.sendBudget.decide(notSent: Int(info.notSentBytes)) {
+                case .write(let room):
+                    batchBytes = min(batchBytes, room)
+                case .wait(let delay):
+                    self.wakeOutput(after: delay, context: context)
+                    return
+                }
+            }
             let estimate = self.core.queuedOutputBytes
-            let capacity =
-                min(self.configuration.outputBatchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
+            let capacity = min(batchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
             var buffer = TunnelSession.reuse(&self.outputScratch, capacity: capacity)
             let rekeys = self.core.sendRekeys
             do {
                 try self.core.produceRecords(
                     into: &buffer,
-                    batchBytes: self.configuration.outputBatchBytes,
-                    now: .now()
+                    batchBytes: batchBytes,
+                    recordBytes: batchBytes,
+                    now: now
                 )
             } catch {
                 self.fail(error, context: context)
@@ -219,6 +245,36 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             self.writer.write(buffer, context: context)
         }
         self.closeIfDrained()
+    }
+
+    /// Produces output again after `delay` (the kernel's queue was full enough).
+    private func wakeOutput(after delay: TimeAmount, context: ChannelHandlerContext) {
+        guard self.outputWake == nil else { return }
+        self.outputWake = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
+            self.outputWake = nil
+            if let context = self.context { self.produceOutput(context: context) }
+        }
+    }
+
+    /// Reads the connection's pacing rate and, when the queue limit moves, applies it to the socket
+    /// (`TCP_NOTSENT_LOWAT`: the kernel takes writes only while fewer bytes than that are unsent) and to the
+    /// channel's watermarks.
+    private func measureSendBudget(context: ChannelHandlerContext, now: NIODeadline) {
+        guard let info = TCPInfo.of(context.channel),
+            let limit = self.sendBudget.measured(pacingRate: info.pacingRate, now: now)
+        else { return }
+        let marks = self.sendBudget.waterMarks
+        context.channel.setOption(
+            .writeBufferWaterMark,
+            value: ChannelOptions.Types.WriteBufferWaterMark(low: marks.low, high: marks.high)
+        ).whenFailure { _ in }
+        if let provider = context.channel as? any SocketOptionProvider {
+            provider.unsafeSetSocketOption(
+                level: SocketOptionLevel(IPPROTO_TCP),
+                name: SocketOptionName(TCP_NOTSENT_LOWAT),
+                value: Int32(limit)
+            ).whenFailure { _ in }
+        }
     }
 
     private func flushLocalStreams() {

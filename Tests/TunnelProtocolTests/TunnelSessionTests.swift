@@ -236,6 +236,43 @@ struct TunnelSessionTests {
         #expect(!idle.session.beginDrain(deadline: self.t0 + .seconds(5)))
     }
 
+    /// Records hold at most the size asked for (small records on a slow link), but a datagram that cannot be
+    /// split still goes out whole, in a record of its own size.
+    @Test func recordsKeepToTheAskedSizeExceptForAnUnsplittableFrame() throws {
+        let now = self.t0
+        let (client, server) = self.makeEnds(now: now)
+        let connection = MemoryConnection()
+        try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
+        try self.pump(client, server, over: connection, now: now)
+        let mux = client.session.multiplexer!
+        let tcp = mux.openStream(to: TargetAddress(host: .domain("example.com"), port: 80))!
+        let udp = mux.openStream(to: TargetAddress(host: .ipv4(0), port: 0), kind: .udp)!
+        try self.pump(client, server, over: connection, now: now)
+        for id in [tcp.id, udp.id] {
+            let stream = server.session.multiplexer!.stream(id)!
+            server.session.multiplexer!.completeOpen(stream, reply: .succeeded, bound: .unspecified)
+        }
+        try self.pump(client, server, over: connection, now: now)
+
+        mux.localRead(bytes(100_000, seed: 5), on: tcp)
+        var records = ByteBuffer()
+        try client.session.produceRecords(into: &records, batchBytes: 40_000, recordBytes: 8192, now: now)
+        var sizes: [Int] = []
+        var reader = records
+        while let length = reader.readInteger(as: UInt16.self) {
+            sizes.append(Int(length))
+            reader.moveReaderIndex(forwardBy: Int(length))
+        }
+        // Each record: at most 8192 bytes of frames, plus its type byte, padding and tag (under 64 bytes).
+        #expect(sizes.count >= 5 && sizes.allSatisfy { $0 <= 8192 + 64 }, "\(sizes)")
+
+        #expect(mux.sendDatagram(bytes(30_000, seed: 6), on: udp))
+        var big = ByteBuffer()
+        try client.session.produceRecords(into: &big, batchBytes: 1, recordBytes: 8192, now: now)
+        let first = Int(big.getInteger(at: big.readerIndex, as: UInt16.self) ?? 0)
+        #expect(first > 30_000, "the datagram went whole")
+    }
+
     @Test func anUnlistedClientAndAReplayedFirstMessageAreRefused() throws {
         let now = self.t0
         let (client, server) = self.makeEnds(now: now)

@@ -1,0 +1,49 @@
+import NIOCore
+import Testing
+import TunnelProtocol
+
+/// The queue below the scheduler: its limit follows the connection's rate, and on a slow link each write is
+/// sized to what the kernel may still take.
+struct SendQueueBudgetTests {
+    let t0 = NIODeadline.uptimeNanoseconds(9_000_000_000_000)
+
+    @Test func theLimitIsWhatTheConnectionSendsInTheTargetDelayWithinItsBounds() {
+        var budget = SendQueueBudget()
+        #expect(budget.needsMeasurement(now: self.t0))
+        // 20 Mbit/s: 4 ms is 10 kB, below the 16 KiB floor.
+        #expect(budget.measured(pacingRate: 2_500_000, now: self.t0) == 16 << 10)
+        #expect(budget.checksKernelQueue)
+        #expect(!budget.needsMeasurement(now: self.t0 + .milliseconds(50)))
+        #expect(budget.needsMeasurement(now: self.t0 + .milliseconds(100)))
+        // 1 Gbit/s: 500 kB, and the kernel's own check is enough.
+        #expect(budget.measured(pacingRate: 125_000_000, now: self.t0 + .milliseconds(100)) == 500_000)
+        #expect(!budget.checksKernelQueue)
+        #expect(budget.waterMarks == (250_000, 500_000))
+        // Loopback: capped.
+        #expect(budget.measured(pacingRate: 10_000_000_000, now: self.t0 + .milliseconds(200)) == 2 << 20)
+    }
+
+    @Test func smallMovesOfTheRateChangeNothingAndAnUnknownRateKeepsTheLimit() {
+        var budget = SendQueueBudget()
+        #expect(budget.measured(pacingRate: 12_500_000, now: self.t0) == 50_000)
+        #expect(budget.measured(pacingRate: 13_750_000, now: self.t0) == nil, "10% more: not worth a system call")
+        #expect(budget.measured(pacingRate: 10_000_000, now: self.t0) == nil, "20% less: not worth one either")
+        #expect(budget.measured(pacingRate: 16_000_000, now: self.t0) == 64_000)
+        #expect(budget.measured(pacingRate: 0, now: self.t0) == nil)
+        #expect(budget.limit == 64_000)
+    }
+
+    @Test func eachWriteTakesWhatIsLeftAndAFullQueueWaitsForHalfOfItToGo() {
+        var budget = SendQueueBudget()
+        _ = budget.measured(pacingRate: 2_500_000, now: self.t0)
+        #expect(budget.decide(notSent: 0) == .write(16 << 10))
+        #expect(budget.decide(notSent: 10_000) == .write((16 << 10) - 10_000))
+        // Less than a small record's room: wait until the kernel has sent what is above half the limit.
+        // 16,384 - 8,192 = 8,192 bytes at 2.5 MB/s: 3.3 ms.
+        #expect(budget.decide(notSent: 16_384) == .wait(.nanoseconds(3_276_800)))
+        // The kernel's last buffer overshot the limit: the wait covers it, at most 20 ms.
+        #expect(budget.decide(notSent: 65_536) == .wait(.milliseconds(20)))
+        _ = budget.measured(pacingRate: 50_000_000, now: self.t0 + .seconds(1))
+        #expect(budget.decide(notSent: budget.limit) == .wait(.nanoseconds(2_000_000)))
+    }
+}
