@@ -28,6 +28,9 @@ public struct SendQueueBudget: Sendable {
     private var measuredAt: NIODeadline?
     /// The last pacing rate read, bytes per second (0: unknown).
     public private(set) var pacingRate: UInt64 = 0
+    /// What the kernel held unsent at the last check, and what was written since.
+    private var notSentAtCheck = 0
+    private var writtenSinceCheck = 0
 
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
@@ -64,6 +67,18 @@ public struct SendQueueBudget: Sendable {
     /// On a fast link (a limit of 256 KiB and more) that slack does not matter and the check is skipped.
     public var checksKernelQueue: Bool { self.limit < 256 << 10 }
 
+    /// Whether to read the kernel's queue before writing about `bytes` more: only when it may then hold half
+    /// the limit or more. Small writes on a quiet connection (a ping, a keystroke) need no system call; a
+    /// run of them is checked once half the limit has gone out since the last look.
+    public func needsKernelCheck(beforeWriting bytes: Int) -> Bool {
+        self.checksKernelQueue && self.notSentAtCheck + self.writtenSinceCheck + bytes >= self.limit / 2
+    }
+
+    /// `bytes` were handed to the socket.
+    public mutating func wrote(_ bytes: Int) {
+        self.writtenSinceCheck += bytes
+    }
+
     public enum Decision: Equatable, Sendable {
         /// Write up to this many bytes now.
         case write(Int)
@@ -73,7 +88,9 @@ public struct SendQueueBudget: Sendable {
 
     /// With `notSent` bytes unsent in the kernel: how much to write now, or how long to wait. Never less
     /// than a small record's worth at once, so that the queue never runs dry while a record waits.
-    public func decide(notSent: Int) -> Decision {
+    public mutating func decide(notSent: Int) -> Decision {
+        self.notSentAtCheck = notSent
+        self.writtenSinceCheck = 0
         let room = self.limit - notSent
         if room >= Self.smallestWrite { return .write(room) }
         let rate = max(self.pacingRate, 1)

@@ -210,18 +210,19 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         }
         let maxPlaintext = WireLimits.maxRecordFrameBytes
         let now = NIODeadline.now()
-        if self.sendBudget.needsMeasurement(now: now) { self.measureSendBudget(context: context, now: now) }
         // Each write at most what may wait below the scheduler: the rest stays in the multiplexer, whose
         // order decides what goes next.
         var batchBytes = min(self.configuration.outputBatchBytes, self.sendBudget.limit)
-        while self.core.hasOutput && context.channel.isWritable {
-            if self.sendBudget.checksKernelQueue, let info = TCPInfo.of(context.channel) {
+        output: while self.core.hasOutput && context.channel.isWritable {
+            if self.sendBudget.needsKernelCheck(beforeWriting: self.core.queuedOutputBytes),
+                let info = TCPInfo.of(context.channel)
+            {
                 switch self.sendBudget.decide(notSent: Int(info.notSentBytes)) {
                 case .write(let room):
                     batchBytes = min(batchBytes, room)
                 case .wait(let delay):
                     self.wakeOutput(after: delay, context: context)
-                    return
+                    break output
                 }
             }
             let estimate = self.core.queuedOutputBytes
@@ -242,8 +243,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             for _ in rekeys..<self.core.sendRekeys { self.logger.debug("rekeyed sending direction") }
             guard buffer.readableBytes > 0 else { break }
             TunnelSession.keep(buffer, in: &self.outputScratch)
+            self.sendBudget.wrote(buffer.readableBytes)
             self.writer.write(buffer, context: context)
         }
+        // The rate is read after the writes, off the latency path (a ping waits for no system call).
+        if self.sendBudget.needsMeasurement(now: now) { self.measureSendBudget(context: context, now: now) }
         self.closeIfDrained()
     }
 

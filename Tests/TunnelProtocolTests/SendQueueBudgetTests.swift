@@ -33,6 +33,24 @@ struct SendQueueBudgetTests {
         #expect(budget.limit == 64_000)
     }
 
+    @Test func smallWritesOnAQuietConnectionAreNotCheckedUntilHalfTheLimitWentOut() {
+        var budget = SendQueueBudget()
+        _ = budget.measured(pacingRate: 2_500_000, now: self.t0)
+        #expect(budget.needsKernelCheck(beforeWriting: 100_000), "bulk is always checked")
+        _ = budget.decide(notSent: 0)
+        #expect(!budget.needsKernelCheck(beforeWriting: 120), "a ping is not")
+        for _ in 0..<60 { budget.wrote(120) }
+        #expect(!budget.needsKernelCheck(beforeWriting: 120))
+        for _ in 0..<10 { budget.wrote(120) }
+        #expect(budget.needsKernelCheck(beforeWriting: 120), "8400 bytes since the last look: look again")
+        _ = budget.decide(notSent: 0)
+        #expect(!budget.needsKernelCheck(beforeWriting: 120))
+        _ = budget.decide(notSent: 9000)
+        #expect(budget.needsKernelCheck(beforeWriting: 120), "the kernel was half full at the last look")
+        _ = budget.measured(pacingRate: 125_000_000, now: self.t0 + .seconds(1))
+        #expect(!budget.needsKernelCheck(beforeWriting: 100_000), "a fast link leaves it to the kernel")
+    }
+
     @Test func eachWriteTakesWhatIsLeftAndAFullQueueWaitsForHalfOfItToGo() {
         var budget = SendQueueBudget()
         _ = budget.measured(pacingRate: 2_500_000, now: self.t0)
