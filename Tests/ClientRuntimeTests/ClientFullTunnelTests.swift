@@ -53,9 +53,10 @@ struct ClientFullTunnelTests {
         return header + payload
     }
 
-    /// Waits (up to 5 s) until `condition`, checked on `loop`, holds.
+    /// Waits (up to 30 s: the suite runs in parallel on a loaded machine) until `condition`, checked on
+    /// `loop`, holds.
     static func eventually(on loop: any EventLoop, _ condition: @escaping @Sendable () -> Bool) async throws -> Bool {
-        for _ in 0..<500 {
+        for _ in 0..<3000 {
             if try await loop.submit(condition).get() { return true }
             try await Task.sleep(nanoseconds: 10_000_000)
         }

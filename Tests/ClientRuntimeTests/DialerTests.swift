@@ -1,4 +1,5 @@
 import NIOCore
+import NIOPosix
 import Testing
 import TunnelRuntime
 
@@ -6,15 +7,23 @@ import TunnelRuntime
 import Glibc
 #endif
 
-/// The client's own connect: Happy Eyeballs over a server's addresses (RFC 8305), on loopback only.
+/// The client's own connect: Happy Eyeballs over a server's addresses (RFC 8305), on loopback only. The
+/// dialer blocks (poll), so each test runs it on a thread pool: a test that blocks Swift's cooperative
+/// threads (two on a two-core machine) stalls every other test awaiting at the same time.
 struct DialerTests {
+    /// Runs `body` (which blocks) on the thread pool.
+    static func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async throws -> T {
+        try await NIOThreadPool.singleton.runIfActive(body)
+    }
+
     /// A listening TCP socket on 127.0.0.1 with a kernel-chosen port; `backlog` 0 and `fill` connections never
     /// accepted make it a black hole (the kernel drops further SYNs while the accept queue is full).
-    final class Listener {
+    final class Listener: @unchecked Sendable {
         let fd: Int32
         let port: Int
         var fillers: [Int32] = []
 
+        /// Blocks (the fill connects): call through `blocking`.
         init(fill: Bool = false) {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             self.fd = fd
@@ -64,27 +73,22 @@ struct DialerTests {
         #expect(Dialer.interleaved([]) == [])
     }
 
-    @Test func connectsToAListenerAndReportsARefusal() throws {
+    @Test func connectsToAListenerAndReportsARefusal() async throws {
         let listener = Listener()
-        guard
-            case .success(let connection) = Dialer.connect(
-                host: "127.0.0.1",
-                port: UInt16(listener.port),
-                timeout: .seconds(2)
-            )
-        else {
+        let port = listener.port
+        let connected = try await Self.blocking {
+            Dialer.connect(host: "127.0.0.1", port: UInt16(port), timeout: .seconds(2))
+        }
+        guard case .success(let connection) = connected else {
             Issue.record("no connection")
             return
         }
-        #expect(connection.address.port == listener.port)
+        #expect(connection.address.port == port)
         close(connection.descriptor)
 
-        let closedPort = listener.port
         close(listener.fd)
-        let refused = Dialer.connect(
-            to: [try SocketAddress(ipAddress: "127.0.0.1", port: closedPort)],
-            timeout: .seconds(2)
-        )
+        let closed = try SocketAddress(ipAddress: "127.0.0.1", port: port)
+        let refused = try await Self.blocking { Dialer.connect(to: [closed], timeout: .seconds(2)) }
         guard case .failure(let failure) = refused else {
             Issue.record("connected to a closed port")
             return
@@ -94,16 +98,18 @@ struct DialerTests {
 
     /// A first address that never answers does not hold the connection up: the next one starts after the
     /// attempt delay and wins, long before the timeout.
-    @Test func anAddressThatNeverAnswersIsOvertakenByTheNext() throws {
-        let blackHole = Listener(fill: true)
+    @Test func anAddressThatNeverAnswersIsOvertakenByTheNext() async throws {
+        let blackHole = try await Self.blocking { Listener(fill: true) }
         let good = Listener()
-        let start = NIODeadline.now()
-        let result = Dialer.connect(
-            to: [blackHole.address, good.address],
-            timeout: .seconds(10),
-            attemptDelay: .milliseconds(100)
-        )
-        let elapsed = NIODeadline.now() - start
+        let (result, elapsed) = try await Self.blocking {
+            let start = NIODeadline.now()
+            let result = Dialer.connect(
+                to: [blackHole.address, good.address],
+                timeout: .seconds(10),
+                attemptDelay: .milliseconds(100)
+            )
+            return (result, NIODeadline.now() - start)
+        }
         guard case .success(let connection) = result else {
             Issue.record("no connection: \(result)")
             return
@@ -113,7 +119,7 @@ struct DialerTests {
         close(connection.descriptor)
 
         // Alone, the black hole times out.
-        let alone = Dialer.connect(to: [blackHole.address], timeout: .milliseconds(300))
+        let alone = try await Self.blocking { Dialer.connect(to: [blackHole.address], timeout: .milliseconds(300)) }
         guard case .failure(let failure) = alone else {
             Issue.record("the black hole answered")
             return
