@@ -5,8 +5,8 @@ import NIOCore
 /// small reply queued behind it waits as long as the link takes to send it. So the limit is what the
 /// connection sends in `targetDelay` at its current rate (TCP's pacing rate: the congestion control's own
 /// estimate, which unlike the delivery rate does not collapse while the tunnel is idle), within
-/// `minimum...maximum`: 16 KiB on a 20 Mbit/s link (about 6 ms), more on a fast one, where a small queue
-/// would starve the socket. The order of what is sent is then decided at the last moment, as HTTP/2 servers
+/// `minimum...maximum`: 10 kB on a 20 Mbit/s link, 8 KiB (13 ms) at 5 Mbit/s, more on a fast one, where a
+/// small queue would starve the socket. The order of what is sent is then decided at the last moment, as HTTP/2 servers
 /// do for prioritization.
 ///
 /// Pure: the connection reads the pacing rate from `TCP_INFO` when `needsMeasurement(now:)` says so, and
@@ -15,7 +15,7 @@ public struct SendQueueBudget: Sendable {
     public struct Configuration: Sendable, Hashable {
         /// The queue below the scheduler holds what the connection sends in this time.
         public var targetDelay: TimeAmount = .milliseconds(4)
-        public var minimum = 16 << 10
+        public var minimum = 8 << 10
         public var maximum = 2 << 20
         /// How often the rate is read again while output flows.
         public var measureInterval: TimeAmount = .milliseconds(100)

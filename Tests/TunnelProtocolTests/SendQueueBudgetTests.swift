@@ -10,8 +10,9 @@ struct SendQueueBudgetTests {
     @Test func theLimitIsWhatTheConnectionSendsInTheTargetDelayWithinItsBounds() {
         var budget = SendQueueBudget()
         #expect(budget.needsMeasurement(now: self.t0))
-        // 20 Mbit/s: 4 ms is 10 kB, below the 16 KiB floor.
-        #expect(budget.measured(pacingRate: 2_500_000, now: self.t0) == 16 << 10)
+        // 10 Mbit/s: 4 ms is 5 kB, below the 8 KiB floor; 24 Mbit/s: 12 kB.
+        #expect(budget.measured(pacingRate: 1_250_000, now: self.t0) == 8 << 10)
+        #expect(budget.measured(pacingRate: 3_000_000, now: self.t0) == 12_000)
         #expect(budget.checksKernelQueue)
         #expect(!budget.needsMeasurement(now: self.t0 + .milliseconds(50)))
         #expect(budget.needsMeasurement(now: self.t0 + .milliseconds(100)))
@@ -35,7 +36,7 @@ struct SendQueueBudgetTests {
 
     @Test func smallWritesOnAQuietConnectionAreNotCheckedUntilHalfTheLimitWentOut() {
         var budget = SendQueueBudget()
-        _ = budget.measured(pacingRate: 2_500_000, now: self.t0)
+        _ = budget.measured(pacingRate: 4_096_000, now: self.t0)
         #expect(budget.needsKernelCheck(beforeWriting: 100_000), "bulk is always checked")
         _ = budget.decide(notSent: 0)
         #expect(!budget.needsKernelCheck(beforeWriting: 120), "a ping is not")
@@ -53,14 +54,16 @@ struct SendQueueBudgetTests {
 
     @Test func eachWriteTakesWhatIsLeftAndAFullQueueWaitsForHalfOfItToGo() {
         var budget = SendQueueBudget()
-        _ = budget.measured(pacingRate: 2_500_000, now: self.t0)
+        _ = budget.measured(pacingRate: 4_096_000, now: self.t0)
+        #expect(budget.limit == 16 << 10)
         #expect(budget.decide(notSent: 0) == .write(16 << 10))
         #expect(budget.decide(notSent: 10_000) == .write((16 << 10) - 10_000))
         // Less than a small record's room: wait until the kernel has sent what is above half the limit.
-        // 16,384 - 8,192 = 8,192 bytes at 2.5 MB/s: 3.3 ms.
-        #expect(budget.decide(notSent: 16_384) == .wait(.nanoseconds(3_276_800)))
-        // The kernel's last buffer overshot the limit: the wait covers it, at most 20 ms.
-        #expect(budget.decide(notSent: 65_536) == .wait(.milliseconds(20)))
+        // 16,384 - 8,192 = 8,192 bytes at 4.096 MB/s: 2 ms.
+        #expect(budget.decide(notSent: 16_384) == .wait(.milliseconds(2)))
+        // The kernel's last buffer overshot the limit: the wait covers it (57,344 bytes: 14 ms), at most 20 ms.
+        #expect(budget.decide(notSent: 65_536) == .wait(.milliseconds(14)))
+        #expect(budget.decide(notSent: 1 << 20) == .wait(.milliseconds(20)))
         _ = budget.measured(pacingRate: 50_000_000, now: self.t0 + .seconds(1))
         #expect(budget.decide(notSent: budget.limit) == .wait(.nanoseconds(2_000_000)))
     }
