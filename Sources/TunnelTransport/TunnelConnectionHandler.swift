@@ -3,10 +3,6 @@ import NIOCore
 import TunnelCrypto
 import TunnelProtocol
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The one handler on a tunnel TCP connection: events in, actions out. Every protocol decision (handshake,
 /// records, rekey, multiplexing, timers, drain) is its `TunnelSession`'s, a value with no channel; this class
 /// feeds it the socket's bytes and the clock, writes the records it produces, wakes it when its next tick is
@@ -48,9 +44,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public var session: EstablishedSession? { self.core.established }
 
     /// How much output may wait below the multiplexer (the kernel's unsent bytes, the channel's buffer).
-    private var sendBudget = SendQueueBudget()
-    /// Produces output once the kernel has sent enough of what it holds.
-    private var outputWake: Scheduled<Void>?
+    private let sendQueue = SocketSendQueue()
     /// The last small output buffer, reused once the socket has written it.
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
@@ -89,6 +83,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        self.sendQueue.resume = { [weak self] in
+            if let self, let context = self.context { self.produceOutput(context: context) }
+        }
         if context.channel.isActive { self.start(context: context) }
     }
 
@@ -212,19 +209,14 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         let now = NIODeadline.now()
         // Each write at most what may wait below the scheduler: the rest stays in the multiplexer, whose
         // order decides what goes next.
-        var batchBytes = min(self.configuration.outputBatchBytes, self.sendBudget.limit)
-        output: while self.core.hasOutput && context.channel.isWritable {
-            if self.sendBudget.needsKernelCheck(beforeWriting: self.core.queuedOutputBytes),
-                let info = TCPInfo.of(context.channel)
-            {
-                switch self.sendBudget.decide(notSent: Int(info.notSentBytes)) {
-                case .write(let room):
-                    batchBytes = min(batchBytes, room)
-                case .wait(let delay):
-                    self.wakeOutput(after: delay, context: context)
-                    break output
-                }
-            }
+        while self.core.hasOutput && context.channel.isWritable {
+            guard
+                let batchBytes = self.sendQueue.allowance(
+                    wanted: self.configuration.outputBatchBytes,
+                    queued: self.core.queuedOutputBytes,
+                    channel: context.channel
+                )
+            else { break }
             let estimate = self.core.queuedOutputBytes
             let capacity = min(batchBytes, estimate + 64 * (estimate / maxPlaintext + 1)) + 2 + 16
             var buffer = TunnelSession.reuse(&self.outputScratch, capacity: capacity)
@@ -243,42 +235,12 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             for _ in rekeys..<self.core.sendRekeys { self.logger.debug("rekeyed sending direction") }
             guard buffer.readableBytes > 0 else { break }
             TunnelSession.keep(buffer, in: &self.outputScratch)
-            self.sendBudget.wrote(buffer.readableBytes)
+            self.sendQueue.wrote(buffer.readableBytes)
             self.writer.write(buffer, context: context)
         }
         // The rate is read after the writes, off the latency path (a ping waits for no system call).
-        if self.sendBudget.needsMeasurement(now: now) { self.measureSendBudget(context: context, now: now) }
+        self.sendQueue.measureIfDue(channel: context.channel, now: now)
         self.closeIfDrained()
-    }
-
-    /// Produces output again after `delay` (the kernel's queue was full enough).
-    private func wakeOutput(after delay: TimeAmount, context: ChannelHandlerContext) {
-        guard self.outputWake == nil else { return }
-        self.outputWake = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
-            self.outputWake = nil
-            if let context = self.context { self.produceOutput(context: context) }
-        }
-    }
-
-    /// Reads the connection's pacing rate and, when the queue limit moves, applies it to the socket
-    /// (`TCP_NOTSENT_LOWAT`: the kernel takes writes only while fewer bytes than that are unsent) and to the
-    /// channel's watermarks.
-    private func measureSendBudget(context: ChannelHandlerContext, now: NIODeadline) {
-        guard let info = TCPInfo.of(context.channel),
-            let limit = self.sendBudget.measured(pacingRate: info.pacingRate, now: now)
-        else { return }
-        let marks = self.sendBudget.waterMarks
-        context.channel.setOption(
-            .writeBufferWaterMark,
-            value: ChannelOptions.Types.WriteBufferWaterMark(low: marks.low, high: marks.high)
-        ).whenFailure { _ in }
-        if let provider = context.channel as? any SocketOptionProvider {
-            provider.unsafeSetSocketOption(
-                level: SocketOptionLevel(IPPROTO_TCP),
-                name: SocketOptionName(TCP_NOTSENT_LOWAT),
-                value: Int32(limit)
-            ).whenFailure { _ in }
-        }
     }
 
     private func flushLocalStreams() {
