@@ -192,7 +192,7 @@ let package = Package(
         // Helpers the test targets share (test data, doubles), so none is copied between them.
         .target(
             name: "TunnelTestSupport",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["TunnelTUN", .product(name: "NIOCore", package: "swift-nio")],
             path: "Tests/TunnelTestSupport"
         ),
         .testTarget(
@@ -218,7 +218,7 @@ let package = Package(
         .testTarget(
             name: "ClientRuntimeTests",
             dependencies: [
-                "ClientRuntime", "TunnelConfig", "TunnelProtocol", "TunnelRuntime", "TunnelTUN",
+                "ClientRuntime", "TunnelConfig", "TunnelProtocol", "TunnelRuntime", "TunnelTUN", "TunnelTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

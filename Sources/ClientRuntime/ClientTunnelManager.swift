@@ -139,13 +139,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             }
             handler.socketDescriptor = connection.descriptor
             ClientBootstrap(group: self.eventLoop)
-                .channelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
-                .channelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
-                .channelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
-                .channelOption(.maxMessagesPerRead, value: 1)
                 .channelInitializer { channel in
-                    TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
-                    return channel.eventLoop.makeCompletedFuture {
+                    channel.eventLoop.makeCompletedFuture {
+                        try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
                         try channel.pipeline.syncOperations.addHandler(boundHandler.value)
                     }
                 }

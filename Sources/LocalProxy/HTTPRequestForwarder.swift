@@ -210,10 +210,12 @@ public struct HTTPRequestForwarder: Sendable {
         }
     }
 
-    /// The upstream could not be opened: the answer is this status (and the connection closes).
-    public mutating func upstreamFailed(status: Int, message: String) -> Action {
+    /// The upstream could not be opened: nothing more is forwarded (the caller answers with an error status
+    /// and closes).
+    public mutating func upstreamFailed() {
         self.response = HTTPResponseRelay()
-        return self.refuse(status: status, message: message)
+        self.finish()
+        self.pendingHead = nil
     }
 
     private mutating func refuse(status: Int, message: String, authenticate: Bool = false) -> Action {

@@ -92,13 +92,9 @@ public final class TunnelServer: Sendable {
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.writeBufferWaterMark, value: TunnelSocket.writeBufferWaterMark)
-            .childChannelOption(TunnelSocket.notSentLowWater, value: TunnelSocket.notSentLowWaterBytes)
-            .childChannelOption(.recvAllocator, value: TunnelSocket.receiveAllocator)
-            .childChannelOption(.maxMessagesPerRead, value: 1)
             .childChannelInitializer { channel in
-                TunnelSocket.applyCongestionControl(congestionControl, to: channel, logger: logger)
-                return channel.eventLoop.makeCompletedFuture {
+                channel.eventLoop.makeCompletedFuture {
+                    try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
                     let handler = TunnelConnectionHandler(
                         role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
                         configuration: configuration,

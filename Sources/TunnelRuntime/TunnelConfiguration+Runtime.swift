@@ -55,6 +55,18 @@ package enum TunnelSocket {
     )
     package static let notSentLowWaterBytes = 128 << 10
 
+    /// Applies the tunnel connection's settings to `channel` (in its initializer, on its event loop): the
+    /// starting queue limits (the connection then sizes them from its rate: `SendQueueBudget`), one read per
+    /// readiness event, and the congestion control.
+    package static func configure(_ channel: any Channel, congestionControl: String, logger: Logger) throws {
+        let options = channel.syncOptions!
+        try options.setOption(.writeBufferWaterMark, value: Self.writeBufferWaterMark)
+        try options.setOption(Self.notSentLowWater, value: Self.notSentLowWaterBytes)
+        try options.setOption(.recvAllocator, value: Self.receiveAllocator)
+        try options.setOption(.maxMessagesPerRead, value: 1)
+        Self.applyCongestionControl(congestionControl, to: channel, logger: logger)
+    }
+
     /// `TCP_CONGESTION` (Linux option 13).
     package static let congestionOption = NIOBSDSocket.Option(rawValue: 13)
 

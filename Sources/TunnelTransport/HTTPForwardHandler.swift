@@ -120,8 +120,14 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         while self.context != nil, let action = self.forwarder.next() {
             switch action {
             case .send(let bytes, let request):
+                guard let stream = self.stream else {
+                    // The upstream went away under a request: the application must see a failure, never a
+                    // request that silently lost its bytes.
+                    self.abortClient()
+                    return
+                }
                 if let request { self.logger.debug("HTTP \(request)") }
-                self.stream?.send(bytes)
+                stream.send(bytes)
             case .open(let target, let request):
                 self.logger.debug("HTTP \(request)")
                 self.dropStream()
@@ -216,13 +222,8 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
             return
         }
         guard reply == .succeeded, self.stream != nil else {
-            let (status, _) = HTTPProxy.status(for: reply)
-            if case .refuse(let status, let message, _) = self.forwarder.upstreamFailed(
-                status: status,
-                message: "\(reply)"
-            ) {
-                self.fail(status: status, message: message)
-            }
+            self.forwarder.upstreamFailed()
+            self.fail(status: HTTPProxy.status(for: reply).0, message: "\(reply)")
             return
         }
         self.credit.reset()

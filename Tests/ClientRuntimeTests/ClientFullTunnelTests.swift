@@ -7,6 +7,7 @@ import Testing
 import TunnelConfig
 import TunnelProtocol
 import TunnelTUN
+import TunnelTestSupport
 
 @testable import ClientRuntime
 

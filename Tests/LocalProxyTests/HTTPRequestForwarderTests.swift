@@ -148,11 +148,10 @@ struct HTTPRequestForwarderTests {
         )
         #expect(self.drain(&unlocked) == ["open:\(self.example) GET"])
         // The upstream could not be opened: the application gets the status for the reply code.
-        do {
-            let result = unlocked.upstreamFailed(status: 502, message: "refused")
-            #expect(result == .refuse(status: 502, message: "refused", authenticate: false))
-        }
+        unlocked.upstreamFailed()
+        #expect(HTTPProxy.status(for: .connectionRefused).0 == 502)
         #expect(unlocked.state == .done)
+        #expect(self.drain(&unlocked) == [], "nothing is forwarded after the failure")
     }
 
     @Test func theApplicationsEndOfInputClosesWhenIdleAndAbortsAnOutstandingExchange() {
