@@ -15,6 +15,7 @@ extension Multiplexer {
 
     /// Processes one decrypted record. Throws on any protocol violation; the connection must then end.
     public func receivedRecord(_ record: inout ByteBuffer, now: NIODeadline) throws(ProtocolError) -> RecordOutcome {
+        self.advanceClock(to: now)
         let recordSize = record.readableBytes
         var outcome = RecordOutcome()
         while let frame = try record.readFrame() {
@@ -265,7 +266,7 @@ extension Multiplexer {
             try self.connectionSendCredit.grant(increment)
             if wasBlocked {
                 while let stream = self.streamsAwaitingConnectionCredit.popFirst() {
-                    self.activeStreams.append(stream)
+                    self.activeStreams.append(stream, now: self.clock)
                 }
                 if !self.activeStreams.isEmpty { self.delegate?.multiplexerHasOutput(self) }
                 self.resumeBlockedReaders()

@@ -5,10 +5,11 @@ extension Multiplexer {
     // MARK: - Producing records
 
     /// Appends the frames of one record to `buffer`, at most `limit` bytes: control frames first, then stream
-    /// data by deficit round-robin (each stream up to `quantum` per turn, as far as its own and the connection's
-    /// credit allow). Consecutive turns of the same stream extend its frame instead of adding a header.
-    /// Returns whether anything was written.
-    public func produceRecord(into buffer: inout ByteBuffer, limit: Int) -> Bool {
+    /// data by deficit round-robin, interactive streams before bulk ones (`StreamScheduler`; each stream up to
+    /// `quantum` per turn, as far as its own and the connection's credit allow). Consecutive turns of the same
+    /// stream extend its frame instead of adding a header. Returns whether anything was written.
+    public func produceRecord(into buffer: inout ByteBuffer, limit: Int, now: NIODeadline) -> Bool {
+        self.advanceClock(to: now)
         let start = buffer.writerIndex
         var space = limit
 
@@ -31,7 +32,7 @@ extension Multiplexer {
         var lastLengthIndex = 0
         var lastLength = 0
         let pendingBefore = self.sendablePendingBytes
-        while space > 0, let stream = self.activeStreams.popFirst() {
+        while space > 0, let stream = self.activeStreams.next() {
             stream.scheduled = false
             guard stream.hasSendableWork else { continue }
             let extending = lastStream === stream
@@ -39,7 +40,7 @@ extension Multiplexer {
             if room <= 0 && !(extending && stream.pendingBytes == 0) {
                 // No room left in this record: the stream keeps its place at the front.
                 stream.scheduled = true
-                self.activeStreams.prepend(stream)
+                self.activeStreams.putBack(stream)
                 break
             }
             let deflater = self.deflater(for: stream)
@@ -60,7 +61,7 @@ extension Multiplexer {
                 if deflater != nil && self.connectionSendCredit.available > 0 {
                     // No room for a compressed frame in this record: the stream keeps its place at the front.
                     stream.scheduled = true
-                    self.activeStreams.prepend(stream)
+                    self.activeStreams.putBack(stream)
                     break
                 }
                 // Only the connection window can be short here (hasSendableWork checked the stream's own).
@@ -88,6 +89,7 @@ extension Multiplexer {
                 lastStream = stream
             }
             if count > 0 {
+                self.activeStreams.sent(count, by: stream)
                 if deflater == nil { self.copyPending(count, of: stream, into: &buffer) }
                 stream.sendCredit.spend(count)
                 self.connectionSendCredit.spend(count)

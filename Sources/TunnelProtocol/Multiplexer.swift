@@ -60,6 +60,13 @@ public final class Multiplexer {
         public var maxConcurrentStreams: Int = 16384
         /// Deficit round-robin quantum: bytes a stream may send per turn.
         public var quantum: Int = 16 << 10
+        /// Bytes a new or quiet stream may send ahead of bulk streams, and how fast that allowance comes
+        /// back (`StreamScheduler`): a stream that sends less than this per second stays interactive.
+        public var interactiveBurst: Int = 128 << 10
+        public var interactiveRefillPerSecond: Int = 128 << 10
+        /// While interactive streams keep the sender busy, bulk streams get a turn after this many of their
+        /// bytes (about a 1/17 share at the default quantum).
+        public var bulkTurnAfter: Int = 256 << 10
         /// A stream stops reading its local socket once this many bytes wait to be sent.
         public var streamPendingLimit: Int = 256 << 10
         /// All streams together stop reading once this many bytes wait to be sent.
@@ -110,7 +117,11 @@ public final class Multiplexer {
     // MARK: - Scheduler
     var controlQueue = CircularBuffer<ControlFrame>(initialCapacity: 16)
     var controlQueueBytes = 0
-    var activeStreams = CircularBuffer<MuxStream>(initialCapacity: 16)
+    /// Streams with data and credit, in the order they send.
+    var activeStreams: StreamScheduler
+    /// The latest time the multiplexer was told (records and consumption carry it): local reads, which do
+    /// not, are scheduled at it.
+    var clock = NIODeadline.uptimeNanoseconds(0)
     var streamsAwaitingConnectionCredit = CircularBuffer<MuxStream>(initialCapacity: 4)
     var readBlockedStreams = CircularBuffer<MuxStream>(initialCapacity: 4)
     var datagramQueue = CircularBuffer<(StreamID, ByteBuffer)>(initialCapacity: 16)
@@ -164,6 +175,18 @@ public final class Multiplexer {
         self.peerMaxConcurrentStreams = Int(peerParameters.maxConcurrentStreams)
         self.connectionSendCredit = SendCredit(Int(peerParameters.connectionWindow))
         self.connectionReceiveWindow = ReceiveWindow(target: configuration.connectionWindow)
+        self.activeStreams = StreamScheduler(
+            policy: .init(
+                burst: configuration.interactiveBurst,
+                refillPerSecond: configuration.interactiveRefillPerSecond,
+                bulkTurnAfter: configuration.bulkTurnAfter
+            )
+        )
+    }
+
+    /// Moves the multiplexer's clock forward to `now`.
+    func advanceClock(to now: NIODeadline) {
+        if now > self.clock { self.clock = now }
     }
 
     /// The parameters this side announces in its handshake, matching `configuration`.
@@ -221,7 +244,7 @@ public final class Multiplexer {
 
     /// A new stream with this side's initial receive window.
     func makeStream(_ id: StreamID, target: TargetAddress, kind: StreamKind) -> MuxStream {
-        MuxStream(
+        let stream = MuxStream(
             id: id,
             target: target,
             kind: kind,
@@ -230,6 +253,8 @@ public final class Multiplexer {
                 maxTarget: self.configuration.maxStreamWindow
             )
         )
+        self.activeStreams.admit(stream, now: self.clock)
+        return stream
     }
 
     /// Queues one datagram (`atyp addr port data`) on a UDP association. Returns false when it was dropped
@@ -316,6 +341,7 @@ public final class Multiplexer {
     /// `count` received bytes of `stream` were written to its local socket: credit may go back to the peer.
     public func consumed(_ count: Int, on stream: MuxStream, now: NIODeadline) {
         guard !stream.released, count > 0 else { return }
+        self.advanceClock(to: now)
         let taken = min(count, stream.receiveWindow.buffered)
         self.bufferedReceiveBytes -= taken
         let owed = min(taken, stream.connectionCreditOwed)
@@ -480,7 +506,7 @@ public final class Multiplexer {
         if stream.pendingBytes > 0 && self.connectionSendCredit.available == 0 {
             self.streamsAwaitingConnectionCredit.append(stream)
         } else {
-            self.activeStreams.append(stream)
+            self.activeStreams.append(stream, now: self.clock)
             self.delegate?.multiplexerHasOutput(self)
         }
     }

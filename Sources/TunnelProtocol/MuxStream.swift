@@ -93,6 +93,12 @@ public final class MuxStream {
     var released = false
     /// The local socket is gone but the FIN still has to go out; the stream leaves the table after it.
     var releaseWhenFinished = false
+    /// Bytes the stream may still send as interactive (`StreamScheduler`); negative once spent past zero.
+    var interactiveAllowance = 0
+    /// When the allowance was last refilled.
+    var allowanceUpdated = NIODeadline.uptimeNanoseconds(0)
+    /// Queued (or last queued) in the bulk class.
+    var bulkClass = false
 
     /// Sending-side compression of this stream (only when the session negotiated compression).
     enum Compression {

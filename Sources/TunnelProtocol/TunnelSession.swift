@@ -299,7 +299,7 @@ public final class TunnelSession {
         while buffer.readableBytes < batchBytes {
             let start = self.sealer!.beginRecord(in: &buffer)
             let limit = min(WireLimits.maxRecordFrameBytes, max(recordBytes, mux.nextUnsplittableFrameBytes))
-            guard mux.produceRecord(into: &buffer, limit: limit) else {
+            guard mux.produceRecord(into: &buffer, limit: limit, now: now) else {
                 buffer.moveWriterIndex(to: start)
                 return
             }

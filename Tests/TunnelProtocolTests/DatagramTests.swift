@@ -65,7 +65,7 @@ struct DatagramTests {
         for _ in 0..<100 { pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 1000), on: c) }
         pair.client.localRead(bytes(200_000), on: stream)
         var record = ByteBuffer()
-        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         var datagramBytes = 0
         var dataBytes = 0
         while let frame = try record.readFrame() {
@@ -82,7 +82,7 @@ struct DatagramTests {
         let (c, _) = try self.openAssociation(pair)
         for _ in 0..<100 { pair.client.sendDatagram(ByteBuffer(repeating: 1, count: 1000), on: c) }
         var record = ByteBuffer()
-        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         #expect(record.readableBytes > WireLimits.maxRecordPlaintext - 1100)
     }
 
@@ -93,7 +93,7 @@ struct DatagramTests {
         pair.client.localRead(bytes(500_000), on: stream)
         #expect(pair.client.sendDatagram(ByteBuffer(repeating: 9, count: 50_000), on: c))
         var record = ByteBuffer()
-        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         var sawDatagram = false
         while let header = try record.readFrame()?.header {
             if header.type == .datagram { sawDatagram = true }
@@ -163,7 +163,7 @@ struct DatagramTests {
         let (c, _) = try self.openAssociation(pair)
         #expect(pair.client.sendDatagram(ByteBuffer(repeating: 1, count: WireLimits.maxUnsplitFramePayload), on: c))
         var record = ByteBuffer()
-        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordFrameBytes))
+        #expect(pair.client.produceRecord(into: &record, limit: WireLimits.maxRecordFrameBytes, now: pair.now))
         pair.client.writeRekeyFrame(into: &record)
         #expect(record.readableBytes == WireLimits.maxRecordPlaintext)
         #expect(!pair.client.hasOutput)

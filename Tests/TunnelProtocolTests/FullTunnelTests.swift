@@ -82,7 +82,7 @@ struct FullTunnelMuxTests {
         // Every record carries both kinds: neither bulk stream data nor packets starve the other.
         for _ in 0..<4 {
             var buffer = ByteBuffer()
-            #expect(pair.client.produceRecord(into: &buffer, limit: WireLimits.maxRecordPlaintext))
+            #expect(pair.client.produceRecord(into: &buffer, limit: WireLimits.maxRecordPlaintext, now: pair.now))
             var types: Set<UInt8> = []
             while let header = try buffer.readFrame()?.header { types.insert(header.type.rawValue) }
             #expect(types == [FrameType.data.rawValue, FrameType.ipPacket.rawValue])

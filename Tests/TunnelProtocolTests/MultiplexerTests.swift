@@ -316,7 +316,7 @@ struct MultiplexerTests {
         pair.server.localRead(bytes(60_000), on: s)
         pair.server.sendPing(now: pair.now)
         var record = ByteBuffer()
-        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         let first = try #require(try record.readFrame())
         #expect(first.header.type == .ping)
     }
@@ -328,7 +328,7 @@ struct MultiplexerTests {
         pair.server.localRead(bytes(200 << 10), on: a)
         pair.server.localRead(bytes(200 << 10), on: b)
         var record = ByteBuffer()
-        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         var perStream: [UInt32: Int] = [:]
         while let frame = try record.readFrame() {
             let (header, payload) = (frame.header, frame.payload)
@@ -345,7 +345,7 @@ struct MultiplexerTests {
         let (_, s) = try pair.openAccepted()
         pair.server.localRead(bytes(60 << 10), on: s)
         var record = ByteBuffer()
-        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext))
+        #expect(pair.server.produceRecord(into: &record, limit: WireLimits.maxRecordPlaintext, now: pair.now))
         let frame = try #require(try record.readFrame())
         #expect(frame.header.type == .data && frame.payload.readableBytes == 60 << 10)
         #expect(try record.readFrame() == nil)

@@ -89,11 +89,15 @@ final class MuxPair {
     }
 
     /// Drains one side's output into records (as the handler would).
-    static func produce(_ mux: Multiplexer, limit: Int = WireLimits.maxRecordFrameBytes) -> [ByteBuffer] {
+    static func produce(
+        _ mux: Multiplexer,
+        limit: Int = WireLimits.maxRecordFrameBytes,
+        now: NIODeadline = .uptimeNanoseconds(1_000_000_000)
+    ) -> [ByteBuffer] {
         var records: [ByteBuffer] = []
         while true {
             var buffer = ByteBuffer()
-            guard mux.produceRecord(into: &buffer, limit: limit) else { break }
+            guard mux.produceRecord(into: &buffer, limit: limit, now: now) else { break }
             records.append(buffer)
         }
         return records
@@ -102,8 +106,8 @@ final class MuxPair {
     /// Moves everything each side has to send to the other, until both are quiet.
     func pump(maxRounds: Int = 100) throws {
         for _ in 0..<maxRounds {
-            let forServer = Self.produce(self.client)
-            let forClient = Self.produce(self.server)
+            let forServer = Self.produce(self.client, now: self.now)
+            let forClient = Self.produce(self.server, now: self.now)
             if forServer.isEmpty && forClient.isEmpty { return }
             for var record in forServer { _ = try self.server.receivedRecord(&record, now: self.now) }
             for var record in forClient { _ = try self.client.receivedRecord(&record, now: self.now) }
