@@ -43,6 +43,7 @@ final class ClientUDPAssociation: StreamEndpoint {
     private var applicationAddress: SocketAddress?
 
     private var udp: (any Channel)?
+    private var reader: DatagramReader?
     private var stream: TunnelStream?
     private var streamOpen = false
     private var replied = false
@@ -80,7 +81,11 @@ final class ClientUDPAssociation: StreamEndpoint {
             { [weak self] in self?.applicationDatagram($0) },
             eventLoop: self.control.eventLoop
         )
-        DatagramReader.bind(host: host, port: 0, on: self.control.eventLoop, receive: reader)
+        let wantsMore = NIOLoopBound<() -> Bool>(
+            { [weak self] in self?.stream?.wantsDatagrams ?? true },
+            eventLoop: self.control.eventLoop
+        )
+        DatagramReader.bind(host: host, port: 0, on: self.control.eventLoop, receive: reader, wantsMore: wantsMore)
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
@@ -90,6 +95,7 @@ final class ClientUDPAssociation: StreamEndpoint {
                         return
                     }
                     self.udp = channel
+                    self.reader = try? channel.pipeline.syncOperations.handler(type: DatagramReader.self)
                     self.replyIfReady()
                 case .failure(let error):
                     self.logger.info("UDP ASSOCIATE: cannot bind a relay socket: \(error)")
@@ -138,7 +144,9 @@ final class ClientUDPAssociation: StreamEndpoint {
         guard !self.closed else { return }
         self.closed = true
         self.timer?.cancel()
+        let kernelDrops = self.udp.flatMap(DatagramReader.kernelDrops(of:)) ?? 0
         self.udp?.close(promise: nil)
+        self.reader = nil
         if let stream = self.stream {
             stream.release()
         } else if !self.streamOpen {
@@ -147,9 +155,12 @@ final class ClientUDPAssociation: StreamEndpoint {
         }
         self.stream = nil
         if self.replied { self.control.close(promise: nil) }
-        if self.sent + self.received > 0 {
-            self.logger.debug(
-                "UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(self.dropped) dropped"
+        if self.sent + self.received + self.dropped + kernelDrops > 0 {
+            // Drops are worth a line at info: they mean a sender faster than the tunnel (or a bad datagram).
+            let dropped = self.dropped + kernelDrops
+            self.logger.log(
+                level: dropped > 0 ? .info : .debug,
+                "UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(dropped) dropped (\(kernelDrops) of them by the kernel while the relay waited for the tunnel)"
             )
         }
     }
@@ -168,7 +179,15 @@ final class ClientUDPAssociation: StreamEndpoint {
             self.applicationAddress = envelope.remoteAddress
         }
         switch SOCKS5UDP.tunnelPayload(fromApplication: envelope.data) {
-        case .success(let payload):
+        case .success(let slice):
+            // The read buffer is as large as the largest datagram: a small one is copied out, so a queue of
+            // them holds their bytes and not 64 KiB each, and the read buffer can be used again.
+            var payload = slice
+            if slice.storageCapacity > 2 * slice.readableBytes {
+                payload = ByteBuffer()
+                payload.reserveCapacity(slice.readableBytes)
+                payload.writeImmutableBuffer(slice)
+            }
             if stream.sendDatagram(payload) {
                 self.sent += 1
                 self.lastActivity = .now()
@@ -210,17 +229,23 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.received += 1
         self.lastActivity = .now()
         let datagram = SOCKS5UDP.applicationDatagram(fromTunnel: payload, allocator: udp.allocator)
-        udp.writeAndFlush(AddressedEnvelope(remoteAddress: application, data: datagram), promise: nil)
+        udp.write(AddressedEnvelope(remoteAddress: application, data: datagram), promise: nil)
+        // One flush after the tunnel read: the datagrams of a burst go out in one sendmmsg.
+        self.stream?.needsFlush(self)
     }
 
     func deliver(_ data: ByteBuffer) {}
-    func flushDelivered() {}
+    func flushDelivered() {
+        self.udp?.flush()
+    }
     func peerFinished() { self.close() }
     func streamClosed(reset: ErrorCode?) {
         self.stream = nil
         self.close()
     }
-    func readIfWanted() {}
+    func readIfWanted() {
+        self.reader?.resume()
+    }
 }
 
 /// Watches the association's TCP control connection: when it ends, so does the association.

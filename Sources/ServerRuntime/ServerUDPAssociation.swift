@@ -18,6 +18,9 @@ final class ServerUDPAssociation: MuxStreamContext {
     private let idleTimeout: TimeAmount
     private var ipv4: (any Channel)?
     private var ipv6: (any Channel)?
+    private var readers: [DatagramReader] = []
+    /// Datagrams were written and a flush is due at the end of this event-loop tick (one sendmmsg for all).
+    private var flushScheduled = false
     private var names: [String: (addresses: [SocketAddress], expires: NIODeadline)] = [:]
     /// Datagrams waiting for a name to resolve (bounded per name and in total).
     private var waitingForName: [String: [ByteBuffer]] = [:]
@@ -59,15 +62,28 @@ final class ServerUDPAssociation: MuxStreamContext {
             { [weak self] in self?.remoteDatagram($0) },
             eventLoop: self.eventLoop
         )
+        let wantsMore = NIOLoopBound<() -> Bool>(
+            { [weak self] in self?.stream.wantsDatagrams ?? true },
+            eventLoop: self.eventLoop
+        )
         func bind(_ host: String) -> EventLoopFuture<any Channel> {
-            DatagramReader.bind(host: host, port: 0, on: self.eventLoop, receive: reader)
+            DatagramReader.bind(host: host, port: 0, on: self.eventLoop, receive: reader, wantsMore: wantsMore)
+        }
+        func keepReader(of channel: any Channel) {
+            if let reader = try? channel.pipeline.syncOperations.handler(type: DatagramReader.self) {
+                self.readers.append(reader)
+            }
         }
         bind("0.0.0.0").assumeIsolated().whenComplete { result in
             switch result {
             case .success(let channel):
                 self.ipv4 = channel
+                keepReader(of: channel)
                 bind("::").assumeIsolated().whenComplete { v6 in
-                    if case .success(let channel) = v6 { self.ipv6 = channel }
+                    if case .success(let channel) = v6 {
+                        self.ipv6 = channel
+                        keepReader(of: channel)
+                    }
                     guard !self.closed, self.stream.isOpening else {
                         self.close()
                         return
@@ -101,11 +117,16 @@ final class ServerUDPAssociation: MuxStreamContext {
         guard !self.closed else { return }
         self.closed = true
         self.timer?.cancel()
+        let kernelDrops = [self.ipv4, self.ipv6].compactMap { $0.flatMap(DatagramReader.kernelDrops(of:)) }
+            .reduce(0, +)
         self.ipv4?.close(promise: nil)
         self.ipv6?.close(promise: nil)
+        self.readers.removeAll()
         self.stream.release()
-        self.logger.debug(
-            "UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(self.dropped) dropped"
+        let dropped = self.dropped + kernelDrops
+        self.logger.log(
+            level: dropped > 0 ? .info : .debug,
+            "UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(dropped) dropped (\(kernelDrops) of them by the kernel while the relay waited for the tunnel)"
         )
     }
 
@@ -182,7 +203,16 @@ final class ServerUDPAssociation: MuxStreamContext {
                 self.contacted.remove(oldest)
             }
         }
-        channel.writeAndFlush(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
+        channel.write(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
+        // One flush once this tick's tunnel records are handled: a burst leaves in one sendmmsg.
+        if !self.flushScheduled {
+            self.flushScheduled = true
+            self.eventLoop.assumeIsolated().execute {
+                self.flushScheduled = false
+                self.ipv4?.flush()
+                self.ipv6?.flush()
+            }
+        }
     }
 
     // MARK: - From the internet
@@ -209,7 +239,9 @@ final class ServerUDPAssociation: MuxStreamContext {
     func deliver(_ data: ByteBuffer) {}
     func peerFinished() { self.close() }
     func streamClosed(reset: ErrorCode?) { self.close() }
-    func readIfWanted() {}
+    func readIfWanted() {
+        for reader in self.readers { reader.resume() }
+    }
 }
 
 extension TargetAddress {

@@ -38,7 +38,7 @@ extension Multiplexer {
             case .close:
                 var payload = payload
                 outcome.close = ErrorCode(rawValue: payload.readInteger(as: UInt32.self) ?? 0)
-            case .datagram: try self.receivedDatagram(header, payload)
+            case .datagram: try self.receivedDatagram(header, payload, now: now)
             case .ipPacket:
                 guard header.streamID == .connection else {
                     throw ProtocolError.invalidStreamID("IP_PACKET on stream \(header.streamID)")
@@ -280,6 +280,14 @@ extension Multiplexer {
         guard stream.state.isOpen else { return }
         let before = stream.sendCredit.available
         try stream.sendCredit.grant(increment)
+        if stream.kind == .udp {
+            // A UDP association's socket waits for credit (`shouldReadDatagrams`): it may read again.
+            if stream.readBlocked && !self.datagramCreditShort(stream) {
+                stream.readBlocked = false
+                self.delegate?.multiplexer(self, streamWantsRead: stream)
+            }
+            return
+        }
         self.clearCreditStalled(stream)
         self.schedule(stream)
         if before <= stream.pendingBytes, !stream.localEndOfStream {
@@ -324,14 +332,31 @@ extension Multiplexer {
         self.delegate?.multiplexer(self, peerGoingAway: lastID, code: ErrorCode(rawValue: code))
     }
 
-    private func receivedDatagram(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
+    private func receivedDatagram(
+        _ header: FrameHeader,
+        _ payload: ByteBuffer,
+        now: NIODeadline
+    ) throws(ProtocolError) {
         guard let stream = self.streams[header.streamID.rawValue] else {
             try self.checkUnknownStream(header.streamID)
             return  // the association ended while this datagram was in flight
         }
         guard stream.kind == .udp else { throw ProtocolError.malformedFrame("DATAGRAM on TCP stream \(stream.id)") }
         guard stream.state.isOpen else { return }
-        stream.context?.deliverDatagram(payload)
+        if self.configuration.datagramCredit {
+            // Handed on (sent, or dropped by the association) at once: the credit goes back as soon as half
+            // the window has been handled, so no more than a window of datagrams is ever in flight.
+            let count = payload.readableBytes
+            try stream.receiveWindow.received(count)
+            stream.context?.deliverDatagram(payload)
+            if !stream.state.isClosed,
+                let increment = stream.receiveWindow.consumed(count, now: now, roundTrip: self.minimumRoundTrip)
+            {
+                self.enqueueControl(.windowUpdate(stream.id, increment: increment))
+            }
+        } else {
+            stream.context?.deliverDatagram(payload)
+        }
     }
 
     private func receivedPing(_ header: FrameHeader, _ payload: ByteBuffer, now: NIODeadline) throws(ProtocolError) {

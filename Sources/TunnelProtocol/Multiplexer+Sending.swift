@@ -147,6 +147,16 @@ extension Multiplexer {
             buffer.writeImmutableBuffer(payload)
             budget -= size
         }
+        if !self.datagramReadersWaiting.isEmpty && self.datagramQueueBytes <= self.configuration.datagramReadLimit / 2 {
+            while let stream = self.datagramReadersWaiting.popFirst() {
+                // An entry whose stream a WINDOW_UPDATE woke meanwhile, or that now waits for credit, is left.
+                guard stream.readBlocked, !self.datagramCreditShort(stream) else { continue }
+                stream.readBlocked = false
+                if !stream.released && stream.state.isOpen {
+                    self.delegate?.multiplexer(self, streamWantsRead: stream)
+                }
+            }
+        }
         return budget
     }
 

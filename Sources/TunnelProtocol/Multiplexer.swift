@@ -46,6 +46,11 @@ public final class Multiplexer {
     public struct Configuration: Sendable {
         /// Receive window each new stream starts with.
         public var initialStreamWindow: Int = 1 << 20
+        /// Receive window a UDP association starts with when datagrams spend credit (`datagramCredit`): small,
+        /// so a flood that the far end hands on slower than it arrives queues at most this much ahead of other
+        /// streams' frames; auto-tuned from the path's minimum RTT (as stream windows are) up to
+        /// `maxStreamWindow`, so a fast UDP transfer over a long path is not held to it.
+        public var initialDatagramWindow: Int = 128 << 10
         /// Largest a stream's receive window may auto-tune to.
         public var maxStreamWindow: Int = 4 << 20
         /// Connection-level receive window: bounds the data in flight towards this end. Its credit returns as
@@ -84,6 +89,13 @@ public final class Multiplexer {
         /// Datagrams waiting to be sent are dropped beyond this many bytes (UDP has no flow control: a
         /// bounded queue that drops is its congestion signal).
         public var maxQueuedDatagramBytes: Int = 1 << 20
+        /// Datagram sockets are read only while fewer bytes than this wait in the datagram queue: a flood
+        /// beyond what the tunnel takes stays in the socket's buffer, where the kernel drops it (and counts it)
+        /// at no cost to this process, instead of being read, queued and dropped here.
+        public var datagramReadLimit: Int = 256 << 10
+        /// Whether datagrams spend their stream's window (negotiated in the handshake): the sender drops a
+        /// datagram that finds no credit, the receiver returns credit once it handed the datagram on.
+        public var datagramCredit = false
         /// Whether IP packets flow (full-tunnel mode; negotiated in the handshake).
         public var fullTunnel = false
         /// IP packets waiting to be sent are dropped beyond this many (about 4 ms of a 1 Gbit/s link at
@@ -124,6 +136,8 @@ public final class Multiplexer {
     var clock = NIODeadline.uptimeNanoseconds(0)
     var streamsAwaitingConnectionCredit = CircularBuffer<MuxStream>(initialCapacity: 4)
     var readBlockedStreams = CircularBuffer<MuxStream>(initialCapacity: 4)
+    /// UDP associations whose socket waits for room in the datagram queue (`shouldReadDatagrams`).
+    var datagramReadersWaiting = CircularBuffer<MuxStream>(initialCapacity: 4)
     var datagramQueue = CircularBuffer<(StreamID, ByteBuffer)>(initialCapacity: 16)
     var datagramQueueBytes = 0
     /// Datagrams dropped because the queue was full (sending side).
@@ -237,9 +251,15 @@ public final class Multiplexer {
         self.streams[id.rawValue] = stream
         self.localStreamCount += 1
         self.enqueueControl(
-            .open(id, kind: kind, window: UInt32(self.configuration.initialStreamWindow), target: target)
+            .open(id, kind: kind, window: UInt32(self.initialWindow(for: kind)), target: target)
         )
         return stream
+    }
+
+    /// The receive window this side grants a new stream of `kind`.
+    func initialWindow(for kind: StreamKind) -> Int {
+        kind == .udp && self.configuration.datagramCredit
+            ? self.configuration.initialDatagramWindow : self.configuration.initialStreamWindow
     }
 
     /// A new stream with this side's initial receive window.
@@ -249,7 +269,7 @@ public final class Multiplexer {
             target: target,
             kind: kind,
             receiveWindow: ReceiveWindow(
-                target: self.configuration.initialStreamWindow,
+                target: self.initialWindow(for: kind),
                 maxTarget: self.configuration.maxStreamWindow
             )
         )
@@ -264,15 +284,40 @@ public final class Multiplexer {
     public func sendDatagram(_ payload: ByteBuffer, on stream: MuxStream) -> Bool {
         guard stream.kind == .udp, stream.state.isOpen else { return false }
         guard payload.readableBytes <= WireLimits.maxUnsplitFramePayload,
-            self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes
+            self.datagramQueueBytes + payload.readableBytes <= self.configuration.maxQueuedDatagramBytes,
+            !self.configuration.datagramCredit || stream.sendCredit.available >= payload.readableBytes
         else {
             self.droppedDatagrams += 1
             return false
         }
+        if self.configuration.datagramCredit { stream.sendCredit.spend(payload.readableBytes) }
         self.datagramQueue.append((stream.id, payload))
         self.datagramQueueBytes += payload.readableBytes
         self.delegate?.multiplexerHasOutput(self)
         return true
+    }
+
+    /// Whether the datagram socket of the UDP association `stream` should read now: while the datagram queue
+    /// holds less than `datagramReadLimit` and (with datagram credit) the stream has credit for a datagram of
+    /// any size. When not, the stream is remembered and `streamWantsRead` fires once the queue has drained to
+    /// half of the limit, or credit came back.
+    public func shouldReadDatagrams(for stream: MuxStream) -> Bool {
+        if self.datagramCreditShort(stream) {
+            // The WINDOW_UPDATE that brings credit wakes it.
+            stream.readBlocked = true
+            return false
+        }
+        guard self.datagramQueueBytes >= self.configuration.datagramReadLimit else { return true }
+        if !stream.readBlocked && stream.state.isOpen {
+            stream.readBlocked = true
+            self.datagramReadersWaiting.append(stream)
+        }
+        return false
+    }
+
+    /// With datagram credit, whether `stream` lacks the credit for a datagram of any size.
+    func datagramCreditShort(_ stream: MuxStream) -> Bool {
+        self.configuration.datagramCredit && stream.sendCredit.available < WireLimits.maxUnsplitFramePayload
     }
 
     /// Full tunnel: queues one IP packet. Returns false when it was dropped: full-tunnel mode was not
@@ -305,7 +350,7 @@ public final class Multiplexer {
     public func completeOpen(_ stream: MuxStream, reply: ReplyCode, bound: TargetAddress) {
         guard !stream.released, stream.state == .opening else { return }
         self.enqueueControl(
-            .openResult(stream.id, reply: reply, window: UInt32(self.configuration.initialStreamWindow), bound: bound)
+            .openResult(stream.id, reply: reply, window: UInt32(self.initialWindow(for: stream.kind)), bound: bound)
         )
         if reply == .succeeded {
             stream.state = .open

@@ -9,6 +9,10 @@ public struct SessionFeatures: OptionSet, Hashable, Sendable {
     public static let compression = SessionFeatures(rawValue: 1 << 0)
     /// IP packets over the tunnel (docs/PROTOCOL.md §5).
     public static let fullTunnel = SessionFeatures(rawValue: 1 << 1)
+    /// DATAGRAM frames spend their UDP stream's window and the receiver returns it once it has handled them
+    /// (docs/PROTOCOL.md §3.3), so a datagram flood cannot pile up ahead of the WINDOW_UPDATEs that other
+    /// streams wait for.
+    public static let datagramCredit = SessionFeatures(rawValue: 1 << 2)
 }
 
 /// What one side announces in its handshake payload: its limits and receive windows.

@@ -39,6 +39,8 @@ public final class TunnelSession {
         public var compression = false
         /// Client: ask for full-tunnel mode. Server: allow it.
         public var fullTunnel = false
+        /// Offer (client) or allow (server) credit for datagrams; on unless a test turns it off.
+        public var datagramCredit = true
         public init() {}
 
         /// What a client offers in its handshake (or a server would grant).
@@ -46,6 +48,7 @@ public final class TunnelSession {
             var features: SessionFeatures = []
             if self.compression { features.insert(.compression) }
             if self.fullTunnel { features.insert(.fullTunnel) }
+            if self.datagramCredit { features.insert(.datagramCredit) }
             return features
         }
     }
@@ -263,6 +266,7 @@ public final class TunnelSession {
         let features = Self.agreedFeatures(offered: session.peerParameters.features, configuration: self.configuration)
         muxConfiguration.compression = features.contains(.compression)
         muxConfiguration.fullTunnel = features.contains(.fullTunnel)
+        muxConfiguration.datagramCredit = features.contains(.datagramCredit)
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,
             configuration: muxConfiguration,

@@ -54,6 +54,10 @@ public struct TunnelStream {
     /// Whether the multiplexer wants more bytes from the local socket now (credit and queue room).
     public var wantsInput: Bool { self.multiplexer?.shouldRead(self.muxStream) ?? false }
 
+    /// UDP: whether the association's socket should read more datagrams now. When not, `readIfWanted` comes
+    /// once the tunnel's datagram queue has room again (the kernel drops what the socket cannot hold meanwhile).
+    public var wantsDatagrams: Bool { self.multiplexer?.shouldReadDatagrams(for: self.muxStream) ?? true }
+
     /// Sends one datagram on a UDP stream; false when it was dropped (queue full).
     public func sendDatagram(_ payload: ByteBuffer) -> Bool {
         self.multiplexer?.sendDatagram(payload, on: self.muxStream) ?? false

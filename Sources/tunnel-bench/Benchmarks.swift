@@ -263,6 +263,9 @@ extension Bench {
             let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
             if n <= 0 {
                 lost += 1
+                if i == lost - 1 && i == 9 {
+                    throw Sock.Failure(message: "no UDP answer in 10 tries (does the proxy allow 127.0.0.1?)")
+                }
                 continue
             }
             if i >= 50 { latencies.append(Double(monotonicNanos() - t0) / 1000) }
@@ -289,5 +292,36 @@ extension Bench {
         let seconds = Double(monotonicNanos() - start) / 1e9 - 0.3
         let delivered = udp.receivedDatagrams() - before
         return (seconds, delivered)
+    }
+
+    /// Starts an unpaced flood of `size`-byte datagrams through the relay to the UDP target (echo off: one way,
+    /// as a game, a VoIP burst or a QUIC download would send). Returns a function that stops it and reports
+    /// (datagrams sent, datagrams delivered).
+    func udpFlood(udp: UDPTarget, size: Int) throws -> () -> (Int, Int) {
+        let (control, relayPort, header) = try self.udpRoute(to: udp)
+        let fd = try Sock.udpSocket()
+        udp.setEcho(false)
+        let before = udp.receivedDatagrams()
+        let stop = Mutex(false)
+        let sent = Mutex(0)
+        let finished = Mutex(false)
+        let message = header + [UInt8](repeating: 0x55, count: size)
+        spawn {
+            var count = 0
+            while !stop.withLock({ $0 }) {
+                for _ in 0..<64 where Sock.sendDatagram(fd, message, to: relayPort) { count += 1 }
+            }
+            sent.withLock { $0 = count }
+            finished.withLock { $0 = true }
+        }
+        return {
+            stop.withLock { $0 = true }
+            while !finished.withLock({ $0 }) { usleep(1000) }
+            usleep(300_000)  // let the last ones arrive
+            close(fd)
+            if control >= 0 { close(control) }
+            udp.setEcho(true)
+            return (sent.withLock { $0 }, udp.receivedDatagrams() - before)
+        }
     }
 }

@@ -34,6 +34,8 @@ final class ProxyUnderTest {
             [
                 "--listen", "127.0.0.1:0", "--key", dir.appendingPathComponent("server.key").path,
                 "--authorized-keys", dir.appendingPathComponent("authorized_keys").path, "--log-level", "error",
+                // The targets are on loopback, which the server's default policy refuses.
+                "--allow", "127.0.0.0/8",
             ],
             ready: "tunnel-server listening on "
         )

@@ -26,14 +26,15 @@ func runBenchmarks() {
             (default: the directory of this binary) with fresh keys, and also reports their CPU seconds per GiB and RSS.
             It also measures UDP through SOCKS5 UDP ASSOCIATE (64 B round trips, and 1200 B datagram throughput with the
             share delivered) and a download through HTTP CONNECT on the same port.
-            LIST: any of bulk, parallel, rr, connect, idle, udp, http (default: all).
+            With flood, a download alone and beside an unpaced flood of 1200 B datagrams through UDP ASSOCIATE.
+            LIST: any of bulk, parallel, rr, connect, idle, udp, http, flood (default: all).
             """
         )
         exit(0)
     }
     let quick = arguments.contains("--quick")
     let only = Set(
-        (option("--only") ?? "bulk,parallel,rr,connect,idle,udp,http").split(separator: ",").map(String.init)
+        (option("--only") ?? "bulk,parallel,rr,connect,idle,udp,http,flood").split(separator: ",").map(String.init)
     )
     signal(SIGPIPE, SIG_IGN)
     Sock.raiseFileLimit()
@@ -165,6 +166,27 @@ func runBenchmarks() {
                     Double(delivered * 1200) / seconds / 1_048_576,
                     Double(datagrams) / seconds,
                     100 * Double(datagrams - delivered) / Double(datagrams)
+                )
+            )
+        }
+        if only.contains("flood") {
+            // A TCP download alone, then beside an unpaced UDP flood through the same proxy.
+            let mib: UInt64 = quick ? 128 : 512
+            let alone = Double(mib) / (try bench.download(mib << 20))
+            let udp = try UDPTarget()
+            let stopFlood = try bench.udpFlood(udp: udp, size: 1200)
+            usleep(200_000)
+            let beside = Double(mib) / (try bench.download(mib << 20))
+            let (sent, delivered) = stopFlood()
+            report(
+                "download beside a UDP flood, \(mib) MiB",
+                String(
+                    format: "%7.1f MiB/s (alone %.1f: %.0f%%); flood %d datagrams sent, %.1f%% delivered",
+                    beside,
+                    alone,
+                    100 * beside / alone,
+                    sent,
+                    100 * Double(delivered) / Double(max(sent, 1))
                 )
             )
         }

@@ -101,6 +101,62 @@ struct DatagramTests {
         #expect(sawDatagram)
     }
 
+    // MARK: - Datagrams within bounds (issue 17, item 3)
+
+    func creditPair() -> MuxPair {
+        var config = Multiplexer.Configuration()
+        config.datagramCredit = true
+        return MuxPair(client: config, server: config)
+    }
+
+    @Test func withCreditASenderStopsAtTheWindowAndReadsAgainOnceTheReceiverHandledThem() throws {
+        let pair = self.creditPair()
+        let (c, s) = try self.openAssociation(pair)
+        let sink = DatagramSink()
+        s.context = sink
+        #expect(c.availableSendCredit == 128 << 10, "a UDP association starts with the small datagram window")
+        var accepted = 0
+        for _ in 0..<200 where pair.client.sendDatagram(ByteBuffer(repeating: 7, count: 1000), on: c) { accepted += 1 }
+        #expect(accepted == (128 << 10) / 1000)
+        #expect(pair.client.droppedDatagrams == 200 - accepted)
+        #expect(!pair.client.shouldReadDatagrams(for: c), "no credit: the socket stops reading")
+        _ = pair.clientEvents.take()
+        try pair.pump()
+        #expect(sink.datagrams.count == accepted, "everything within the window arrived")
+        #expect(pair.clientEvents.take().contains(.wantsRead(c.id)), "the credit that came back wakes the reader")
+        #expect(pair.client.shouldReadDatagrams(for: c))
+        // Credit returns in halves of the window, once the receiver handed that much on.
+        #expect(c.availableSendCredit == (128 << 10) - accepted * 1000 + 66 * 1000)
+    }
+
+    @Test func withoutCreditNegotiatedDatagramsSpendNoWindow() throws {
+        let pair = MuxPair()
+        let (c, _) = try self.openAssociation(pair)
+        var accepted = 0
+        for _ in 0..<200 where pair.client.sendDatagram(ByteBuffer(repeating: 7, count: 1000), on: c) { accepted += 1 }
+        #expect(accepted == 200)
+        #expect(c.availableSendCredit == 1 << 20, "an older peer's window field is left alone")
+    }
+
+    @Test func aFullDatagramQueueStopsTheReadsUntilItHasDrainedToHalf() throws {
+        var config = Multiplexer.Configuration()
+        config.datagramReadLimit = 8000
+        let pair = MuxPair(client: config, server: config)
+        let (c, _) = try self.openAssociation(pair)
+        for _ in 0..<7 { pair.client.sendDatagram(ByteBuffer(repeating: 7, count: 1000), on: c) }
+        #expect(pair.client.shouldReadDatagrams(for: c))
+        pair.client.sendDatagram(ByteBuffer(repeating: 7, count: 1000), on: c)
+        #expect(!pair.client.shouldReadDatagrams(for: c))
+        #expect(!pair.client.shouldReadDatagrams(for: c), "asking twice queues it once")
+        _ = pair.clientEvents.take()
+        var record = ByteBuffer()
+        #expect(pair.client.produceRecord(into: &record, limit: 3000, now: pair.now))
+        #expect(pair.clientEvents.take().isEmpty, "still above half of the limit")
+        #expect(pair.client.produceRecord(into: &record, limit: 10_000, now: pair.now))
+        #expect(pair.clientEvents.take() == [.wantsRead(c.id)])
+        #expect(pair.client.shouldReadDatagrams(for: c))
+    }
+
     @Test func datagramOnATCPStreamIsAProtocolError() throws {
         let pair = MuxPair()
         let (c, _) = try pair.openAccepted()

@@ -323,6 +323,13 @@ struct TunnelSessionTests {
         configuration.compression = false
         #expect(TunnelSession.agreedFeatures(offered: [.compression], configuration: configuration) == [])
         configuration.fullTunnel = true
-        #expect(TunnelSession.agreedFeatures(offered: [.fullTunnel], configuration: configuration) == [.fullTunnel])
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.fullTunnel], configuration: configuration) == [.fullTunnel],
+            "a peer without datagram credit (an older build) gets none"
+        )
+        #expect(TunnelSession.Configuration().features.contains(.datagramCredit), "offered by default")
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.datagramCredit], configuration: configuration) == [.datagramCredit]
+        )
     }
 }
