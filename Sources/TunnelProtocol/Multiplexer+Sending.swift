@@ -24,7 +24,7 @@ extension Multiplexer {
 
         // Datagrams next, but with at most half the record while streams have data, so neither UDP nor TCP
         // can starve the other; whatever room the streams leave goes to datagrams at the end.
-        let firstDatagram = self.datagramQueue.first.map { FrameHeader.byteCount + $0.1.readableBytes } ?? 0
+        let firstDatagram = self.nextUnsplittableDatagramBytes
         let datagramBudget = self.activeStreams.isEmpty ? space : max(space / 2, min(space, firstDatagram))
         space -= datagramBudget - self.writeDatagrams(into: &buffer, budget: datagramBudget)
 
@@ -125,8 +125,14 @@ extension Multiplexer {
     /// so a record must have room for them.
     public var nextUnsplittableFrameBytes: Int {
         let control = self.controlQueue.first?.encodedLength ?? 0
-        let datagram = self.datagramQueue.first.map { FrameHeader.byteCount + $0.1.readableBytes } ?? 0
-        return max(control, datagram)
+        return max(control, self.nextUnsplittableDatagramBytes)
+    }
+
+    /// The frame size of the next datagram, or (at least) of the next IP packet, 0 when none waits.
+    private var nextUnsplittableDatagramBytes: Int {
+        if let (_, payload) = self.datagramQueue.first { return FrameHeader.byteCount + payload.readableBytes }
+        let packet = self.queuedPacketBytes > 0 ? self.packetQueue.largestQueuedBytes : 0
+        return packet > 0 ? FrameHeader.byteCount + packet : 0
     }
 
     private func writeDatagrams(into buffer: inout ByteBuffer, budget: Int) -> Int {
@@ -136,16 +142,16 @@ extension Multiplexer {
             guard size <= budget else { break }
             self.datagramQueue.removeFirst()
             self.datagramQueueBytes -= payload.readableBytes
-            let type: FrameType
-            if id == .connection {
-                self.queuedPackets -= 1
-                type = .ipPacket
-            } else {
-                type = .datagram
-            }
-            buffer.writeFrameHeader(FrameHeader(type: type, streamID: id, length: payload.readableBytes))
+            buffer.writeFrameHeader(FrameHeader(type: .datagram, streamID: id, length: payload.readableBytes))
             buffer.writeImmutableBuffer(payload)
             budget -= size
+        }
+        while self.queuedPacketBytes > 0,
+            let packet = self.packetQueue.dequeue(maxBytes: budget - FrameHeader.byteCount)
+        {
+            buffer.writeFrameHeader(FrameHeader(type: .ipPacket, streamID: .connection, length: packet.readableBytes))
+            buffer.writeImmutableBuffer(packet)
+            budget -= FrameHeader.byteCount + packet.readableBytes
         }
         if !self.datagramReadersWaiting.isEmpty && self.datagramQueueBytes <= self.configuration.datagramReadLimit / 2 {
             while let stream = self.datagramReadersWaiting.popFirst() {

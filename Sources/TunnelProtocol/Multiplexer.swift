@@ -98,9 +98,11 @@ public final class Multiplexer {
         public var datagramCredit = false
         /// Whether IP packets flow (full-tunnel mode; negotiated in the handshake).
         public var fullTunnel = false
-        /// IP packets waiting to be sent are dropped beyond this many (about 4 ms of a 1 Gbit/s link at
-        /// 1420 bytes): drops are the congestion signal the tunnelled TCP flows need (docs/PROTOCOL.md §5).
+        /// IP packets waiting to be sent are dropped beyond this many, or beyond `maxQueuedPacketBytes`: drops
+        /// are the congestion signal the tunnelled TCP flows need (docs/PROTOCOL.md §5). The queue is fair
+        /// between flows (`PacketFairQueue`), so a sparse flow does not wait behind it.
         public var maxQueuedPackets: Int = 384
+        public var maxQueuedPacketBytes: Int = 1 << 20
         public init() {}
     }
 
@@ -142,8 +144,10 @@ public final class Multiplexer {
     var datagramQueueBytes = 0
     /// Datagrams dropped because the queue was full (sending side).
     public internal(set) var droppedDatagrams = 0
-    /// IP packets in `datagramQueue` (they sit there under stream id 0).
-    var queuedPackets = 0
+    /// IP packets waiting (full tunnel), one queue per flow.
+    var packetQueue: PacketFairQueue
+    /// IP packets waiting to be sent.
+    public var queuedPackets: Int { self.packetQueue.count }
     /// IP packets dropped because the queue was full (sending side).
     public internal(set) var droppedPackets = 0
 
@@ -189,6 +193,12 @@ public final class Multiplexer {
         self.peerMaxConcurrentStreams = Int(peerParameters.maxConcurrentStreams)
         self.connectionSendCredit = SendCredit(Int(peerParameters.connectionWindow))
         self.connectionReceiveWindow = ReceiveWindow(target: configuration.connectionWindow)
+        // One bucket outside full-tunnel mode, where no packet is ever queued.
+        self.packetQueue = PacketFairQueue(
+            flowCount: configuration.fullTunnel ? 1024 : 1,
+            limitPackets: configuration.maxQueuedPackets,
+            limitBytes: configuration.maxQueuedPacketBytes
+        )
         self.activeStreams = StreamScheduler(
             policy: .init(
                 burst: configuration.interactiveBurst,
@@ -224,11 +234,17 @@ public final class Multiplexer {
     var nextLocalStreamIDValue: UInt32 { self.nextLocalStreamID }
 
     /// Bytes of control frames and stream data waiting to be sent (an estimate of the next records' size).
-    public var queuedOutputBytes: Int { self.controlQueueBytes + self.sendablePendingBytes + self.datagramQueueBytes }
+    public var queuedOutputBytes: Int {
+        self.controlQueueBytes + self.sendablePendingBytes + self.datagramQueueBytes + self.queuedPacketBytes
+    }
+
+    /// Bytes of IP packets waiting.
+    var queuedPacketBytes: Int { self.packetQueue.bytes }
 
     /// Whether frames are waiting to be sent.
     public var hasOutput: Bool {
         !self.controlQueue.isEmpty || !self.activeStreams.isEmpty || !self.datagramQueue.isEmpty
+            || self.queuedPacketBytes > 0
     }
 
     // MARK: - Opening streams
@@ -320,22 +336,18 @@ public final class Multiplexer {
         self.configuration.datagramCredit && stream.sendCredit.available < WireLimits.maxUnsplitFramePayload
     }
 
-    /// Full tunnel: queues one IP packet. Returns false when it was dropped: full-tunnel mode was not
-    /// negotiated, or (counted in `droppedPackets`) the packet does not fit one record or the queue is full.
-    /// Packets share the datagram queue, so they get the same fair share against streams as UDP does.
+    /// Full tunnel: queues one IP packet in the flow-fair packet queue (`PacketFairQueue`). Returns false when
+    /// it was dropped: full-tunnel mode was not negotiated, or (counted in `droppedPackets`) the packet does not
+    /// fit one record. A full queue drops the oldest packet of the flow holding most bytes (counted too), which
+    /// may be this one. Packets share the datagrams' part of each record against streams.
     @discardableResult
     public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
         guard self.configuration.fullTunnel, packet.readableBytes > 0 else { return false }
-        guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload,
-            self.queuedPackets < self.configuration.maxQueuedPackets,
-            self.datagramQueueBytes + packet.readableBytes <= self.configuration.maxQueuedDatagramBytes
-        else {
+        guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload else {
             self.droppedPackets += 1
             return false
         }
-        self.datagramQueue.append((.connection, packet))
-        self.datagramQueueBytes += packet.readableBytes
-        self.queuedPackets += 1
+        self.droppedPackets += self.packetQueue.enqueue(packet)
         self.delegate?.multiplexerHasOutput(self)
         return true
     }

@@ -55,9 +55,8 @@ struct FullTunnelMuxTests {
         var config = Self.fullTunnel
         config.maxQueuedPackets = 8
         let pair = MuxPair(client: config, server: config)
-        var accepted = 0
-        for _ in 0..<20 where pair.client.sendIPPacket(self.packet(1400, tag: 1)) { accepted += 1 }
-        #expect(accepted == 8)
+        for _ in 0..<20 { pair.client.sendIPPacket(self.packet(1400, tag: 1)) }
+        #expect(pair.client.queuedPackets == 8)
         #expect(pair.client.droppedPackets == 12)
         try pair.pump()
         #expect(pair.serverEvents.packets.count == 8)
@@ -87,6 +86,26 @@ struct FullTunnelMuxTests {
             while let header = try buffer.readFrame()?.header { types.insert(header.type.rawValue) }
             #expect(types == [FrameType.data.rawValue, FrameType.ipPacket.rawValue])
         }
+    }
+
+    @Test func aPingBesideAFullQueueOfDownloadPacketsGoesOutFirstAndIsNotTheOneDropped() throws {
+        var config = Self.fullTunnel
+        config.maxQueuedPackets = 64
+        let pair = MuxPair(client: config, server: config)
+        for _ in 0..<100 { pair.server.sendIPPacket(ipv4Packet(sourcePort: 443, destinationPort: 40000)) }
+        #expect(pair.server.droppedPackets == 36, "the queue holds 64")
+        // The download has been sending for a while.
+        var record = ByteBuffer()
+        #expect(pair.server.produceRecord(into: &record, limit: 4 * 1420, now: pair.now))
+        for _ in 0..<10 { pair.server.sendIPPacket(ipv4Packet(sourcePort: 443, destinationPort: 40000)) }
+        let dropped = pair.server.droppedPackets
+        pair.server.sendIPPacket(ipv4Packet(size: 84, sourcePort: 0, destinationPort: 0, proto: 1))
+        #expect(pair.server.droppedPackets == dropped + 1, "a download packet made room")
+        record.clear()
+        #expect(pair.server.produceRecord(into: &record, limit: 4 * 1420, now: pair.now))
+        var sizes: [Int] = []
+        while let frame = try record.readFrame() { sizes.append(frame.payload.readableBytes) }
+        #expect(sizes.prefix(2).contains(84), "the ping is in the next record, not behind 64 packets: \(sizes)")
     }
 
     @Test func packetOnAStreamIsAProtocolError() throws {
