@@ -363,10 +363,8 @@ final class ClientFullTunnel {
     func shutdown() {
         self.tunnel = nil
         self.reader = nil
-        if let statistics = DeviceStatistics.read(device: self.device.name), statistics.transmitDrops > 0 {
-            self.logger.info(
-                "\(self.device.name): the kernel dropped \(statistics.transmitDrops) of \(statistics.transmitPackets + statistics.transmitDrops) packets for the tunnel because the device's queue was full"
-            )
+        if let note = DeviceStatistics.transmitDropsNote(device: self.device.name, destination: "the tunnel") {
+            self.logger.info("\(note)")
         }
         for problem in self.journal.rollback() { self.logger.warning("undoing full-tunnel changes: \(problem)") }
         if let channel = self.readChannel {

@@ -43,16 +43,15 @@ final class ClientUDPAssociation: StreamEndpoint {
     private var applicationAddress: SocketAddress?
 
     private var udp: (any Channel)?
-    private var reader: DatagramReader?
     private var stream: TunnelStream?
     private var streamOpen = false
     private var replied = false
     private var closed = false
     private var lastActivity = NIODeadline.now()
     private var timer: Scheduled<Void>?
-    private var sent = 0
-    private var received = 0
-    private var dropped = 0
+    private var tally = DatagramTally()
+    /// Datagrams were written to the relay socket and wait for the flush at the end of the tunnel read.
+    private var flushPending = false
 
     init(
         control: any Channel,
@@ -95,7 +94,6 @@ final class ClientUDPAssociation: StreamEndpoint {
                         return
                     }
                     self.udp = channel
-                    self.reader = try? channel.pipeline.syncOperations.handler(type: DatagramReader.self)
                     self.replyIfReady()
                 case .failure(let error):
                     self.logger.info("UDP ASSOCIATE: cannot bind a relay socket: \(error)")
@@ -144,9 +142,8 @@ final class ClientUDPAssociation: StreamEndpoint {
         guard !self.closed else { return }
         self.closed = true
         self.timer?.cancel()
-        let kernelDrops = self.udp.flatMap(DatagramReader.kernelDrops(of:)) ?? 0
+        self.tally.logEnd("UDP association", sockets: self.udp.map { [$0] } ?? [], logger: self.logger)
         self.udp?.close(promise: nil)
-        self.reader = nil
         if let stream = self.stream {
             stream.release()
         } else if !self.streamOpen {
@@ -155,14 +152,6 @@ final class ClientUDPAssociation: StreamEndpoint {
         }
         self.stream = nil
         if self.replied { self.control.close(promise: nil) }
-        if self.sent + self.received + self.dropped + kernelDrops > 0 {
-            // Drops are worth a line at info: they mean a sender faster than the tunnel (or a bad datagram).
-            let dropped = self.dropped + kernelDrops
-            self.logger.log(
-                level: dropped > 0 ? .info : .debug,
-                "UDP association ended: \(self.sent) datagrams sent, \(self.received) received, \(dropped) dropped (\(kernelDrops) of them by the kernel while the relay waited for the tunnel)"
-            )
-        }
     }
 
     // MARK: - From the application
@@ -189,7 +178,7 @@ final class ClientUDPAssociation: StreamEndpoint {
                 payload.writeImmutableBuffer(slice)
             }
             if stream.sendDatagram(payload) {
-                self.sent += 1
+                self.tally.sent += 1
                 self.lastActivity = .now()
             } else {
                 self.drop()
@@ -200,7 +189,7 @@ final class ClientUDPAssociation: StreamEndpoint {
     }
 
     private func drop() {
-        self.dropped += 1
+        self.tally.dropped += 1
     }
 
     // MARK: - StreamEndpoint
@@ -226,16 +215,20 @@ final class ClientUDPAssociation: StreamEndpoint {
     func deliverDatagram(_ payload: ByteBuffer) {
         guard !self.closed, let udp = self.udp, let application = self.applicationAddress else { return }
         guard udp.isWritable else { return self.drop() }
-        self.received += 1
+        self.tally.received += 1
         self.lastActivity = .now()
         let datagram = SOCKS5UDP.applicationDatagram(fromTunnel: payload, allocator: udp.allocator)
         udp.write(AddressedEnvelope(remoteAddress: application, data: datagram), promise: nil)
         // One flush after the tunnel read: the datagrams of a burst go out in one sendmmsg.
-        self.stream?.needsFlush(self)
+        if !self.flushPending {
+            self.flushPending = true
+            self.stream?.needsFlush(self)
+        }
     }
 
     func deliver(_ data: ByteBuffer) {}
     func flushDelivered() {
+        self.flushPending = false
         self.udp?.flush()
     }
     func peerFinished() { self.close() }
@@ -244,7 +237,7 @@ final class ClientUDPAssociation: StreamEndpoint {
         self.close()
     }
     func readIfWanted() {
-        self.reader?.resume()
+        self.udp?.read()
     }
 }
 

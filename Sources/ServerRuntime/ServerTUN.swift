@@ -290,10 +290,8 @@ final class ServerTUN: Sendable {
 
     /// Removes NAT, restores forwarding, stops the forwarder and closes the device.
     func stop() async {
-        if let statistics = DeviceStatistics.read(device: self.device.name), statistics.transmitDrops > 0 {
-            self.logger.info(
-                "\(self.device.name): the kernel dropped \(statistics.transmitDrops) of \(statistics.transmitPackets + statistics.transmitDrops) packets for clients because the device's queue was full"
-            )
+        if let note = DeviceStatistics.transmitDropsNote(device: self.device.name, destination: "clients") {
+            self.logger.info("\(note)")
         }
         self.state.withLockedValue { state in
             state.closed = true

@@ -18,9 +18,6 @@ final class ServerUDPAssociation: MuxStreamContext {
     private let idleTimeout: TimeAmount
     private var ipv4: (any Channel)?
     private var ipv6: (any Channel)?
-    private var readers: [DatagramReader] = []
-    /// Datagrams were written and a flush is due at the end of this event-loop tick (one sendmmsg for all).
-    private var flushScheduled = false
     private var names: [String: (addresses: [SocketAddress], expires: NIODeadline)] = [:]
     /// Datagrams waiting for a name to resolve (bounded per name and in total).
     private var waitingForName: [String: [ByteBuffer]] = [:]
@@ -28,9 +25,9 @@ final class ServerUDPAssociation: MuxStreamContext {
     private var closed = false
     private var lastActivity = NIODeadline.now()
     private var timer: Scheduled<Void>?
-    private var sent = 0
-    private var received = 0
-    private var dropped = 0
+    private var tally = DatagramTally()
+    /// Datagrams were written and wait for the flush at the end of the tunnel read.
+    private var flushPending = false
     /// Addresses this association has sent to (4 or 16 bytes), oldest first: only they may answer (RFC 4787
     /// §5 address-dependent filtering), so a stranger cannot push datagrams through the relay to the client.
     private var contacted: Set<[UInt8]> = []
@@ -69,21 +66,12 @@ final class ServerUDPAssociation: MuxStreamContext {
         func bind(_ host: String) -> EventLoopFuture<any Channel> {
             DatagramReader.bind(host: host, port: 0, on: self.eventLoop, receive: reader, wantsMore: wantsMore)
         }
-        func keepReader(of channel: any Channel) {
-            if let reader = try? channel.pipeline.syncOperations.handler(type: DatagramReader.self) {
-                self.readers.append(reader)
-            }
-        }
         bind("0.0.0.0").assumeIsolated().whenComplete { result in
             switch result {
             case .success(let channel):
                 self.ipv4 = channel
-                keepReader(of: channel)
                 bind("::").assumeIsolated().whenComplete { v6 in
-                    if case .success(let channel) = v6 {
-                        self.ipv6 = channel
-                        keepReader(of: channel)
-                    }
+                    if case .success(let channel) = v6 { self.ipv6 = channel }
                     guard !self.closed, self.stream.isOpening else {
                         self.close()
                         return
@@ -117,31 +105,28 @@ final class ServerUDPAssociation: MuxStreamContext {
         guard !self.closed else { return }
         self.closed = true
         self.timer?.cancel()
-        let kernelDrops = [self.ipv4, self.ipv6].compactMap { $0.flatMap(DatagramReader.kernelDrops(of:)) }
-            .reduce(0, +)
+        self.tally.logEnd(
+            "UDP association \(self.stream.id)",
+            sockets: [self.ipv4, self.ipv6].compactMap { $0 },
+            logger: self.logger
+        )
         self.ipv4?.close(promise: nil)
         self.ipv6?.close(promise: nil)
-        self.readers.removeAll()
         self.stream.release()
-        let dropped = self.dropped + kernelDrops
-        self.logger.log(
-            level: dropped > 0 ? .info : .debug,
-            "UDP association \(self.stream.id) ended: \(self.sent) sent, \(self.received) received, \(dropped) dropped (\(kernelDrops) of them by the kernel while the relay waited for the tunnel)"
-        )
     }
 
     // MARK: - From the client (through the tunnel)
 
     func deliverDatagram(_ payload: ByteBuffer) {
         guard !self.closed, let (target, data) = SOCKS5UDP.split(payload) else {
-            self.dropped += 1
+            self.tally.dropped += 1
             return
         }
         self.lastActivity = .now()
         switch target.host {
         case .ipv4, .ipv6:
             guard let address = target.socketAddress, !self.connector.isDenied(address) else {
-                self.dropped += 1
+                self.tally.dropped += 1
                 return
             }
             self.send(data, to: address)
@@ -149,7 +134,7 @@ final class ServerUDPAssociation: MuxStreamContext {
             let key = "\(name.lowercased())"
             if let cached = self.names[key], cached.expires > .now() {
                 guard var address = cached.addresses.first else {
-                    self.dropped += 1
+                    self.tally.dropped += 1
                     return
                 }
                 address.port = Int(target.port)
@@ -157,7 +142,7 @@ final class ServerUDPAssociation: MuxStreamContext {
                 return
             }
             guard self.waitingCount < Self.maxWaiting else {
-                self.dropped += 1
+                self.tally.dropped += 1
                 return
             }
             self.waitingCount += 1
@@ -173,6 +158,8 @@ final class ServerUDPAssociation: MuxStreamContext {
                 let queued = self.waitingForName.removeValue(forKey: key) ?? []
                 self.waitingCount -= queued.count
                 for payload in queued { self.deliverDatagram(payload) }
+                // Outside a tunnel read: no read's end flushes these.
+                self.flushDelivered()
             }
         }
     }
@@ -193,10 +180,10 @@ final class ServerUDPAssociation: MuxStreamContext {
         default: channel = nil
         }
         guard let channel, channel.isWritable else {
-            self.dropped += 1
+            self.tally.dropped += 1
             return
         }
-        self.sent += 1
+        self.tally.sent += 1
         if let bytes = address.unmappedBytes, self.contacted.insert(bytes).inserted {
             self.contactedOrder.append(bytes)
             if self.contactedOrder.count > Self.maxContacted, let oldest = self.contactedOrder.popFirst() {
@@ -204,14 +191,10 @@ final class ServerUDPAssociation: MuxStreamContext {
             }
         }
         channel.write(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
-        // One flush once this tick's tunnel records are handled: a burst leaves in one sendmmsg.
-        if !self.flushScheduled {
-            self.flushScheduled = true
-            self.eventLoop.assumeIsolated().execute {
-                self.flushScheduled = false
-                self.ipv4?.flush()
-                self.ipv6?.flush()
-            }
+        // One flush after the tunnel read: the datagrams of a burst go out in one sendmmsg.
+        if !self.flushPending {
+            self.flushPending = true
+            self.stream.needsFlush(self)
         }
     }
 
@@ -220,7 +203,7 @@ final class ServerUDPAssociation: MuxStreamContext {
     func remoteDatagram(_ envelope: AddressedEnvelope<ByteBuffer>) {
         guard !self.closed else { return }
         guard let bytes = envelope.remoteAddress.unmappedBytes, self.contacted.contains(bytes) else {
-            self.dropped += 1
+            self.tally.dropped += 1
             return  // from an address this association never sent to
         }
         self.lastActivity = .now()
@@ -228,9 +211,9 @@ final class ServerUDPAssociation: MuxStreamContext {
         let source = envelope.remoteAddress.targetAddress
         let payload = SOCKS5UDP.tunnelPayload(from: source, data: envelope.data, allocator: ByteBufferAllocator())
         if self.stream.sendDatagram(payload) {
-            self.received += 1
+            self.tally.received += 1
         } else {
-            self.dropped += 1
+            self.tally.dropped += 1
         }
     }
 
@@ -240,7 +223,14 @@ final class ServerUDPAssociation: MuxStreamContext {
     func peerFinished() { self.close() }
     func streamClosed(reset: ErrorCode?) { self.close() }
     func readIfWanted() {
-        for reader in self.readers { reader.resume() }
+        self.ipv4?.read()
+        self.ipv6?.read()
+    }
+
+    func flushDelivered() {
+        self.flushPending = false
+        self.ipv4?.flush()
+        self.ipv6?.flush()
     }
 }
 

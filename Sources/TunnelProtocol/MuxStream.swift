@@ -9,10 +9,13 @@ public protocol MuxStreamContext: AnyObject {
     func readIfWanted()
     /// One DATAGRAM frame's payload (`atyp addr port data`) on a UDP association.
     func deliverDatagram(_ payload: ByteBuffer)
+    /// End of a batch of deliveries (one flush per tunnel read), for a context that asked for it.
+    func flushDelivered()
 }
 
 extension MuxStreamContext {
     public func deliverDatagram(_ payload: ByteBuffer) {}
+    public func flushDelivered() {}
 }
 
 /// One multiplexed stream, as the multiplexer tracks it. The handler that owns the stream's local socket

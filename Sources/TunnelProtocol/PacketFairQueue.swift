@@ -111,13 +111,13 @@ struct PacketFairQueue {
         }
     }
 
-    /// Drops the oldest packet of the flow holding most bytes (RFC 8290 §4.1). Scans the buckets: it only
-    /// runs when the queue overflows.
+    /// Drops the oldest packet of the flow holding most bytes (RFC 8290 §4.1). Only a flow in one of the two
+    /// lists can hold bytes, so it scans those (a few busy flows) and not every bucket; it runs only when the
+    /// queue overflows.
     private mutating func dropFromFattestFlow() {
-        var fattest = 0
-        for index in 1..<self.flowCount where self.flows[index].bytes > self.flows[fattest].bytes {
-            fattest = index
-        }
+        var fattest = self.newFlows.first ?? self.oldFlows.first ?? 0
+        for index in self.newFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
+        for index in self.oldFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
         guard let packet = self.flows[fattest].packets.popFirst() else { return }
         self.flows[fattest].bytes -= packet.readableBytes
         self.count -= 1

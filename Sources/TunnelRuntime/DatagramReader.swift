@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOPosix
 
@@ -11,14 +12,11 @@ import Glibc
 /// The socket reads in batches (up to `maxMessagesPerRead` datagrams per wake-up) and only while `wantsMore`
 /// says so, asked after each batch: an owner whose queue is full stops the reads, the socket's buffer fills and
 /// the kernel drops the rest of a flood (counted in `kernelDrops`) without this process spending anything on
-/// it. The owner calls `resume` when it wants datagrams again.
+/// it. The owner calls `channel.read()` when it wants datagrams again (a read already pending ignores it).
 package final class DatagramReader: ChannelInboundHandler {
     package typealias InboundIn = AddressedEnvelope<ByteBuffer>
     private let receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>
     private let wantsMore: NIOLoopBound<() -> Bool>?
-    private var context: ChannelHandlerContext?
-    /// Reads stopped after a batch because the owner wanted no more.
-    private var paused = false
 
     package init(
         _ receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>,
@@ -26,14 +24,6 @@ package final class DatagramReader: ChannelInboundHandler {
     ) {
         self.receive = receive
         self.wantsMore = wantsMore
-    }
-
-    package func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-    }
-
-    package func handlerRemoved(context: ChannelHandlerContext) {
-        self.context = nil
     }
 
     package func channelActive(context: ChannelHandlerContext) {
@@ -46,18 +36,7 @@ package final class DatagramReader: ChannelInboundHandler {
     }
 
     package func channelReadComplete(context: ChannelHandlerContext) {
-        if self.wantsMore?.value() ?? true {
-            context.read()
-        } else {
-            self.paused = true
-        }
-    }
-
-    /// Reads again after the owner's `wantsMore` stopped them (does nothing while reads go on).
-    package func resume() {
-        guard self.paused, let context = self.context else { return }
-        self.paused = false
-        context.read()
+        if self.wantsMore?.value() ?? true { context.read() }
     }
 
     package func errorCaught(context: ChannelHandlerContext, error: any Error) {}
@@ -72,7 +51,7 @@ package final class DatagramReader: ChannelInboundHandler {
             level: SocketOptionLevel(SOL_SOCKET),
             name: SocketOptionName(55)  // SO_MEMINFO; SK_MEMINFO_DROPS is its 9th value
         )
-        future.whenSuccess { drops = Int($0.8) }
+        future.assumeIsolated().whenSuccess { drops = Int($0.8) }
         return drops
     }
 
@@ -98,5 +77,28 @@ package final class DatagramReader: ChannelInboundHandler {
                 }
             }
             .bind(host: host, port: port)
+    }
+}
+
+/// What a UDP association moved, for the one line it logs when it ends.
+package struct DatagramTally {
+    package var sent = 0
+    package var received = 0
+    /// Dropped here: malformed, refused by policy or filtering, or no room or credit in the tunnel.
+    package var dropped = 0
+
+    package init() {}
+
+    /// Logs the association's end, `what` naming it, with the kernel's drops at its `sockets` (read them before
+    /// closing the sockets): at info when anything was dropped (a sender faster than the tunnel, or bad
+    /// datagrams), else at debug; nothing when nothing moved.
+    package func logEnd(_ what: String, sockets: [any Channel], logger: Logger) {
+        let kernelDrops = sockets.compactMap(DatagramReader.kernelDrops(of:)).reduce(0, +)
+        let dropped = self.dropped + kernelDrops
+        guard self.sent + self.received + dropped > 0 else { return }
+        logger.log(
+            level: dropped > 0 ? .info : .debug,
+            "\(what) ended: \(self.sent) datagrams sent, \(self.received) received, \(dropped) dropped (\(kernelDrops) of them by the kernel while the relay waited for the tunnel)"
+        )
     }
 }

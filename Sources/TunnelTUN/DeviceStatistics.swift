@@ -13,8 +13,7 @@ public struct DeviceStatistics: Equatable, Sendable {
     /// The counters of `device` in a `/proc/net/dev` text, nil when it is not listed.
     public static func parse(_ text: String, device: String) -> DeviceStatistics? {
         for line in text.split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":"),
-                line[..<colon].trimmingCharacters(in: " ") == device
+            guard let colon = line.firstIndex(of: ":"), line[..<colon].drop(while: { $0 == " " }) == device
             else { continue }
             // Receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes packets errs drop ...
             let fields = line[line.index(after: colon)...].split(separator: " ").compactMap { Int($0) }
@@ -35,13 +34,13 @@ public struct DeviceStatistics: Equatable, Sendable {
         }
         return Self.parse(text, device: device)
     }
-}
 
-extension Substring {
-    fileprivate func trimmingCharacters(in set: Character) -> Substring {
-        var s = self
-        while s.first == set { s = s.dropFirst() }
-        while s.last == set { s = s.dropLast() }
-        return s
+    /// A log line for the packets the kernel dropped at `device` because its queue was full, nil when none were
+    /// (or the counters cannot be read). `destination` says whom the packets were for.
+    public static func transmitDropsNote(device: String, destination: String) -> String? {
+        guard let statistics = Self.read(device: device), statistics.transmitDrops > 0 else { return nil }
+        let total = statistics.transmitPackets + statistics.transmitDrops
+        return
+            "\(device): the kernel dropped \(statistics.transmitDrops) of \(total) packets for \(destination) because the device's queue was full"
     }
 }

@@ -10,8 +10,6 @@ public protocol StreamEndpoint: MuxStreamContext {
     func attach(_ stream: TunnelStream)
     /// Client: the OPEN_RESULT arrived.
     func openCompleted(reply: ReplyCode, bound: TargetAddress)
-    /// End of a batch of deliveries (one flush per tunnel read).
-    func flushDelivered()
     /// The requester went away before the OPEN_RESULT: give the stream up if one was opened.
     func cancelPendingOpen()
 }

@@ -52,7 +52,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     var flushHeld = false
     /// Output was queued under `flushHeld` and not flushed yet.
     private var flushOwed = false
-    private var streamsToFlush: [any StreamEndpoint] = []
+    private var streamsToFlush: [any MuxStreamContext] = []
     /// Wakes the session's timers.
     private var timer: Scheduled<Void>?
     private var closeError: ProtocolError?
@@ -250,7 +250,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         for local in streams { local.flushDelivered() }
     }
 
-    public func markNeedsFlush(_ local: any StreamEndpoint) {
+    public func markNeedsFlush(_ local: any MuxStreamContext) {
         self.streamsToFlush.append(local)
     }
 

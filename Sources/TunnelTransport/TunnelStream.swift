@@ -87,8 +87,9 @@ public struct TunnelStream {
     /// The event loop of the tunnel connection (nil once it is gone).
     public var eventLoop: (any EventLoop)? { self.tunnel?.eventLoop }
 
-    /// `endpoint` wrote delivered bytes: the tunnel calls its `flushDelivered` when the current read is done.
-    public func needsFlush(_ endpoint: any StreamEndpoint) {
+    /// `endpoint` wrote delivered bytes or datagrams: the tunnel calls its `flushDelivered` when the current
+    /// read is done.
+    public func needsFlush(_ endpoint: any MuxStreamContext) {
         self.tunnel?.markNeedsFlush(endpoint)
     }
 }

@@ -198,26 +198,32 @@ def test_association_ends_with_its_control_connection(tunnel, dns):
         pass
 
 
+def timed_download(socks_port, target_port, n):
+    """Downloads n bytes from the target's source through the proxy; returns bytes per second. Every byte
+    must arrive: a download beside a flood may be slow, never short."""
+    s, rep, _, _ = harness.socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SOURCE {n}\n".encode())
+    start = time.time()
+    got = 0
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        got += len(chunk)
+    s.close()
+    assert got == n, f"the download got {got} of {n} bytes"
+    return n / (time.time() - start)
+
+
 def test_udp_flood_does_not_starve_tcp(tunnel, dns, target):
     """Heavy UDP through the same tunnel leaves a TCP download most of its speed. (On this 2-core box an
     unpaced Python flood would mostly measure CPU contention with the flooding process itself, so the flood is
     paced to ~10k datagrams/s, each echoed back: ~24 MB/s of UDP through the tunnel both ways.)"""
     tunnel.start()
-    n = 128 << 20
 
     def download():
-        s, rep, _, _ = harness.socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
-        s.sendall(f"SOURCE {n}\n".encode())
-        start = time.time()
-        got = 0
-        while True:
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-        s.close()
-        assert got == n
-        return n / (time.time() - start)
+        return timed_download(tunnel.socks_port, target.port, 128 << 20)
 
     solo = download()
     control, relay = associate(tunnel.socks_port)
@@ -291,22 +297,9 @@ def test_an_unpaced_udp_flood_leaves_tcp_its_share_and_its_drops_are_counted(tun
             received[0] += 1
 
     threading.Thread(target=drain, daemon=True).start()
-    n = 256 << 20
 
     def download():
-        s, rep, _, _ = harness.socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
-        assert rep == 0
-        s.sendall(f"SOURCE {n}\n".encode())
-        start = time.time()
-        got = 0
-        while True:
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-        s.close()
-        assert got == n, "the download beside the flood lost bytes"
-        return n / (time.time() - start)
+        return timed_download(tunnel.socks_port, target.port, 256 << 20)
 
     solo = download()
     control, relay = associate(tunnel.socks_port)

@@ -89,6 +89,22 @@ struct TunnelSessionTests {
         return (client, server)
     }
 
+    /// Opens a stream from the client to `target`, has the server accept it, and returns both ends.
+    func openAccepted(
+        _ client: SessionEnd,
+        _ server: SessionEnd,
+        to target: TargetAddress,
+        over connection: MemoryConnection,
+        now: NIODeadline
+    ) throws -> (client: MuxStream, server: MuxStream) {
+        let clientStream = client.session.multiplexer!.openStream(to: target)!
+        try self.pump(client, server, over: connection, now: now)
+        let serverStream = server.session.multiplexer!.stream(clientStream.id)!
+        server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
+        try self.pump(client, server, over: connection, now: now)
+        return (clientStream, serverStream)
+    }
+
     /// Moves bytes both ways until neither end has anything more to say.
     func pump(_ client: SessionEnd, _ server: SessionEnd, over connection: MemoryConnection, now: NIODeadline) throws {
         for _ in 0..<1000 {
@@ -115,13 +131,13 @@ struct TunnelSessionTests {
         #expect(server.session.established?.peerStaticKey == self.clientKey.publicKey)
 
         // A stream, both ways, more than many records' worth.
-        let clientStream = client.session.multiplexer!.openStream(
-            to: TargetAddress(host: .domain("example.com"), port: 443)
-        )!
-        try self.pump(client, server, over: connection, now: now)
-        let serverStream = server.session.multiplexer!.stream(clientStream.id)!
-        server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
-        try self.pump(client, server, over: connection, now: now)
+        let (clientStream, serverStream) = try self.openAccepted(
+            client,
+            server,
+            to: TargetAddress(host: .domain("example.com"), port: 443),
+            over: connection,
+            now: now
+        )
         #expect(client.streams.events.contains(.openCompleted(clientStream.id, .succeeded, .unspecified)))
         var expectedUp: [UInt8] = []
         for i in 0..<8 { expectedUp += Array(bytes(64 << 10, seed: UInt8(i)).readableBytesView) }
@@ -165,13 +181,13 @@ struct TunnelSessionTests {
         let first = MemoryConnection(chunk: 700)
         try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
         try self.pump(client, server, over: first, now: now)
-        let clientStream = client.session.multiplexer!.openStream(
-            to: TargetAddress(host: .ipv4(0x0A00_0001), port: 22)
-        )!
-        try self.pump(client, server, over: first, now: now)
-        let serverStream = server.session.multiplexer!.stream(clientStream.id)!
-        server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
-        try self.pump(client, server, over: first, now: now)
+        let (clientStream, serverStream) = try self.openAccepted(
+            client,
+            server,
+            to: TargetAddress(host: .ipv4(0x0A00_0001), port: 22),
+            over: first,
+            now: now
+        )
         client.session.multiplexer!.localRead(bytes(3000, seed: 1), on: clientStream)
         try self.pump(client, server, over: first, now: now)
 
@@ -198,13 +214,13 @@ struct TunnelSessionTests {
             let connection = MemoryConnection()
             try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
             try self.pump(client, server, over: connection, now: now)
-            let clientStream = client.session.multiplexer!.openStream(
-                to: TargetAddress(host: .domain("example.com"), port: 80)
-            )!
-            try self.pump(client, server, over: connection, now: now)
-            let serverStream = server.session.multiplexer!.stream(clientStream.id)!
-            server.session.multiplexer!.completeOpen(serverStream, reply: .succeeded, bound: .unspecified)
-            try self.pump(client, server, over: connection, now: now)
+            let (clientStream, serverStream) = try self.openAccepted(
+                client,
+                server,
+                to: TargetAddress(host: .domain("example.com"), port: 80),
+                over: connection,
+                now: now
+            )
 
             #expect(server.session.drainCloseDue(now: now) == nil, "not draining")
             #expect(server.session.beginDrain(deadline: now + .seconds(5)))
