@@ -21,7 +21,7 @@ int ctun_name_size(void) {
 #endif
 }
 
-int ctun_open(const char *requested, int multi_queue, char *name_out, size_t name_out_len) {
+int ctun_open(const char *requested, int multi_queue, int vnet_hdr, char *name_out, size_t name_out_len) {
 #ifdef __linux__
     struct ifreq ifr;
     if (requested == NULL || strlen(requested) >= IFNAMSIZ || name_out_len < IFNAMSIZ) {
@@ -32,7 +32,7 @@ int ctun_open(const char *requested, int multi_queue, char *name_out, size_t nam
         return -errno;
     }
     memset(&ifr, 0, sizeof(ifr));
-    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | (multi_queue ? IFF_MULTI_QUEUE : 0);
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | (multi_queue ? IFF_MULTI_QUEUE : 0) | (vnet_hdr ? IFF_VNET_HDR : 0);
     strncpy(ifr.ifr_name, requested, IFNAMSIZ - 1);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
         int saved = errno;
@@ -43,7 +43,20 @@ int ctun_open(const char *requested, int multi_queue, char *name_out, size_t nam
     strncpy(name_out, ifr.ifr_name, IFNAMSIZ - 1);
     return fd;
 #else
-    (void)requested; (void)multi_queue; (void)name_out; (void)name_out_len;
+    (void)requested; (void)multi_queue; (void)vnet_hdr; (void)name_out; (void)name_out_len;
+    return -ENOSYS;
+#endif
+}
+
+int ctun_set_offload(int fd, int enabled) {
+#ifdef __linux__
+    unsigned long flags = enabled ? (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) : 0;
+    if (ioctl(fd, TUNSETOFFLOAD, flags) < 0) {
+        return -errno;
+    }
+    return 0;
+#else
+    (void)fd; (void)enabled;
     return -ENOSYS;
 #endif
 }

@@ -45,6 +45,10 @@ final class ClientFullTunnel {
     private var reader: DeviceReader<ClientFullTunnel>?
     /// A TCP packet from the tunnel was written to the device in the current socket read.
     private var wroteTCPToDevice = false
+    /// The tunnel's IP packets carry offload headers (negotiated): they go to the device as they come.
+    private var offload = false
+    /// Whether this end can offer offload headers (its device has them).
+    var offersOffload: Bool { self.device.hasOffloadHeaders }
     private var droppedWhileDown = 0
     /// Called for each packet that arrives while the tunnel is down (the manager cuts its backoff short).
     var onPacketWhileDown: (() -> Void)?
@@ -102,7 +106,7 @@ final class ClientFullTunnel {
             self.device = device
         } else {
             do {
-                self.device = try TUNDevice(requested: settings.deviceName)
+                self.device = try TUNDevice(requested: settings.deviceName, offloadHeaders: true)
             } catch {
                 self.lock.release()
                 throw SetupError(description: "\(error)")
@@ -139,7 +143,7 @@ final class ClientFullTunnel {
     /// Starts reading packets from the device, in buffers that fit the MTU (a read never truncates a packet:
     /// the kernel hands the device nothing larger).
     private func startReading(mtu: Int) {
-        let capacity = mtu + 64
+        let capacity = self.device.readCapacity(mtu: mtu)
         let owner = NIOLoopBound(self, eventLoop: self.eventLoop)
         return NIOPipeBootstrap(group: self.eventLoop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
@@ -179,6 +183,10 @@ final class ClientFullTunnel {
         self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
         self.ipv6 = assignment.ipv6.map { PacketAddress($0.address) }
         self.tunnel = tunnel
+        self.offload = tunnel.packetOffloadActive
+        if self.device.hasOffloadHeaders && !self.device.setOffload(self.offload) && self.offload {
+            self.logger.debug("\(self.device.name): the kernel refused segmentation offload")
+        }
         if self.droppedWhileDown > 0 {
             self.logger.info("dropped \(self.droppedWhileDown) packet(s) while the tunnel was down")
             self.droppedWhileDown = 0
@@ -207,6 +215,7 @@ final class ClientFullTunnel {
             }
             let addresses = [assignment.ipv4, assignment.ipv6].compactMap { $0 }
             try self.host.configureDevice(name, mtu: assignment.mtu, addresses: addresses)
+            if self.device.hasOffloadHeaders { self.host.limitSegments(of: name) }
             // Routes through the device vanish with it, so they need no journal entry.
             let journal = HostChangeJournal(path: nil)
             for half in ["0.0.0.0/1", "128.0.0.0/1"] {
@@ -328,8 +337,10 @@ final class ClientFullTunnel {
             return
         }
         // Only packets from our own addresses: the server would drop anything else (link-local chatter).
-        guard let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6 else { return }
-        tunnel.enqueueIPPacket(packet)  // flushed by `deviceReadComplete`
+        let headers = self.device.hasOffloadHeaders
+        let ip = headers ? packet.skippingOffloadHeader() : packet
+        guard let source = IPPacket.source(of: ip), source == self.ipv4 || source == self.ipv6 else { return }
+        tunnel.enqueueIPPacket(packet, offloadHeader: headers)  // flushed by `deviceReadComplete`
     }
 
     /// The device's read burst is over: send what it queued now.
@@ -338,11 +349,14 @@ final class ClientFullTunnel {
     }
 
     /// A packet from the server, for an app on this host.
+    /// With offload the packet is the device's: its offload header (checked by the multiplexer), then IP.
     func packetFromTunnel(_ packet: ByteBuffer) {
-        if self.device.write(packet) {
+        if self.offload ? self.device.write(packet) : self.device.writePlain(packet) {
             // Only TCP gets an answer inside the write (an ACK, the next segments): after a ping reply or a
             // DNS answer the read would find nothing, and it would delay the app the packet woke.
-            if !self.wroteTCPToDevice && IPPacket.isTCP(packet) { self.wroteTCPToDevice = true }
+            if !self.wroteTCPToDevice && IPPacket.isTCP(self.offload ? packet.skippingOffloadHeader() : packet) {
+                self.wroteTCPToDevice = true
+            }
         } else {
             self.undeliverable += 1
         }
@@ -387,9 +401,12 @@ extension ClientFullTunnel: DevicePacketSink {
 /// Where the full tunnel sends the packets apps on this host send: the tunnel connection (or a test's
 /// double).
 protocol PacketTunnel: AnyObject {
-    /// Queues one packet; flushed by `flushNow`. False when it was dropped.
+    /// Queues one packet (with `offloadHeader`, as the device read it: header first); flushed by `flushNow`.
+    /// False when it was dropped.
     @discardableResult
-    func enqueueIPPacket(_ packet: ByteBuffer) -> Bool
+    func enqueueIPPacket(_ packet: ByteBuffer, offloadHeader: Bool) -> Bool
+    /// Whether IP packets cross it with their offload headers (negotiated).
+    var packetOffloadActive: Bool { get }
     /// Sends what is queued now.
     func flushNow()
 }

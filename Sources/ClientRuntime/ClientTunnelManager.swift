@@ -51,6 +51,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     var fullTunnel: ClientFullTunnel? {
         didSet {
             self.configuration.session.fullTunnel = self.fullTunnel != nil
+            self.configuration.session.packetOffload = self.fullTunnel?.offersOffload ?? false
             // An app's packet while the tunnel is down is a user waiting, like a SOCKS request.
             self.fullTunnel?.onPacketWhileDown = { [weak self] in self?.someoneIsWaiting() }
         }

@@ -29,6 +29,8 @@ final class ServerSession: TunnelConnectionDelegate {
     /// Full tunnel: the client's slot in the server's routing table, and the device queue of this loop.
     private var slot: Int?
     private var queue = 0
+    /// The client's IP packets come and go with their offload headers (negotiated).
+    private var offload = false
     /// Full tunnel: the reader of that queue, to pick up replies the device already holds after a write.
     private var reader: NIOLoopBound<DeviceReader<ServerTUNQueue>>?
     /// Packets from the client waiting for the end of the current socket read.
@@ -127,7 +129,8 @@ final class ServerSession: TunnelConnectionDelegate {
         guard
             let (assignment, slot) = tun.attach(
                 key: key,
-                route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler)
+                route: ServerTUN.Route(id: self.handle.id, handler: self.handle.handler),
+                offload: tunnel.packetOffloadActive
             )
         else {
             self.logger.warning("\(self.clientName): the full-tunnel address pool is full; closing")
@@ -135,6 +138,7 @@ final class ServerSession: TunnelConnectionDelegate {
             return
         }
         self.slot = slot
+        self.offload = tunnel.packetOffloadActive
         self.queue = tun.queue(of: self.handle.eventLoop)
         self.reader = tun.reader(of: self.handle.eventLoop)
         self.ipv4 = assignment.ipv4.map { PacketAddress($0.address) }
@@ -152,11 +156,13 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {
-        guard self.tun != nil, let source = IPPacket.source(of: packet), source == self.ipv4 || source == self.ipv6
+        // With offload the packet is the device's: its offload header (checked by the multiplexer), then IP.
+        let ip = self.offload ? packet.skippingOffloadHeader() : packet
+        guard self.tun != nil, let source = IPPacket.source(of: ip), source == self.ipv4 || source == self.ipv6
         else {
             // Anti-spoofing: only the client's own addresses get onto the server's network.
             if self.spoofedPackets == 0 {
-                let from = IPPacket.source(of: packet).map { "\($0)" } ?? "a malformed header"
+                let from = IPPacket.source(of: ip).map { "\($0)" } ?? "a malformed header"
                 self.logger.info("\(self.clientName): dropping packets from \(from), which is not its address")
             }
             self.spoofedPackets += 1
@@ -170,7 +176,10 @@ final class ServerSession: TunnelConnectionDelegate {
     func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {
         guard !self.pendingPackets.isEmpty, let tun = self.tun else { return }
         let written = self.pendingPackets.count
-        for packet in self.pendingPackets where !tun.write(packet, queue: self.queue) { self.undeliveredPackets += 1 }
+        for packet in self.pendingPackets
+        where !(self.offload ? tun.write(packet, queue: self.queue) : tun.writePlain(packet, queue: self.queue)) {
+            self.undeliveredPackets += 1
+        }
         self.pendingPackets.removeAll(keepingCapacity: true)
         // The kernel forwarded them inside those writes: replies may be waiting already. The answer to a
         // lone packet (a ping, a request to a host nearby) goes out before the read that finds the queue empty.
@@ -229,9 +238,10 @@ final class ServerSession: TunnelConnectionDelegate {
         self.registry.remove(self.handle, key: self.clientKey)
         if let tun = self.tun, let key = self.clientKey, let slot = self.slot {
             tun.detach(key: key, id: self.handle.id, slot: slot)
-            if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 {
+            let refused = tunnel.refusedPackets
+            if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 || refused > 0 {
                 self.logger.info(
-                    "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit"
+                    "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(refused) with an offload header refused, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit"
                 )
             }
         }

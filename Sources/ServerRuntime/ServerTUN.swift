@@ -40,6 +40,11 @@ final class ServerTUN: Sendable {
         /// The session of each pool address: routing a packet is arithmetic and an index, no hashing.
         var router: PacketRouter<PublicKey, Route>
         var closed = false
+        /// Sessions whose client takes no offload headers: while there is one, the device hands over only
+        /// finished packets (a segment to split could not go to that client).
+        var plainSessions: Set<ObjectIdentifier> = []
+        /// Whether the device's offload is on.
+        var offloading = false
 
         init(pool: AddressPool<PublicKey>) {
             self.router = PacketRouter(pool: pool)
@@ -148,7 +153,7 @@ final class ServerTUN: Sendable {
         let loops = Array(group.makeIterator())
         let device: any PacketDevice
         do {
-            device = try TUNDevice(requested: settings.deviceName, queues: loops.count)
+            device = try TUNDevice(requested: settings.deviceName, queues: loops.count, offloadHeaders: true)
         } catch {
             lock.release()
             throw SetupError(description: "\(error)")
@@ -170,6 +175,7 @@ final class ServerTUN: Sendable {
                 mtu: settings.mtu,
                 addresses: [gateway4] + (gateway6.map { [$0] } ?? [])
             )
+            if device.hasOffloadHeaders { HostNetwork.live.limitSegments(of: device.name) }
             guard HostNetwork.setSysctl("net.ipv4.ip_forward", "1", journal: journal) else {
                 throw SetupError(description: "cannot turn on IPv4 forwarding (net.ipv4.ip_forward)")
             }
@@ -241,14 +247,17 @@ final class ServerTUN: Sendable {
             let channel: any Channel
             do {
                 channel = try await NIOPipeBootstrap(group: queueLoop)
-                    .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: settings.mtu + 64))
+                    .channelOption(
+                        .recvAllocator,
+                        value: FixedSizeRecvByteBufferAllocator(capacity: device.readCapacity(mtu: settings.mtu))
+                    )
                     .channelOption(.maxMessagesPerRead, value: 32)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             let reader = DeviceReader(
                                 sink: ServerTUNQueue(tun: tun, loop: channel.eventLoop),
                                 descriptor: device.readDescriptor(queue: queue),
-                                packetCapacity: settings.mtu + 64
+                                packetCapacity: device.readCapacity(mtu: settings.mtu)
                             )
                             try channel.pipeline.syncOperations.addHandler(reader)
                             tun.readers.withLockedValue {
@@ -315,9 +324,15 @@ final class ServerTUN: Sendable {
         self.queueOfLoop[ObjectIdentifier(loop)] ?? 0
     }
 
-    /// Writes a packet from a client to the device, on `queue` (see `queue(of:)`).
+    /// Writes a packet from a client to the device, on `queue` (see `queue(of:)`): a device packet (offload
+    /// header first).
     func write(_ packet: ByteBuffer, queue: Int) -> Bool {
         self.device.write(packet, queue: queue)
+    }
+
+    /// Writes an IP packet without offload header from a client to the device, on `queue`.
+    func writePlain(_ packet: ByteBuffer, queue: Int) -> Bool {
+        self.device.writePlain(packet, queue: queue)
     }
 
     /// The reader of the device queue `loop` reads, for a session on `loop` to call `readBack()` on after
@@ -331,12 +346,16 @@ final class ServerTUN: Sendable {
 
     // MARK: - Sessions
 
-    /// Gives a client its addresses and routes packets for them to `route`. Nil when the pool is full.
-    func attach(key: PublicKey, route: Route) -> (assignment: TunnelAssignment, slot: Int)? {
+    /// Gives a client its addresses and routes packets for them to `route`; `offload` says whether it takes
+    /// offload headers. Nil when the pool is full.
+    func attach(key: PublicKey, route: Route, offload: Bool) -> (assignment: TunnelAssignment, slot: Int)? {
         let lease: AddressPool<PublicKey>.Lease? = self.state.withLockedValue { state in
             guard !state.closed else { return nil }
             let seed = key.bytes.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            return state.router.attach(key: key, seed: seed, route: route, owner: route.id)
+            let lease = state.router.attach(key: key, seed: seed, route: route, owner: route.id)
+            if lease != nil && !offload { state.plainSessions.insert(route.id) }
+            self.updateOffload(&state)
+            return lease
         }
         guard let lease else { return nil }
         var assignment = self.template
@@ -352,6 +371,20 @@ final class ServerTUN: Sendable {
         self.state.withLockedValue { state in
             guard !state.closed else { return }
             state.router.detach(key: key, owner: id, slot: slot)
+            state.plainSessions.remove(id)
+            self.updateOffload(&state)
+        }
+    }
+
+    /// Offload on while every client takes offload headers (under the state's lock: attaches and detaches
+    /// decide in order).
+    private func updateOffload(_ state: inout State) {
+        let wanted = state.plainSessions.isEmpty
+        guard wanted != state.offloading, self.device.hasOffloadHeaders else { return }
+        if self.device.setOffload(wanted) {
+            state.offloading = wanted
+        } else if wanted {
+            self.logger.debug("\(self.device.name): the kernel refused segmentation offload")
         }
     }
 
@@ -379,20 +412,25 @@ final class ServerTUNQueue: DevicePacketSink {
     private var local: [TunnelConnectionHandler] = []
     private(set) var unroutable = 0
 
+    /// The device's packets start with their offload header.
+    private let offloadHeaders: Bool
+
     init(tun: ServerTUN, loop: any EventLoop) {
         self.tun = tun
+        self.offloadHeaders = tun.device.hasOffloadHeaders
         self.loop = ObjectIdentifier(loop)
     }
 
     func devicePacket(_ packet: ByteBuffer) {
-        guard let destination = IPPacket.destination(of: packet), let route = self.tun.route(to: destination) else {
+        let ip = self.offloadHeaders ? packet.skippingOffloadHeader() : packet
+        guard let destination = IPPacket.destination(of: ip), let route = self.tun.route(to: destination) else {
             self.unroutable += 1
             return
         }
         if route.loop == self.loop {
             // Queued without a flush of its own: the whole read burst goes out in `deviceBurstFinished`.
             let handler = route.handler.value
-            handler.enqueueIPPacket(packet)
+            handler.enqueueIPPacket(packet, offloadHeader: self.offloadHeaders)
             if !self.local.contains(where: { $0 === handler }) { self.local.append(handler) }
         } else if let index = self.batches.firstIndex(where: { $0.route.id == route.id }) {
             self.batches[index].packets.append(packet)
@@ -408,10 +446,11 @@ final class ServerTUNQueue: DevicePacketSink {
             self.local.removeAll(keepingCapacity: true)
         }
         guard !self.batches.isEmpty else { return }
+        let offloadHeaders = self.offloadHeaders
         for (route, packets) in self.batches {
             route.handler.eventLoop.execute {
                 let handler = route.handler.value
-                for packet in packets { handler.enqueueIPPacket(packet) }
+                for packet in packets { handler.enqueueIPPacket(packet, offloadHeader: offloadHeaders) }
                 handler.flushNow()
             }
         }

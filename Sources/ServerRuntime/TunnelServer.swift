@@ -45,6 +45,8 @@ public final class TunnelServer: Sendable {
         var connectionConfiguration = TunnelConnectionHandler.Configuration(settings.timings)
         connectionConfiguration.session.compression = settings.allowCompression
         connectionConfiguration.session.fullTunnel = settings.tun.enabled
+        // The server's TUN device always has offload headers (ServerTUN).
+        connectionConfiguration.session.packetOffload = settings.tun.enabled
         let configuration = connectionConfiguration
         var tun: ServerTUN? = nil
         if settings.tun.enabled {

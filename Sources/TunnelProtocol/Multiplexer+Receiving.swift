@@ -45,7 +45,11 @@ extension Multiplexer {
                 }
                 // Ignored unless full-tunnel mode was negotiated.
                 if self.configuration.fullTunnel, payload.readableBytes > 0 {
-                    self.delegate?.multiplexer(self, receivedIPPacket: payload)
+                    if self.configuration.packetOffload && !Self.offloadHeaderIsAcceptable(payload) {
+                        self.refusedPackets += 1
+                    } else {
+                        self.delegate?.multiplexer(self, receivedIPPacket: payload)
+                    }
                 }
             case .control:
                 guard header.streamID == .connection else {
@@ -372,5 +376,19 @@ extension Multiplexer {
             throw ProtocolError.resourceLimit("peer keeps sending PINGs without reading the answers")
         }
         self.enqueueControl(.ping(opaque, ack: true))
+    }
+}
+
+extension Multiplexer {
+    /// Whether a device packet from the peer (offload header + IP packet) may go to this end's device
+    /// (`PacketOffloadHeader.isAcceptable`).
+    static func offloadHeaderIsAcceptable(_ payload: ByteBuffer) -> Bool {
+        guard let header = PacketOffloadHeader(from: payload),
+            let first = payload.getInteger(at: payload.readerIndex + PacketOffloadHeader.byteCount, as: UInt8.self)
+        else { return false }
+        return header.isAcceptable(
+            ipVersion: first >> 4,
+            packetLength: payload.readableBytes - PacketOffloadHeader.byteCount
+        )
     }
 }

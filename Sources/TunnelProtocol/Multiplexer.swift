@@ -98,11 +98,14 @@ public final class Multiplexer {
         public var datagramCredit = false
         /// Whether IP packets flow (full-tunnel mode; negotiated in the handshake).
         public var fullTunnel = false
+        /// Whether IP packets carry a `PacketOffloadHeader` (negotiated): then `sendIPPacket` takes, and the
+        /// delegate gets, device packets (header + IP packet).
+        public var packetOffload = false
         /// IP packets waiting to be sent are dropped beyond this many, or beyond `maxQueuedPacketBytes`: drops
         /// are the congestion signal the tunnelled TCP flows need (docs/PROTOCOL.md §5). The queue is fair
         /// between flows (`PacketFairQueue`), so a sparse flow does not wait behind it.
         public var maxQueuedPackets: Int = 384
-        public var maxQueuedPacketBytes: Int = 1 << 20
+        public var maxQueuedPacketBytes: Int = 4 << 20
         public init() {}
     }
 
@@ -150,6 +153,8 @@ public final class Multiplexer {
     public var queuedPackets: Int { self.packetQueue.count }
     /// IP packets dropped because the queue was full (sending side).
     public internal(set) var droppedPackets = 0
+    /// IP packets from the peer whose offload header this end refused (`PacketOffloadHeader.isAcceptable`).
+    public internal(set) var refusedPackets = 0
 
     // MARK: - Compression
     /// Streams holding a deflate or inflate context, swept for idle ones (only these, never all streams).
@@ -197,7 +202,8 @@ public final class Multiplexer {
         self.packetQueue = PacketFairQueue(
             flowCount: configuration.fullTunnel ? 1024 : 1,
             limitPackets: configuration.maxQueuedPackets,
-            limitBytes: configuration.maxQueuedPacketBytes
+            limitBytes: configuration.maxQueuedPacketBytes,
+            headerBytes: configuration.packetOffload ? PacketOffloadHeader.byteCount : 0
         )
         self.activeStreams = StreamScheduler(
             policy: .init(
@@ -336,7 +342,8 @@ public final class Multiplexer {
         self.configuration.datagramCredit && stream.sendCredit.available < WireLimits.maxUnsplitFramePayload
     }
 
-    /// Full tunnel: queues one IP packet in the flow-fair packet queue (`PacketFairQueue`). Returns false when
+    /// Full tunnel: queues one IP packet in the flow-fair packet queue (`PacketFairQueue`); with
+    /// `packetOffload`, a device packet (its `PacketOffloadHeader` first). Returns false when
     /// it was dropped: full-tunnel mode was not negotiated, or (counted in `droppedPackets`) the packet does not
     /// fit one record. A full queue drops the oldest packet of the flow holding most bytes (counted too), which
     /// may be this one. Packets share the datagrams' part of each record against streams.
@@ -350,6 +357,24 @@ public final class Multiplexer {
         self.droppedPackets += self.packetQueue.enqueue(packet)
         self.delegate?.multiplexerHasOutput(self)
         return true
+    }
+
+    /// Full tunnel: queues a packet as a device with offload headers read it (`PacketOffloadHeader` + IP
+    /// packet). With `packetOffload` it goes as it is; without, only a plain packet can go (its header
+    /// stripped); one to segment or to checksum is dropped and counted (the device had offload on while it
+    /// served a peer without it).
+    @discardableResult
+    public func sendDevicePacket(_ packet: ByteBuffer) -> Bool {
+        guard self.configuration.fullTunnel else { return false }
+        if self.configuration.packetOffload {
+            guard packet.readableBytes > PacketOffloadHeader.byteCount else { return false }
+            return self.sendIPPacket(packet)
+        }
+        guard let header = PacketOffloadHeader(from: packet), header.isPlain else {
+            self.droppedPackets += 1
+            return false
+        }
+        return self.sendIPPacket(packet.skippingOffloadHeader())
     }
 
     /// Sends a CONTROL frame (TLVs) ahead of stream data.

@@ -24,6 +24,8 @@ struct PacketFairQueue {
     let limitBytes: Int
     /// Bytes a flow may send per round.
     let quantum: Int
+    /// Bytes in front of each packet's IP header (an offload header), skipped when hashing its flow.
+    let headerBytes: Int
     private var flows: [Flow]
     /// Flows that became active since they last ran dry: served first (RFC 8290 §4.2, the new-flows list).
     private var newFlows = CircularBuffer<Int>(initialCapacity: 8)
@@ -31,12 +33,13 @@ struct PacketFairQueue {
     private(set) var count = 0
     private(set) var bytes = 0
 
-    init(flowCount: Int = 1024, limitPackets: Int, limitBytes: Int, quantum: Int = 1514) {
+    init(flowCount: Int = 1024, limitPackets: Int, limitBytes: Int, quantum: Int = 1514, headerBytes: Int = 0) {
         precondition(flowCount > 0 && limitPackets > 0)
         self.flowCount = flowCount
         self.limitPackets = limitPackets
         self.limitBytes = limitBytes
         self.quantum = quantum
+        self.headerBytes = headerBytes
         self.flows = Array(repeating: Flow(), count: flowCount)
     }
 
@@ -45,7 +48,7 @@ struct PacketFairQueue {
     /// Queues `packet`; returns how many packets were dropped to make room (0 when it fitted). The packet
     /// itself may be the one dropped (when its own flow is the fattest and nothing else is queued).
     mutating func enqueue(_ packet: ByteBuffer) -> Int {
-        let index = Self.flowHash(of: packet) % self.flowCount
+        let index = Self.flowHash(of: packet, skipping: self.headerBytes) % self.flowCount
         self.flows[index].packets.append(packet)
         self.flows[index].bytes += packet.readableBytes
         self.count += 1
@@ -128,8 +131,8 @@ struct PacketFairQueue {
     /// A hash of the packet's flow: addresses, protocol and (for TCP, UDP and SCTP over IPv4 without options
     /// beyond the header length, and IPv6 without extension headers) ports. Reads a few words, never loops over
     /// the bytes; a packet too short or not IP hashes to 0.
-    static func flowHash(of packet: ByteBuffer) -> Int {
-        let start = packet.readerIndex
+    static func flowHash(of packet: ByteBuffer, skipping headerBytes: Int = 0) -> Int {
+        let start = packet.readerIndex + headerBytes
         guard let first = packet.getInteger(at: start, as: UInt8.self) else { return 0 }
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         func mix(_ value: UInt64) {
@@ -141,14 +144,14 @@ struct PacketFairQueue {
         switch first >> 4 {
         case 4:
             let headerLength = Int(first & 0x0F) * 4
-            guard headerLength >= 20, packet.readableBytes >= headerLength,
+            guard headerLength >= 20, packet.writerIndex - start >= headerLength,
                 let addresses = packet.getInteger(at: start + 12, as: UInt64.self)
             else { return 0 }
             mix(addresses)
             protocolNumber = packet.getInteger(at: start + 9, as: UInt8.self)
             transport = start + headerLength
         case 6:
-            guard packet.readableBytes >= 40,
+            guard packet.writerIndex - start >= 40,
                 let a = packet.getInteger(at: start + 8, as: UInt64.self),
                 let b = packet.getInteger(at: start + 16, as: UInt64.self),
                 let c = packet.getInteger(at: start + 24, as: UInt64.self),

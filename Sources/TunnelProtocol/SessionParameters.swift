@@ -13,6 +13,9 @@ public struct SessionFeatures: OptionSet, Hashable, Sendable {
     /// (docs/PROTOCOL.md §3.3), so a datagram flood cannot pile up ahead of the WINDOW_UPDATEs that other
     /// streams wait for.
     public static let datagramCredit = SessionFeatures(rawValue: 1 << 2)
+    /// Every IP_PACKET frame starts with a `PacketOffloadHeader`: TCP segments of up to 64 KiB cross the
+    /// tunnel whole (docs/PROTOCOL.md §5.1). Offered by an end whose TUN device can read and write them.
+    public static let packetOffload = SessionFeatures(rawValue: 1 << 3)
 }
 
 /// What one side announces in its handshake payload: its limits and receive windows.

@@ -41,6 +41,9 @@ public final class TunnelSession {
         public var fullTunnel = false
         /// Offer (client) or allow (server) credit for datagrams; on unless a test turns it off.
         public var datagramCredit = true
+        /// Offer (client) or allow (server) offload headers on IP packets: set when this end's device has
+        /// them (`PacketOffloadHeader`), and only with `fullTunnel`.
+        public var packetOffload = false
         public init() {}
 
         /// What a client offers in its handshake (or a server would grant).
@@ -49,6 +52,7 @@ public final class TunnelSession {
             if self.compression { features.insert(.compression) }
             if self.fullTunnel { features.insert(.fullTunnel) }
             if self.datagramCredit { features.insert(.datagramCredit) }
+            if self.fullTunnel && self.packetOffload { features.insert(.packetOffload) }
             return features
         }
     }
@@ -267,6 +271,7 @@ public final class TunnelSession {
         muxConfiguration.compression = features.contains(.compression)
         muxConfiguration.fullTunnel = features.contains(.fullTunnel)
         muxConfiguration.datagramCredit = features.contains(.datagramCredit)
+        muxConfiguration.packetOffload = features.contains(.packetOffload) && features.contains(.fullTunnel)
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,
             configuration: muxConfiguration,

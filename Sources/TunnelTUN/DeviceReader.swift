@@ -73,7 +73,22 @@ public struct DeviceReadBack {
             self.spare = packet
             return nil
         }
+        if let small = Self.copyIfSmall(packet, allocator: self.allocator) {
+            packet.clear()
+            self.spare = packet
+            return small
+        }
         return packet
+    }
+
+    /// A device with offload headers reads into 64 KiB buffers (a segment may be that large): a small packet
+    /// is copied out so that a queue of them does not hold 64 KiB each. Nil when `packet` is fine as it is.
+    @inlinable
+    public static func copyIfSmall(_ packet: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer? {
+        guard packet.capacity > 16384, packet.readableBytes <= packet.capacity / 8 else { return nil }
+        var copy = allocator.buffer(capacity: packet.readableBytes)
+        copy.writeImmutableBuffer(packet)
+        return copy
     }
 }
 
@@ -115,7 +130,8 @@ public final class DeviceReader<Sink: DevicePacketSink>: ChannelInboundHandler {
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.state.busy = true
-        self.sink.devicePacket(self.unwrapInboundIn(data))
+        let packet = self.unwrapInboundIn(data)
+        self.sink.devicePacket(DeviceReadBack.copyIfSmall(packet, allocator: context.channel.allocator) ?? packet)
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {

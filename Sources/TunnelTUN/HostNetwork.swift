@@ -88,6 +88,17 @@ public struct HostNetwork: Sendable {
         try self.commands.check(["ip", "link", "set", "dev", name, "up"])
     }
 
+    /// Caps the segments the kernel hands a device with offload at `HostNetwork.maxSegmentBytes`, so that each
+    /// fits one IP_PACKET frame with its offload header. Best effort: a kernel that cannot set it (before
+    /// Linux 5.19) keeps its 64 KiB default, and the few larger segments are dropped and counted.
+    public func limitSegments(of name: String) {
+        _ = self.commands.run(["ip", "link", "set", "dev", name, "gso_max_size", String(Self.maxSegmentBytes)])
+    }
+
+    /// The largest segment a device with offload is given: a frame's payload less the offload header, rounded
+    /// down.
+    public static let maxSegmentBytes = 65000
+
     /// Replaces a device's addresses of one family (a reconnect brought a different assignment).
     public func readdress(
         _ name: String,

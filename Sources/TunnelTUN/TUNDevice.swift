@@ -1,5 +1,6 @@
 import CTUN
 import NIOCore
+import TunnelProtocol
 
 #if canImport(Glibc)
 import Glibc
@@ -41,8 +42,13 @@ public final class TUNDevice: Sendable {
         }
     }
 
-    /// Creates a device with `queues` queues; `requested` may be a pattern such as `tunnel%d`.
-    public init(requested: String, queues: Int = 1) throws(OpenError) {
+    /// Whether each read and write starts with a `PacketOffloadHeader` (IFF_VNET_HDR).
+    public let hasOffloadHeaders: Bool
+
+    /// Creates a device with `queues` queues; `requested` may be a pattern such as `tunnel%d`. With
+    /// `offloadHeaders`, every packet read or written starts with its `PacketOffloadHeader`; the kernel hands
+    /// over segments of up to 64 KiB only after `setOffload(true)`.
+    public init(requested: String, queues: Int = 1, offloadHeaders: Bool = false) throws(OpenError) {
         precondition(queues >= 1 && queues <= 256)
         let size = Int(ctun_name_size())
         var name = [CChar](repeating: 0, count: size)
@@ -53,7 +59,7 @@ public final class TUNDevice: Sendable {
         }
         var actual = requested
         for index in 0..<queues {
-            let fd = ctun_open(actual, queues > 1 ? 1 : 0, &name, size)
+            let fd = ctun_open(actual, queues > 1 ? 1 : 0, offloadHeaders ? 1 : 0, &name, size)
             guard fd >= 0 else {
                 closeAll()
                 throw OpenError(errno: -fd, requested: requested)
@@ -72,6 +78,7 @@ public final class TUNDevice: Sendable {
             }
         }
         self.name = actual
+        self.hasOffloadHeaders = offloadHeaders
         self.readDescriptors = reads
         self.writeDescriptors = writes
     }
@@ -90,6 +97,35 @@ public final class TUNDevice: Sendable {
         packet.withUnsafeReadableBytes { bytes in
             Self.write(descriptor: self.writeDescriptor(queue: queue), bytes)
         }
+    }
+
+    /// Writes an IP packet without an offload header on a queue: on a device with offload headers, behind a
+    /// plain one (one `writev`).
+    public func writePlain(_ packet: ByteBuffer, queue: Int) -> Bool {
+        guard self.hasOffloadHeaders else { return self.write(packet, queue: queue) }
+        return packet.withUnsafeReadableBytes { bytes in
+            withUnsafeTemporaryAllocation(of: UInt8.self, capacity: PacketOffloadHeader.byteCount) { header in
+                header.initialize(repeating: 0)
+                var vector = [
+                    iovec(iov_base: UnsafeMutableRawPointer(header.baseAddress), iov_len: header.count),
+                    iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count),
+                ]
+                let total = header.count + bytes.count
+                while true {
+                    let written = Glibc.writev(self.writeDescriptor(queue: queue), &vector, 2)
+                    if written >= 0 { return written == total }
+                    if errno == EINTR { continue }
+                    return false
+                }
+            }
+        }
+    }
+
+    /// Lets the kernel hand over TCP segments of up to 64 KiB with checksums to complete (on), or only
+    /// finished packets (off). Device-wide. False when the device has no offload headers or the kernel refused.
+    public func setOffload(_ enabled: Bool) -> Bool {
+        guard self.hasOffloadHeaders, let fd = self.writeDescriptors.first else { return false }
+        return ctun_set_offload(fd, enabled ? 1 : 0) == 0
     }
 
     @usableFromInline

@@ -67,6 +67,13 @@ extension TunnelConnectionHandler {
     /// Whether IP packets flow on this connection (negotiated).
     public var fullTunnelActive: Bool { self.multiplexer?.configuration.fullTunnel ?? false }
 
+    /// Whether IP packets cross this connection with their offload headers (negotiated): the peer's packets
+    /// then arrive as device packets, header first.
+    public var packetOffloadActive: Bool { self.multiplexer?.configuration.packetOffload ?? false }
+
+    /// The peer's IP packets refused for their offload header.
+    public var refusedPackets: Int { self.multiplexer?.refusedPackets ?? 0 }
+
     /// Queues one IP packet for the peer; false when it was dropped (queue full, or not a full tunnel).
     @discardableResult
     public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
@@ -77,12 +84,14 @@ extension TunnelConnectionHandler {
     /// Queues one IP packet like `sendIPPacket` but without scheduling a flush for it: the caller (a TUN
     /// reader, handing over a read burst) calls `flushNow()` before this event-loop tick ends. One task per
     /// packet less on the latency path.
+    /// With `offloadHeader`, the packet starts with the `PacketOffloadHeader` its device read
+    /// (`Multiplexer.sendDevicePacket`).
     @discardableResult
-    public func enqueueIPPacket(_ packet: ByteBuffer) -> Bool {
+    public func enqueueIPPacket(_ packet: ByteBuffer, offloadHeader: Bool = false) -> Bool {
         guard self.phase == .established, let mux = self.multiplexer else { return false }
         self.flushHeld = true
         defer { self.flushHeld = false }
-        return mux.sendIPPacket(packet)
+        return offloadHeader ? mux.sendDevicePacket(packet) : mux.sendIPPacket(packet)
     }
 
     /// Builds and writes records for whatever is queued now, instead of at the end of this event-loop tick

@@ -35,7 +35,8 @@ final class RecordingCommands: HostCommands {
 final class RecordingTunnel: PacketTunnel {
     var queued: [[UInt8]] = []
     var sent: [[UInt8]] = []
-    func enqueueIPPacket(_ packet: ByteBuffer) -> Bool {
+    var packetOffloadActive: Bool { false }
+    func enqueueIPPacket(_ packet: ByteBuffer, offloadHeader: Bool) -> Bool {
         self.queued.append(Array(packet.readableBytesView))
         return true
     }

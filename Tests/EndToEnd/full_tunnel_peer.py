@@ -2,9 +2,11 @@
 full-tunnel mode, waits for its address, then sends ICMP echo requests from the sources it is told to (its own
 address or anyone else's) and reports the echo replies that come back.
 
-    full_tunnel_peer.py HOST:PORT CLIENT_PRIVATE_KEY SERVER_PUBLIC_KEY DESTINATION SOURCE:ID[,SOURCE:ID...]
+    full_tunnel_peer.py HOST:PORT CLIENT_PRIVATE_KEY SERVER_PUBLIC_KEY DESTINATION SOURCE:ID[,SOURCE:ID...] [HOLD]
 
-SOURCE "-" means the assigned address. Prints "assigned ADDRESS" and one "reply ID" per echo reply.
+SOURCE "-" means the assigned address. Prints "assigned ADDRESS" and one "reply ID" per echo reply. With HOLD
+(seconds) it stays connected that long after the replies, reading what comes: a client of an older kind (no
+packet offload) for as long as a test needs one attached.
 """
 
 import socket
@@ -59,7 +61,8 @@ def main():
     for item in spec.split(","):
         source, ident = item.rsplit(":", 1)
         peer.send_frames(frame(T_IP_PACKET, 0, 0, icmp_echo(assigned if source == "-" else source, destination, int(ident))))
-    deadline = time.time() + 3
+    hold = float(sys.argv[6]) if len(sys.argv) > 6 else 0
+    deadline = time.time() + 3 + hold
     peer.sock.settimeout(0.5)
     while time.time() < deadline:
         try:

@@ -11,6 +11,7 @@ server host's resolver points at it, the client host's at an address where nothi
 """
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -125,6 +126,8 @@ class Network:
             f.write("hello through the tunnel\n")
         with open(os.path.join(www, "big.bin"), "wb") as f:
             f.write(os.urandom(4 << 20))
+        with open(os.path.join(www, "large.bin"), "wb") as f:
+            f.write(os.urandom(32 << 20))
         self.start("web", NS_W, [sys.executable, "-m", "http.server", "--bind", "::", "--directory", www, "8080"],
                    r"Serving HTTP on (\S+)", stream="stdout")
         self.start("dns", NS_W, [sys.executable, os.path.join(HERE, "dns_server.py"), WEB4, f"web.test={WEB4},{WEB6}"],
@@ -357,6 +360,67 @@ def test_clients_get_their_own_addresses_and_cannot_spoof_each_other(net, dump_l
         assert ns(NS_C, "ping", "-c", "2", "-i", "0.2", "-W", "2", WEB4, check=False).returncode == 0
     finally:
         first.terminate()
+
+
+def device_counters(netns, device, direction):
+    """(packets, bytes) a device counted in `direction` ("tx": what the kernel handed it, "rx": what was written)."""
+    base = f"/sys/class/net/{device}/statistics/{direction}_"
+    return int(ns(netns, "cat", base + "packets").stdout), int(ns(netns, "cat", base + "bytes").stdout)
+
+
+def test_tcp_segments_cross_whole_and_a_client_without_offload_still_gets_plain_packets(net, dump_logs_on_failure):
+    """Packet offload (docs/PROTOCOL.md §5.1): with both ends offering it, the server's device hands over TCP
+    segments far larger than the MTU and a 32 MiB download arrives intact through them; uploads go the same way.
+    While a client without it (the Noise peer, as an older build) is attached, the server turns offload off for
+    the whole device: the download is still intact, in packets no larger than the MTU, and the peer gets its
+    echo replies. Offload comes back when that client leaves."""
+    client = net.start_client(NS_C, "c1", SERVER_C)
+    peer = None
+    try:
+        server_device = re.findall(r"full tunnel on (\S+):", net.server.stderr_text())[0]
+        client_device = re.findall(r"full tunnel up on (\S+):", client.stderr_text())[0]
+        expected = sh("sha256sum", os.path.join(net.dir, "www", "large.bin")).stdout.split()[0]
+
+        def download():
+            before = device_counters(NS_S, server_device, "tx")
+            out = ns(NS_C, "sh", "-c", f"curl -sS --max-time 60 http://{WEB4}:8080/large.bin | sha256sum", check=False)
+            after = device_counters(NS_S, server_device, "tx")
+            assert out.stdout.split()[:1] == [expected], out.stdout + out.stderr
+            return (after[1] - before[1]) / max(1, after[0] - before[0])
+
+        average = download()
+        assert average > 4000, f"the server's device handed over {average:.0f}-byte packets: no offload"
+        iperf_server = net.start("iperf", NS_W, ["iperf3", "-s", "-B", WEB4, "-p", "5202"], None)
+        time.sleep(0.5)
+        before = device_counters(NS_C, client_device, "tx")
+        out = ns(NS_C, "iperf3", "-c", WEB4, "-p", "5202", "-t", "2", "-J", check=False, timeout=60)
+        after = device_counters(NS_C, client_device, "tx")
+        iperf_server.kill()
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+        assert json.loads(out.stdout)["end"]["sum_received"]["bytes"] > 1 << 20
+        average = (after[1] - before[1]) / max(1, after[0] - before[0])
+        assert average > 4000, f"the client's device handed over {average:.0f}-byte packets for an upload"
+
+        script = os.path.join(HERE, "full_tunnel_peer.py")
+        attached = net.server.stderr_text().count(": full tunnel with ")
+        gone = net.server.stderr_text().count(" disconnected")
+        peer = subprocess.Popen(["ip", "netns", "exec", NS_D, sys.executable, script, f"{SERVER_D}:{PORT}",
+                                 harness_key(net.keys["peer"][0]), net.server_pub, WEB4, "-:4660", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert harness.wait_for(lambda: net.server.stderr_text().count(": full tunnel with ") > attached, timeout=10)
+        average = download()
+        assert average <= 1500, f"{average:.0f}-byte packets went to the device while a client without offload was on"
+        peer.terminate()
+        out, err = peer.communicate(timeout=10)
+        assert "reply 4660" in out, out + err
+        peer = None
+        assert harness.wait_for(lambda: net.server.stderr_text().count(" disconnected") > gone, timeout=10)
+        average = download()
+        assert average > 4000, f"offload did not come back: {average:.0f}-byte packets"
+    finally:
+        if peer is not None:
+            peer.kill()
+        client.terminate()
 
 
 def hostile_peer(net, netns, server, packets):

@@ -348,4 +348,25 @@ struct TunnelSessionTests {
             TunnelSession.agreedFeatures(offered: [.datagramCredit], configuration: configuration) == [.datagramCredit]
         )
     }
+
+    @Test func offloadHeadersAreOfferedOnlyWithAFullTunnelAndAgreedOnlyWhenBothHaveThem() {
+        var configuration = TunnelSession.Configuration()
+        configuration.packetOffload = true
+        #expect(!configuration.features.contains(.packetOffload), "no IP packets, no offload headers")
+        configuration.fullTunnel = true
+        #expect(configuration.features.contains(.packetOffload))
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.fullTunnel, .packetOffload], configuration: configuration)
+                == [.fullTunnel, .packetOffload]
+        )
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.fullTunnel], configuration: configuration) == [.fullTunnel],
+            "a peer without them (an older build, or a device without them) gets plain packets"
+        )
+        configuration.packetOffload = false
+        #expect(
+            TunnelSession.agreedFeatures(offered: [.fullTunnel, .packetOffload], configuration: configuration)
+                == [.fullTunnel]
+        )
+    }
 }
