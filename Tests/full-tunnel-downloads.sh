@@ -4,13 +4,14 @@
 # (the kernel's queue of txqueuelen packets overflowing because the reader did not take them in time).
 #
 #   sudo Tests/full-tunnel-downloads.sh [SECONDS]       # BIN=.build/release, TXQ=<txqueuelen for the server TUN>
+#                                                      # RATE=50mbit: a link of that rate between client and server
 #
 # Makes three network namespaces (client, server, web) joined by veth pairs, removes them afterwards. Prints the
 # idle and busy ping (p50/p90, replies of sent), the downloads' rate and retransmissions, and the TUN drops.
 # Needs: iperf3, iproute2, iptables, ping, python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.build/release}; SECS=${1:-15}; TXQ=${TXQ:-}
+BIN=${BIN:-.build/release}; SECS=${1:-15}; TXQ=${TXQ:-}; RATE=${RATE:-}
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, TUN devices)" >&2; exit 1; }
 W=$(mktemp -d); C=ftd-c; S=ftd-s; WEB=ftd-w; WEB_IP=10.224.2.2; CP=; SP=
 nsx() { ip netns exec "$@"; }
@@ -33,6 +34,11 @@ nsx $C ip addr add 10.224.1.1/24 dev ftdc0; nsx $C ip link set ftdc0 up
 nsx $S ip addr add 10.224.1.2/24 dev ftds0; nsx $S ip link set ftds0 up
 nsx $S ip addr add 10.224.2.1/24 dev ftds1; nsx $S ip link set ftds1 up
 nsx $WEB ip addr add $WEB_IP/24 dev ftdw0; nsx $WEB ip link set ftdw0 up
+if [ -n "$RATE" ]; then
+    # Both directions of the client-server link; tbf's queue bounded at 20 ms, as a modem's or router's.
+    nsx $C tc qdisc add dev ftdc0 root tbf rate "$RATE" burst 32kb latency 20ms
+    nsx $S tc qdisc add dev ftds0 root tbf rate "$RATE" burst 32kb latency 20ms
+fi
 nsx $S sysctl -qw net.ipv4.ip_forward=1
 nsx $S iptables -t nat -A POSTROUTING -o ftds1 -j MASQUERADE
 for n in $C $S $WEB; do nsx $n sysctl -qw net.ipv4.tcp_congestion_control=cubic 2>/dev/null; done
@@ -72,7 +78,13 @@ sp0=$(stat $S "$ST" tx_packets); cp0=$(stat $C "$CT" tx_packets)
 nsx $C iperf3 -c $WEB_IP -R -P 8 -t "$SECS" -J >"$W/iperf.json" 2>&1 &
 IP=$!
 sleep 2
+# The downloads' own round trip (the senders' smoothed RTT, from ss in the web namespace), every second.
+( for _ in $(seq $((SECS - 4))); do
+    nsx $WEB ss -tin state established '( sport = :5201 )' | sed -n 's/.* rtt:\([0-9.]*\)\/.*/\1/p'
+    sleep 1
+done >"$W/rtt" ) &
 echo "ping beside 8 downloads: $(ping_stats $(( (SECS - 4) * 10 )))"
+echo "the downloads' own RTT (their senders' srtt): p50 $(pctl 50 <"$W/rtt") ms, p90 $(pctl 90 <"$W/rtt") ms"
 wait $IP
 s1=$(stat $S "$ST" tx_dropped); c1=$(stat $C "$CT" tx_dropped)
 sp1=$(stat $S "$ST" tx_packets); cp1=$(stat $C "$CT" tx_packets)

@@ -244,6 +244,14 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.live.removeValue(forKey: ObjectIdentifier(tunnel))
+        if self.fullTunnel != nil, tunnel.fullTunnelActive {
+            let (full, delayed, refused) = (tunnel.droppedPackets, tunnel.delayedPacketDrops, tunnel.refusedPackets)
+            if full > 0 || delayed > 0 || refused > 0 {
+                self.logger.info(
+                    "full tunnel: packets dropped on this connection: \(full) over the send queue limit, \(delayed) for waiting too long in it, \(refused) from the server with an offload header refused"
+                )
+            }
+        }
         self.fullTunnel?.tunnelLost(tunnel)
         let wasCurrent = self.current === tunnel
         if wasCurrent { self.current = nil }

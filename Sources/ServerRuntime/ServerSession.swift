@@ -238,10 +238,12 @@ final class ServerSession: TunnelConnectionDelegate {
         self.registry.remove(self.handle, key: self.clientKey)
         if let tun = self.tun, let key = self.clientKey, let slot = self.slot {
             tun.detach(key: key, id: self.handle.id, slot: slot)
-            let refused = tunnel.refusedPackets
-            if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 || refused > 0 {
+            let (refused, delayed) = (tunnel.refusedPackets, tunnel.delayedPacketDrops)
+            if self.spoofedPackets > 0 || self.undeliveredPackets > 0 || tunnel.droppedPackets > 0 || refused > 0
+                || delayed > 0
+            {
                 self.logger.info(
-                    "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(refused) with an offload header refused, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit"
+                    "\(self.clientName): packets dropped: \(self.spoofedPackets) with a source not its own, \(refused) with an offload header refused, \(self.undeliveredPackets) the TUN device refused, \(tunnel.droppedPackets) over the send queue limit, \(delayed) for waiting too long in it"
                 )
             }
         }

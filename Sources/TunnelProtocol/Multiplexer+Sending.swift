@@ -147,7 +147,10 @@ extension Multiplexer {
             budget -= size
         }
         while self.queuedPacketBytes > 0,
-            let packet = self.packetQueue.dequeue(maxBytes: budget - FrameHeader.byteCount)
+            let packet = self.packetQueue.dequeue(
+                maxBytes: budget - FrameHeader.byteCount,
+                now: self.clock.uptimeNanoseconds
+            )
         {
             buffer.writeFrameHeader(FrameHeader(type: .ipPacket, streamID: .connection, length: packet.readableBytes))
             buffer.writeImmutableBuffer(packet)

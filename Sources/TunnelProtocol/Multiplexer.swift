@@ -103,7 +103,8 @@ public final class Multiplexer {
         public var packetOffload = false
         /// IP packets waiting to be sent are dropped beyond this many, or beyond `maxQueuedPacketBytes`: drops
         /// are the congestion signal the tunnelled TCP flows need (docs/PROTOCOL.md §5). The queue is fair
-        /// between flows (`PacketFairQueue`), so a sparse flow does not wait behind it.
+        /// between flows (`PacketFairQueue`), so a sparse flow does not wait behind it, and each flow's CoDel
+        /// drops before its packets wait long, so these limits are reached only by bursts.
         public var maxQueuedPackets: Int = 384
         public var maxQueuedPacketBytes: Int = 4 << 20
         public init() {}
@@ -155,6 +156,8 @@ public final class Multiplexer {
     public internal(set) var droppedPackets = 0
     /// IP packets from the peer whose offload header this end refused (`PacketOffloadHeader.isAcceptable`).
     public internal(set) var refusedPackets = 0
+    /// IP packets the queue dropped for waiting too long (CoDel, `PacketFairQueue`).
+    public var delayedPacketDrops: Int { self.packetQueue.delayDrops }
 
     // MARK: - Compression
     /// Streams holding a deflate or inflate context, swept for idle ones (only these, never all streams).
@@ -348,13 +351,13 @@ public final class Multiplexer {
     /// fit one record. A full queue drops the oldest packet of the flow holding most bytes (counted too), which
     /// may be this one. Packets share the datagrams' part of each record against streams.
     @discardableResult
-    public func sendIPPacket(_ packet: ByteBuffer) -> Bool {
+    public func sendIPPacket(_ packet: ByteBuffer, now: NIODeadline = .now()) -> Bool {
         guard self.configuration.fullTunnel, packet.readableBytes > 0 else { return false }
         guard packet.readableBytes <= WireLimits.maxUnsplitFramePayload else {
             self.droppedPackets += 1
             return false
         }
-        self.droppedPackets += self.packetQueue.enqueue(packet)
+        self.droppedPackets += self.packetQueue.enqueue(packet, now: now.uptimeNanoseconds)
         self.delegate?.multiplexerHasOutput(self)
         return true
     }
@@ -364,17 +367,17 @@ public final class Multiplexer {
     /// stripped); one to segment or to checksum is dropped and counted (the device had offload on while it
     /// served a peer without it).
     @discardableResult
-    public func sendDevicePacket(_ packet: ByteBuffer) -> Bool {
+    public func sendDevicePacket(_ packet: ByteBuffer, now: NIODeadline = .now()) -> Bool {
         guard self.configuration.fullTunnel else { return false }
         if self.configuration.packetOffload {
             guard packet.readableBytes > PacketOffloadHeader.byteCount else { return false }
-            return self.sendIPPacket(packet)
+            return self.sendIPPacket(packet, now: now)
         }
         guard let header = PacketOffloadHeader(from: packet), header.isPlain else {
             self.droppedPackets += 1
             return false
         }
-        return self.sendIPPacket(packet.skippingOffloadHeader())
+        return self.sendIPPacket(packet.skippingOffloadHeader(), now: now)
     }
 
     /// Sends a CONTROL frame (TLVs) ahead of stream data.

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// The queue of IP packets waiting for the tunnel in full-tunnel mode (docs/PROTOCOL.md §5): one FIFO per flow
-/// and deficit round-robin between them, as the flow queues of fq_codel (RFC 8290 §4) without CoDel.
+/// and deficit round-robin between them, with CoDel on each flow, as fq_codel (RFC 8290).
 ///
 /// A FIFO shared by all flows lets the flows that send most keep it full, so a ping or a DNS query beside eight
 /// downloads waits behind the whole queue and is dropped as often as they are. Here each flow (a hash of
@@ -9,14 +9,41 @@ import NIOCore
 /// is served before the flows that stay busy, and when the queue is full the packet dropped is the oldest of
 /// the flow holding most bytes. So a sparse flow sees an almost empty queue, and loss, the congestion signal
 /// the tunnelled TCP flows need, falls on those that cause the queue.
+///
+/// The limit alone would let a bulk flow keep its own FIFO full: with 4 MiB, over a second at 20 Mbit/s of delay
+/// for every packet of that flow (an HTTP/2 connection's small responses behind its own download). So each
+/// flow also runs CoDel (RFC 8289): once its packets have waited more than `target` for a whole `interval`,
+/// it drops one at the head, then more often (interval / sqrt(count)) until the wait falls under the target.
+/// One drop per round trip is enough for a TCP sender to halve its window, so the flow's queue settles at a
+/// few milliseconds with far fewer drops than a full queue makes.
 struct PacketFairQueue {
-    /// One bucket's packets and its round-robin state.
+    /// A queued packet and when it was queued (nanoseconds of a monotonic clock).
+    private struct Entry {
+        var packet: ByteBuffer
+        var enqueued: UInt64
+    }
+
+    /// One bucket's packets, its round-robin state and its CoDel state (RFC 8289 §5).
     private struct Flow {
-        var packets = CircularBuffer<ByteBuffer>(initialCapacity: 4)
+        var packets = CircularBuffer<Entry>(initialCapacity: 4)
         var bytes = 0
         var deficit = 0
         /// In `newFlows` or `oldFlows`.
         var active = false
+        /// When the head's wait went above the target plus one interval; 0: the wait is under the target.
+        var firstAboveTime: UInt64 = 0
+        /// When the next drop is due while `dropping`.
+        var dropNext: UInt64 = 0
+        /// Drops in this dropping spell (sets the drop rate), and in the previous one.
+        var count: UInt32 = 0
+        var lastCount: UInt32 = 0
+        var dropping = false
+    }
+
+    /// CoDel's parameters (RFC 8289 §4.2 and §4.3: 5 ms and 100 ms, the values for paths up to about 100 ms).
+    struct CoDelParameters {
+        var target: UInt64 = 5_000_000
+        var interval: UInt64 = 100_000_000
     }
 
     let flowCount: Int
@@ -32,24 +59,36 @@ struct PacketFairQueue {
     private var oldFlows = CircularBuffer<Int>(initialCapacity: 8)
     private(set) var count = 0
     private(set) var bytes = 0
+    let codel: CoDelParameters
+    /// Packets CoDel dropped for waiting too long (the full queue's drops are `enqueue`'s result).
+    private(set) var delayDrops = 0
 
-    init(flowCount: Int = 1024, limitPackets: Int, limitBytes: Int, quantum: Int = 1514, headerBytes: Int = 0) {
+    init(
+        flowCount: Int = 1024,
+        limitPackets: Int,
+        limitBytes: Int,
+        quantum: Int = 1514,
+        headerBytes: Int = 0,
+        codel: CoDelParameters = CoDelParameters()
+    ) {
         precondition(flowCount > 0 && limitPackets > 0)
         self.flowCount = flowCount
         self.limitPackets = limitPackets
         self.limitBytes = limitBytes
         self.quantum = quantum
         self.headerBytes = headerBytes
+        self.codel = codel
         self.flows = Array(repeating: Flow(), count: flowCount)
     }
 
     var isEmpty: Bool { self.count == 0 }
 
-    /// Queues `packet`; returns how many packets were dropped to make room (0 when it fitted). The packet
-    /// itself may be the one dropped (when its own flow is the fattest and nothing else is queued).
-    mutating func enqueue(_ packet: ByteBuffer) -> Int {
+    /// Queues `packet` at `now` (nanoseconds, monotonic); returns how many packets were dropped to make room
+    /// (0 when it fitted). The packet itself may be the one dropped (when its own flow is the fattest and
+    /// nothing else is queued).
+    mutating func enqueue(_ packet: ByteBuffer, now: UInt64 = 0) -> Int {
         let index = Self.flowHash(of: packet, skipping: self.headerBytes) % self.flowCount
-        self.flows[index].packets.append(packet)
+        self.flows[index].packets.append(Entry(packet: packet, enqueued: now))
         self.flows[index].bytes += packet.readableBytes
         self.count += 1
         self.bytes += packet.readableBytes
@@ -67,9 +106,10 @@ struct PacketFairQueue {
         return dropped
     }
 
-    /// The next packet in fair order, when it is at most `maxBytes` (nil when the queue is empty or the next
-    /// packet is larger: it stays first).
-    mutating func dequeue(maxBytes: Int) -> ByteBuffer? {
+    /// The next packet in fair order at `now` (nanoseconds, the clock of `enqueue`), when it is at most
+    /// `maxBytes` (nil when the queue is empty or the next packet is larger: it stays first). CoDel may drop
+    /// packets of the flow whose turn it is on the way (`delayDrops`).
+    mutating func dequeue(maxBytes: Int, now: UInt64 = 0) -> ByteBuffer? {
         while true {
             let fromNew = !self.newFlows.isEmpty
             guard let index = fromNew ? self.newFlows.first : self.oldFlows.first else { return nil }
@@ -80,7 +120,7 @@ struct PacketFairQueue {
                 self.oldFlows.append(index)
                 continue
             }
-            guard let packet = self.flows[index].packets.first else {
+            guard let head = self.flows[index].packets.first else {
                 // Ran dry. A new flow goes through the old list once more (RFC 8290 §4.2: else a flow that
                 // sends one packet per round would always count as new); an old one leaves.
                 self.removeFirst(fromNew: fromNew)
@@ -91,15 +131,92 @@ struct PacketFairQueue {
                 }
                 continue
             }
-            guard packet.readableBytes <= maxBytes else { return nil }
-            self.flows[index].packets.removeFirst()
-            self.flows[index].bytes -= packet.readableBytes
+            guard head.packet.readableBytes <= maxBytes else { return nil }
+            // CoDel may drop the head, and what comes after it may not fit: it goes back, first in line.
+            guard let packet = self.codelDequeue(index, now: now) else { continue }
+            guard packet.readableBytes <= maxBytes else {
+                self.flows[index].packets.prepend(Entry(packet: packet, enqueued: now))
+                self.flows[index].bytes += packet.readableBytes
+                self.count += 1
+                self.bytes += packet.readableBytes
+                self.largestQueuedBytes = max(self.largestQueuedBytes, packet.readableBytes)
+                return nil
+            }
             self.flows[index].deficit -= packet.readableBytes
-            self.count -= 1
-            self.bytes -= packet.readableBytes
-            if self.count == 0 { self.largestQueuedBytes = 0 }
             return packet
         }
+    }
+
+    /// Takes the flow's head off the queue: the packet and whether its wait allows a drop (RFC 8289 §5.6,
+    /// dodequeue). A flow holding no more than one full-size packet after it is never dropped from.
+    private mutating func codelPop(_ index: Int, now: UInt64) -> (packet: ByteBuffer, okToDrop: Bool)? {
+        guard let entry = self.flows[index].packets.popFirst() else {
+            self.flows[index].firstAboveTime = 0
+            return nil
+        }
+        let size = entry.packet.readableBytes
+        self.flows[index].bytes -= size
+        self.count -= 1
+        self.bytes -= size
+        if self.count == 0 { self.largestQueuedBytes = 0 }
+        let sojourn = now &- entry.enqueued
+        if now < entry.enqueued || sojourn < self.codel.target || self.flows[index].bytes <= self.quantum {
+            self.flows[index].firstAboveTime = 0
+            return (entry.packet, false)
+        }
+        if self.flows[index].firstAboveTime == 0 {
+            self.flows[index].firstAboveTime = now + self.codel.interval
+            return (entry.packet, false)
+        }
+        return (entry.packet, now >= self.flows[index].firstAboveTime)
+    }
+
+    /// The flow's next packet after CoDel's drops (RFC 8289 §5.7), nil when the flow ran dry.
+    private mutating func codelDequeue(_ index: Int, now: UInt64) -> ByteBuffer? {
+        guard var (packet, okToDrop) = self.codelPop(index, now: now) else {
+            self.flows[index].dropping = false
+            return nil
+        }
+        if self.flows[index].dropping {
+            if !okToDrop {
+                self.flows[index].dropping = false
+            }
+            while self.flows[index].dropping && now >= self.flows[index].dropNext {
+                self.delayDrops += 1
+                self.flows[index].count &+= 1
+                guard let next = self.codelPop(index, now: now) else {
+                    self.flows[index].dropping = false
+                    return nil
+                }
+                (packet, okToDrop) = next
+                if okToDrop {
+                    self.flows[index].dropNext = self.controlLaw(self.flows[index].dropNext, self.flows[index].count)
+                } else {
+                    self.flows[index].dropping = false
+                }
+            }
+        } else if okToDrop {
+            self.delayDrops += 1
+            let dropped = self.flows[index]
+            guard let next = self.codelPop(index, now: now) else { return nil }
+            packet = next.packet
+            self.flows[index].dropping = true
+            // Back to a drop rate near the last spell's if that ended recently (RFC 8289 §5.7).
+            let delta = dropped.count &- dropped.lastCount
+            var count: UInt32 = 1
+            if delta > 1 && dropped.count > dropped.lastCount && now &- dropped.dropNext < 16 * self.codel.interval {
+                count = delta
+            }
+            self.flows[index].count = count
+            self.flows[index].lastCount = count
+            self.flows[index].dropNext = self.controlLaw(now, count)
+        }
+        return packet
+    }
+
+    /// When the next drop is due: `interval / sqrt(count)` after `time`.
+    private func controlLaw(_ time: UInt64, _ count: UInt32) -> UInt64 {
+        time + UInt64(Double(self.codel.interval) / Double(max(count, 1)).squareRoot())
     }
 
     /// At least the size of the packet `dequeue` returns next (the largest packet queued since the queue was
@@ -121,7 +238,7 @@ struct PacketFairQueue {
         var fattest = self.newFlows.first ?? self.oldFlows.first ?? 0
         for index in self.newFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
         for index in self.oldFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
-        guard let packet = self.flows[fattest].packets.popFirst() else { return }
+        guard let packet = self.flows[fattest].packets.popFirst()?.packet else { return }
         self.flows[fattest].bytes -= packet.readableBytes
         self.count -= 1
         self.bytes -= packet.readableBytes

@@ -71,6 +71,9 @@ extension TunnelConnectionHandler {
     /// then arrive as device packets, header first.
     public var packetOffloadActive: Bool { self.multiplexer?.configuration.packetOffload ?? false }
 
+    /// IP packets dropped for waiting too long in the send queue (CoDel).
+    public var delayedPacketDrops: Int { self.multiplexer?.delayedPacketDrops ?? 0 }
+
     /// The peer's IP packets refused for their offload header.
     public var refusedPackets: Int { self.multiplexer?.refusedPackets ?? 0 }
 

@@ -116,4 +116,106 @@ struct PacketFairQueueTests {
         }
         #expect(served.filter { $0 == 1000 }.count >= 8, "the busy flow still gets its turns: \(served)")
     }
+
+    // MARK: - CoDel (RFC 8289) on each flow
+
+    static let ms: UInt64 = 1_000_000
+
+    /// A bulk flow that fills its queue faster than it is served: `arrivals` packets per `step` ms while one
+    /// is dequeued per `step` ms, from `start` for `duration` ms. Returns the times (ms) of the CoDel drops.
+    static func run(
+        _ queue: inout PacketFairQueue,
+        from start: UInt64,
+        for duration: UInt64,
+        arrivals: Int,
+        port: UInt16 = 1000
+    ) -> [UInt64] {
+        var drops: [UInt64] = []
+        for t in start..<(start + duration) {
+            for _ in 0..<arrivals { _ = queue.enqueue(ipv4Packet(sourcePort: port), now: t * ms) }
+            let before = queue.delayDrops
+            _ = queue.dequeue(maxBytes: .max, now: t * ms)
+            if queue.delayDrops > before { drops += Array(repeating: t, count: queue.delayDrops - before) }
+        }
+        return drops
+    }
+
+    @Test func aFlowWhoseWaitStaysOverTheTargetForAnIntervalLosesItsHeadAndThenMoreOften() {
+        var queue = PacketFairQueue(limitPackets: 100_000, limitBytes: 1 << 30)
+        // Two arrive per millisecond, one leaves: the wait grows by half a millisecond each millisecond, and
+        // passes 5 ms at about 10 ms. The first drop comes one interval (100 ms) later, the next ones
+        // 100 / sqrt(count) ms apart (the control law).
+        let drops = Self.run(&queue, from: 1, for: 400, arrivals: 2)
+        #expect(drops.first.map { (105...115).contains($0) } == true, "\(drops)")
+        #expect(drops.count >= 4, "\(drops)")
+        let gaps = zip(drops.dropFirst(), drops).map { $0 - $1 }
+        #expect(Array(gaps.prefix(3)) == [100, 71, 58], "100 / sqrt(1), / sqrt(2), / sqrt(3) ms: \(drops)")
+        #expect(zip(gaps.dropFirst(), gaps).allSatisfy { $0 <= $1 }, "ever closer: \(gaps)")
+    }
+
+    @Test func aQueueThatDrainsWithinTheTargetIsNeverDroppedFrom() {
+        var queue = PacketFairQueue(limitPackets: 100_000, limitBytes: 1 << 30)
+        // A burst of 4 packets every 4 ms, served one per ms: each waits at most 3 ms.
+        var drops = 0
+        for t in UInt64(1)...2000 {
+            if t % 4 == 0 { for _ in 0..<4 { _ = queue.enqueue(ipv4Packet(sourcePort: 1000), now: t * Self.ms) } }
+            _ = queue.dequeue(maxBytes: .max, now: t * Self.ms)
+            drops = queue.delayDrops
+        }
+        #expect(drops == 0)
+    }
+
+    @Test func droppingStopsOnceTheWaitIsUnderTheTargetAgain() {
+        var queue = PacketFairQueue(limitPackets: 100_000, limitBytes: 1 << 30)
+        let first = Self.run(&queue, from: 1, for: 300, arrivals: 2)
+        #expect(!first.isEmpty)
+        // Now nothing arrives: the backlog drains (and is dropped from, while its wait is still long) until
+        // the queue is empty; then a flow that arrives at the rate it is served is left alone.
+        while queue.dequeue(maxBytes: .max, now: 300 * Self.ms) != nil {}
+        let drops = queue.delayDrops
+        _ = Self.run(&queue, from: 301, for: 500, arrivals: 1)
+        #expect(queue.delayDrops == drops)
+    }
+
+    @Test func aSparseFlowBesideADroppedBulkFlowLosesNothing() {
+        var queue = PacketFairQueue(limitPackets: 100_000, limitBytes: 1 << 30)
+        var pings = 0
+        for t in UInt64(1)...600 {
+            _ = queue.enqueue(ipv4Packet(sourcePort: 1000), now: t * Self.ms)
+            _ = queue.enqueue(ipv4Packet(sourcePort: 1000), now: t * Self.ms)
+            if t % 10 == 0 { _ = queue.enqueue(ipv4Packet(size: 84, sourcePort: 7, proto: 1), now: t * Self.ms) }
+            while let packet = queue.dequeue(maxBytes: .max, now: t * Self.ms) {
+                if packet.readableBytes == 84 {
+                    pings += 1
+                } else {
+                    break
+                }
+            }
+        }
+        #expect(queue.delayDrops > 0, "the bulk flow was dropped from")
+        #expect(pings == 60, "every ping went out")
+    }
+
+    @Test func aPacketThatNoLongerFitsAfterADropGoesBackFirst() {
+        var queue = PacketFairQueue(limitPackets: 100_000, limitBytes: 1 << 30)
+        _ = Self.run(&queue, from: 1, for: 120, arrivals: 2)
+        #expect(queue.delayDrops >= 1)
+        // The flow is in its dropping state: a large packet at the head is dropped, the next one is large too and
+        // does not fit the room given, so it stays queued, first.
+        let countBefore = queue.count
+        let bytesBefore = queue.bytes
+        let dropsBefore = queue.delayDrops
+        var t: UInt64 = 121
+        var result: ByteBuffer? = ByteBuffer()
+        while queue.delayDrops == dropsBefore && t < 1000 {
+            result = queue.dequeue(maxBytes: 1400, now: t * Self.ms)
+            if queue.delayDrops == dropsBefore { #expect(result != nil) }
+            t += 1
+        }
+        #expect(queue.delayDrops == dropsBefore + 1)
+        #expect(queue.count <= countBefore && queue.bytes <= bytesBefore)
+        #expect(queue.largestQueuedBytes >= 1400, "the packet put back still counts for the room a record needs")
+        let later = queue.dequeue(maxBytes: .max, now: t * Self.ms)
+        #expect(later?.readableBytes == 1400)
+    }
 }
