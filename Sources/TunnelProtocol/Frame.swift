@@ -131,6 +131,9 @@ public enum WireLimits {
     /// frame): it must fit an empty record's `maxRecordFrameBytes`. Anything larger could never be sent, and
     /// would block every frame queued behind it.
     public static let maxUnsplitFramePayload = maxRecordFrameBytes - FrameHeader.byteCount
+    /// With early data: what the opener of a TCP stream may send before its OPEN_RESULT. The acceptor's initial
+    /// window for a TCP stream is never smaller, and the window in its OPEN_RESULT counts these bytes as sent.
+    public static let earlyDataWindow = 64 << 10
 }
 
 extension ByteBuffer {

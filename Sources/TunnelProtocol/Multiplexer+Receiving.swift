@@ -108,7 +108,12 @@ extension Multiplexer {
         }
         switch stream.state {
         case .opening:
-            throw ProtocolError.flowControl("DATA on stream \(stream.id) before it was open")
+            // With early data the opener may send before this side answered; never the other way round.
+            guard self.configuration.earlyData, self.role == .server, stream.id.isClientInitiated,
+                stream.kind == .tcp
+            else {
+                throw ProtocolError.flowControl("DATA on stream \(stream.id) before it was open")
+            }
         case .closed:
             if count > 0 { self.consumeConnection(count, now: now) }
             return
@@ -132,9 +137,17 @@ extension Multiplexer {
             // A slice keeps its whole record alive. Small frames in a shared record are copied, so a stalled
             // reader pins at most about twice what its window allows. (Inflated data is a buffer of its own.)
             let data = compressed || count * 2 >= recordSize ? payload : ByteBuffer(buffer: payload)
-            self.delegate?.multiplexer(self, received: data, on: stream)
+            if stream.state == .opening {
+                // Early data: held until the stream opens (`completeOpen`), within its window.
+                stream.earlyReceived.append(data)
+            } else {
+                self.delegate?.multiplexer(self, received: data, on: stream)
+            }
         }
-        if header.flags.contains(.fin), stream.state.isOpen {
+        if header.flags.contains(.fin), stream.state == .opening {
+            // Early data ended with the opener's FIN: the stream is half-closed once it opens.
+            stream.earlyFinReceived = true
+        } else if header.flags.contains(.fin), stream.state.isOpen {
             // The state changes before the delegate hears of it: the delegate may close the local socket (and
             // release the stream) from inside the call.
             if stream.state == .halfClosedLocal {
@@ -244,8 +257,18 @@ extension Multiplexer {
             try self.checkUnknownStream(header.streamID)
             return
         }
-        guard self.role == .client, stream.state == .opening || stream.state.isClosed else {
+        guard self.role == .client, stream.state == .opening || stream.state.isClosed || stream.awaitingOpenResult
+        else {
             throw ProtocolError.malformedFrame("OPEN_RESULT for stream \(stream.id), which is not opening")
+        }
+        if stream.awaitingOpenResult {
+            try self.receivedEarlyOpenResult(
+                stream,
+                reply: ReplyCode(rawValue: replyByte),
+                window: window,
+                bound: bound
+            )
+            return
         }
         guard stream.state == .opening else { return }
         let reply = ReplyCode(rawValue: replyByte)
@@ -258,6 +281,40 @@ extension Multiplexer {
             self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
             self.release(stream)
         }
+    }
+
+    /// The answer to a stream opened with early data (`openStream(early:)`), which is open (or already closed)
+    /// on this side. Success: the credit becomes the acceptor's window less what was sent early. Failure: the
+    /// stream closes as if reset (`refusedStream`), after `openCompleted` has the reply.
+    private func receivedEarlyOpenResult(
+        _ stream: MuxStream,
+        reply: ReplyCode,
+        window: UInt32,
+        bound: TargetAddress?
+    ) throws(ProtocolError) {
+        stream.awaitingOpenResult = false
+        if reply == .succeeded {
+            guard !stream.state.isClosed else { return }
+            let sent = WireLimits.earlyDataWindow - stream.sendCredit.available
+            guard Int(window) >= sent else {
+                throw ProtocolError.flowControl(
+                    "OPEN_RESULT window \(window) for stream \(stream.id) is below the \(sent) bytes sent early"
+                )
+            }
+            let before = stream.sendCredit.available
+            stream.sendCredit = SendCredit(Int(window) - sent)
+            self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
+            if stream.sendCredit.available > before {
+                self.clearCreditStalled(stream)
+                self.schedule(stream)
+                if before <= stream.pendingBytes, !stream.localEndOfStream {
+                    self.delegate?.multiplexer(self, streamWantsRead: stream)
+                }
+            }
+            return
+        }
+        self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
+        self.markClosed(stream, reset: .refusedStream)
     }
 
     private func receivedWindowUpdate(_ header: FrameHeader, _ payload: ByteBuffer) throws(ProtocolError) {
@@ -326,9 +383,16 @@ extension Multiplexer {
         let lastID = StreamID(last)
         // Streams we opened above `last` were never seen by the peer: fail them here.
         let unserved = self.streams.values.filter {
-            $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID && $0.state == .opening
+            $0.id.isClientInitiated == (self.role == .client) && $0.id > lastID
+                && ($0.state == .opening || $0.awaitingOpenResult)
         }
         for stream in unserved.sorted(by: { $0.id < $1.id }) {
+            if stream.awaitingOpenResult {
+                // Open on this side with early data: it ends as a refused stream, like a RESET.
+                stream.awaitingOpenResult = false
+                self.markClosed(stream, reset: .refusedStream)
+                continue
+            }
             stream.state = .closed(reset: .refusedStream)
             self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
             self.release(stream)

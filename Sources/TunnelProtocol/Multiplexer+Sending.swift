@@ -32,7 +32,9 @@ extension Multiplexer {
         var lastLengthIndex = 0
         var lastLength = 0
         let pendingBefore = self.sendablePendingBytes
-        while space > 0, let stream = self.activeStreams.next() {
+        // A control frame that did not fit may be the OPEN of a stream with early data: no stream data may
+        // overtake it. (It happens only when the record is all but full anyway.)
+        while space > 0, self.controlQueue.isEmpty, let stream = self.activeStreams.next() {
             stream.scheduled = false
             guard stream.hasSendableWork else { continue }
             let extending = lastStream === stream

@@ -98,6 +98,8 @@ public final class Multiplexer {
         public var datagramCredit = false
         /// Whether IP packets flow (full-tunnel mode; negotiated in the handshake).
         public var fullTunnel = false
+        /// Whether TCP streams may carry data before their OPEN_RESULT (negotiated; `SessionFeatures.earlyData`).
+        public var earlyData = false
         /// Whether IP packets carry a `PacketOffloadHeader` (negotiated): then `sendIPPacket` takes, and the
         /// delegate gets, device packets (header + IP packet).
         public var packetOffload = false
@@ -268,11 +270,21 @@ public final class Multiplexer {
 
     /// Opens a stream to `target` (OPEN goes out with the next record). `nil` if the peer's limit is reached,
     /// the peer is going away, or stream ids are used up.
-    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp) -> MuxStream? {
+    ///
+    /// `early` (a TCP stream, with early data negotiated): the stream is open at once, with
+    /// `WireLimits.earlyDataWindow` bytes of credit until the OPEN_RESULT says more; its bytes follow the OPEN
+    /// in the same record. A failed result then closes it like a RESET (`streamClosed`, code `refusedStream`)
+    /// and `openCompleted` reports the reply; a successful one only adjusts the credit.
+    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, early: Bool = false) -> MuxStream? {
         guard self.canOpenStream else { return nil }
         let id = StreamID(self.nextLocalStreamID)
         self.nextLocalStreamID += 2
         let stream = self.makeStream(id, target: target, kind: kind)
+        if early && kind == .tcp && self.configuration.earlyData {
+            stream.state = .open
+            stream.awaitingOpenResult = true
+            stream.sendCredit = SendCredit(WireLimits.earlyDataWindow)
+        }
         self.streams[id.rawValue] = stream
         self.localStreamCount += 1
         self.enqueueControl(
@@ -283,8 +295,11 @@ public final class Multiplexer {
 
     /// The receive window this side grants a new stream of `kind`.
     func initialWindow(for kind: StreamKind) -> Int {
-        kind == .udp && self.configuration.datagramCredit
-            ? self.configuration.initialDatagramWindow : self.configuration.initialStreamWindow
+        if kind == .udp && self.configuration.datagramCredit { return self.configuration.initialDatagramWindow }
+        // An opener with early data may have sent this much before it learns the window.
+        return self.configuration.earlyData
+            ? max(self.configuration.initialStreamWindow, WireLimits.earlyDataWindow)
+            : self.configuration.initialStreamWindow
     }
 
     /// A new stream with this side's initial receive window.
@@ -393,7 +408,14 @@ public final class Multiplexer {
             .openResult(stream.id, reply: reply, window: UInt32(self.initialWindow(for: stream.kind)), bound: bound)
         )
         if reply == .succeeded {
-            stream.state = .open
+            // Early data may have brought bytes and the opener's FIN already: they go to the local socket now.
+            stream.state = stream.earlyFinReceived ? .halfClosedRemote : .open
+            let early = stream.earlyReceived
+            stream.earlyReceived = []
+            for data in early where !stream.released { self.delegate?.multiplexer(self, received: data, on: stream) }
+            if stream.earlyFinReceived && !stream.released {
+                self.delegate?.multiplexer(self, receivedEndOfStream: stream)
+            }
         } else {
             stream.state = .closed(reset: nil)
             self.release(stream)
@@ -479,6 +501,7 @@ public final class Multiplexer {
         stream.context = nil
         stream.compression = .off
         stream.inflater = nil
+        stream.earlyReceived = []
         self.compressingStreams.removeValue(forKey: stream.id.rawValue)
         self.streams.removeValue(forKey: stream.id.rawValue)
         if stream.id.isClientInitiated == (self.role == .client) {
@@ -540,6 +563,7 @@ public final class Multiplexer {
         for stream in Array(self.streams.values) where !stream.state.isClosed {
             if stream.state == .opening && stream.id.isClientInitiated == (self.role == .client) {
                 stream.state = .closed(reset: code)
+                stream.awaitingOpenResult = false
                 self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
                 self.release(stream)
             } else {
@@ -606,6 +630,7 @@ public final class Multiplexer {
     func markClosed(_ stream: MuxStream, reset: ErrorCode?) {
         guard !stream.state.isClosed else { return }
         stream.state = .closed(reset: reset)
+        stream.awaitingOpenResult = false
         self.clearCreditStalled(stream)
         self.totalPendingBytes -= stream.pendingBytes
         stream.pendingBytes = 0

@@ -61,8 +61,8 @@ public final class MuxStream {
     public let kind: StreamKind
     /// Lifecycle state.
     public internal(set) var state: State = .opening
-    /// The peer's FIN arrived (the stream may be closed since).
-    public var finReceived: Bool { self.state == .halfClosedRemote }
+    /// The peer's FIN arrived (the stream may be closed since; or, with early data, it is still opening).
+    public var finReceived: Bool { self.state == .halfClosedRemote || self.earlyFinReceived }
     /// Our FIN is on the wire and the peer's has not come.
     public var finSent: Bool { self.state == .halfClosedLocal }
     /// The code of the RESET that ended the stream, if one did.
@@ -71,6 +71,13 @@ public final class MuxStream {
     }
     /// The local socket reached EOF: a FIN goes out after the pending bytes.
     public internal(set) var localEndOfStream = false
+    /// Opened with early data (`Multiplexer.openStream(early:)`): open on this side, its OPEN_RESULT not yet
+    /// here.
+    public internal(set) var awaitingOpenResult = false
+    /// Acceptor with early data: the opener's FIN came before this side answered the OPEN.
+    var earlyFinReceived = false
+    /// Acceptor with early data: bytes that came before this side answered the OPEN, handed on when it opens.
+    var earlyReceived: [ByteBuffer] = []
     /// Whoever carries out this stream's I/O (the handler of its local socket). Typed by the transport layer.
     public var context: (any MuxStreamContext)? = nil
 

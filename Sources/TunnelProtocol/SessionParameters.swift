@@ -16,6 +16,10 @@ public struct SessionFeatures: OptionSet, Hashable, Sendable {
     /// Every IP_PACKET frame starts with a `PacketOffloadHeader`: TCP segments of up to 64 KiB cross the
     /// tunnel whole (docs/PROTOCOL.md §5.1). Offered by an end whose TUN device can read and write them.
     public static let packetOffload = SessionFeatures(rawValue: 1 << 3)
+    /// The opener of a TCP stream may send DATA (and FIN) before its OPEN_RESULT, up to
+    /// `WireLimits.earlyDataWindow` bytes; the acceptor holds them until the stream is open (docs/PROTOCOL.md
+    /// §3.3, *Early data*). Lets the client answer an application at once and send its first bytes with the open.
+    public static let earlyData = SessionFeatures(rawValue: 1 << 4)
 }
 
 /// What one side announces in its handshake payload: its limits and receive windows.

@@ -44,6 +44,8 @@ public final class TunnelSession {
         /// Offer (client) or allow (server) offload headers on IP packets: set when this end's device has
         /// them (`PacketOffloadHeader`), and only with `fullTunnel`.
         public var packetOffload = false
+        /// Offer (client) or allow (server) early data on new streams (`SessionFeatures.earlyData`).
+        public var earlyData = false
         public init() {}
 
         /// What a client offers in its handshake (or a server would grant).
@@ -53,6 +55,7 @@ public final class TunnelSession {
             if self.fullTunnel { features.insert(.fullTunnel) }
             if self.datagramCredit { features.insert(.datagramCredit) }
             if self.fullTunnel && self.packetOffload { features.insert(.packetOffload) }
+            if self.earlyData { features.insert(.earlyData) }
             return features
         }
     }
@@ -272,6 +275,7 @@ public final class TunnelSession {
         muxConfiguration.fullTunnel = features.contains(.fullTunnel)
         muxConfiguration.datagramCredit = features.contains(.datagramCredit)
         muxConfiguration.packetOffload = features.contains(.packetOffload) && features.contains(.fullTunnel)
+        muxConfiguration.earlyData = features.contains(.earlyData)
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,
             configuration: muxConfiguration,
