@@ -1,3 +1,4 @@
+import LocalProxy
 import Logging
 import NIOCore
 import NIOPosix
@@ -45,6 +46,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
     /// SOCKS requests waiting for a tunnel (bounded in number and time).
     private var waiting: WaitingQueue<Waiter>
+    /// Destinations the server reached lately: opened with early data under `fast_open = auto`.
+    private var fastOpenCache = FastOpenCache()
+    /// Streams opened with early data, and how many of those the server then failed to connect.
+    private var fastOpens = 0
+    private var fastOpenFailures = 0
     private var waiterTimer: Scheduled<Void>?
 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
@@ -68,6 +74,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.resolved = resolved
         var configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
         configuration.session.compression = resolved.settings.compress
+        configuration.session.earlyData = resolved.settings.fastOpen != .never
         self.configuration = configuration
         self.logger = logger
         self.reconnect = ReconnectPolicy(maximum: .nanoseconds(resolved.settings.reconnectMax))
@@ -289,7 +296,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func requestStream(to target: TargetAddress, kind: StreamKind, local: any StreamEndpoint) {
         if let tunnel = self.current, tunnel.canOpenStream, self.waiting.isEmpty,
-            tunnel.openStream(to: target, kind: kind, local: local)
+            self.open(target, kind: kind, local: local, on: tunnel)
         {
             return
         }
@@ -328,7 +335,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private func serveWaiting() {
         while let tunnel = self.current, tunnel.canOpenStream, let entry = self.waiting.popFirstEntry() {
             let waiter = entry.item
-            if !tunnel.openStream(to: waiter.target, kind: waiter.kind, local: waiter.local) {
+            if !self.open(waiter.target, kind: waiter.kind, local: waiter.local, on: tunnel) {
                 self.waiting.putBack(waiter, deadline: entry.deadline)
                 break
             }
@@ -349,7 +356,44 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     // MARK: - Shutdown
 
     /// Stops reconnecting, fails waiting requests, and shuts every tunnel down gracefully.
+    /// Opens a stream on `tunnel`, with early data when fast open says so (README, *Fast open*).
+    private func open(
+        _ target: TargetAddress,
+        kind: StreamKind,
+        local: any StreamEndpoint,
+        on tunnel: TunnelConnectionHandler
+    ) -> Bool {
+        let early: Bool
+        let possible = kind == .tcp && tunnel.earlyDataActive && local.takesEarlyAnswer
+        switch self.resolved.settings.fastOpen {
+        case .never: early = false
+        case .always: early = possible
+        case .auto: early = possible && self.fastOpenCache.contains(target, now: .now())
+        }
+        guard tunnel.openStream(to: target, kind: kind, local: local, early: early) else { return false }
+        if early { self.fastOpens += 1 }
+        return true
+    }
+
+    func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, early: Bool) {
+        if reply == .succeeded {
+            self.fastOpenCache.succeeded(target, now: .now())
+        } else {
+            // The next attempt waits for the server's answer, and gets the exact reply code.
+            self.fastOpenCache.failed(target)
+            if early {
+                self.fastOpenFailures += 1
+                self.logger.debug("fast open of \(target) failed after the application was answered: \(reply)")
+            }
+        }
+    }
+
     func shutdown(drainTimeout: TimeAmount) -> EventLoopFuture<Void> {
+        if self.fastOpens > 0 {
+            self.logger.info(
+                "fast open: \(self.fastOpens) streams opened before the server's answer, \(self.fastOpenFailures) of them failed after (reset)"
+            )
+        }
         self.stopped = true
         self.reconnectTask?.cancel()
         self.waiterTimer?.cancel()

@@ -47,6 +47,8 @@ public final class TunnelServer: Sendable {
         connectionConfiguration.session.fullTunnel = settings.tun.enabled
         // The server's TUN device always has offload headers (ServerTUN).
         connectionConfiguration.session.packetOffload = settings.tun.enabled
+        // Clients may send a stream's first bytes with its OPEN (fast open): held until the connect is done.
+        connectionConfiguration.session.earlyData = true
         let configuration = connectionConfiguration
         var tun: ServerTUN? = nil
         if settings.tun.enabled {

@@ -93,6 +93,15 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     )
     var compress = false
 
+    @Option(
+        name: .customLong("fast-open"),
+        help: ArgumentHelp(
+            "Answer a CONNECT before the server's result and send the first bytes with the open: auto (default) for destinations the server reached in the last minutes, always, or never (README, Fast open).",
+            valueName: "auto|always|never"
+        )
+    )
+    var fastOpen: String?
+
     @Flag(
         name: .customLong("allow-open-proxy"),
         help: "Allow --socks on a non-loopback address without --socks-user (default: refused)."
@@ -173,6 +182,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         if self.allowOpenProxy { settings.allowOpenProxy = true }
         if self.compress { settings.compress = true }
+        if let v = self.fastOpen { settings.fastOpen = try ClientSettings.FastOpen.parse(v, origin: "--fast-open") }
         if self.fullTunnel { settings.fullTunnel.enabled = true }
         if !self.exclude.isEmpty {
             settings.fullTunnel.exclude = try ClientFullTunnelSettings.parseExcludes(self.exclude, origin: "--exclude")

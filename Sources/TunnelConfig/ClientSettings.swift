@@ -11,6 +11,23 @@ public struct ClientSettings: Sendable {
         case fixed(NoiseCipher)
     }
 
+    /// When a CONNECT is answered before the server's result (README, *Fast open*).
+    public enum FastOpen: String, Sendable, Equatable, CaseIterable {
+        /// For destinations the server reached recently: the application's first bytes go with the open.
+        case auto
+        /// For every destination: speed over exact reply codes (a failure shows as a reset).
+        case always
+        /// Never: every CONNECT waits for the server's result.
+        case never
+
+        public static func parse(_ text: String, origin: String) throws(ConfigError) -> FastOpen {
+            guard let mode = FastOpen(rawValue: text) else {
+                throw ConfigError("\(origin): '\(text)' is not one of auto, always, never")
+            }
+            return mode
+        }
+    }
+
     public var server: Endpoint?
     public var serverKey: PublicKey?
     public var keyPath: String?
@@ -24,6 +41,7 @@ public struct ClientSettings: Sendable {
     public var compress = false
     /// Serve SOCKS5 UDP ASSOCIATE.
     public var udp = true
+    public var fastOpen = FastOpen.auto
     /// A UDP association with no traffic for this long is closed (with its control connection).
     public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"
@@ -58,6 +76,9 @@ public struct ClientSettings: Sendable {
         if let v = try file.boolean("allow_open_proxy") { self.allowOpenProxy = v }
         if let v = try file.boolean("udp") { self.udp = v }
         if let v = try file.boolean("compress") { self.compress = v }
+        if let v = try file.string("fast_open") {
+            self.fastOpen = try FastOpen.parse(v, origin: file.location("fast_open"))
+        }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.string("log_level") {
             self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level"))

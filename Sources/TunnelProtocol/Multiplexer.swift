@@ -283,6 +283,7 @@ public final class Multiplexer {
         if early && kind == .tcp && self.configuration.earlyData {
             stream.state = .open
             stream.awaitingOpenResult = true
+            stream.openedEarly = true
             stream.sendCredit = SendCredit(WireLimits.earlyDataWindow)
         }
         self.streams[id.rawValue] = stream

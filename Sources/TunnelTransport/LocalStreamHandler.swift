@@ -18,6 +18,9 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     /// Client: called once with the OPEN_RESULT.
     public var onOpenResult: ((ReplyCode, TargetAddress) -> Void)?
 
+    /// A CONNECT's relay can be answered early: what it relays is the application's own bytes.
+    public var takesEarlyAnswer: Bool { true }
+
     /// The last delivered buffer, written at flush time (so a batch is one writev).
     private var heldWrite: ByteBuffer?
     private var unflushedBytes = 0

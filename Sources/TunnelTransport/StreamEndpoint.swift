@@ -12,4 +12,11 @@ public protocol StreamEndpoint: MuxStreamContext {
     func openCompleted(reply: ReplyCode, bound: TargetAddress)
     /// The requester went away before the OPEN_RESULT: give the stream up if one was opened.
     func cancelPendingOpen()
+    /// Whether this endpoint may be told "succeeded" before the OPEN_RESULT (fast open), a later failure then
+    /// reaching it as the stream's reset. The relay of a CONNECT (SOCKS5, SOCKS4, HTTP CONNECT) may.
+    var takesEarlyAnswer: Bool { get }
+}
+
+extension StreamEndpoint {
+    public var takesEarlyAnswer: Bool { false }
 }

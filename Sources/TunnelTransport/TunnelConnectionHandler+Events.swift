@@ -17,15 +17,36 @@ extension TunnelConnectionHandler {
 
     /// Client: opens a stream to `target` for `local`; the result arrives through `local.openCompleted`.
     /// Returns false when this connection cannot open a stream now.
-    public func openStream(to target: TargetAddress, kind: StreamKind = .tcp, local: any StreamEndpoint) -> Bool {
-        guard self.phase == .established, let mux = self.multiplexer,
-            let stream = mux.openStream(to: target, kind: kind)
+    ///
+    /// `early` (a TCP stream, when the server takes early data): `local` hears success at once (from a task on
+    /// this loop, after the caller has returned), bound address unspecified, and what it sends goes with the
+    /// OPEN; if the server then fails to connect, the stream is closed as refused (`streamClosed`), so the
+    /// application sees a reset.
+    public func openStream(
+        to target: TargetAddress,
+        kind: StreamKind = .tcp,
+        local: any StreamEndpoint,
+        early: Bool = false
+    ) -> Bool {
+        guard self.phase == .established, let mux = self.multiplexer, let loop = self.context?.eventLoop,
+            let stream = mux.openStream(to: target, kind: kind, early: early)
         else {
             return false
         }
         TunnelStream(stream, tunnel: self).attach(local)
+        if stream.awaitingOpenResult {
+            loop.assumeIsolated().execute {
+                // Unless the real answer came first (a failure, which then had the exact code).
+                guard !stream.state.isClosed, stream.awaitingOpenResult else { return }
+                stream.answeredEarly = true
+                local.openCompleted(reply: .succeeded, bound: .unspecified)
+            }
+        }
         return true
     }
+
+    /// Whether the server takes early data on new streams (negotiated).
+    public var earlyDataActive: Bool { self.multiplexer?.configuration.earlyData ?? false }
 
     /// Whether this connection has used up its stream ids (it can only drain).
     public var streamIDsExhausted: Bool { self.multiplexer?.streamIDsExhausted ?? false }
@@ -127,7 +148,9 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
 
     public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
     {
-        guard let local = stream.context as? any StreamEndpoint else { return }
+        self.delegate?.tunnel(self, opened: stream.target, reply: reply, early: stream.openedEarly)
+        // An early stream's endpoint heard "succeeded" already: a failure now closes the stream (a reset).
+        guard !stream.answeredEarly, let local = stream.context as? any StreamEndpoint else { return }
         self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")
         local.openCompleted(reply: reply, bound: bound)
     }

@@ -243,6 +243,12 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.closeIfDrained()
     }
 
+    /// Writes what was delivered to local sockets outside a tunnel read (a stream's early data, handed on
+    /// when it opens).
+    func flushDeliveredNow() {
+        self.flushLocalStreams()
+    }
+
     private func flushLocalStreams() {
         guard !self.streamsToFlush.isEmpty else { return }
         let streams = self.streamsToFlush

@@ -234,4 +234,22 @@ struct SettingsTests {
             #expect(error.message.contains("--listen"))
         }
     }
+
+    @Test func fastOpenIsAutoByDefaultAndTakesOnlyItsThreeValues() throws {
+        #expect(ClientSettings().fastOpen == .auto)
+        for mode in ClientSettings.FastOpen.allCases {
+            var file = try ConfigFile(path: "c.toml", text: "fast_open = \"\(mode.rawValue)\"")
+            var settings = ClientSettings()
+            try settings.apply(file: &file)
+            #expect(settings.fastOpen == mode)
+        }
+        var file = try ConfigFile(path: "c.toml", text: "fast_open = \"sometimes\"")
+        var settings = ClientSettings()
+        do {
+            try settings.apply(file: &file)
+            Issue.record("accepted fast_open = sometimes")
+        } catch {
+            #expect(error.message.contains("line 1: 'fast_open': 'sometimes' is not one of auto, always, never"))
+        }
+    }
 }
