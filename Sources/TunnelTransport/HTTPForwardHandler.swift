@@ -215,6 +215,10 @@ public final class HTTPForwardHandler: ChannelInboundHandler, StreamEndpoint {
         self.dropStream()
     }
 
+    /// A plain request may go with the open (fast open): if the server then fails to connect, the stream's
+    /// reset aborts the application's connection (`streamClosed`), as for a CONNECT.
+    public var takesEarlyAnswer: Bool { true }
+
     public func openCompleted(reply: ReplyCode, bound: TargetAddress) {
         guard case .opening = self.forwarder.state, self.context != nil else {
             // Nobody waits for this stream any more (the application left): let it go.

@@ -164,3 +164,44 @@ def test_fast_open_always_answers_a_first_contact_at_once(tunnel):
     # The log counts it.
     tunnel.client.terminate()
     assert "fast open: 1 streams opened before the server's answer, 1 of them failed after" in tunnel.client.stderr_text()
+
+
+def test_a_plain_http_request_goes_with_the_open_and_a_destination_that_went_down_aborts_it(tunnel):
+    import http.server
+    import subprocess
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"hello " + self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    tunnel.start()
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    port = origin.server_address[1]
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+
+    def get(path):
+        return subprocess.run(["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "--proxy",
+                               f"http://127.0.0.1:{tunnel.socks_port}", f"http://127.0.0.1:{port}{path}"],
+                              capture_output=True, text=True)
+
+    out = get("/first")
+    assert out.stdout == "hello /first 200", out.stderr
+    out = get("/second")  # known now: the request went with the open
+    assert out.stdout == "hello /second 200", out.stderr
+    origin.shutdown()
+    origin.server_close()
+    time.sleep(0.2)
+    out = get("/gone")
+    assert out.returncode in (52, 56), f"curl {out.returncode}: {out.stdout} {out.stderr}"  # aborted, not a response
+    out = get("/again")
+    assert out.stdout.endswith(" 502"), f"{out.stdout} {out.stderr}"  # the real answer: refused
+    tunnel.client.terminate()
+    # /second and /gone went early; /gone failed after.
+    assert "fast open: 2 streams opened before the server's answer, 1 of them failed after" in tunnel.client.stderr_text()
