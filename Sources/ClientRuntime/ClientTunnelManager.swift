@@ -375,13 +375,14 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         return true
     }
 
-    func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, early: Bool) {
+    func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, answeredEarly: Bool)
+    {
         if reply == .succeeded {
             self.fastOpenCache.succeeded(target, now: .now())
         } else {
             // The next attempt waits for the server's answer, and gets the exact reply code.
             self.fastOpenCache.failed(target)
-            if early {
+            if answeredEarly {
                 self.fastOpenFailures += 1
                 self.logger.debug("fast open of \(target) failed after the application was answered: \(reply)")
             }

@@ -157,9 +157,8 @@ final class ServerUDPAssociation: MuxStreamContext {
                 self.names[key] = (usable, .now() + .seconds(60))
                 let queued = self.waitingForName.removeValue(forKey: key) ?? []
                 self.waitingCount -= queued.count
+                // Outside a tunnel read: the tunnel flushes these after this task (`markNeedsFlush`).
                 for payload in queued { self.deliverDatagram(payload) }
-                // Outside a tunnel read: no read's end flushes these.
-                self.flushDelivered()
             }
         }
     }

@@ -304,13 +304,7 @@ extension Multiplexer {
             let before = stream.sendCredit.available
             stream.sendCredit = SendCredit(Int(window) - sent)
             self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
-            if stream.sendCredit.available > before {
-                self.clearCreditStalled(stream)
-                self.schedule(stream)
-                if before <= stream.pendingBytes, !stream.localEndOfStream {
-                    self.delegate?.multiplexer(self, streamWantsRead: stream)
-                }
-            }
+            if stream.sendCredit.available > before { self.sendCreditGrew(stream, from: before) }
             return
         }
         self.delegate?.multiplexer(self, openCompleted: stream, reply: reply, bound: bound ?? .unspecified)
@@ -349,6 +343,12 @@ extension Multiplexer {
             }
             return
         }
+        self.sendCreditGrew(stream, from: before)
+    }
+
+    /// A TCP stream's send credit grew from `before`: its waiting bytes may go, and its socket may read again
+    /// if the credit had run out under them.
+    private func sendCreditGrew(_ stream: MuxStream, from before: Int) {
         self.clearCreditStalled(stream)
         self.schedule(stream)
         if before <= stream.pendingBytes, !stream.localEndOfStream {
@@ -389,7 +389,6 @@ extension Multiplexer {
         for stream in unserved.sorted(by: { $0.id < $1.id }) {
             if stream.awaitingOpenResult {
                 // Open on this side with early data: it ends as a refused stream, like a RESET.
-                stream.awaitingOpenResult = false
                 self.markClosed(stream, reset: .refusedStream)
                 continue
             }

@@ -283,7 +283,6 @@ public final class Multiplexer {
         if early && kind == .tcp && self.configuration.earlyData {
             stream.state = .open
             stream.awaitingOpenResult = true
-            stream.openedEarly = true
             stream.sendCredit = SendCredit(WireLimits.earlyDataWindow)
         }
         self.streams[id.rawValue] = stream
@@ -564,7 +563,6 @@ public final class Multiplexer {
         for stream in Array(self.streams.values) where !stream.state.isClosed {
             if stream.state == .opening && stream.id.isClientInitiated == (self.role == .client) {
                 stream.state = .closed(reset: code)
-                stream.awaitingOpenResult = false
                 self.delegate?.multiplexer(self, openCompleted: stream, reply: .generalFailure, bound: .unspecified)
                 self.release(stream)
             } else {

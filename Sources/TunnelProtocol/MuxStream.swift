@@ -74,8 +74,6 @@ public final class MuxStream {
     /// Opened with early data (`Multiplexer.openStream(early:)`): open on this side, its OPEN_RESULT not yet
     /// here.
     public internal(set) var awaitingOpenResult = false
-    /// Opened with early data (whatever its result).
-    public internal(set) var openedEarly = false
     /// Opened with early data, and the local side was told it succeeded before the OPEN_RESULT came (set by
     /// the runtime): the real result is then not reported to it again, and a failure ends the stream instead.
     public var answeredEarly = false

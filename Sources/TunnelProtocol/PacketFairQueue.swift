@@ -120,7 +120,7 @@ struct PacketFairQueue {
                 self.oldFlows.append(index)
                 continue
             }
-            guard let head = self.flows[index].packets.first else {
+            guard !self.flows[index].packets.isEmpty else {
                 // Ran dry. A new flow goes through the old list once more (RFC 8290 §4.2: else a flow that
                 // sends one packet per round would always count as new); an old one leaves.
                 self.removeFirst(fromNew: fromNew)
@@ -131,87 +131,106 @@ struct PacketFairQueue {
                 }
                 continue
             }
-            guard head.packet.readableBytes <= maxBytes else { return nil }
-            // CoDel may drop the head, and what comes after it may not fit: it goes back, first in line.
-            guard let packet = self.codelDequeue(index, now: now) else { continue }
-            guard packet.readableBytes <= maxBytes else {
-                self.flows[index].packets.prepend(Entry(packet: packet, enqueued: now))
-                self.flows[index].bytes += packet.readableBytes
-                self.count += 1
-                self.bytes += packet.readableBytes
-                self.largestQueuedBytes = max(self.largestQueuedBytes, packet.readableBytes)
+            switch self.codelDequeue(index, maxBytes: maxBytes, now: now) {
+            case .packet(let packet):
+                self.flows[index].deficit -= packet.readableBytes
+                return packet
+            case .ranDry:
+                continue
+            case .tooLarge:
                 return nil
             }
-            self.flows[index].deficit -= packet.readableBytes
-            return packet
         }
     }
 
-    /// Takes the flow's head off the queue: the packet and whether its wait allows a drop (RFC 8289 §5.6,
-    /// dodequeue). A flow holding no more than one full-size packet after it is never dropped from.
-    private mutating func codelPop(_ index: Int, now: UInt64) -> (packet: ByteBuffer, okToDrop: Bool)? {
-        guard let entry = self.flows[index].packets.popFirst() else {
+    private enum CoDelOutcome {
+        case packet(ByteBuffer)
+        /// The flow has nothing left (CoDel may have dropped its last packets).
+        case ranDry
+        /// The flow's head is larger than the room given: it stays first.
+        case tooLarge
+    }
+
+    /// Whether the head of the flow, if it left now, has waited long enough to be dropped (RFC 8289 §5.6,
+    /// dodequeue, decided before the packet is taken off so that one that does not fit can stay first). A flow
+    /// holding no more than one full-size packet besides its head is never dropped from.
+    private mutating func okToDrop(_ index: Int, head: Entry, now: UInt64) -> Bool {
+        let sojourn = now &- head.enqueued
+        if now < head.enqueued || sojourn < self.codel.target
+            || self.flows[index].bytes - head.packet.readableBytes <= self.quantum
+        {
             self.flows[index].firstAboveTime = 0
-            return nil
-        }
-        let size = entry.packet.readableBytes
-        self.flows[index].bytes -= size
-        self.count -= 1
-        self.bytes -= size
-        if self.count == 0 { self.largestQueuedBytes = 0 }
-        let sojourn = now &- entry.enqueued
-        if now < entry.enqueued || sojourn < self.codel.target || self.flows[index].bytes <= self.quantum {
-            self.flows[index].firstAboveTime = 0
-            return (entry.packet, false)
+            return false
         }
         if self.flows[index].firstAboveTime == 0 {
             self.flows[index].firstAboveTime = now + self.codel.interval
-            return (entry.packet, false)
+            return false
         }
-        return (entry.packet, now >= self.flows[index].firstAboveTime)
+        return now >= self.flows[index].firstAboveTime
     }
 
-    /// The flow's next packet after CoDel's drops (RFC 8289 §5.7), nil when the flow ran dry.
-    private mutating func codelDequeue(_ index: Int, now: UInt64) -> ByteBuffer? {
-        guard var (packet, okToDrop) = self.codelPop(index, now: now) else {
+    /// The flow's next packet after CoDel's drops (RFC 8289 §5.7), if it fits `maxBytes`.
+    private mutating func codelDequeue(_ index: Int, maxBytes: Int, now: UInt64) -> CoDelOutcome {
+        guard var head = self.flows[index].packets.first else {
+            self.flows[index].firstAboveTime = 0
             self.flows[index].dropping = false
-            return nil
+            return .ranDry
         }
+        guard head.packet.readableBytes <= maxBytes else { return .tooLarge }
+        let okToDrop = self.okToDrop(index, head: head, now: now)
         if self.flows[index].dropping {
-            if !okToDrop {
-                self.flows[index].dropping = false
-            }
+            if !okToDrop { self.flows[index].dropping = false }
             while self.flows[index].dropping && now >= self.flows[index].dropNext {
+                self.removeHead(of: index)
                 self.delayDrops += 1
                 self.flows[index].count &+= 1
-                guard let next = self.codelPop(index, now: now) else {
+                guard let next = self.flows[index].packets.first else {
+                    self.flows[index].firstAboveTime = 0
                     self.flows[index].dropping = false
-                    return nil
+                    return .ranDry
                 }
-                (packet, okToDrop) = next
-                if okToDrop {
+                head = next
+                if self.okToDrop(index, head: head, now: now) {
                     self.flows[index].dropNext = self.controlLaw(self.flows[index].dropNext, self.flows[index].count)
                 } else {
                     self.flows[index].dropping = false
                 }
+                guard head.packet.readableBytes <= maxBytes else { return .tooLarge }
             }
         } else if okToDrop {
+            self.removeHead(of: index)
             self.delayDrops += 1
-            let dropped = self.flows[index]
-            guard let next = self.codelPop(index, now: now) else { return nil }
-            packet = next.packet
+            let flow = self.flows[index]
             self.flows[index].dropping = true
             // Back to a drop rate near the last spell's if that ended recently (RFC 8289 §5.7).
-            let delta = dropped.count &- dropped.lastCount
+            let delta = flow.count &- flow.lastCount
             var count: UInt32 = 1
-            if delta > 1 && dropped.count > dropped.lastCount && now &- dropped.dropNext < 16 * self.codel.interval {
+            if delta > 1 && flow.count > flow.lastCount && now &- flow.dropNext < 16 * self.codel.interval {
                 count = delta
             }
             self.flows[index].count = count
             self.flows[index].lastCount = count
             self.flows[index].dropNext = self.controlLaw(now, count)
+            guard let next = self.flows[index].packets.first else {
+                self.flows[index].firstAboveTime = 0
+                return .ranDry
+            }
+            head = next
+            _ = self.okToDrop(index, head: head, now: now)
+            guard head.packet.readableBytes <= maxBytes else { return .tooLarge }
         }
-        return packet
+        self.removeHead(of: index)
+        return .packet(head.packet)
+    }
+
+    /// Takes the head of a flow off the queue, keeping the counts.
+    private mutating func removeHead(of index: Int) {
+        guard let entry = self.flows[index].packets.popFirst() else { return }
+        let size = entry.packet.readableBytes
+        self.flows[index].bytes -= size
+        self.count -= 1
+        self.bytes -= size
+        if self.count == 0 { self.largestQueuedBytes = 0 }
     }
 
     /// When the next drop is due: `interval / sqrt(count)` after `time`.
@@ -238,11 +257,7 @@ struct PacketFairQueue {
         var fattest = self.newFlows.first ?? self.oldFlows.first ?? 0
         for index in self.newFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
         for index in self.oldFlows where self.flows[index].bytes > self.flows[fattest].bytes { fattest = index }
-        guard let packet = self.flows[fattest].packets.popFirst()?.packet else { return }
-        self.flows[fattest].bytes -= packet.readableBytes
-        self.count -= 1
-        self.bytes -= packet.readableBytes
-        if self.count == 0 { self.largestQueuedBytes = 0 }
+        self.removeHead(of: fattest)
     }
 
     /// A hash of the packet's flow: addresses, protocol and (for TCP, UDP and SCTP over IPv4 without options

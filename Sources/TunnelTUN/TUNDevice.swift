@@ -104,18 +104,22 @@ public final class TUNDevice: Sendable {
     public func writePlain(_ packet: ByteBuffer, queue: Int) -> Bool {
         guard self.hasOffloadHeaders else { return self.write(packet, queue: queue) }
         return packet.withUnsafeReadableBytes { bytes in
+            // On the stack: no allocation per packet.
             withUnsafeTemporaryAllocation(of: UInt8.self, capacity: PacketOffloadHeader.byteCount) { header in
                 header.initialize(repeating: 0)
-                var vector = [
-                    iovec(iov_base: UnsafeMutableRawPointer(header.baseAddress), iov_len: header.count),
-                    iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count),
-                ]
-                let total = header.count + bytes.count
-                while true {
-                    let written = Glibc.writev(self.writeDescriptor(queue: queue), &vector, 2)
-                    if written >= 0 { return written == total }
-                    if errno == EINTR { continue }
-                    return false
+                return withUnsafeTemporaryAllocation(of: iovec.self, capacity: 2) { vector in
+                    vector[0] = iovec(iov_base: UnsafeMutableRawPointer(header.baseAddress), iov_len: header.count)
+                    vector[1] = iovec(
+                        iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress),
+                        iov_len: bytes.count
+                    )
+                    let total = header.count + bytes.count
+                    while true {
+                        let written = Glibc.writev(self.writeDescriptor(queue: queue), vector.baseAddress, 2)
+                        if written >= 0 { return written == total }
+                        if errno == EINTR { continue }
+                        return false
+                    }
                 }
             }
         }

@@ -14,9 +14,9 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelConfirmed(_ tunnel: TunnelConnectionHandler)
     /// Server: the client asks for a stream to `stream.target`. Answer with `stream.completeOpen`.
     func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: TunnelStream)
-    /// Client: the server answered the OPEN of a stream to `target` (`early`: opened with early data, the
-    /// application answered already).
-    func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, early: Bool)
+    /// Client: the server answered the OPEN of a stream to `target` (`answeredEarly`: opened with early data,
+    /// and its application was told it succeeded before this answer).
+    func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, answeredEarly: Bool)
     /// The peer sent GOAWAY: no new streams on this connection.
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler)
     /// A stream left the table (a slot for a new one may be free).
@@ -42,8 +42,12 @@ extension TunnelConnectionDelegate {
     public func tunnel(_ tunnel: TunnelConnectionHandler, openRequested stream: TunnelStream) {
         stream.completeOpen(reply: .commandNotSupported, bound: .unspecified)
     }
-    public func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, early: Bool) {
-    }
+    public func tunnel(
+        _ tunnel: TunnelConnectionHandler,
+        opened target: TargetAddress,
+        reply: ReplyCode,
+        answeredEarly: Bool
+    ) {}
     public func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {}
     public func tunnelStreamReleased(_ tunnel: TunnelConnectionHandler) {}
     public func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {}

@@ -148,7 +148,7 @@ extension TunnelConnectionHandler: MultiplexerDelegate {
 
     public func multiplexer(_ mux: Multiplexer, openCompleted stream: MuxStream, reply: ReplyCode, bound: TargetAddress)
     {
-        self.delegate?.tunnel(self, opened: stream.target, reply: reply, early: stream.openedEarly)
+        self.delegate?.tunnel(self, opened: stream.target, reply: reply, answeredEarly: stream.answeredEarly)
         // An early stream's endpoint heard "succeeded" already: a failure now closes the stream (a reset).
         guard !stream.answeredEarly, let local = stream.context as? any StreamEndpoint else { return }
         self.logger.debug("stream \(stream.id) to \(stream.target): \(reply)")

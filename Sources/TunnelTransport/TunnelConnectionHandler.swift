@@ -53,6 +53,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Output was queued under `flushHeld` and not flushed yet.
     private var flushOwed = false
     private var streamsToFlush: [any MuxStreamContext] = []
+    /// A tunnel read is being processed: its end flushes what it delivered.
+    private var inRead = false
+    /// A flush of deliveries made outside a read is queued on the loop.
+    private var localFlushScheduled = false
     /// Wakes the session's timers.
     private var timer: Scheduled<Void>?
     private var closeError: ProtocolError?
@@ -123,12 +127,15 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.core.noteReceive(now: .now())
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
+        self.inRead = true
         do {
             try self.core.received(self.unwrapInboundIn(data))
         } catch {
+            self.inRead = false
             self.fail(error, context: context)
             return
         }
+        self.inRead = false
         // Hand what this read delivered to the local sockets now rather than after the whole read burst: a
         // small reply behind a bulk transfer should not wait for a megabyte of other streams' records.
         self.flushLocalStreams()
@@ -243,12 +250,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         self.closeIfDrained()
     }
 
-    /// Writes what was delivered to local sockets outside a tunnel read (a stream's early data, handed on
-    /// when it opens).
-    func flushDeliveredNow() {
-        self.flushLocalStreams()
-    }
-
     private func flushLocalStreams() {
         guard !self.streamsToFlush.isEmpty else { return }
         let streams = self.streamsToFlush
@@ -258,6 +259,14 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
 
     public func markNeedsFlush(_ local: any MuxStreamContext) {
         self.streamsToFlush.append(local)
+        // Inside a read, its end flushes. A delivery outside one (a stream's early data handed on when it
+        // opens, datagrams that waited for a name) is flushed once the current task is done.
+        guard !self.inRead, !self.localFlushScheduled, let loop = self.context?.eventLoop else { return }
+        self.localFlushScheduled = true
+        loop.assumeIsolated().execute {
+            self.localFlushScheduled = false
+            self.flushLocalStreams()
+        }
     }
 
     // MARK: - Timers

@@ -71,8 +71,6 @@ public struct TunnelStream {
     /// Server: answers the OPEN once the outbound connection succeeded or failed.
     public func completeOpen(reply: ReplyCode, bound: TargetAddress) {
         self.tunnel?.multiplexer?.completeOpen(self.muxStream, reply: reply, bound: bound)
-        // Early data the stream held was just delivered, outside any tunnel read: write it now.
-        self.tunnel?.flushDeliveredNow()
     }
 
     /// Server: `endpoint` carries out this stream's local I/O from now on.
