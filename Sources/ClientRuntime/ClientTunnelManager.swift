@@ -65,6 +65,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     /// Connect to this address instead of resolving the server's name each time (full-tunnel mode pins it:
     /// its routes are for that address).
     var connectHost: String?
+    /// Called once, when the first attempt has established the tunnel or failed.
+    var onFirstAttempt: (() -> Void)?
     /// Called once when the client cannot go on (the server refuses full-tunnel mode, the host cannot be
     /// configured).
     var onFatal: ((String) -> Void)?
@@ -168,6 +170,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
 
     private func attemptFailed(_ why: String, handshake: Bool) {
+        self.firstAttemptDone()
         if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil,
             NoiseCipher.aesGCM.isAvailable
         {
@@ -181,6 +184,12 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: delay) { self.connect() }
     }
 
+    private func firstAttemptDone() {
+        guard let report = self.onFirstAttempt else { return }
+        self.onFirstAttempt = nil
+        report()
+    }
+
     private static func format(_ t: TimeAmount) -> String {
         let ms = t.nanoseconds / 1_000_000
         return ms < 1000 ? "\(ms) ms" : "\(Double(ms / 100) / 10) s"
@@ -190,6 +199,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) {
         self.connecting = false
+        defer { self.firstAttemptDone() }
         self.current = tunnel
         self.workingCipher = session.cipher
         self.nextCipher = session.cipher

@@ -35,7 +35,10 @@ public final class TunnelClient: Sendable {
         )
     }
 
-    /// Binds the SOCKS listener and starts the tunnel; returns the bound SOCKS address.
+    /// Longest the SOCKS port waits for the first attempt to finish.
+    static let firstAttemptWait: TimeAmount = .seconds(3)
+
+    /// Starts the tunnel and binds the SOCKS listener; returns the bound SOCKS address.
     public func start() async throws -> SocketAddress {
         let manager = self.manager
         var proxyConfiguration = LocalProxyHandler.Configuration()
@@ -52,17 +55,32 @@ public final class TunnelClient: Sendable {
         if self.resolved.settings.fullTunnel.enabled {
             try await self.prepareFullTunnel()
         }
+        // The SOCKS port opens once the first attempt has brought the tunnel up (as `ssh -D` opens its port
+        // after logging in), so an application that finds the port open is served at once instead of
+        // waiting for the handshake; after a failed attempt, or `firstAttemptWait`, it opens anyway and
+        // requests wait for the tunnel (bounded) as they do during a reconnect.
+        let firstAttempt = self.eventLoop.makePromise(of: Void.self)
+        self.eventLoop.execute {
+            let isolated = self.eventLoop.assumeIsolated()
+            let cap = isolated.scheduleTask(in: Self.firstAttemptWait) { manager.value.onFirstAttempt?() }
+            manager.value.onFirstAttempt = {
+                cap.cancel()
+                firstAttempt.succeed()
+            }
+            manager.value.start()
+        }
+        try? await firstAttempt.futureResult.get()
         let channel: any Channel
         do {
             channel = try await self.bind(configuration: configuration)
         } catch {
+            try? await self.eventLoop.flatSubmit { manager.value.shutdown(drainTimeout: .zero) }.get()
             if self.hasFullTunnel.withLockedValue({ $0 }) {
                 try? await self.eventLoop.submit { manager.value.fullTunnel?.shutdown() }.get()
             }
             throw error
         }
         self.listener.set(channel)
-        self.eventLoop.execute { manager.value.start() }
         guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
         return address
     }
@@ -73,12 +91,9 @@ public final class TunnelClient: Sendable {
         return try await ServerBootstrap(group: self.eventLoop)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.autoRead, value: false)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(.maxMessagesPerRead, value: StreamSocket.maxMessagesPerRead)
-            .childChannelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try StreamSocket.configure(channel)
                     try channel.pipeline.syncOperations.addHandler(
                         LocalProxyHandler(provider: manager.value, configuration: configuration, logger: logger)
                     )

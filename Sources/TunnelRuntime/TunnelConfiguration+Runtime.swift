@@ -33,6 +33,16 @@ package enum StreamSocket {
     /// Up to four 64 KiB reads per readiness event: a bulk stream fills several records per flush, so the
     /// tunnel sees fewer, larger writes (each write wakes the reader at the other end).
     package static let maxMessagesPerRead: UInt = 4
+
+    /// Sets a stream socket's options directly on the channel before it is registered. Options given to a
+    /// bootstrap are applied one future at a time, a cost paid on every connection a browser opens.
+    package static func configure(_ channel: any Channel) throws {
+        guard let options = channel.syncOptions else { throw ChannelError.operationUnsupported }
+        try options.setOption(.autoRead, value: false)
+        try options.setOption(.allowRemoteHalfClosure, value: true)
+        try options.setOption(.maxMessagesPerRead, value: Self.maxMessagesPerRead)
+        try options.setOption(.recvAllocator, value: Self.receiveAllocator)
+    }
 }
 
 /// Socket settings of the tunnel connection itself.

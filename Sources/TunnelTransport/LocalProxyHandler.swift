@@ -45,7 +45,15 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     private var buffered: ByteBuffer?
     private let provider: any TunnelStreamProvider
     private let configuration: Configuration
-    private var logger: Logger
+    private let baseLogger: Logger
+    /// The logger with the application's address, made on first use: most connections never log, and
+    /// formatting the address for each would cost more than the rest of the handshake.
+    private lazy var logger: Logger = {
+        var logger = self.baseLogger
+        if let peer = self.peer { logger[metadataKey: "app"] = "\(peer.hostPortDescription)" }
+        return logger
+    }()
+    private var peer: SocketAddress?
     private var local: LocalStreamHandler?
     private var timeout: Scheduled<Void>?
     /// The application half-closed while its request was pending: the stream starts with a FIN.
@@ -54,7 +62,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     public init(provider: any TunnelStreamProvider, configuration: Configuration, logger: Logger) {
         self.provider = provider
         self.configuration = configuration
-        self.logger = logger
+        self.baseLogger = logger
     }
 
     /// Most bytes an application may send before its request is answered.
@@ -63,7 +71,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     // MARK: - Channel events
 
     public func handlerAdded(context: ChannelHandlerContext) {
-        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "app"] = "\(peer.hostPortDescription)" }
+        self.peer = context.channel.remoteAddress
         self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.configuration.handshakeTimeout) {
             if case .waiting = self.phase { return }  // the tunnel's own limits apply once a stream was asked for
             self.logger.info("proxy handshake timed out")
@@ -258,7 +266,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             local.onOpenResult = { [weak self] reply, bound in
                 self?.openResult(reply, bound: bound, local: local, style: style, context: context)
             }
-            self.logger.debug("CONNECT \(target)")
+            if self.baseLogger.logLevel <= .debug { self.logger.debug("CONNECT \(target)") }
             self.provider.requestStream(to: target, local: local)
         case .udpAssociate(let client):
             guard let relay = self.configuration.udpRelay else {
@@ -288,7 +296,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         self.phase = .finished
         self.timeout?.cancel()
         guard reply == .succeeded, local.stream != nil else {
-            self.logger.debug("CONNECT failed: \(reply)")
+            if self.baseLogger.logLevel <= .debug { self.logger.debug("CONNECT failed: \(reply)") }
             let answer: ByteBuffer
             switch style {
             case .socks5: answer = SOCKS5.reply(reply, bound: .unspecified)
