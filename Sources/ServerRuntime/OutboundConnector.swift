@@ -37,14 +37,30 @@ final class OutboundConnector: Sendable {
 
     /// The outcome of one connect.
     enum Outcome: Sendable {
-        case connected(any Channel)
+        /// Connected; `resolved` holds the addresses a name resolved to on the way, for the session's cache.
+        case connected(any Channel, resolved: [SocketAddress]?)
         case failed(ReplyCode, String)
     }
 
-    /// Connects to `target` from `eventLoop` (the tunnel's loop, so the socket shares it).
-    func connect(to target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Outcome> {
+    /// Connects to `target` from `eventLoop` (the tunnel's loop, so the socket shares it). `known`: the
+    /// addresses its name resolved to a moment ago, if the session remembers them (no resolution then).
+    func connect(
+        to target: TargetAddress,
+        known: [SocketAddress]? = nil,
+        on eventLoop: any EventLoop
+    )
+        -> EventLoopFuture<Outcome>
+    {
         let deadline = NIODeadline.now() + self.connectTimeout
-        return self.resolve(target, on: eventLoop).flatMap { resolved -> EventLoopFuture<Outcome> in
+        let resolution: EventLoopFuture<Resolution>
+        var fresh = false
+        if let known {
+            resolution = eventLoop.makeSucceededFuture(.success(known))
+        } else {
+            resolution = self.resolve(target, on: eventLoop)
+            if case .domain = target.host { fresh = true }
+        }
+        return resolution.flatMap { [fresh] resolved -> EventLoopFuture<Outcome> in
             switch resolved {
             case .failure(let reply, let why):
                 return eventLoop.makeSucceededFuture(.failed(reply, why))
@@ -57,7 +73,10 @@ final class OutboundConnector: Sendable {
                         ?? "no address"
                     return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy (\(why))"))
                 }
-                return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil)
+                return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil).map { outcome in
+                    guard fresh, case .connected(let channel, _) = outcome else { return outcome }
+                    return .connected(channel, resolved: addresses)
+                }
             }
         }
     }
@@ -131,12 +150,11 @@ final class OutboundConnector: Sendable {
         }
         return ClientBootstrap(group: eventLoop)
             .connectTimeout(remaining)
-            .channelOption(.autoRead, value: false)
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelOption(.maxMessagesPerRead, value: StreamSocket.maxMessagesPerRead)
-            .channelOption(.recvAllocator, value: StreamSocket.receiveAllocator)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try StreamSocket.configure(channel) }
+            }
             .connect(to: address)
-            .map { Outcome.connected($0) }
+            .map { Outcome.connected($0, resolved: nil) }
             .flatMapError { error in
                 let mapped = Self.reply(for: error)
                 let best = Self.moreTelling(mapped, than: worst)

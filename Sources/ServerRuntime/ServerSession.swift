@@ -35,6 +35,10 @@ final class ServerSession: TunnelConnectionDelegate {
     private var reader: NIOLoopBound<DeviceReader<ServerTUNQueue>>?
     /// Packets from the client waiting for the end of the current socket read.
     private var pendingPackets: [ByteBuffer] = []
+    /// Names this session's streams reached lately and the addresses they resolved to: a browser opens many
+    /// connections to one host, and each getaddrinfo may be a query to the resolver. Per session, so one
+    /// client cannot time another's lookups; short-lived, since getaddrinfo gives no TTL.
+    private var names = RecentCache<TargetAddress, [SocketAddress]>(capacity: 256, lifetime: .seconds(30))
     private var spoofedPackets = 0
     private var undeliveredPackets = 0
 
@@ -198,9 +202,13 @@ final class ServerSession: TunnelConnectionDelegate {
             .start()
             return
         }
-        self.connector.connect(to: stream.target, on: self.handle.eventLoop).assumeIsolated().whenSuccess { outcome in
+        let target = stream.target
+        let known = self.names.value(for: target, now: .now())
+        self.connector.connect(to: target, known: known, on: self.handle.eventLoop).assumeIsolated().whenSuccess {
+            outcome in
             switch outcome {
-            case .connected(let channel):
+            case .connected(let channel, let resolved):
+                if let resolved { self.names.store(resolved, for: target, now: .now()) }
                 guard stream.isOpening, stream.tunnelIsUp else {
                     // The client gave up (RESET) or the tunnel went away while connecting.
                     channel.close(promise: nil)
