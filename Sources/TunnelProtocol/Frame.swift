@@ -32,6 +32,8 @@ public struct FrameType: Hashable, Sendable, CustomStringConvertible {
     public static let close = FrameType(rawValue: 0x0B)
     /// Ignored filler.
     public static let padding = FrameType(rawValue: 0x0C)
+    /// Session resumption (docs/PROTOCOL.md §7.1): the sender has processed the peer's records 1 ... count.
+    public static let received = FrameType(rawValue: 0x0D)
 
     /// Types from here on are extensions a receiver may ignore.
     public static let firstExtension: UInt8 = 0x40
@@ -51,6 +53,7 @@ public struct FrameType: Hashable, Sendable, CustomStringConvertible {
         case .rekey: "REKEY"
         case .close: "CLOSE"
         case .padding: "PADDING"
+        case .received: "RECEIVED"
         default: "type(0x\(String(self.rawValue, radix: 16)))"
         }
     }

@@ -7,6 +7,8 @@ public struct RecordOutcome: Hashable, Sendable {
     public var rekey = false
     /// The record ended with CLOSE: the peer ends the connection with this code.
     public var close: ErrorCode? = nil
+    /// The record carried RECEIVED (docs/PROTOCOL.md §7.1): the peer processed our records 1 ... this.
+    public var acknowledged: UInt64? = nil
     public init() {}
 }
 
@@ -58,6 +60,14 @@ extension Multiplexer {
                 try self.delegate?.multiplexer(self, receivedControl: payload)
             case .padding:
                 break
+            case .received:
+                var payload = payload
+                guard self.configuration.resumption, header.streamID == .connection,
+                    payload.readableBytes == 8, let count = payload.readInteger(as: UInt64.self)
+                else {
+                    throw ProtocolError.malformedFrame("RECEIVED must be 8 bytes on stream 0 of a resumable session")
+                }
+                outcome.acknowledged = max(outcome.acknowledged ?? 0, count)
             default:
                 guard header.type.rawValue >= FrameType.firstExtension else {
                     throw ProtocolError.unknownFrameType(header.type)

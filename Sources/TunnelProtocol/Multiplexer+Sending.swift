@@ -275,6 +275,12 @@ extension Multiplexer {
         buffer.writeFrameHeader(FrameHeader(type: .rekey, streamID: .connection, length: 0))
     }
 
+    /// Appends a RECEIVED frame: this side processed the peer's records 1 ... `count` (docs/PROTOCOL.md §7.1).
+    public func writeReceivedFrame(count: UInt64, into buffer: inout ByteBuffer) {
+        buffer.writeFrameHeader(FrameHeader(type: .received, streamID: .connection, length: 8))
+        buffer.writeInteger(count)
+    }
+
     /// Appends a CLOSE frame, the last frame this side ever sends.
     public func writeCloseFrame(code: ErrorCode, into buffer: inout ByteBuffer) {
         buffer.writeFrameHeader(FrameHeader(type: .close, streamID: .connection, length: 4))

@@ -100,6 +100,8 @@ public final class Multiplexer {
         public var fullTunnel = false
         /// Whether TCP streams may carry data before their OPEN_RESULT (negotiated; `SessionFeatures.earlyData`).
         public var earlyData = false
+        /// Whether records are numbered and acknowledged with RECEIVED (negotiated; `SessionFeatures.resumption`).
+        public var resumption = false
         /// Whether IP packets carry a `PacketOffloadHeader` (negotiated): then `sendIPPacket` takes, and the
         /// delegate gets, device packets (header + IP packet).
         public var packetOffload = false

@@ -20,6 +20,9 @@ public struct SessionFeatures: OptionSet, Hashable, Sendable {
     /// `WireLimits.earlyDataWindow` bytes; the acceptor holds them until the stream is open (docs/PROTOCOL.md
     /// §3.3, *Early data*). Lets the client answer an application at once and send its first bytes with the open.
     public static let earlyData = SessionFeatures(rawValue: 1 << 4)
+    /// Records are numbered and kept until acknowledged, so that a session can go on over a new connection
+    /// (docs/PROTOCOL.md §7).
+    public static let resumption = SessionFeatures(rawValue: 1 << 5)
 }
 
 /// What one side announces in its handshake payload: its limits and receive windows.

@@ -46,6 +46,12 @@ public final class TunnelSession {
         public var packetOffload = false
         /// Offer (client) or allow (server) early data on new streams (`SessionFeatures.earlyData`).
         public var earlyData = false
+        /// Offer (client) or allow (server) numbered, acknowledged records (`SessionFeatures.resumption`).
+        public var resumption = false
+        /// Most plaintext bytes kept for the peer to acknowledge before no more records are produced.
+        public var maxRetainedBytes = 32 << 20
+        /// Received records after which an acknowledgement goes out even when there is nothing else to send.
+        public var acknowledgeEvery: UInt64 = 32
         public init() {}
 
         /// What a client offers in its handshake (or a server would grant).
@@ -56,6 +62,7 @@ public final class TunnelSession {
             if self.datagramCredit { features.insert(.datagramCredit) }
             if self.fullTunnel && self.packetOffload { features.insert(.packetOffload) }
             if self.earlyData { features.insert(.earlyData) }
+            if self.resumption { features.insert(.resumption) }
             return features
         }
     }
@@ -91,6 +98,11 @@ public final class TunnelSession {
     private var plaintextScratch: ByteBuffer?
     /// The start of a message whose rest has not arrived yet.
     private var partialMessage: ByteBuffer?
+    /// Resumable session (§7.1): the records sent and not yet acknowledged; nil when the feature is off.
+    public private(set) var retention: RecordRetention?
+    /// Resumable session: the peer's records processed, and the count last acknowledged to it.
+    public private(set) var processedRecords: UInt64 = 0
+    private var acknowledgedToPeer: UInt64 = 0
 
     public init(role: Role, configuration: Configuration, now: NIODeadline) {
         self.role = role
@@ -211,6 +223,10 @@ public final class TunnelSession {
         // The time of this read: one clock read per read, not one per record.
         let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: self.timers.lastReceive)
         Self.keep(plaintext, in: &self.plaintextScratch)
+        if self.retention != nil {
+            self.processedRecords += 1
+            if let count = outcome.acknowledged { try self.retention!.acknowledge(through: count) }
+        }
         if !self.isConfirmed {
             self.isConfirmed = true
             self.delegate?.sessionConfirmed(self)
@@ -276,6 +292,8 @@ public final class TunnelSession {
         muxConfiguration.datagramCredit = features.contains(.datagramCredit)
         muxConfiguration.packetOffload = features.contains(.packetOffload) && features.contains(.fullTunnel)
         muxConfiguration.earlyData = features.contains(.earlyData)
+        muxConfiguration.resumption = features.contains(.resumption)
+        if muxConfiguration.resumption { self.retention = RecordRetention() }
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,
             configuration: muxConfiguration,
@@ -292,7 +310,16 @@ public final class TunnelSession {
     // MARK: - Records out
 
     /// Whether records are waiting to be produced.
-    public var hasOutput: Bool { self.phase == .established && self.multiplexer?.hasOutput == true }
+    public var hasOutput: Bool {
+        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        if let retention = self.retention, retention.bytes >= self.configuration.maxRetainedBytes { return false }
+        return mux.hasOutput || self.acknowledgementDue
+    }
+
+    /// Enough of the peer's records came in unacknowledged that a record goes out for RECEIVED alone.
+    private var acknowledgementDue: Bool {
+        self.retention != nil && self.processedRecords - self.acknowledgedToPeer >= self.configuration.acknowledgeEvery
+    }
 
     /// A guess at the bytes `produceRecords` would write now (for sizing the buffer).
     public var queuedOutputBytes: Int { self.multiplexer?.queuedOutputBytes ?? 0 }
@@ -309,12 +336,31 @@ public final class TunnelSession {
         now: NIODeadline
     ) throws(ProtocolError) {
         guard self.phase == .established, let mux = self.multiplexer else { return }
+        let resumable = self.retention != nil
+        // Room for a RECEIVED frame beside the frames.
+        let reserve = resumable ? FrameHeader.byteCount + 8 : 0
         while buffer.readableBytes < batchBytes {
+            if resumable && self.retention!.bytes >= self.configuration.maxRetainedBytes { return }
             let start = self.sealer!.beginRecord(in: &buffer)
-            let limit = min(WireLimits.maxRecordFrameBytes, max(recordBytes, mux.nextUnsplittableFrameBytes))
-            guard mux.produceRecord(into: &buffer, limit: limit, now: now) else {
+            let unsplittable = mux.nextUnsplittableFrameBytes
+            var limit = min(WireLimits.maxRecordFrameBytes, max(recordBytes, unsplittable))
+            // The reserve gives way only to a frame that cannot be split and needs the whole record.
+            if resumable { limit = max(min(limit, WireLimits.maxRecordFrameBytes - reserve), unsplittable) }
+            guard mux.produceRecord(into: &buffer, limit: limit, now: now) || self.acknowledgementDue else {
                 buffer.moveWriterIndex(to: start)
                 return
+            }
+            if resumable {
+                let used = buffer.writerIndex - start - 2
+                if self.processedRecords > self.acknowledgedToPeer && used + reserve <= WireLimits.maxRecordFrameBytes {
+                    mux.writeReceivedFrame(count: self.processedRecords, into: &buffer)
+                    self.acknowledgedToPeer = self.processedRecords
+                }
+                // Kept before a REKEY frame joins it: that frame belongs to this connection's keys.
+                buffer.withUnsafeReadableBytes { raw in
+                    let offset = start + 2 - buffer.readerIndex
+                    self.retention!.append(copying: UnsafeRawBufferPointer(rebasing: raw[offset...]))
+                }
             }
             let rekey = self.sealer!.needsRekey(now: now)
             if rekey { mux.writeRekeyFrame(into: &buffer) }

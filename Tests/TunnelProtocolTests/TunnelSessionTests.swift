@@ -67,22 +67,29 @@ struct TunnelSessionTests {
         return configuration
     }
 
-    func makeEnds(now: NIODeadline) -> (client: SessionEnd, server: SessionEnd) {
+    func makeEnds(
+        now: NIODeadline,
+        client clientConfiguration: TunnelSession.Configuration? = nil,
+        server serverConfiguration: TunnelSession.Configuration? = nil
+    ) -> (client: SessionEnd, server: SessionEnd) {
         let client = SessionEnd(
             .client(
                 ClientHandshakeStateMachine(
                     cipher: .chaChaPoly,
                     staticKey: self.clientKey,
                     serverKey: self.serverKey.publicKey,
-                    parameters: Multiplexer.announcedParameters(for: .init())
+                    parameters: Multiplexer.announcedParameters(
+                        for: .init(),
+                        features: clientConfiguration?.features ?? []
+                    )
                 )
             ),
-            configuration: self.configuration(),
+            configuration: clientConfiguration ?? self.configuration(),
             now: now
         )
         let server = SessionEnd(
             .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])),
-            configuration: self.configuration(),
+            configuration: serverConfiguration ?? self.configuration(),
             now: now
         )
         server.authorized = [self.clientKey.publicKey]

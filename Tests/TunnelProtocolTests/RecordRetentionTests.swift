@@ -1,0 +1,182 @@
+import NIOCore
+import Testing
+import TunnelCrypto
+import TunnelProtocol
+
+/// Session resumption, docs/PROTOCOL.md §7.1: records numbered, kept until acknowledged, and exactly the
+/// unprocessed ones available to send again.
+struct RecordRetentionTests {
+    static func plaintext(_ byte: UInt8, _ count: Int) -> [UInt8] { [UInt8](repeating: byte, count: count) }
+
+    @Test func recordsAreKeptUntilAcknowledgedAndTheRestCanBeSentAgain() throws {
+        var retention = RecordRetention()
+        for (i, size) in [100, 200, 300].enumerated() {
+            Self.plaintext(UInt8(i), size).withUnsafeBytes { retention.append(copying: $0) }
+        }
+        #expect(retention.count == 3 && retention.bytes == 600 && retention.nextSequence == 4)
+        try retention.acknowledge(through: 1)
+        #expect(retention.count == 2 && retention.bytes == 500 && retention.acknowledged == 1)
+        try retention.acknowledge(through: 0)  // an older acknowledgement: ignored
+        #expect(retention.count == 2)
+        let again = try retention.records(after: 2)
+        #expect(again.map { Array($0.readableBytesView) } == [Self.plaintext(2, 300)])
+        #expect(try retention.records(after: 1).count == 2)
+        #expect(try retention.records(after: 3).isEmpty, "the peer has everything")
+        #expect(throws: ProtocolError.self) { try retention.acknowledge(through: 4) }  // never sent
+        #expect(throws: ProtocolError.self) { _ = try retention.records(after: 4) }
+        #expect(throws: ProtocolError.self) { _ = try retention.records(after: 0) }  // it acknowledged 1
+        try retention.acknowledge(through: 3)
+        #expect(retention.count == 0 && retention.bytes == 0)
+    }
+}
+
+extension TunnelSessionTests {
+    func resumable(_ configure: (inout TunnelSession.Configuration) -> Void = { _ in }) -> TunnelSession.Configuration {
+        var configuration = self.configuration()
+        configuration.resumption = true
+        configure(&configuration)
+        return configuration
+    }
+
+    /// Ends through the handshake, and a stream the server accepted.
+    func resumableEnds(
+        client: TunnelSession.Configuration,
+        server: TunnelSession.Configuration,
+        now: NIODeadline
+    ) throws -> (SessionEnd, SessionEnd, MuxStream, MuxStream) {
+        let (clientEnd, serverEnd) = self.makeEnds(now: now, client: client, server: server)
+        let connection = MemoryConnection()
+        try clientEnd.session.start(now: now, wallClock: 1_700_000_000_000_000_000)
+        try serverEnd.session.start(now: now, wallClock: 0)
+        try self.pump(clientEnd, serverEnd, over: connection, now: now)
+        let (c, s) = try self.openAccepted(
+            clientEnd,
+            serverEnd,
+            to: TargetAddress(host: .domain("example.com"), port: 443),
+            over: connection,
+            now: now
+        )
+        return (clientEnd, serverEnd, c, s)
+    }
+
+    @Test func resumptionIsOnOnlyWhenBothEndsWantItAndThenKeepsOnlyWhatIsInFlight() throws {
+        let now = self.t0
+        let (plainClient, plainServer, _, _) = try self.resumableEnds(
+            client: self.configuration(),
+            server: self.resumable(),
+            now: now
+        )
+        #expect(plainClient.session.retention == nil && plainServer.session.retention == nil)
+
+        let (client, server, clientStream, serverStream) = try self.resumableEnds(
+            client: self.resumable(),
+            server: self.resumable(),
+            now: now
+        )
+        #expect(client.session.retention != nil && server.session.retention != nil)
+        let connection = MemoryConnection()
+        var expected: [UInt8] = []
+        for i in 0..<16 {
+            let chunk = bytes(64 << 10, seed: UInt8(i))
+            expected += Array(chunk.readableBytesView)
+            client.session.multiplexer!.localRead(chunk, on: clientStream)
+            server.session.multiplexer!.localRead(chunk, on: serverStream)
+            try self.pump(client, server, over: connection, now: now)
+            for (end, stream) in [(server, serverStream), (client, clientStream)] {
+                end.session.multiplexer!.consumed(stream.bufferedBytes, on: stream, now: now)
+            }
+        }
+        try self.pump(client, server, over: connection, now: now)
+        #expect(server.streams.delivered[clientStream.id.rawValue] ?? [] == expected)
+        #expect(client.streams.delivered[clientStream.id.rawValue] ?? [] == expected)
+        // A megabyte each way went through; each end keeps only the last few records, which the next
+        // acknowledgement covers.
+        for end in [client, server] {
+            let retention = end.session.retention!
+            #expect(retention.nextSequence > 20)
+            #expect(retention.count <= 2, "kept \(retention.count) records")
+            #expect(end.session.processedRecords > 20)
+        }
+    }
+
+    @Test func theRecordsAPeerNeverProcessedAreExactlyTheOnesKeptAndReplayThemIntact() throws {
+        let now = self.t0
+        let (client, server, clientStream, _) = try self.resumableEnds(
+            client: self.resumable(),
+            server: self.resumable(),
+            now: now
+        )
+        // 300 KiB up: about five records and (with the test's 64 KiB rekey budget) several rekeys.
+        let sent = bytes(300 << 10, seed: 7)
+        client.session.multiplexer!.localRead(sent, on: clientStream)
+        try client.flush(now: now)
+        // Only the first two records reach the server; the connection breaks with the rest in flight.
+        var wire = client.outbox
+        client.outbox = ByteBuffer()
+        var delivered = ByteBuffer()
+        for _ in 0..<2 {
+            let length = Int(wire.getInteger(at: wire.readerIndex, as: UInt16.self)!)
+            var record = wire.readSlice(length: 2 + length)!
+            delivered.writeBuffer(&record)
+        }
+        #expect(wire.readableBytes > 0)
+        try server.session.received(delivered)
+        let processed = server.session.processedRecords
+        let got = server.streams.delivered[clientStream.id.rawValue]?.count ?? 0
+        #expect(got > 0 && got < sent.readableBytes)
+
+        // What the client kept after the server's count is the rest, with no REKEY in it: replayed into the
+        // server's multiplexer (as a new connection would carry it), the stream is whole and in order.
+        let again = try client.session.retention!.records(after: processed)
+        #expect(again.count >= 3)
+        for var record in again {
+            let outcome = try server.session.multiplexer!.receivedRecord(&record, now: now)
+            #expect(!outcome.rekey && outcome.close == nil)
+        }
+        #expect(server.streams.delivered[clientStream.id.rawValue] ?? [] == Array(sent.readableBytesView))
+    }
+
+    @Test func aPeerThatDoesNotAcknowledgeStopsTheSenderAtItsLimit() throws {
+        let now = self.t0
+        let limit = 256 << 10
+        let (client, server, clientStream, serverStream) = try self.resumableEnds(
+            client: self.resumable { $0.maxRetainedBytes = limit },
+            server: self.resumable { $0.acknowledgeEvery = 2 },
+            now: now
+        )
+        client.session.multiplexer!.localRead(bytes(900 << 10, seed: 3), on: clientStream)
+        try client.flush(now: now)
+        let retained = client.session.retention!.bytes
+        #expect(retained >= limit && retained < limit + WireLimits.maxRecordPlaintext, "kept \(retained)")
+        #expect(!client.session.hasOutput, "nothing more until acknowledged")
+        #expect(client.session.multiplexer!.hasOutput, "though the stream still has bytes to send")
+        try client.flush(now: now)
+        #expect(client.session.retention!.bytes == retained)
+
+        // The acknowledgements come back (records of RECEIVED alone, since the server has nothing else to say)
+        // and the rest flows.
+        try self.pump(client, server, over: MemoryConnection(), now: now)
+        server.session.multiplexer!.consumed(serverStream.bufferedBytes, on: serverStream, now: now)
+        try self.pump(client, server, over: MemoryConnection(), now: now)
+        #expect(server.streams.delivered[clientStream.id.rawValue]?.count == 900 << 10)
+    }
+
+    @Test func receivedIsCheckedLikeEveryOtherFrame() throws {
+        let plain = Multiplexer(role: .server, configuration: .init(), peerParameters: SessionParameters())
+        var record = ByteBuffer()
+        plain.writeReceivedFrame(count: 1, into: &record)
+        #expect(throws: ProtocolError.self) { _ = try plain.receivedRecord(&record, now: .now()) }
+
+        var configuration = Multiplexer.Configuration()
+        configuration.resumption = true
+        let mux = Multiplexer(role: .server, configuration: configuration, peerParameters: SessionParameters())
+        record = ByteBuffer()
+        mux.writeReceivedFrame(count: 5, into: &record)
+        mux.writeReceivedFrame(count: 3, into: &record)
+        #expect(try mux.receivedRecord(&record, now: .now()).acknowledged == 5)
+        record = ByteBuffer()
+        record.writeFrameHeader(FrameHeader(type: .received, streamID: .connection, length: 4))
+        record.writeInteger(UInt32(1))
+        #expect(throws: ProtocolError.self) { _ = try mux.receivedRecord(&record, now: .now()) }
+    }
+}
