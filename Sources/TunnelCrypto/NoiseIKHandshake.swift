@@ -6,6 +6,9 @@ public struct NoiseTransport: Sendable {
     public var receive: CipherState
     /// `h` at the end of the handshake: the channel binding (Noise §11.2); never `ck`.
     public let handshakeHash: [UInt8]
+    /// The secret a later connection proves this session with (docs/PROTOCOL.md §7.2): derived from `ck` by
+    /// `Split()`, known to both ends, never sent.
+    public let resumptionSecret: SecretBytes
 }
 
 /// Noise `HandshakeState` (§5.3) for pattern IK (§7.5) with DH 25519 and hash BLAKE2b:
@@ -171,12 +174,17 @@ public struct NoiseIKHandshake {
         try self.mixDH(e, re)
         try self.mixDH(e, rs)
         message += self.symmetric.encryptAndHash(payload)
-        let (initiatorToResponder, responderToInitiator) = self.symmetric.split()
+        let (initiatorToResponder, responderToInitiator, resumption) = self.symmetric.split()
         self.state = .finished
         self.localEphemeral = nil
         return (
             message,
-            NoiseTransport(send: responderToInitiator, receive: initiatorToResponder, handshakeHash: self.handshakeHash)
+            NoiseTransport(
+                send: responderToInitiator,
+                receive: initiatorToResponder,
+                handshakeHash: self.handshakeHash,
+                resumptionSecret: resumption
+            )
         )
     }
 
@@ -198,12 +206,17 @@ public struct NoiseIKHandshake {
         guard let payload = self.symmetric.decryptAndHash(Array(message[32...])) else {
             throw NoiseError.decryptionFailed("message 2 did not authenticate")
         }
-        let (initiatorToResponder, responderToInitiator) = self.symmetric.split()
+        let (initiatorToResponder, responderToInitiator, resumption) = self.symmetric.split()
         self.state = .finished
         self.localEphemeral = nil
         return (
             payload,
-            NoiseTransport(send: initiatorToResponder, receive: responderToInitiator, handshakeHash: self.handshakeHash)
+            NoiseTransport(
+                send: initiatorToResponder,
+                receive: responderToInitiator,
+                handshakeHash: self.handshakeHash,
+                resumptionSecret: resumption
+            )
         )
     }
 }

@@ -62,20 +62,27 @@ struct SymmetricState {
     }
 
     /// `Split()`: two `CipherState`s, initiator→responder first. Temp keys truncated to 32 bytes.
-    func split() -> (CipherState, CipherState) {
+    ///
+    /// Also the session's resumption secret (docs/PROTOCOL.md §7.2): the third output of the same
+    /// `HKDF(ck, zerolen, 3)`, truncated to 32 bytes. HKDF's outputs are chained, so the first two (the
+    /// transport keys) are those of the two-output `Split()` the Noise specification defines.
+    func split() -> (CipherState, CipherState, resumptionSecret: SecretBytes) {
         let out1 = SecretBytes(count: Blake2b.hashLength)
         let out2 = SecretBytes(count: Blake2b.hashLength)
+        let out3 = SecretBytes(count: Blake2b.hashLength)
         self.chainingKey.withUnsafeBytes { ck in
             Blake2b.hkdf(
                 chainingKey: ck,
                 inputKeyMaterial: UnsafeRawBufferPointer(start: nil, count: 0),
-                outputs: [out1, out2]
+                outputs: [out1, out2, out3]
             )
         }
         let k1 = SecretBytes(count: 32)
         let k2 = SecretBytes(count: 32)
+        let resumption = SecretBytes(count: 32)
         k1.pointer.copyMemory(from: out1.pointer, byteCount: 32)
         k2.pointer.copyMemory(from: out2.pointer, byteCount: 32)
-        return (CipherState(cipher: self.cipher, key: k1), CipherState(cipher: self.cipher, key: k2))
+        resumption.pointer.copyMemory(from: out3.pointer, byteCount: 32)
+        return (CipherState(cipher: self.cipher, key: k1), CipherState(cipher: self.cipher, key: k2), resumption)
     }
 }

@@ -38,6 +38,9 @@ public struct SessionParameters: Hashable, Sendable {
     public var maxConcurrentStreams: UInt32 = 16384
     /// The sender's connection-level receive window: the peer's initial connection send credit.
     public var connectionWindow: UInt32 = 16 << 20
+    /// Server, with resumption granted: the id a later connection names this session by (docs/PROTOCOL.md
+    /// §7.2), 16 random bytes.
+    public var sessionID: [UInt8]? = nil
 
     public init() {}
 
@@ -46,6 +49,7 @@ public struct SessionParameters: Hashable, Sendable {
         static let features: UInt8 = 0x02
         static let maxConcurrentStreams: UInt8 = 0x03
         static let connectionWindow: UInt8 = 0x05
+        static let sessionID: UInt8 = 0x06
     }
 
     /// Appends the TLVs.
@@ -54,6 +58,7 @@ public struct SessionParameters: Hashable, Sendable {
         buffer.writeTLV(Tag.features) { $0.writeInteger(self.features.rawValue) }
         buffer.writeTLV(Tag.maxConcurrentStreams) { $0.writeInteger(self.maxConcurrentStreams) }
         buffer.writeTLV(Tag.connectionWindow) { $0.writeInteger(self.connectionWindow) }
+        if let id = self.sessionID { buffer.writeTLV(Tag.sessionID) { $0.writeBytes(id) } }
     }
 
     /// Parses TLVs; unknown tags are skipped, known tags must have their exact size.
@@ -79,6 +84,11 @@ public struct SessionParameters: Hashable, Sendable {
                     throw ProtocolError.handshakeFailed("connection window \(window) out of range")
                 }
                 parameters.connectionWindow = window
+            case Tag.sessionID:
+                guard field.readableBytes == 16 else {
+                    throw ProtocolError.handshakeFailed("session id has length \(field.readableBytes)")
+                }
+                parameters.sessionID = value.readBytes(length: 16)
             default: continue
             }
         }

@@ -98,6 +98,8 @@ public final class TunnelSession {
     private var plaintextScratch: ByteBuffer?
     /// The start of a message whose rest has not arrived yet.
     private var partialMessage: ByteBuffer?
+    /// Resumable session: the id the server gave it in message 2 (§7.2).
+    public private(set) var sessionID: [UInt8]?
     /// Resumable session (§7.1): the records sent and not yet acknowledged; nil when the feature is off.
     public private(set) var retention: RecordRetention?
     /// Resumable session: the peer's records processed, and the count last acknowledged to it.
@@ -265,7 +267,12 @@ public final class TunnelSession {
                 offered: initiation.parameters.features,
                 configuration: self.configuration
             )
-            let parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
+            var parameters = Multiplexer.announcedParameters(for: self.configuration.multiplexer, features: accepted)
+            if accepted.contains(.resumption) {
+                let id = secureRandomBytes(count: SessionResumption.sessionIDLength)
+                parameters.sessionID = id
+                self.sessionID = id
+            }
             let (response, session) = try machine.respond(parameters: parameters)
             self.role = .server(machine)
             self.delegate?.session(self, send: response)
@@ -292,7 +299,9 @@ public final class TunnelSession {
         muxConfiguration.datagramCredit = features.contains(.datagramCredit)
         muxConfiguration.packetOffload = features.contains(.packetOffload) && features.contains(.fullTunnel)
         muxConfiguration.earlyData = features.contains(.earlyData)
-        muxConfiguration.resumption = features.contains(.resumption)
+        if self.isClient { self.sessionID = session.peerParameters.sessionID }
+        // A server that grants resumption names the session; without a name there is nothing to resume.
+        muxConfiguration.resumption = features.contains(.resumption) && self.sessionID != nil
         if muxConfiguration.resumption { self.retention = RecordRetention() }
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,

@@ -161,6 +161,40 @@ extension TunnelSessionTests {
         #expect(server.streams.delivered[clientStream.id.rawValue]?.count == 900 << 10)
     }
 
+    @Test func theServerNamesAResumableSessionAndBothEndsHoldItsSecret() throws {
+        let now = self.t0
+        let (client, server, _, _) = try self.resumableEnds(
+            client: self.resumable(),
+            server: self.resumable(),
+            now: now
+        )
+        let id = try #require(server.session.sessionID)
+        #expect(id.count == 16 && client.session.sessionID == id)
+        let clientSecret = client.session.established!.transport.resumptionSecret.withUnsafeBytes { Array($0) }
+        let serverSecret = server.session.established!.transport.resumptionSecret.withUnsafeBytes { Array($0) }
+        #expect(clientSecret == serverSecret)
+
+        let (plainClient, plainServer, _, _) = try self.resumableEnds(
+            client: self.configuration(),
+            server: self.resumable(),
+            now: now
+        )
+        #expect(plainClient.session.sessionID == nil && plainServer.session.sessionID == nil)
+    }
+
+    @Test func theSessionIDParameterRoundTripsAndHasItsExactLength() throws {
+        var parameters = SessionParameters()
+        parameters.sessionID = Array(0..<16)
+        var buffer = ByteBuffer()
+        parameters.encode(into: &buffer)
+        #expect(try SessionParameters.decode(&buffer).sessionID == Array(0..<16))
+        buffer = ByteBuffer()
+        buffer.writeInteger(UInt8(0x06))
+        buffer.writeInteger(UInt16(15))
+        buffer.writeBytes([UInt8](repeating: 1, count: 15))
+        #expect(throws: ProtocolError.self) { _ = try SessionParameters.decode(&buffer) }
+    }
+
     @Test func receivedIsCheckedLikeEveryOtherFrame() throws {
         let plain = Multiplexer(role: .server, configuration: .init(), peerParameters: SessionParameters())
         var record = ByteBuffer()
