@@ -34,6 +34,10 @@ public struct FrameType: Hashable, Sendable, CustomStringConvertible {
     public static let padding = FrameType(rawValue: 0x0C)
     /// Session resumption (docs/PROTOCOL.md §7.1): the sender has processed the peer's records 1 ... count.
     public static let received = FrameType(rawValue: 0x0D)
+    /// Session resumption (§7.3): the client's request to carry a session on over this connection.
+    public static let resume = FrameType(rawValue: 0x0E)
+    /// Session resumption (§7.3): the server's answer to RESUME.
+    public static let resumed = FrameType(rawValue: 0x0F)
 
     /// Types from here on are extensions a receiver may ignore.
     public static let firstExtension: UInt8 = 0x40
@@ -54,6 +58,8 @@ public struct FrameType: Hashable, Sendable, CustomStringConvertible {
         case .close: "CLOSE"
         case .padding: "PADDING"
         case .received: "RECEIVED"
+        case .resume: "RESUME"
+        case .resumed: "RESUMED"
         default: "type(0x\(String(self.rawValue, radix: 16)))"
         }
     }

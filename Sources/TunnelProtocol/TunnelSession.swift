@@ -16,6 +16,27 @@ public protocol TunnelSessionDelegate: AnyObject {
     func sessionConfirmed(_ session: TunnelSession)
     /// The peer ended the tunnel with an authenticated CLOSE.
     func session(_ session: TunnelSession, peerClosed code: ErrorCode)
+    /// Server: the detached session named `id` that the client holding `key` may resume (§7.3), if any.
+    func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession?
+    /// This session took `previous` over (§7.3): its multiplexer, streams and unacknowledged records are
+    /// this session's now, and `replayed` records went out again.
+    func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int)
+    /// Client: the server would not resume (`status` 1: it does not know the session, 2: refused); this
+    /// session goes on as a new one, and the previous one's streams must be reset.
+    func session(_ session: TunnelSession, resumeRefused status: UInt8)
+}
+
+extension TunnelSessionDelegate {
+    public func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession? { nil }
+    public func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int) {}
+    public func session(_ session: TunnelSession, resumeRefused status: UInt8) {}
+}
+
+/// The answer in a RESUMED frame (docs/PROTOCOL.md §7.3).
+public enum ResumeStatus {
+    public static let resumed: UInt8 = 0
+    public static let unknown: UInt8 = 1
+    public static let refused: UInt8 = 2
 }
 
 /// One tunnel session as a value with no channel, socket or clock of its own: the handshake (either role),
@@ -105,6 +126,12 @@ public final class TunnelSession {
     /// Resumable session: the peer's records processed, and the count last acknowledged to it.
     public private(set) var processedRecords: UInt64 = 0
     private var acknowledgedToPeer: UInt64 = 0
+    /// The secret a later connection proves this session with (§7.2), while it is resumable.
+    public private(set) var resumptionSecret: SecretBytes?
+    /// Client: the session this connection is to carry on, until the server answers RESUME.
+    private var resuming: TunnelSession?
+    /// Records kept from before a resume that go out again first, in order.
+    private var replay: [ByteBuffer] = []
 
     public init(role: Role, configuration: Configuration, now: NIODeadline) {
         self.role = role
@@ -222,6 +249,16 @@ public final class TunnelSession {
         }
         if let failure { throw failure }
         buffer.moveReaderIndex(forwardBy: 2 + length)
+        if let type = plaintext.getInteger(at: plaintext.readerIndex, as: UInt8.self),
+            type == FrameType.resume.rawValue || type == FrameType.resumed.rawValue
+        {
+            try self.receivedResumeRecord(&plaintext)
+            Self.keep(plaintext, in: &self.plaintextScratch)
+            return
+        }
+        if self.resuming != nil {
+            throw ProtocolError.malformedRecord("a record came before the answer to RESUME")
+        }
         // The time of this read: one clock read per read, not one per record.
         let outcome = try self.multiplexer!.receivedRecord(&plaintext, now: self.timers.lastReceive)
         Self.keep(plaintext, in: &self.plaintextScratch)
@@ -246,8 +283,13 @@ public final class TunnelSession {
             let session = try machine.receivedResponse(message)
             self.role = .client(machine)
             self.establish(session)
-            // Key confirmation for the server, and the first RTT sample.
-            self.multiplexer!.sendPing(now: self.timers.lastReceive)
+            if let previous = self.resuming {
+                // The first record asks to carry `previous` on; nothing else goes out before the answer.
+                try self.sendResume(of: previous)
+            } else {
+                // Key confirmation for the server, and the first RTT sample.
+                self.multiplexer!.sendPing(now: self.timers.lastReceive)
+            }
         case .server(var machine):
             let initiation = try machine.receivedInitiation(message) { key in
                 self.delegate?.sessionAuthorize(key) ?? false
@@ -302,7 +344,10 @@ public final class TunnelSession {
         if self.isClient { self.sessionID = session.peerParameters.sessionID }
         // A server that grants resumption names the session; without a name there is nothing to resume.
         muxConfiguration.resumption = features.contains(.resumption) && self.sessionID != nil
-        if muxConfiguration.resumption { self.retention = RecordRetention() }
+        if muxConfiguration.resumption {
+            self.retention = RecordRetention()
+            self.resumptionSecret = session.transport.resumptionSecret
+        }
         let mux = Multiplexer(
             role: self.isClient ? .client : .server,
             configuration: muxConfiguration,
@@ -320,7 +365,8 @@ public final class TunnelSession {
 
     /// Whether records are waiting to be produced.
     public var hasOutput: Bool {
-        guard self.phase == .established, let mux = self.multiplexer else { return false }
+        guard self.phase == .established, let mux = self.multiplexer, self.resuming == nil else { return false }
+        if !self.replay.isEmpty { return true }
         if let retention = self.retention, retention.bytes >= self.configuration.maxRetainedBytes { return false }
         return mux.hasOutput || self.acknowledgementDue
     }
@@ -348,6 +394,8 @@ public final class TunnelSession {
         let resumable = self.retention != nil
         // Room for a RECEIVED frame beside the frames.
         let reserve = resumable ? FrameHeader.byteCount + 8 : 0
+        if self.resuming != nil { return }
+        if !self.replay.isEmpty { try self.sealReplay(into: &buffer, now: now) }
         while buffer.readableBytes < batchBytes {
             if resumable && self.retention!.bytes >= self.configuration.maxRetainedBytes { return }
             let start = self.sealer!.beginRecord(in: &buffer)
@@ -399,6 +447,141 @@ public final class TunnelSession {
         self.phase = .closed
         self.drainDeadline = nil
         self.multiplexer?.abortAllStreams(code: code)
+    }
+
+    // MARK: - Resumption (docs/PROTOCOL.md §7.3)
+
+    /// Client, before `start`: this connection is to carry `previous` on (a resumable session whose
+    /// connection broke). Once the handshake is done the first record asks for it, and nothing else goes
+    /// out until the server answers.
+    public func resume(_ previous: TunnelSession) {
+        precondition(self.isClient && self.phase == .handshaking)
+        self.resuming = previous
+    }
+
+    /// Whether this session can be resumed on another connection.
+    public var isResumable: Bool { self.retention != nil && self.sessionID != nil && self.resumptionSecret != nil }
+
+    private func sendResume(of previous: TunnelSession) throws(ProtocolError) {
+        guard self.retention != nil, previous.isResumable, let id = previous.sessionID,
+            let secret = previous.resumptionSecret, let hash = self.established?.transport.handshakeHash
+        else {
+            // The server did not grant resumption this time: nothing to ask.
+            self.resuming = nil
+            self.delegate?.session(self, resumeRefused: ResumeStatus.unknown)
+            self.multiplexer?.sendPing(now: self.timers.lastReceive)
+            return
+        }
+        var record = ByteBuffer()
+        let start = self.sealer!.beginRecord(in: &record)
+        record.writeFrameHeader(FrameHeader(type: .resume, streamID: .connection, length: 16 + 8 + 32))
+        record.writeBytes(id)
+        record.writeInteger(previous.processedRecords)
+        record.writeBytes(SessionResumption.proof(secret: secret, sessionID: id, handshakeHash: hash))
+        try self.sealer!.sealRecord(in: &record, start: start)
+        self.delegate?.session(self, send: record)
+    }
+
+    private func sendResumed(status: UInt8) throws(ProtocolError) {
+        var record = ByteBuffer()
+        let start = self.sealer!.beginRecord(in: &record)
+        record.writeFrameHeader(FrameHeader(type: .resumed, streamID: .connection, length: 9))
+        record.writeInteger(status)
+        record.writeInteger(self.processedRecords)
+        try self.sealer!.sealRecord(in: &record, start: start)
+        self.delegate?.session(self, send: record)
+    }
+
+    /// A record that carries RESUME or RESUMED, alone (it is not numbered).
+    private func receivedResumeRecord(_ record: inout ByteBuffer) throws(ProtocolError) {
+        guard let frame = try record.readFrame(), record.readableBytes == 0 else {
+            throw ProtocolError.malformedRecord("RESUME and RESUMED travel alone in their record")
+        }
+        var payload = frame.payload
+        guard frame.header.streamID == .connection else {
+            throw ProtocolError.malformedFrame("\(frame.header.type) on stream \(frame.header.streamID)")
+        }
+        if frame.header.type == .resume {
+            guard !self.isClient, !self.isConfirmed, payload.readableBytes == 16 + 8 + 32,
+                let id = payload.readBytes(length: 16), let count = payload.readInteger(as: UInt64.self),
+                let proof = payload.readBytes(length: 32)
+            else {
+                throw ProtocolError.malformedFrame("RESUME must be the client's first record, of 56 bytes")
+            }
+            self.isConfirmed = true
+            self.delegate?.sessionConfirmed(self)
+            try self.serveResume(id: id, count: count, proof: proof)
+        } else {
+            guard self.isClient, let previous = self.resuming, payload.readableBytes == 9,
+                let status = payload.readInteger(as: UInt8.self), let count = payload.readInteger(as: UInt64.self)
+            else {
+                throw ProtocolError.malformedFrame("RESUMED must answer a RESUME, in 9 bytes")
+            }
+            self.resuming = nil
+            if status == ResumeStatus.resumed {
+                try self.adopt(previous, peerCount: count)
+            } else {
+                self.delegate?.session(self, resumeRefused: status)
+                self.multiplexer?.sendPing(now: self.timers.lastReceive)
+            }
+        }
+    }
+
+    /// Server: checks a RESUME and answers it; on success this session carries the old one on.
+    private func serveResume(id: [UInt8], count: UInt64, proof: [UInt8]) throws(ProtocolError) {
+        guard let key = self.established?.peerStaticKey, let hash = self.established?.transport.handshakeHash,
+            self.retention != nil,
+            let previous = self.delegate?.sessionToResume(id: id, key: key), previous !== self,
+            previous.isResumable, previous.sessionID == id, previous.established?.peerStaticKey == key
+        else {
+            try self.sendResumed(status: ResumeStatus.unknown)
+            return
+        }
+        guard SessionResumption.verify(proof, secret: previous.resumptionSecret!, sessionID: id, handshakeHash: hash)
+        else {
+            try self.sendResumed(status: ResumeStatus.refused)
+            return
+        }
+        // The answer first (it carries this side's count, from the session taken over), then the replay.
+        self.processedRecords = previous.processedRecords
+        try self.sendResumed(status: ResumeStatus.resumed)
+        try self.adopt(previous, peerCount: count)
+    }
+
+    /// Takes `previous` over: its multiplexer with every stream, its numbering and its kept records, of which
+    /// those after `peerCount` (the peer's count) go out again first. `previous` is spent.
+    private func adopt(_ previous: TunnelSession, peerCount: UInt64) throws(ProtocolError) {
+        guard var retention = previous.retention, let mux = previous.multiplexer else {
+            throw ProtocolError.malformedRecord("nothing to resume")
+        }
+        try retention.acknowledge(through: peerCount)
+        self.replay = try retention.records(after: peerCount)
+        self.retention = retention
+        self.multiplexer = mux
+        mux.delegate = self.multiplexerDelegate ?? previous.multiplexerDelegate
+        mux.tunnelWritabilityChanged(self.isWritable)
+        self.processedRecords = previous.processedRecords
+        self.acknowledgedToPeer = previous.processedRecords
+        self.sessionID = previous.sessionID
+        self.resumptionSecret = previous.resumptionSecret
+        previous.retention = nil
+        previous.multiplexer = nil
+        previous.resumptionSecret = nil
+        previous.phase = .closed
+        self.delegate?.session(self, resumed: previous, replayed: self.replay.count)
+    }
+
+    /// Seals the kept records the peer never processed, in their order (they keep their numbers).
+    private func sealReplay(into buffer: inout ByteBuffer, now: NIODeadline) throws(ProtocolError) {
+        for plaintext in self.replay {
+            let start = self.sealer!.beginRecord(in: &buffer)
+            buffer.writeImmutableBuffer(plaintext)
+            let rekey = self.sealer!.needsRekey(now: now)
+            if rekey { self.multiplexer!.writeRekeyFrame(into: &buffer) }
+            try self.sealer!.sealRecord(in: &buffer, start: start)
+            if rekey { self.sealer!.rekey(now: now) }
+        }
+        self.replay.removeAll()
     }
 
     // MARK: - Drain

@@ -214,3 +214,131 @@ extension TunnelSessionTests {
         #expect(throws: ProtocolError.self) { _ = try mux.receivedRecord(&record, now: .now()) }
     }
 }
+
+/// Session resumption, docs/PROTOCOL.md §7.3: a new connection carries a session on.
+extension TunnelSessionTests {
+    /// New ends for a new connection: the client asks to resume `previous`, the server knows `detached`.
+    func reconnect(
+        resuming previous: SessionEnd,
+        detached: SessionEnd,
+        clientKey: PrivateKey? = nil,
+        now: NIODeadline
+    ) throws -> (SessionEnd, SessionEnd) {
+        let key = clientKey ?? self.clientKey
+        let client = SessionEnd(
+            .client(
+                ClientHandshakeStateMachine(
+                    cipher: .chaChaPoly,
+                    staticKey: key,
+                    serverKey: self.serverKey.publicKey,
+                    parameters: Multiplexer.announcedParameters(for: .init(), features: self.resumable().features)
+                )
+            ),
+            configuration: self.resumable(),
+            now: now
+        )
+        let server = SessionEnd(
+            .server(ServerHandshakeStateMachine(staticKey: self.serverKey, ciphers: [.chaChaPoly])),
+            configuration: self.resumable(),
+            now: now
+        )
+        server.authorized = [self.clientKey.publicKey, key.publicKey]
+        server.detached = [detached.session]
+        // The streams' local ends stay where they were: the old ends' recorders.
+        client.session.multiplexerDelegate = previous.streams
+        server.session.multiplexerDelegate = detached.streams
+        client.session.resume(previous.session)
+        try client.session.start(now: now, wallClock: 1_700_000_000_000_000_000 + 1_000_000_000)
+        try server.session.start(now: now, wallClock: 0)
+        return (client, server)
+    }
+
+    @Test func aSessionGoesOnOverANewConnectionWithEveryByteOnceAndInOrder() throws {
+        let now = self.t0
+        let (client, server, clientStream, serverStream) = try self.resumableEnds(
+            client: self.resumable(),
+            server: self.resumable(),
+            now: now
+        )
+        let up = bytes(400 << 10, seed: 5)
+        let down = bytes(300 << 10, seed: 6)
+        client.session.multiplexer!.localRead(up, on: clientStream)
+        server.session.multiplexer!.localRead(down, on: serverStream)
+        try client.flush(now: now)
+        try server.flush(now: now)
+        // The connection breaks: a little of the client's records got through, none of the server's.
+        var wire = client.outbox
+        client.outbox = ByteBuffer()
+        server.outbox = ByteBuffer()
+        let length = Int(wire.getInteger(at: wire.readerIndex, as: UInt16.self)!)
+        try server.session.received(wire.readSlice(length: 2 + length)!)
+        let upBefore = server.streams.delivered[clientStream.id.rawValue]?.count ?? 0
+        #expect(upBefore > 0 && upBefore < up.readableBytes)
+
+        let (client2, server2) = try self.reconnect(resuming: client, detached: server, now: now)
+        try self.pump(client2, server2, over: MemoryConnection(), now: now)
+        #expect(client2.resumedReplays.count == 1 && server2.resumedReplays.count == 1)
+        #expect(server2.resumedReplays[0] >= 1, "the server's unprocessed records went again")
+        #expect(client2.resumedReplays[0] >= 3, "the client's unprocessed records went again")
+        #expect(client2.session.sessionID == server.session.sessionID, "the session keeps its name")
+        #expect(client.session.phase == .closed && server.session.phase == .closed, "the old values are spent")
+
+        // Every byte arrived once and in order, and the stream goes on over the new connection.
+        server2.session.multiplexer!.consumed(serverStream.bufferedBytes, on: serverStream, now: now)
+        client2.session.multiplexer!.consumed(clientStream.bufferedBytes, on: clientStream, now: now)
+        let more = bytes(200 << 10, seed: 8)
+        client2.session.multiplexer!.localRead(more, on: clientStream)
+        client2.session.multiplexer!.localEndOfStream(on: clientStream)
+        server2.session.multiplexer!.localEndOfStream(on: serverStream)
+        try self.pump(client2, server2, over: MemoryConnection(), now: now)
+        server2.session.multiplexer!.consumed(serverStream.bufferedBytes, on: serverStream, now: now)
+        try self.pump(client2, server2, over: MemoryConnection(), now: now)
+        #expect(
+            server.streams.delivered[clientStream.id.rawValue] ?? []
+                == Array(up.readableBytesView) + Array(more.readableBytesView)
+        )
+        #expect(client.streams.delivered[clientStream.id.rawValue] ?? [] == Array(down.readableBytesView))
+        // Both FINs crossed: the stream ended cleanly at both ends.
+        #expect(server.streams.events.last == .closed(clientStream.id, nil))
+        #expect(client.streams.events.last == .closed(clientStream.id, nil))
+
+        // And it can break and resume again.
+        client2.outbox = ByteBuffer()
+        server2.outbox = ByteBuffer()
+        let (client3, server3) = try self.reconnect(resuming: client2, detached: server2, now: now)
+        try self.pump(client3, server3, over: MemoryConnection(), now: now)
+        #expect(client3.resumedReplays.count == 1 && server3.resumedReplays.count == 1)
+    }
+
+    @Test func anotherClientKeyOrAnUnknownSessionIsRefusedAndTheRealSessionIsUntouched() throws {
+        let now = self.t0
+        let (client, server, clientStream, _) = try self.resumableEnds(
+            client: self.resumable(),
+            server: self.resumable(),
+            now: now
+        )
+        client.outbox = ByteBuffer()
+
+        // Another client key names the session: the server does not know it for that key.
+        let (intruder, intruderServer) = try self.reconnect(
+            resuming: client,
+            detached: server,
+            clientKey: PrivateKey(),
+            now: now
+        )
+        try self.pump(intruder, intruderServer, over: MemoryConnection(), now: now)
+        #expect(intruder.resumeRefusals == [ResumeStatus.unknown])
+        #expect(intruderServer.resumedReplays.isEmpty)
+        #expect(server.session.isResumable && server.session.multiplexer?.stream(clientStream.id) != nil)
+        #expect(intruder.session.phase == .established, "it goes on as a session of its own")
+
+        // A server that lost the session (a restart): status 1, and the client goes on with a new session.
+        let (client2, server2) = try self.reconnect(resuming: client, detached: server, now: now)
+        server2.detached = []
+        try self.pump(client2, server2, over: MemoryConnection(), now: now)
+        #expect(client2.resumeRefusals == [ResumeStatus.unknown])
+        #expect(client2.session.multiplexer!.streamCount == 0, "a new session: the old streams are not here")
+        let fresh = client2.session.multiplexer!.openStream(to: TargetAddress(host: .domain("example.org"), port: 80))
+        #expect(fresh != nil)
+    }
+}

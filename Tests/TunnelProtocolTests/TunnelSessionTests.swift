@@ -15,6 +15,11 @@ final class SessionEnd: TunnelSessionDelegate {
     var peerClosed: ErrorCode?
     var authorized: Set<PublicKey> = []
     var replay = ReplayTable()
+    /// Server: sessions whose connection broke, that a client may resume.
+    var detached: [TunnelSession] = []
+    /// What resumption told this end: records replayed, or the refusal's status.
+    var resumedReplays: [Int] = []
+    var resumeRefusals: [UInt8] = []
 
     init(_ role: TunnelSession.Role, configuration: TunnelSession.Configuration, now: NIODeadline) {
         self.session = TunnelSession(role: role, configuration: configuration, now: now)
@@ -33,6 +38,13 @@ final class SessionEnd: TunnelSessionDelegate {
     func session(_ session: TunnelSession, established: EstablishedSession) { self.establishedCount += 1 }
     func sessionConfirmed(_ session: TunnelSession) { self.confirmedCount += 1 }
     func session(_ session: TunnelSession, peerClosed code: ErrorCode) { self.peerClosed = code }
+    func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession? {
+        self.detached.first { $0.sessionID == id && $0.established?.peerStaticKey == key }
+    }
+    func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int) {
+        self.resumedReplays.append(replayed)
+    }
+    func session(_ session: TunnelSession, resumeRefused status: UInt8) { self.resumeRefusals.append(status) }
 
     /// What the handler does after events: seal whatever the multiplexer queued.
     func flush(now: NIODeadline) throws {
