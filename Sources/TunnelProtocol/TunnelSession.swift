@@ -16,20 +16,48 @@ public protocol TunnelSessionDelegate: AnyObject {
     func sessionConfirmed(_ session: TunnelSession)
     /// The peer ended the tunnel with an authenticated CLOSE.
     func session(_ session: TunnelSession, peerClosed code: ErrorCode)
-    /// Server: the detached session named `id` that the client holding `key` may resume (§7.3), if any.
-    func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession?
-    /// This session took `previous` over (§7.3): its multiplexer, streams and unacknowledged records are
-    /// this session's now, and `replayed` records went out again.
-    func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int)
-    /// Client: the server would not resume (`status` 1: it does not know the session, 2: refused); this
-    /// session goes on as a new one, and the previous one's streams must be reset.
+    /// Server: the session named `id` that the client holding `key` may resume (§7.3), if any.
+    func sessionResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate?
+    /// Server: this new connection's client proved it may resume `candidate`. This session is spent; the
+    /// runtime hands `connection` to the resumed session (`takeConnection`), on that session's event loop.
+    func session(
+        _ session: TunnelSession,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    )
+    /// The session goes on over a new connection (§7.3); `replayed` of its records went out again.
+    func session(_ session: TunnelSession, resumed replayed: Int)
+    /// Client: the server would not resume (`status` 1: it does not know the session, 2: refused). The
+    /// session's streams were reset; the connection is of no further use.
     func session(_ session: TunnelSession, resumeRefused status: UInt8)
 }
 
 extension TunnelSessionDelegate {
-    public func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession? { nil }
-    public func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int) {}
+    public func sessionResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? { nil }
+    public func session(
+        _ session: TunnelSession,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    ) {}
+    public func session(_ session: TunnelSession, resumed replayed: Int) {}
     public func session(_ session: TunnelSession, resumeRefused status: UInt8) {}
+}
+
+/// What a server keeps of a resumable session to check a RESUME against, from any thread (§7.3).
+public struct ResumeCandidate: Sendable {
+    public let sessionID: [UInt8]
+    public let clientKey: PublicKey
+    public let secret: SecretBytes
+    /// Whatever the runtime needs to reach the session itself.
+    public let token: Int
+    public init(sessionID: [UInt8], clientKey: PublicKey, secret: SecretBytes, token: Int) {
+        self.sessionID = sessionID
+        self.clientKey = clientKey
+        self.secret = secret
+        self.token = token
+    }
 }
 
 /// The answer in a RESUMED frame (docs/PROTOCOL.md §7.3).
@@ -128,8 +156,10 @@ public final class TunnelSession {
     private var acknowledgedToPeer: UInt64 = 0
     /// The secret a later connection proves this session with (§7.2), while it is resumable.
     public private(set) var resumptionSecret: SecretBytes?
-    /// Client: the session this connection is to carry on, until the server answers RESUME.
-    private var resuming: TunnelSession?
+    /// Client: a new connection carries this session on; RESUME goes (or went) out once its handshake is done.
+    private var reconnecting = false
+    /// Client: RESUME is out; nothing else goes out until the answer.
+    private var awaitingResumed = false
     /// Records kept from before a resume that go out again first, in order.
     private var replay: [ByteBuffer] = []
 
@@ -256,7 +286,7 @@ public final class TunnelSession {
             Self.keep(plaintext, in: &self.plaintextScratch)
             return
         }
-        if self.resuming != nil {
+        if self.awaitingResumed {
             throw ProtocolError.malformedRecord("a record came before the answer to RESUME")
         }
         // The time of this read: one clock read per read, not one per record.
@@ -282,11 +312,10 @@ public final class TunnelSession {
         case .client(var machine):
             let session = try machine.receivedResponse(message)
             self.role = .client(machine)
-            self.establish(session)
-            if let previous = self.resuming {
-                // The first record asks to carry `previous` on; nothing else goes out before the answer.
-                try self.sendResume(of: previous)
+            if self.reconnecting {
+                try self.reestablish(session)
             } else {
+                self.establish(session)
                 // Key confirmation for the server, and the first RTT sample.
                 self.multiplexer!.sendPing(now: self.timers.lastReceive)
             }
@@ -365,7 +394,7 @@ public final class TunnelSession {
 
     /// Whether records are waiting to be produced.
     public var hasOutput: Bool {
-        guard self.phase == .established, let mux = self.multiplexer, self.resuming == nil else { return false }
+        guard self.phase == .established, let mux = self.multiplexer, !self.awaitingResumed else { return false }
         if !self.replay.isEmpty { return true }
         if let retention = self.retention, retention.bytes >= self.configuration.maxRetainedBytes { return false }
         return mux.hasOutput || self.acknowledgementDue
@@ -394,7 +423,7 @@ public final class TunnelSession {
         let resumable = self.retention != nil
         // Room for a RECEIVED frame beside the frames.
         let reserve = resumable ? FrameHeader.byteCount + 8 : 0
-        if self.resuming != nil { return }
+        if self.awaitingResumed { return }
         if !self.replay.isEmpty { try self.sealReplay(into: &buffer, now: now) }
         while buffer.readableBytes < batchBytes {
             if resumable && self.retention!.bytes >= self.configuration.maxRetainedBytes { return }
@@ -451,35 +480,86 @@ public final class TunnelSession {
 
     // MARK: - Resumption (docs/PROTOCOL.md §7.3)
 
-    /// Client, before `start`: this connection is to carry `previous` on (a resumable session whose
-    /// connection broke). Once the handshake is done the first record asks for it, and nothing else goes
-    /// out until the server answers.
-    public func resume(_ previous: TunnelSession) {
-        precondition(self.isClient && self.phase == .handshaking)
-        self.resuming = previous
+    /// The keys and state of one connection, handed from the session that made its handshake to the
+    /// session it resumes (server).
+    public struct Connection: @unchecked Sendable {
+        fileprivate var sealer: RecordSealer
+        fileprivate var opener: RecordOpener
+        fileprivate var established: EstablishedSession
+        fileprivate var timers: ConnectionTimers
     }
 
     /// Whether this session can be resumed on another connection.
-    public var isResumable: Bool { self.retention != nil && self.sessionID != nil && self.resumptionSecret != nil }
+    public var isResumable: Bool {
+        self.retention != nil && self.sessionID != nil && self.resumptionSecret != nil && self.multiplexer != nil
+    }
 
-    private func sendResume(of previous: TunnelSession) throws(ProtocolError) {
-        guard self.retention != nil, previous.isResumable, let id = previous.sessionID,
-            let secret = previous.resumptionSecret, let hash = self.established?.transport.handshakeHash
-        else {
-            // The server did not grant resumption this time: nothing to ask.
-            self.resuming = nil
-            self.delegate?.session(self, resumeRefused: ResumeStatus.unknown)
-            self.multiplexer?.sendPing(now: self.timers.lastReceive)
+    /// Whether the connection is gone and the session waits for another (`detach`).
+    public private(set) var isDetached = false
+
+    /// What a server keeps to check a RESUME for this session against.
+    public func resumeCandidate(token: Int) -> ResumeCandidate? {
+        guard self.isResumable, let key = self.established?.peerStaticKey else { return nil }
+        return ResumeCandidate(sessionID: self.sessionID!, clientKey: key, secret: self.resumptionSecret!, token: token)
+    }
+
+    /// The connection broke without a CLOSE: a resumable session keeps its streams, their queued bytes and
+    /// its kept records for another connection (`reconnect`, `takeConnection`); nothing is sent meanwhile.
+    /// Returns false (and changes nothing) when the session is not resumable: abort it then.
+    public func detach() -> Bool {
+        guard self.phase == .established, self.isResumable, !self.awaitingResumed else { return false }
+        self.phase = .closed
+        self.isDetached = true
+        self.sealer = nil
+        self.opener = nil
+        self.partialMessage = nil
+        self.replay.removeAll()
+        return true
+    }
+
+    /// Client, for a detached session: a new connection, with `machine` for its handshake; `start` it.
+    /// Once the handshake is done the first record asks to resume, and nothing else goes out until the
+    /// server answers.
+    public func reconnect(_ machine: ClientHandshakeStateMachine, now: NIODeadline) {
+        precondition(self.isClient && self.isDetached)
+        self.role = .client(machine)
+        self.phase = .handshaking
+        self.reconnecting = true
+        self.timers = ConnectionTimers(configuration: self.configuration.timers, now: now)
+    }
+
+    /// Client: the new connection's handshake is done; RESUME goes out.
+    private func reestablish(_ session: EstablishedSession) throws(ProtocolError) {
+        let now = self.timers.lastReceive
+        self.reconnecting = false
+        self.established = session
+        self.sealer = RecordSealer(cipher: session.transport.send, policy: self.configuration.rekeyPolicy, now: now)
+        self.opener = RecordOpener(cipher: session.transport.receive)
+        self.phase = .established
+        self.isDetached = false
+        self.timers.established(now: now)
+        let agreed = Self.agreedFeatures(offered: session.peerParameters.features, configuration: self.configuration)
+        guard agreed.contains(.resumption), let id = self.sessionID, let secret = self.resumptionSecret else {
+            // The server no longer grants resumption: nothing to ask.
+            self.refused(status: ResumeStatus.unknown)
             return
         }
         var record = ByteBuffer()
         let start = self.sealer!.beginRecord(in: &record)
         record.writeFrameHeader(FrameHeader(type: .resume, streamID: .connection, length: 16 + 8 + 32))
         record.writeBytes(id)
-        record.writeInteger(previous.processedRecords)
-        record.writeBytes(SessionResumption.proof(secret: secret, sessionID: id, handshakeHash: hash))
+        record.writeInteger(self.processedRecords)
+        record.writeBytes(
+            SessionResumption.proof(secret: secret, sessionID: id, handshakeHash: session.transport.handshakeHash)
+        )
         try self.sealer!.sealRecord(in: &record, start: start)
+        self.awaitingResumed = true
         self.delegate?.session(self, send: record)
+    }
+
+    private func refused(status: UInt8) {
+        self.abort(code: .cancel)
+        self.delegate?.session(self, resumeRefused: status)
     }
 
     private func sendResumed(status: UInt8) throws(ProtocolError) {
@@ -509,66 +589,81 @@ public final class TunnelSession {
                 throw ProtocolError.malformedFrame("RESUME must be the client's first record, of 56 bytes")
             }
             self.isConfirmed = true
-            self.delegate?.sessionConfirmed(self)
             try self.serveResume(id: id, count: count, proof: proof)
         } else {
-            guard self.isClient, let previous = self.resuming, payload.readableBytes == 9,
+            guard self.isClient, self.awaitingResumed, payload.readableBytes == 9,
                 let status = payload.readInteger(as: UInt8.self), let count = payload.readInteger(as: UInt64.self)
             else {
                 throw ProtocolError.malformedFrame("RESUMED must answer a RESUME, in 9 bytes")
             }
-            self.resuming = nil
+            self.awaitingResumed = false
             if status == ResumeStatus.resumed {
-                try self.adopt(previous, peerCount: count)
+                try self.resumed(peerCount: count)
             } else {
-                self.delegate?.session(self, resumeRefused: status)
-                self.multiplexer?.sendPing(now: self.timers.lastReceive)
+                self.refused(status: status)
             }
         }
     }
 
-    /// Server: checks a RESUME and answers it; on success this session carries the old one on.
+    /// Server: checks a RESUME. Refused, this session goes on as a new one (and says so); accepted, it hands
+    /// its connection to the runtime for the session it resumes, and is spent.
     private func serveResume(id: [UInt8], count: UInt64, proof: [UInt8]) throws(ProtocolError) {
-        guard let key = self.established?.peerStaticKey, let hash = self.established?.transport.handshakeHash,
-            self.retention != nil,
-            let previous = self.delegate?.sessionToResume(id: id, key: key), previous !== self,
-            previous.isResumable, previous.sessionID == id, previous.established?.peerStaticKey == key
+        guard let established = self.established, self.retention != nil,
+            let candidate = self.delegate?.sessionResumeCandidate(id: id, key: established.peerStaticKey),
+            candidate.sessionID == id, candidate.clientKey == established.peerStaticKey
         else {
             try self.sendResumed(status: ResumeStatus.unknown)
+            self.delegate?.sessionConfirmed(self)
             return
         }
-        guard SessionResumption.verify(proof, secret: previous.resumptionSecret!, sessionID: id, handshakeHash: hash)
+        guard
+            SessionResumption.verify(
+                proof,
+                secret: candidate.secret,
+                sessionID: id,
+                handshakeHash: established.transport.handshakeHash
+            )
         else {
             try self.sendResumed(status: ResumeStatus.refused)
+            self.delegate?.sessionConfirmed(self)
             return
         }
-        // The answer first (it carries this side's count, from the session taken over), then the replay.
-        self.processedRecords = previous.processedRecords
-        try self.sendResumed(status: ResumeStatus.resumed)
-        try self.adopt(previous, peerCount: count)
+        let connection = Connection(
+            sealer: self.sealer!,
+            opener: self.opener!,
+            established: established,
+            timers: self.timers
+        )
+        self.phase = .closed
+        self.sealer = nil
+        self.opener = nil
+        self.delegate?.session(self, resumeAccepted: candidate, connection: connection, peerCount: count)
     }
 
-    /// Takes `previous` over: its multiplexer with every stream, its numbering and its kept records, of which
-    /// those after `peerCount` (the peer's count) go out again first. `previous` is spent.
-    private func adopt(_ previous: TunnelSession, peerCount: UInt64) throws(ProtocolError) {
-        guard var retention = previous.retention, let mux = previous.multiplexer else {
-            throw ProtocolError.malformedRecord("nothing to resume")
-        }
-        try retention.acknowledge(through: peerCount)
-        self.replay = try retention.records(after: peerCount)
-        self.retention = retention
-        self.multiplexer = mux
-        mux.delegate = self.multiplexerDelegate ?? previous.multiplexerDelegate
-        mux.tunnelWritabilityChanged(self.isWritable)
-        self.processedRecords = previous.processedRecords
-        self.acknowledgedToPeer = previous.processedRecords
-        self.sessionID = previous.sessionID
-        self.resumptionSecret = previous.resumptionSecret
-        previous.retention = nil
-        previous.multiplexer = nil
-        previous.resumptionSecret = nil
-        previous.phase = .closed
-        self.delegate?.session(self, resumed: previous, replayed: self.replay.count)
+    /// Server: this session (detached, or still on a connection the runtime has given up) goes on over
+    /// `connection`, whose client proved it may resume it and has processed `peerCount` of its records:
+    /// RESUMED goes out, then the kept records after that count.
+    public func takeConnection(_ connection: Connection, peerCount: UInt64) throws(ProtocolError) {
+        precondition(!self.isClient && self.isResumable)
+        self.sealer = connection.sealer
+        self.opener = connection.opener
+        self.established = connection.established
+        self.timers = connection.timers
+        self.partialMessage = nil
+        self.phase = .established
+        self.isDetached = false
+        self.isConfirmed = true
+        try self.sendResumed(status: ResumeStatus.resumed)
+        try self.resumed(peerCount: peerCount)
+    }
+
+    /// Both ends, the exchange done: the kept records after the peer's count go out again first.
+    private func resumed(peerCount: UInt64) throws(ProtocolError) {
+        try self.retention!.acknowledge(through: peerCount)
+        self.replay = try self.retention!.records(after: peerCount)
+        self.acknowledgedToPeer = self.processedRecords
+        self.multiplexer?.tunnelWritabilityChanged(self.isWritable)
+        self.delegate?.session(self, resumed: self.replay.count)
     }
 
     /// Seals the kept records the peer never processed, in their order (they keep their numbers).

@@ -15,8 +15,8 @@ final class SessionEnd: TunnelSessionDelegate {
     var peerClosed: ErrorCode?
     var authorized: Set<PublicKey> = []
     var replay = ReplayTable()
-    /// Server: sessions whose connection broke, that a client may resume.
-    var detached: [TunnelSession] = []
+    /// Server: ends whose connection broke, whose sessions a client may resume.
+    var detached: [SessionEnd] = []
     /// What resumption told this end: records replayed, or the refusal's status.
     var resumedReplays: [Int] = []
     var resumeRefusals: [UInt8] = []
@@ -38,12 +38,26 @@ final class SessionEnd: TunnelSessionDelegate {
     func session(_ session: TunnelSession, established: EstablishedSession) { self.establishedCount += 1 }
     func sessionConfirmed(_ session: TunnelSession) { self.confirmedCount += 1 }
     func session(_ session: TunnelSession, peerClosed code: ErrorCode) { self.peerClosed = code }
-    func sessionToResume(id: [UInt8], key: PublicKey) -> TunnelSession? {
-        self.detached.first { $0.sessionID == id && $0.established?.peerStaticKey == key }
+    func sessionResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
+        for (index, end) in self.detached.enumerated() {
+            if let candidate = end.session.resumeCandidate(token: index), candidate.sessionID == id,
+                candidate.clientKey == key
+            {
+                return candidate
+            }
+        }
+        return nil
     }
-    func session(_ session: TunnelSession, resumed previous: TunnelSession, replayed: Int) {
-        self.resumedReplays.append(replayed)
+    func session(
+        _ session: TunnelSession,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    ) {
+        // What a server's runtime does on the resumed session's own loop.
+        try! self.detached[candidate.token].session.takeConnection(connection, peerCount: peerCount)
     }
+    func session(_ session: TunnelSession, resumed replayed: Int) { self.resumedReplays.append(replayed) }
     func session(_ session: TunnelSession, resumeRefused status: UInt8) { self.resumeRefusals.append(status) }
 
     /// What the handler does after events: seal whatever the multiplexer queued.
