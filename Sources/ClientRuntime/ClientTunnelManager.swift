@@ -52,11 +52,20 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var fastOpens = 0
     private var fastOpenFailures = 0
     private var waiterTimer: Scheduled<Void>?
+    /// A session whose connection broke, kept for the next connection to resume (docs/PROTOCOL.md §7), since
+    /// when, and the end of its grace period.
+    private var detached: TunnelConnectionHandler?
+    private var detachedAt = NIODeadline.distantPast
+    private var graceTimer: Scheduled<Void>?
+    /// Sessions resumed over a new connection so far.
+    private(set) var resumes = 0
 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
     var fullTunnel: ClientFullTunnel? {
         didSet {
             self.configuration.session.fullTunnel = self.fullTunnel != nil
+            // Not yet across a broken connection in full-tunnel mode (the device and lease are not kept).
+            if self.fullTunnel != nil { self.configuration.session.resumption = false }
             self.configuration.session.packetOffload = self.fullTunnel?.offersOffload ?? false
             // An app's packet while the tunnel is down is a user waiting, like a SOCKS request.
             self.fullTunnel?.onPacketWhileDown = { [weak self] in self?.someoneIsWaiting() }
@@ -109,12 +118,19 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                 features: self.configuration.session.features
             )
         )
-        let handler = TunnelConnectionHandler(
-            role: .client(machine),
-            configuration: self.configuration,
-            logger: self.logger
-        )
-        handler.delegate = self
+        let handler: TunnelConnectionHandler
+        if let detached = self.detached {
+            // The new connection carries the kept session on: same handler, same streams.
+            detached.core.reconnect(machine, now: .now())
+            handler = detached
+        } else {
+            handler = TunnelConnectionHandler(
+                role: .client(machine),
+                configuration: self.configuration,
+                logger: self.logger
+            )
+            handler.delegate = self
+        }
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
         let server = self.resolved.server
         let congestionControl = self.resolved.settings.timings.congestionControl
@@ -142,9 +158,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                 self.attemptFailed("cannot connect to \(server): \(error)", handshake: false)
                 return
             }
-            guard !self.stopped else {
+            guard !self.stopped, handler.core.phase != .closed else {
+                // Stopping, or the kept session was given up while this connection was being made.
                 close(connection.descriptor)
                 self.connecting = false
+                if !self.stopped && !self.waiting.isEmpty { self.connect() }
                 return
             }
             handler.socketDescriptor = connection.descriptor
@@ -259,8 +277,67 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         if !self.waiting.isEmpty && tunnel === self.current { self.serveWaiting() }
     }
 
+    func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
+        self.connecting = false
+        if self.current === tunnel { self.current = nil }
+        guard !self.stopped else {
+            tunnel.abandon(code: .shutdown, why: "stopping")
+            return
+        }
+        if self.detached === tunnel {
+            // A reconnect failed (the path is still down, or the server is restarting): try again later.
+            self.attemptFailed("cannot resume the session yet: \(error.detail)", handshake: false)
+            return
+        }
+        self.detached = tunnel
+        self.detachedAt = .now()
+        let grace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
+        self.logger.warning(
+            "tunnel lost: \(error.detail); resuming the session (\(tunnel.multiplexer?.streamCount ?? 0) streams wait, up to \(Self.format(grace)))"
+        )
+        self.graceTimer = self.eventLoop.assumeIsolated().scheduleTask(in: grace) { self.graceExpired() }
+        self.connect()
+    }
+
+    private func graceExpired() {
+        guard let tunnel = self.detached else { return }
+        self.detached = nil
+        self.graceTimer = nil
+        let streams = tunnel.multiplexer?.streamCount ?? 0
+        let grace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
+        self.logger.warning("could not resume the session within \(Self.format(grace)): \(streams) streams reset")
+        tunnel.abandon(code: .timeout, why: "not resumed within the grace period")
+    }
+
+    func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int) {
+        self.connecting = false
+        self.detached = nil
+        self.graceTimer?.cancel()
+        self.graceTimer = nil
+        self.current = tunnel
+        self.resumes += 1
+        self.reconnect.succeeded(now: .now())
+        let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
+        self.logger.info(
+            "session resumed after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records sent again"
+        )
+        _ = tunnel.enableDirectWrites()
+        self.serveWaiting()
+    }
+
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.live.removeValue(forKey: ObjectIdentifier(tunnel))
+        if self.detached === tunnel {
+            // The server could not resume the session (it restarted, or the session expired there): its
+            // streams were reset; a fresh session takes new requests.
+            self.detached = nil
+            self.graceTimer?.cancel()
+            self.graceTimer = nil
+            self.connecting = false
+            self.logger.warning("\(error?.detail ?? "the session could not be resumed"); starting a new session")
+            self.connect()
+            return
+        }
         if self.fullTunnel != nil, tunnel.fullTunnelActive {
             let (full, delayed, refused) = (tunnel.droppedPackets, tunnel.delayedPacketDrops, tunnel.refusedPackets)
             if full > 0 || delayed > 0 || refused > 0 {
@@ -407,6 +484,11 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
         self.stopped = true
         self.reconnectTask?.cancel()
+        self.graceTimer?.cancel()
+        if let detached = self.detached {
+            self.detached = nil
+            detached.abandon(code: .shutdown, why: "stopping")
+        }
         self.waiterTimer?.cancel()
         for waiter in self.waiting.removeAll() {
             waiter.local.openCompleted(reply: .generalFailure, bound: .unspecified)

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOPosix
 import TunnelConfig
 import TunnelCrypto
 import TunnelProtocol
@@ -41,17 +42,29 @@ final class ServerSession: TunnelConnectionDelegate {
     private var names = RecentCache<TargetAddress, [SocketAddress]>(capacity: 256, lifetime: .seconds(30))
     private var spoofedPackets = 0
     private var undeliveredPackets = 0
+    /// How long a session whose connection broke is kept for its client to resume (docs/PROTOCOL.md §7).
+    private let resumeGrace: TimeAmount
+    /// The tunnel socket's congestion control (a resumed session's new connection gets it too).
+    private let congestionControl: String
+    private var graceTimer: Scheduled<Void>?
+    private var detachedAt = NIODeadline.distantPast
+    /// This connection's client resumed another session: the connection went to it, nothing is left here.
+    private var handedOff = false
 
     init(
         registry: ServerSessionRegistry,
         connector: OutboundConnector,
         handle: ServerSessionRegistry.Handle,
         udpIdleTimeout: TimeAmount,
+        resumeGrace: TimeAmount,
+        congestionControl: String,
         tun: ServerTUN?,
         source: [UInt8],
         logger: Logger
     ) {
         self.source = source
+        self.resumeGrace = resumeGrace
+        self.congestionControl = congestionControl
         self.udpIdleTimeout = udpIdleTimeout
         self.tun = tun
         self.registry = registry
@@ -116,6 +129,12 @@ final class ServerSession: TunnelConnectionDelegate {
             self.logger.info("\(self.clientName) reconnected from \(address): closing its previous session")
             previous.eventLoop.execute {
                 previous.handler.value.close(code: .replaced)
+            }
+        }
+        if let stale = self.registry.dropDetached(key: key) {
+            // The client started a new session: the one it kept from a broken connection will not be resumed.
+            stale.eventLoop.execute {
+                stale.handler.value.abandon(code: .replaced, why: "the client started a new session")
             }
         }
         if let sharedBy {
@@ -240,8 +259,97 @@ final class ServerSession: TunnelConnectionDelegate {
         }
     }
 
+    // MARK: - Resumption (docs/PROTOCOL.md §7)
+
+    func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
+        guard let key = self.clientKey, self.tun == nil, let candidate = tunnel.core.resumeCandidate(token: 0) else {
+            tunnel.abandon(code: .internalError, why: error.detail)
+            return
+        }
+        if let older = self.registry.detach(self.handle, key: key, candidate: candidate) {
+            older.eventLoop.execute { older.handler.value.abandon(code: .replaced, why: "a newer session was kept") }
+        }
+        self.detachedAt = .now()
+        let grace = self.resumeGrace
+        let streams = tunnel.multiplexer?.streamCount ?? 0
+        self.logger.info(
+            "\(self.clientName): connection lost (\(error.detail)); keeping its session \(grace.nanoseconds / 1_000_000_000) s for it to resume (\(streams) streams)"
+        )
+        self.graceTimer?.cancel()
+        self.graceTimer = self.handle.eventLoop.assumeIsolated().scheduleTask(in: grace) {
+            guard self.registry.dropDetached(key: key, only: self.handle.id) != nil else { return }
+            self.logger.info(
+                "\(self.clientName): session not resumed within \(grace.nanoseconds / 1_000_000_000) s: \(tunnel.multiplexer?.streamCount ?? 0) streams reset"
+            )
+            tunnel.abandon(code: .timeout, why: "not resumed within the grace period")
+        }
+    }
+
+    func tunnelResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
+        self.registry.resumeCandidate(id: id, key: key)
+    }
+
+    /// This new connection's client proved it may resume a kept session: the connection (its socket, and the
+    /// keys of its handshake) goes to that session, on that session's event loop.
+    func tunnel(
+        _ tunnel: TunnelConnectionHandler,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    ) {
+        self.handedOff = true
+        self.finishHandshake()
+        guard let kept = self.registry.claimDetached(id: candidate.sessionID),
+            let descriptor = tunnel.duplicateSocket()
+        else {
+            self.logger.info("\(self.clientName): the session to resume is gone; closing")
+            tunnel.close(code: .internalError)
+            return
+        }
+        tunnel.closeQuietly()
+        let logger = self.logger
+        let congestionControl = self.congestionControl
+        kept.eventLoop.execute {
+            let handler = kept.handler.value
+            ClientBootstrap(group: kept.eventLoop)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                    }
+                }
+                .withConnectedSocket(descriptor)
+                .assumeIsolated()
+                .whenComplete { result in
+                    switch result {
+                    case .success:
+                        handler.takeConnection(connection, peerCount: peerCount)
+                    case .failure(let error):
+                        logger.info("cannot take the resumed connection over: \(error)")
+                        handler.abandon(code: .internalError, why: "the resumed connection could not be used")
+                    }
+                }
+        }
+    }
+
+    func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int) {
+        self.graceTimer?.cancel()
+        self.graceTimer = nil
+        guard let key = self.clientKey else { return }
+        let address = tunnel.remoteAddressWithoutPort
+        _ = self.registry.activate(key: key, handle: self.handle, address: address)
+        let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
+        self.logger.info(
+            "\(self.clientName) resumed its session from \(tunnel.remoteDescription) after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records sent again"
+        )
+    }
+
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.finishHandshake()
+        if self.handedOff {
+            self.registry.remove(self.handle, key: nil)
+            return
+        }
         self.pendingPackets.removeAll()
         self.registry.remove(self.handle, key: self.clientKey)
         if let tun = self.tun, let key = self.clientKey, let slot = self.slot {

@@ -30,6 +30,16 @@ final class ServerSessionRegistry: Sendable {
         /// replaced from another address lately (two machines sharing one key).
         var activeAddress: [PublicKey: String] = [:]
         var flapping: [PublicKey: Flapping] = [:]
+        /// Sessions whose connection broke, kept for their client to resume (docs/PROTOCOL.md §7): by
+        /// session id, and the one of each client key (at most one per key).
+        var detached: [[UInt8]: Detached] = [:]
+        var detachedByKey: [PublicKey: [UInt8]] = [:]
+    }
+
+    /// A session kept for its client to resume.
+    struct Detached {
+        let candidate: ResumeCandidate
+        let handle: Handle
     }
 
     struct Flapping {
@@ -179,6 +189,58 @@ final class ServerSessionRegistry: Sendable {
                 state.activeByKey.removeValue(forKey: key)
                 state.activeAddress.removeValue(forKey: key)
             }
+        }
+    }
+
+    /// The session of `handle` lost its connection and waits for its client to resume it: it is no longer
+    /// the key's active session. Returns an older kept session of the same key, to give up.
+    func detach(_ handle: Handle, key: PublicKey, candidate: ResumeCandidate) -> Handle? {
+        self.state.withLockedValue { state in
+            if state.activeByKey[key]?.id == handle.id {
+                state.activeByKey.removeValue(forKey: key)
+                state.activeAddress.removeValue(forKey: key)
+            }
+            var older: Handle? = nil
+            if let id = state.detachedByKey[key], let entry = state.detached.removeValue(forKey: id),
+                entry.handle.id != handle.id
+            {
+                older = entry.handle
+            }
+            state.detached[candidate.sessionID] = Detached(candidate: candidate, handle: handle)
+            state.detachedByKey[key] = candidate.sessionID
+            return older
+        }
+    }
+
+    /// What a RESUME naming `id` is checked against, if the client holding `key` kept such a session.
+    func resumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
+        self.state.withLockedValue { state in
+            guard let entry = state.detached[id], entry.candidate.clientKey == key else { return nil }
+            return entry.candidate
+        }
+    }
+
+    /// Takes the kept session `id` for a connection that proved it may resume it (nil if it expired since).
+    func claimDetached(id: [UInt8]) -> Handle? {
+        self.state.withLockedValue { state in
+            guard let entry = state.detached.removeValue(forKey: id) else { return nil }
+            if state.detachedByKey[entry.candidate.clientKey] == id {
+                state.detachedByKey.removeValue(forKey: entry.candidate.clientKey)
+            }
+            return entry.handle
+        }
+    }
+
+    /// Forgets the kept session of `key` (its grace period ended, or the client started a new session);
+    /// returns it when it was still kept, `only` if given.
+    func dropDetached(key: PublicKey, only handleID: ObjectIdentifier? = nil) -> Handle? {
+        self.state.withLockedValue { state in
+            guard let id = state.detachedByKey[key], let entry = state.detached[id],
+                handleID == nil || entry.handle.id == handleID
+            else { return nil }
+            state.detached.removeValue(forKey: id)
+            state.detachedByKey.removeValue(forKey: key)
+            return entry.handle
         }
     }
 

@@ -93,6 +93,7 @@ public final class TunnelServer: Sendable {
         let connector = self.connector
         let logger = self.logger
         let congestionControl = self.resolved.settings.timings.congestionControl
+        let resumeGrace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -128,6 +129,8 @@ public final class TunnelServer: Sendable {
                         connector: connector,
                         handle: handle,
                         udpIdleTimeout: udpIdleTimeout,
+                        resumeGrace: resumeGrace,
+                        congestionControl: congestionControl,
                         tun: tun,
                         source: source,
                         logger: logger

@@ -8,6 +8,9 @@ public struct TunnelTimings: Sendable, Equatable {
     public var deadTimeout: Int64 = 45_000_000_000
     /// On SIGINT/SIGTERM, open streams get this long to finish.
     public var drainTimeout: Int64 = 5_000_000_000
+    /// After the connection breaks, how long both ends keep the session (its streams and sockets) for the
+    /// client to resume it over a new connection (docs/PROTOCOL.md §7); 0 turns resumption off.
+    public var resumeGrace: Int64 = 0
     /// Receive window each stream starts with.
     public var streamWindow = 1 << 20
     /// Largest a stream's receive window auto-tunes to.
@@ -30,6 +33,7 @@ public struct TunnelTimings: Sendable, Equatable {
         if let v = try file.duration("keepalive_interval", min: 100_000_000) { self.keepaliveInterval = v }
         if let v = try file.duration("dead_timeout", min: 1_000_000_000) { self.deadTimeout = v }
         if let v = try file.duration("drain_timeout") { self.drainTimeout = v }
+        if let v = try file.duration("resume_grace") { self.resumeGrace = v }
         if let v = try file.byteSize("stream_window", range: 65536...(1 << 30)) { self.streamWindow = v }
         if let v = try file.byteSize("max_stream_window", range: 65536...(1 << 30)) { self.maxStreamWindow = v }
         if let v = try file.byteSize("connection_window", range: 65536...(1 << 30)) { self.connectionWindow = v }

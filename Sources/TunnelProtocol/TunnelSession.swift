@@ -474,6 +474,10 @@ public final class TunnelSession {
     /// The session failed or its connection is gone: open streams are aborted with `code`.
     public func abort(code: ErrorCode) {
         self.phase = .closed
+        self.isDetached = false
+        self.reconnecting = false
+        self.awaitingResumed = false
+        self.retention = nil
         self.drainDeadline = nil
         self.multiplexer?.abortAllStreams(code: code)
     }
@@ -497,6 +501,9 @@ public final class TunnelSession {
     /// Whether the connection is gone and the session waits for another (`detach`).
     public private(set) var isDetached = false
 
+    /// Client: a new connection is carrying this session on and has not been answered yet.
+    public var isReconnecting: Bool { self.reconnecting || self.awaitingResumed }
+
     /// What a server keeps to check a RESUME for this session against.
     public func resumeCandidate(token: Int) -> ResumeCandidate? {
         guard self.isResumable, let key = self.established?.peerStaticKey else { return nil }
@@ -506,8 +513,11 @@ public final class TunnelSession {
     /// The connection broke without a CLOSE: a resumable session keeps its streams, their queued bytes and
     /// its kept records for another connection (`reconnect`, `takeConnection`); nothing is sent meanwhile.
     /// Returns false (and changes nothing) when the session is not resumable: abort it then.
+    /// A reconnect that failed (the handshake, or no answer to RESUME) detaches the session again.
     public func detach() -> Bool {
-        guard self.phase == .established, self.isResumable, !self.awaitingResumed else { return false }
+        guard self.isResumable, self.phase != .closed || self.isDetached else { return false }
+        self.reconnecting = false
+        self.awaitingResumed = false
         self.phase = .closed
         self.isDetached = true
         self.sealer = nil

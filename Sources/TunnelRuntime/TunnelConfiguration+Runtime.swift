@@ -22,6 +22,7 @@ extension TunnelConnectionHandler.Configuration {
         self.session.multiplexer.connectionWindow = timings.connectionWindow
         self.session.multiplexer.maxConcurrentStreams = timings.maxStreams
         self.session.rekeyPolicy = RekeyPolicy(maxBytes: UInt64(timings.rekeyBytes))
+        self.session.resumption = timings.resumeGrace > 0
     }
 }
 

@@ -32,6 +32,21 @@ public protocol TunnelConnectionDelegate: AnyObject {
     func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool
     /// The connection is over. `error` is nil after an authenticated CLOSE; otherwise it says why.
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?)
+    /// The connection broke (`error` says how) and the session was kept for another one (docs/PROTOCOL.md §7):
+    /// its streams wait. The handler has left the connection.
+    func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError)
+    /// The session goes on over a new connection; `replayed` of its records went out again.
+    func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int)
+    /// Server: the session a RESUME names, if the client holding `key` may resume it.
+    func tunnelResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate?
+    /// Server: this connection's client proved it may resume `candidate`; hand `connection` (and this
+    /// channel) to that session. This handler's own session is spent.
+    func tunnel(
+        _ tunnel: TunnelConnectionHandler,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    )
 }
 
 extension TunnelConnectionDelegate {
@@ -53,4 +68,13 @@ extension TunnelConnectionDelegate {
     public func tunnel(_ tunnel: TunnelConnectionHandler, receivedIPPacket packet: ByteBuffer) {}
     public func tunnelReadFinished(_ tunnel: TunnelConnectionHandler) {}
     public func tunnel(_ tunnel: TunnelConnectionHandler, receivedControl payload: ByteBuffer) throws(ProtocolError) {}
+    public func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {}
+    public func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int) {}
+    public func tunnelResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? { nil }
+    public func tunnel(
+        _ tunnel: TunnelConnectionHandler,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    ) {}
 }

@@ -228,4 +228,32 @@ extension TunnelConnectionHandler: TunnelSessionDelegate {
         guard let context = self.context else { return }
         self.peerClosed(code: code, context: context)
     }
+
+    public func sessionResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
+        self.delegate?.tunnelResumeCandidate(id: id, key: key)
+    }
+
+    public func session(
+        _ session: TunnelSession,
+        resumeAccepted candidate: ResumeCandidate,
+        connection: TunnelSession.Connection,
+        peerCount: UInt64
+    ) {
+        self.delegate?.tunnel(self, resumeAccepted: candidate, connection: connection, peerCount: peerCount)
+    }
+
+    public func session(_ session: TunnelSession, resumed replayed: Int) {
+        self.delegate?.tunnelResumed(self, replayed: replayed)
+        self.scheduleFlush()
+    }
+
+    public func session(_ session: TunnelSession, resumeRefused status: UInt8) {
+        // The session reset its streams; this connection is of no further use (the runtime starts afresh).
+        self.closeError = .handshakeRejected(
+            status == ResumeStatus.unknown
+                ? "the server no longer knows this session (restarted, or it expired)"
+                : "the server refused to resume this session"
+        )
+        self.context?.close(promise: nil)
+    }
 }

@@ -3,6 +3,10 @@ import NIOCore
 import TunnelCrypto
 import TunnelProtocol
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The one handler on a tunnel TCP connection: events in, actions out. Every protocol decision (handshake,
 /// records, rekey, multiplexing, timers, drain) is its `TunnelSession`'s, a value with no channel; this class
 /// feeds it the socket's bytes and the clock, writes the records it produces, wakes it when its next tick is
@@ -59,7 +63,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var localFlushScheduled = false
     /// Wakes the session's timers.
     private var timer: Scheduled<Void>?
-    private var closeError: ProtocolError?
+    var closeError: ProtocolError?
     /// The code of the peer's authenticated CLOSE, once it came (why the peer ended the tunnel).
     public private(set) var peerCloseCode: ErrorCode?
     /// The socket's descriptor, when whoever made the socket knows it (it was handed to NIO connected).
@@ -94,6 +98,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
+        // A session that left a broken connection may be on another one by now.
+        guard context === self.context else { return }
         self.timer?.cancel()
         self.context = nil
     }
@@ -124,6 +130,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard context === self.context else { return }
         self.core.noteReceive(now: .now())
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
@@ -155,6 +162,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard context === self.context else { return }
         if let event = event as? ChannelEvent, event == .inputClosed {
             // TCP EOF. Without a CLOSE before it, this is truncation.
             self.fail(self.lost("closed the connection"), context: context)
@@ -164,9 +172,17 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
+        guard context === self.context else {
+            context.fireChannelInactive()
+            return
+        }
         self.timer?.cancel()
         self.writer.disable()
         if self.phase != .closed {
+            if self.detachIfResumable(self.lost("closed the connection"), context: context) {
+                context.fireChannelInactive()
+                return
+            }
             self.closeError = self.lost("closed the connection")
             self.core.abort(code: .internalError)
         }
@@ -181,7 +197,23 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard context === self.context else { return }
         self.fail(self.lost("reset the connection (\(error))"), context: context)
+    }
+
+    /// The connection broke (`error`: it ended, was reset, or went silent; or a reconnect failed): a
+    /// resumable session leaves it with its streams for another (docs/PROTOCOL.md §7). Returns false when the
+    /// session cannot be kept.
+    private func detachIfResumable(_ error: ProtocolError, context: ChannelHandlerContext) -> Bool {
+        guard error.code == .truncated || self.core.isReconnecting, self.core.detach() else { return false }
+        self.timer?.cancel()
+        self.writer.disable()
+        self.started = false
+        self.context = nil
+        self.flushLocalStreams()
+        if context.channel.isActive { context.closeAbortively() }
+        self.delegate?.tunnelDetached(self, error: error)
+        return true
     }
 
     /// The error for a connection that ended below the protocol (EOF, reset) in the current phase.
@@ -303,6 +335,11 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Graceful shutdown: GOAWAY now, then CLOSE once every stream has finished or `timeout` passed
     /// (the session decides: `TunnelSession.beginDrain`); `completion` runs when the connection is over.
     public func shutdown(drainTimeout timeout: TimeAmount, completion: @escaping () -> Void) {
+        if self.core.isDetached {
+            self.abandon(code: .shutdown, why: "stopping")
+            completion()
+            return
+        }
         guard let context = self.context, self.core.beginDrain(deadline: .now() + timeout) else {
             completion()
             if let context = self.context, self.phase != .closed { self.close(code: .shutdown, context: context) }
@@ -332,6 +369,51 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         }
         self.close(code: code, context: context)
         return true
+    }
+
+    /// Server: a second descriptor of this connection's socket (close-on-exec), for the resumed session that
+    /// takes the connection over on its own event loop; nil when the socket cannot be found.
+    public func duplicateSocket() -> Int32? {
+        guard let channel = self.context?.channel, let local = channel.localAddress,
+            let remote = channel.remoteAddress,
+            let descriptor = self.socketDescriptor ?? SocketDescriptor.find(local: local, remote: remote)
+        else { return nil }
+        let copy = fcntl(descriptor, F_DUPFD_CLOEXEC, 0)
+        return copy >= 0 ? copy : nil
+    }
+
+    /// Server: this detached session carries on over `connection`, whose channel this handler was just added
+    /// to (docs/PROTOCOL.md §7.3): RESUMED goes out, then the records the client never processed.
+    public func takeConnection(_ connection: TunnelSession.Connection, peerCount: UInt64) {
+        guard let context = self.context else { return }
+        do {
+            try self.core.takeConnection(connection, peerCount: peerCount)
+        } catch {
+            self.fail(error, context: context)
+        }
+    }
+
+    /// Closes the channel without a CLOSE or a reset: its socket now belongs to another handler (the
+    /// resumed session took it over through a second descriptor).
+    public func closeQuietly() {
+        self.timer?.cancel()
+        self.writer.disable()
+        self.context?.close(promise: nil)
+    }
+
+    /// Gives up a detached session (no resume came in time, or the process stops): its streams are reset,
+    /// and a reconnect in progress is cut. The delegate hears `tunnelClosed`.
+    public func abandon(code: ErrorCode, why: String) {
+        guard self.core.isDetached else { return }
+        self.core.abort(code: code)
+        self.flushLocalStreams()
+        if let context = self.context {
+            self.closeError = .truncated(why)
+            context.closeAbortively()
+        } else {
+            self.delegate?.tunnelClosed(self, error: .truncated(why))
+            self.delegate = nil
+        }
     }
 
     /// Ends the connection with an authenticated CLOSE (after any queued records), aborting open streams.
@@ -388,6 +470,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Ends the connection after a failure: streams are reset, nothing more is sent.
     private func fail(_ error: ProtocolError, context: ChannelHandlerContext) {
         guard self.phase != .closed else { return }
+        if self.detachIfResumable(error, context: context) { return }
         let wasHandshaking = self.phase == .handshaking
         self.closeError = error
         self.timer?.cancel()

@@ -1,0 +1,198 @@
+"""Session resumption (issue 19, docs/PROTOCOL.md §7): streams outlive a broken tunnel connection.
+
+The tunnel connection is cut with `ss -K` (a RST, as a NAT or a middlebox would send); the client makes a new
+connection and resumes its session, and every application byte arrives once and in order."""
+
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import pattern_bytes, pattern_digest, recv_exact, socks5_request
+
+MIB = 1 << 20
+
+
+def grace_configs(tmp_path, grace):
+    """Server and client configs with `resume_grace`; the client retries at least every half second."""
+    server = tmp_path / f"server-{grace}.toml"
+    server.write_text(f'resume_grace = "{grace}"\n')
+    client = tmp_path / f"client-{grace}.toml"
+    client.write_text(f'resume_grace = "{grace}"\nreconnect_max = "500ms"\n')
+    return str(server), str(client)
+
+
+def reset_tunnel(server_port):
+    """Destroys the client's tunnel connection to `server_port` (the kernel sends a RST); returns how many."""
+    out = subprocess.run(["ss", "-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", f":{server_port}"],
+                         capture_output=True, text=True, check=False).stdout
+    return sum(1 for line in out.splitlines() if "ESTAB" in line)
+
+
+class Download(threading.Thread):
+    """SOURCE n through the proxy, read at most `rate` bytes/s so that the resets land mid-transfer."""
+
+    def __init__(self, socks_port, target_port, n, rate):
+        super().__init__(daemon=True)
+        self.n, self.rate, self.got, self.digest, self.error = n, rate, 0, None, None
+        self.sock, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
+        assert rep == 0
+        self.sock.sendall(f"SOURCE {n}\n".encode())
+
+    def run(self):
+        h = hashlib.sha256()
+        buf = bytearray(MIB)
+        start = time.time()
+        try:
+            while True:
+                k = self.sock.recv_into(buf, 256 << 10)
+                if k == 0:
+                    break
+                h.update(memoryview(buf)[:k])
+                self.got += k
+                ahead = self.got / self.rate - (time.time() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            self.digest = h.hexdigest()
+        except OSError as e:
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+class Upload(threading.Thread):
+    """SINK n through the proxy at about `rate` bytes/s; the target answers with what it received."""
+
+    def __init__(self, socks_port, target_port, n, rate):
+        super().__init__(daemon=True)
+        self.n, self.rate, self.sent, self.answer, self.error = n, rate, 0, None, None
+        self.sock, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
+        assert rep == 0
+        self.sock.sendall(f"SINK {n}\n".encode())
+
+    def run(self):
+        start = time.time()
+        try:
+            while self.sent < self.n:
+                chunk = pattern_bytes(self.sent, min(256 << 10, self.n - self.sent))
+                self.sock.sendall(chunk)
+                self.sent += len(chunk)
+                ahead = self.sent / self.rate - (time.time() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            self.answer = harness.recv_all(self.sock).decode().split()
+        except OSError as e:
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+class Echo(threading.Thread):
+    """Numbered lines to an echo stream, each checked as it comes back: order and content."""
+
+    def __init__(self, socks_port, target_port, seconds):
+        super().__init__(daemon=True)
+        self.seconds, self.count, self.error = seconds, 0, None
+        self.sock, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
+        assert rep == 0
+        self.sock.sendall(b"ECHO\n")
+
+    def run(self):
+        end = time.time() + self.seconds
+        try:
+            while time.time() < end:
+                line = f"{self.count:08d} {'x' * 100}\n".encode()
+                self.sock.sendall(line)
+                back = recv_exact(self.sock, len(line))
+                if back != line:
+                    self.error = f"line {self.count}: got {back[:20]!r}"
+                    return
+                self.count += 1
+                time.sleep(0.005)
+        except OSError as e:
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+def test_streams_survive_three_resets_of_the_tunnel_connection(tunnel, target, tmp_path):
+    """A 64 MiB download, a 64 MiB upload and an echo stream run while the tunnel connection is reset three
+    times: every byte arrives intact and in order, and both ends say they resumed."""
+    server_config, client_config = grace_configs(tmp_path, "30s")
+    tunnel.start(server_config=server_config, client_config=client_config)
+    server_port = int(tunnel.server.address.rsplit(":", 1)[1])
+    n = 64 * MIB
+    down = Download(tunnel.socks_port, target.port, n, rate=24 * MIB)
+    up = Upload(tunnel.socks_port, target.port, n, rate=24 * MIB)
+    echo = Echo(tunnel.socks_port, target.port, seconds=3.5)
+    for t in (down, up, echo):
+        t.start()
+    for breaks, fraction in enumerate((0.2, 0.45, 0.7), start=1):
+        assert harness.wait_for(lambda: down.got >= fraction * n, timeout=30), "the download stalled"
+        assert reset_tunnel(server_port) >= 1, "no tunnel connection was reset"
+        # The next reset only once this one was resumed (each is its own break).
+        assert harness.wait_for(lambda: tunnel.client.stderr_text().count("session resumed") == breaks, timeout=10)
+        assert not (down.got == n and up.sent == n), "the transfers ended before the resets"
+    for t in (down, up, echo):
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert down.error is None and up.error is None and echo.error is None, (down.error, up.error, echo.error)
+    assert down.got == n and down.digest == pattern_digest(n), "the download is not intact"
+    assert up.answer == [str(n), pattern_digest(n)], "the upload is not intact"
+    assert echo.count > 100
+    client_log, server_log = tunnel.client.stderr_text(), tunnel.server.stderr_text()
+    assert client_log.count("session resumed") == 3, client_log[-3000:]
+    assert server_log.count("resumed its session") == 3, server_log[-3000:]
+    assert "streams reset" not in client_log
+
+
+def test_an_outage_longer_than_the_grace_period_resets_the_streams(tunnel, target, tmp_path):
+    """With the server gone for longer than resume_grace, the application sees a reset (never a clean end of a
+    truncated download), and both the wait and the log say why."""
+    server_config, client_config = grace_configs(tmp_path, "2s")
+    tunnel.start(server_config=server_config, client_config=client_config)
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"INFINITE\n")
+    recv_exact(s, 1 << 16)
+    tunnel.server.proc.kill()
+    lost = time.time()
+    s.settimeout(15)
+    with pytest.raises(ConnectionResetError):
+        while s.recv(1 << 20):
+            pass
+    waited = time.time() - lost
+    s.close()
+    assert 1.5 < waited < 8, f"reset after {waited:.1f} s"
+    assert harness.wait_for(lambda: "could not resume the session within 2.0 s" in tunnel.client.stderr_text())
+
+
+def test_a_restarted_server_refuses_to_resume_and_the_streams_reset_then_new_ones_work(tunnel, target, tmp_path):
+    """A server that restarted does not know the session: the client's streams reset at once (the application
+    sees a reset) and new requests go through the new session."""
+    server_config, client_config = grace_configs(tmp_path, "30s")
+    tunnel.start(server_config=server_config, client_config=client_config)
+    listen = tunnel.server.address
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"INFINITE\n")
+    recv_exact(s, 1 << 16)
+    tunnel.server.proc.kill()
+    assert harness.wait_for(lambda: "resuming the session" in tunnel.client.stderr_text())
+    tunnel.start_server(listen=listen, config=server_config, log="server2.log")
+    s.settimeout(15)
+    with pytest.raises(ConnectionResetError):
+        while s.recv(1 << 20):
+            pass
+    s.close()
+    assert harness.wait_for(lambda: "no longer knows this session" in tunnel.client.stderr_text())
+    assert harness.wait_for(lambda: "tunnel up" in tunnel.client.stderr_text().split("no longer knows")[-1])
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"ECHO\nback")
+    assert recv_exact(s, 4) == b"back"
+    s.close()
