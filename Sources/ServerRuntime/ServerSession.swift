@@ -131,8 +131,10 @@ final class ServerSession: TunnelConnectionDelegate {
                 previous.handler.value.close(code: .replaced)
             }
         }
-        if let stale = self.registry.dropDetached(key: key) {
-            // The client started a new session: the one it kept from a broken connection will not be resumed.
+        if let candidate = tunnel.core.resumeCandidate(token: 0),
+            let stale = self.registry.registerResumable(self.handle, key: key, candidate: candidate)
+        {
+            // The client started a new session: one it kept from a broken connection will not be resumed.
             stale.eventLoop.execute {
                 stale.handler.value.abandon(code: .replaced, why: "the client started a new session")
             }
@@ -262,13 +264,11 @@ final class ServerSession: TunnelConnectionDelegate {
     // MARK: - Resumption (docs/PROTOCOL.md §7)
 
     func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
-        guard let key = self.clientKey, self.tun == nil, let candidate = tunnel.core.resumeCandidate(token: 0) else {
+        guard let key = self.clientKey, self.tun == nil, tunnel.core.isResumable else {
             tunnel.abandon(code: .internalError, why: error.detail)
             return
         }
-        if let older = self.registry.detach(self.handle, key: key, candidate: candidate) {
-            older.eventLoop.execute { older.handler.value.abandon(code: .replaced, why: "a newer session was kept") }
-        }
+        self.registry.detach(self.handle, key: key)
         self.detachedAt = .now()
         let grace = self.resumeGrace
         let streams = tunnel.multiplexer?.streamCount ?? 0
@@ -311,6 +311,8 @@ final class ServerSession: TunnelConnectionDelegate {
         let congestionControl = self.congestionControl
         kept.eventLoop.execute {
             let handler = kept.handler.value
+            // The old connection may not have broken here yet (a path gone silent): it is given up now.
+            handler.releaseConnection()
             ClientBootstrap(group: kept.eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
@@ -338,6 +340,9 @@ final class ServerSession: TunnelConnectionDelegate {
         guard let key = self.clientKey else { return }
         let address = tunnel.remoteAddressWithoutPort
         _ = self.registry.activate(key: key, handle: self.handle, address: address)
+        if let candidate = tunnel.core.resumeCandidate(token: 0) {
+            _ = self.registry.registerResumable(self.handle, key: key, candidate: candidate)
+        }
         let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
         self.logger.info(
             "\(self.clientName) resumed its session from \(tunnel.remoteDescription) after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records sent again"

@@ -30,13 +30,13 @@ final class ServerSessionRegistry: Sendable {
         /// replaced from another address lately (two machines sharing one key).
         var activeAddress: [PublicKey: String] = [:]
         var flapping: [PublicKey: Flapping] = [:]
-        /// Sessions whose connection broke, kept for their client to resume (docs/PROTOCOL.md §7): by
-        /// session id, and the one of each client key (at most one per key).
+        /// Sessions their client may resume (docs/PROTOCOL.md §7), established or kept after their connection
+        /// broke: by session id, and the one of each client key (at most one per key).
         var detached: [[UInt8]: Detached] = [:]
         var detachedByKey: [PublicKey: [UInt8]] = [:]
     }
 
-    /// A session kept for its client to resume.
+    /// A session its client may resume.
     struct Detached {
         let candidate: ResumeCandidate
         let handle: Handle
@@ -185,6 +185,10 @@ final class ServerSessionRegistry: Sendable {
     func remove(_ handle: Handle, key: PublicKey?) {
         self.state.withLockedValue { state in
             state.all.removeValue(forKey: handle.id)
+            if let key, let id = state.detachedByKey[key], state.detached[id]?.handle.id == handle.id {
+                state.detached.removeValue(forKey: id)
+                state.detachedByKey.removeValue(forKey: key)
+            }
             if let key, state.activeByKey[key]?.id == handle.id {
                 state.activeByKey.removeValue(forKey: key)
                 state.activeAddress.removeValue(forKey: key)
@@ -192,14 +196,10 @@ final class ServerSessionRegistry: Sendable {
         }
     }
 
-    /// The session of `handle` lost its connection and waits for its client to resume it: it is no longer
-    /// the key's active session. Returns an older kept session of the same key, to give up.
-    func detach(_ handle: Handle, key: PublicKey, candidate: ResumeCandidate) -> Handle? {
+    /// The resumable session of `handle` (established, or kept after its connection broke) is the one its
+    /// client may resume (docs/PROTOCOL.md §7): one per client key. Returns the key's previous one, if another.
+    func registerResumable(_ handle: Handle, key: PublicKey, candidate: ResumeCandidate) -> Handle? {
         self.state.withLockedValue { state in
-            if state.activeByKey[key]?.id == handle.id {
-                state.activeByKey.removeValue(forKey: key)
-                state.activeAddress.removeValue(forKey: key)
-            }
             var older: Handle? = nil
             if let id = state.detachedByKey[key], let entry = state.detached.removeValue(forKey: id),
                 entry.handle.id != handle.id
@@ -209,6 +209,17 @@ final class ServerSessionRegistry: Sendable {
             state.detached[candidate.sessionID] = Detached(candidate: candidate, handle: handle)
             state.detachedByKey[key] = candidate.sessionID
             return older
+        }
+    }
+
+    /// The session of `handle` lost its connection: it is no longer the key's active session (it stays
+    /// resumable).
+    func detach(_ handle: Handle, key: PublicKey) {
+        self.state.withLockedValue { state in
+            if state.activeByKey[key]?.id == handle.id {
+                state.activeByKey.removeValue(forKey: key)
+                state.activeAddress.removeValue(forKey: key)
+            }
         }
     }
 

@@ -10,7 +10,7 @@ public struct TunnelTimings: Sendable, Equatable {
     public var drainTimeout: Int64 = 5_000_000_000
     /// After the connection breaks, how long both ends keep the session (its streams and sockets) for the
     /// client to resume it over a new connection (docs/PROTOCOL.md §7); 0 turns resumption off.
-    public var resumeGrace: Int64 = 0
+    public var resumeGrace: Int64 = 60_000_000_000
     /// Receive window each stream starts with.
     public var streamWindow = 1 << 20
     /// Largest a stream's receive window auto-tunes to.

@@ -382,6 +382,17 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         return copy >= 0 ? copy : nil
     }
 
+    /// Server: gives up the current connection of a session whose client resumes it over another (the old
+    /// one may look alive here still, when its path went silent): the session detaches, without a word.
+    public func releaseConnection() {
+        guard let context = self.context, self.core.detach() else { return }
+        self.timer?.cancel()
+        self.writer.disable()
+        self.started = false
+        self.context = nil
+        context.closeAbortively()
+    }
+
     /// Server: this detached session carries on over `connection`, whose channel this handler was just added
     /// to (docs/PROTOCOL.md §7.3): RESUMED goes out, then the records the client never processed.
     public func takeConnection(_ connection: TunnelSession.Connection, peerCount: UInt64) {

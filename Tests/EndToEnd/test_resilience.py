@@ -104,8 +104,10 @@ def test_many_stalled_readers_leave_the_other_streams_working(tunnel, target, st
 
 
 def test_killed_server_resets_streams_and_client_reconnects(tunnel, target, tmp_path):
+    """Without session resumption (resume_grace 0; test_resume.py has it), a server that dies resets the
+    streams at once."""
     config = tmp_path / "client.toml"
-    config.write_text('reconnect_max = "1s"\n')
+    config.write_text('reconnect_max = "1s"\nresume_grace = "0s"\n')
     tunnel.start(client_config=str(config))
     listen = tunnel.server.address
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
@@ -167,7 +169,7 @@ def test_request_fails_cleanly_when_tunnel_stays_down(tunnel, target, tmp_path):
 
 def test_frozen_server_is_detected_by_keepalive(tunnel, target, tmp_path):
     config = tmp_path / "client.toml"
-    config.write_text('keepalive_interval = "1s"\ndead_timeout = "3s"\nreconnect_max = "500ms"\n')
+    config.write_text('keepalive_interval = "1s"\ndead_timeout = "3s"\nreconnect_max = "500ms"\nresume_grace = "0s"\n')
     tunnel.start(client_config=str(config))
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
     assert rep == 0
@@ -356,13 +358,16 @@ def test_sigterm_ends_the_server_within_its_drain_time_when_a_client_reads_nothi
     peer.close()
 
 
-def test_requests_in_flight_when_the_server_dies_are_answered(tunnel, target):
+def test_requests_in_flight_when_the_server_dies_are_answered(tunnel, target, tmp_path):
     """CONNECTs (SOCKS5, SOCKS4, HTTP), a plain HTTP request and a UDP ASSOCIATE wait for the server's answer when
-    the server dies: each gets a failure in its own protocol at once, and the client keeps none of their sockets."""
+    the server dies: without session resumption (resume_grace 0), each gets a failure in its own protocol at
+    once, and the client keeps none of their sockets."""
     import struct
     import subprocess
     config_wait = 0.5
-    tunnel.start()
+    config = tmp_path / "no-resume.toml"
+    config.write_text('resume_grace = "0s"\n')
+    tunnel.start(client_config=str(config))
     port = tunnel.socks_port
     tunnel.server.signal(signal.SIGSTOP)   # the tunnel stays up, but nothing is answered
     requests = {

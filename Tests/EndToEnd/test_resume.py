@@ -196,3 +196,35 @@ def test_a_restarted_server_refuses_to_resume_and_the_streams_reset_then_new_one
     s.sendall(b"ECHO\nback")
     assert recv_exact(s, 4) == b"back"
     s.close()
+
+
+def test_a_blackout_longer_than_keepalive_allows_resumes_when_the_path_returns(tunnel, target, tmp_path):
+    """Every packet of the tunnel connection is dropped for 6 s (no RST: a path gone silent). The client finds
+    the connection dead after its dead_timeout, reconnects once the path returns and resumes, while the server
+    still holds the old connection (its own timeout is 45 s): the download completes intact."""
+    server_config, client_config = grace_configs(tmp_path, "60s")
+    with open(client_config, "a") as f:
+        f.write('keepalive_interval = "1s"\ndead_timeout = "3s"\n')
+    tunnel.start(server_config=server_config, client_config=client_config)
+    server_port = int(tunnel.server.address.rsplit(":", 1)[1])
+    n = 24 * MIB
+    down = Download(tunnel.socks_port, target.port, n, rate=4 * MIB)
+    down.start()
+    assert harness.wait_for(lambda: down.got >= 2 * MIB, timeout=10)
+    table = f"resume_test_{server_port}"
+    rules = (f"add table inet {table}\n"
+             f"add chain inet {table} out {{ type filter hook output priority 0; }}\n"
+             f"add rule inet {table} out tcp dport {server_port} drop\n"
+             f"add rule inet {table} out tcp sport {server_port} drop\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        time.sleep(6)
+        assert "session resumed" not in tunnel.client.stderr_text()
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+    assert harness.wait_for(lambda: "session resumed" in tunnel.client.stderr_text(), timeout=30), \
+        tunnel.client.stderr_text()[-2000:]
+    down.join(timeout=60)
+    assert down.error is None, down.error
+    assert down.got == n and down.digest == pattern_digest(n), "the download is not intact"
+    assert "resumed its session" in tunnel.server.stderr_text()
