@@ -264,7 +264,7 @@ final class ServerSession: TunnelConnectionDelegate {
     // MARK: - Resumption (docs/PROTOCOL.md §7)
 
     func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
-        guard let key = self.clientKey, self.tun == nil, tunnel.core.isResumable else {
+        guard let key = self.clientKey, tunnel.core.isResumable, !tunnel.fullTunnelActive else {
             tunnel.abandon(code: .internalError, why: error.detail)
             return
         }
