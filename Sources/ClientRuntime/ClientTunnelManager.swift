@@ -133,7 +133,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
         let server = self.resolved.server
-        let congestionControl = self.resolved.settings.timings.congestionControl
+        let timings = self.resolved.settings.timings
         let logger = self.logger
         self.logger.debug("connecting to \(server) (\(cipher))")
         let host = self.connectHost ?? server.host
@@ -169,7 +169,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             ClientBootstrap(group: self.eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
+                        try TunnelSocket.configure(channel, timings: timings, logger: logger)
                         try channel.pipeline.syncOperations.addHandler(boundHandler.value)
                     }
                 }

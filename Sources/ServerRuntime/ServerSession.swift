@@ -44,8 +44,8 @@ final class ServerSession: TunnelConnectionDelegate {
     private var undeliveredPackets = 0
     /// How long a session whose connection broke is kept for its client to resume (docs/PROTOCOL.md §7).
     private let resumeGrace: TimeAmount
-    /// The tunnel socket's congestion control (a resumed session's new connection gets it too).
-    private let congestionControl: String
+    /// The tunnel socket's settings (a resumed session's new connection gets them too).
+    private let timings: TunnelTimings
     private var graceTimer: Scheduled<Void>?
     private var detachedAt = NIODeadline.distantPast
     /// This connection's client resumed another session: the connection went to it, nothing is left here.
@@ -57,14 +57,14 @@ final class ServerSession: TunnelConnectionDelegate {
         handle: ServerSessionRegistry.Handle,
         udpIdleTimeout: TimeAmount,
         resumeGrace: TimeAmount,
-        congestionControl: String,
+        timings: TunnelTimings,
         tun: ServerTUN?,
         source: [UInt8],
         logger: Logger
     ) {
         self.source = source
         self.resumeGrace = resumeGrace
-        self.congestionControl = congestionControl
+        self.timings = timings
         self.udpIdleTimeout = udpIdleTimeout
         self.tun = tun
         self.registry = registry
@@ -308,7 +308,7 @@ final class ServerSession: TunnelConnectionDelegate {
         }
         tunnel.closeQuietly()
         let logger = self.logger
-        let congestionControl = self.congestionControl
+        let timings = self.timings
         kept.eventLoop.execute {
             let handler = kept.handler.value
             // The old connection may not have broken here yet (a path gone silent): it is given up now.
@@ -316,7 +316,7 @@ final class ServerSession: TunnelConnectionDelegate {
             ClientBootstrap(group: kept.eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
+                        try TunnelSocket.configure(channel, timings: timings, logger: logger)
                         try channel.pipeline.syncOperations.addHandler(handler)
                     }
                 }

@@ -92,14 +92,14 @@ public final class TunnelServer: Sendable {
         let registry = self.registry
         let connector = self.connector
         let logger = self.logger
-        let congestionControl = self.resolved.settings.timings.congestionControl
+        let timings = self.resolved.settings.timings
         let resumeGrace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try TunnelSocket.configure(channel, congestionControl: congestionControl, logger: logger)
+                    try TunnelSocket.configure(channel, timings: timings, logger: logger)
                     let handler = TunnelConnectionHandler(
                         role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
                         configuration: configuration,
@@ -130,7 +130,7 @@ public final class TunnelServer: Sendable {
                         handle: handle,
                         udpIdleTimeout: udpIdleTimeout,
                         resumeGrace: resumeGrace,
-                        congestionControl: congestionControl,
+                        timings: timings,
                         tun: tun,
                         source: source,
                         logger: logger

@@ -11,6 +11,10 @@ public struct TunnelTimings: Sendable, Equatable {
     /// After the connection breaks, how long both ends keep the session (its streams and sockets) for the
     /// client to resume it over a new connection (docs/PROTOCOL.md §7); 0 turns resumption off.
     public var resumeGrace: Int64 = 60_000_000_000
+    /// With resumption on, a connection whose sent data stays unacknowledged this long is given up
+    /// (`TCP_USER_TIMEOUT`) and the session resumed over a new one: a path gone silent under traffic is found
+    /// in seconds, not after the kernel's retransmissions (many minutes) or `dead_timeout`.
+    public var unackedTimeout: Int64 = 10_000_000_000
     /// Receive window each stream starts with.
     public var streamWindow = 1 << 20
     /// Largest a stream's receive window auto-tunes to.
@@ -34,6 +38,7 @@ public struct TunnelTimings: Sendable, Equatable {
         if let v = try file.duration("dead_timeout", min: 1_000_000_000) { self.deadTimeout = v }
         if let v = try file.duration("drain_timeout") { self.drainTimeout = v }
         if let v = try file.duration("resume_grace") { self.resumeGrace = v }
+        if let v = try file.duration("unacked_timeout", min: 1_000_000_000) { self.unackedTimeout = v }
         if let v = try file.byteSize("stream_window", range: 65536...(1 << 30)) { self.streamWindow = v }
         if let v = try file.byteSize("max_stream_window", range: 65536...(1 << 30)) { self.maxStreamWindow = v }
         if let v = try file.byteSize("connection_window", range: 65536...(1 << 30)) { self.connectionWindow = v }

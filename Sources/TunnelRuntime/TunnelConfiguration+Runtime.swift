@@ -69,14 +69,25 @@ package enum TunnelSocket {
     /// Applies the tunnel connection's settings to `channel` (in its initializer, on its event loop): the
     /// starting queue limits (the connection then sizes them from its rate: `SendQueueBudget`), one read per
     /// readiness event, and the congestion control.
-    package static func configure(_ channel: any Channel, congestionControl: String, logger: Logger) throws {
+    /// With resumption on, `TCP_USER_TIMEOUT` bounds how long sent data may stay unacknowledged.
+    package static func configure(_ channel: any Channel, timings: TunnelTimings, logger: Logger) throws {
         let options = channel.syncOptions!
         try options.setOption(.writeBufferWaterMark, value: Self.writeBufferWaterMark)
         try options.setOption(Self.notSentLowWater, value: Self.notSentLowWaterBytes)
         try options.setOption(.recvAllocator, value: Self.receiveAllocator)
         try options.setOption(.maxMessagesPerRead, value: 1)
-        Self.applyCongestionControl(congestionControl, to: channel, logger: logger)
+        if timings.resumeGrace > 0 {
+            let milliseconds = Int(min(timings.unackedTimeout / 1_000_000, Int64(Int32.max)))
+            try options.setOption(Self.userTimeout, value: milliseconds)
+        }
+        Self.applyCongestionControl(timings.congestionControl, to: channel, logger: logger)
     }
+
+    /// `TCP_USER_TIMEOUT` (Linux option 18): milliseconds sent data may stay unacknowledged.
+    package static let userTimeout = ChannelOptions.Types.SocketOption(
+        level: .init(rawValue: Int32(IPPROTO_TCP)),
+        name: .init(rawValue: 18)
+    )
 
     /// `TCP_CONGESTION` (Linux option 13).
     package static let congestionOption = NIOBSDSocket.Option(rawValue: 13)

@@ -198,19 +198,8 @@ def test_a_restarted_server_refuses_to_resume_and_the_streams_reset_then_new_one
     s.close()
 
 
-def test_a_blackout_longer_than_keepalive_allows_resumes_when_the_path_returns(tunnel, target, tmp_path):
-    """Every packet of the tunnel connection is dropped for 6 s (no RST: a path gone silent). The client finds
-    the connection dead after its dead_timeout, reconnects once the path returns and resumes, while the server
-    still holds the old connection (its own timeout is 45 s): the download completes intact."""
-    server_config, client_config = grace_configs(tmp_path, "60s")
-    with open(client_config, "a") as f:
-        f.write('keepalive_interval = "1s"\ndead_timeout = "3s"\n')
-    tunnel.start(server_config=server_config, client_config=client_config)
-    server_port = int(tunnel.server.address.rsplit(":", 1)[1])
-    n = 24 * MIB
-    down = Download(tunnel.socks_port, target.port, n, rate=4 * MIB)
-    down.start()
-    assert harness.wait_for(lambda: down.got >= 2 * MIB, timeout=10)
+def blackout(server_port, seconds, during=lambda: None):
+    """Drops every packet to or from `server_port` on this host for `seconds` (no RST: a path gone silent)."""
     table = f"resume_test_{server_port}"
     rules = (f"add table inet {table}\n"
              f"add chain inet {table} out {{ type filter hook output priority 0; }}\n"
@@ -218,10 +207,36 @@ def test_a_blackout_longer_than_keepalive_allows_resumes_when_the_path_returns(t
              f"add rule inet {table} out tcp sport {server_port} drop\n")
     subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
     try:
-        time.sleep(6)
-        assert "session resumed" not in tunnel.client.stderr_text()
+        time.sleep(seconds)
+        during()
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
+@pytest.mark.parametrize("detection", ["keepalive", "unacked"])
+def test_a_blackout_resumes_when_the_path_returns(tunnel, target, tmp_path, detection):
+    """The tunnel connection's packets are all dropped for 6 s. The client finds the path dead, by silence
+    (keepalive: dead_timeout 3 s) or by its own unacknowledged window updates (TCP_USER_TIMEOUT, unacked_timeout
+    2 s, with the default 45 s dead_timeout), reconnects once the path returns and resumes, while the server
+    still holds the old connection: the download completes intact."""
+    server_config, client_config = grace_configs(tmp_path, "60s")
+    with open(client_config, "a") as f:
+        f.write('keepalive_interval = "1s"\ndead_timeout = "3s"\n' if detection == "keepalive"
+                else 'unacked_timeout = "2s"\n')
+    tunnel.start(server_config=server_config, client_config=client_config)
+    server_port = int(tunnel.server.address.rsplit(":", 1)[1])
+    n = 24 * MIB
+    down = Download(tunnel.socks_port, target.port, n, rate=4 * MIB)
+    down.start()
+    assert harness.wait_for(lambda: down.got >= 2 * MIB, timeout=10)
+
+    def lost_but_not_resumed():
+        log = tunnel.client.stderr_text()
+        assert "tunnel lost" in log and "session resumed" not in log, log[-2000:]
+        if detection == "unacked":
+            assert "timed out" in log.split("tunnel lost")[1].split("\n")[0], log[-2000:]
+
+    blackout(server_port, 6, during=lost_but_not_resumed)
     assert harness.wait_for(lambda: "session resumed" in tunnel.client.stderr_text(), timeout=30), \
         tunnel.client.stderr_text()[-2000:]
     down.join(timeout=60)
