@@ -482,6 +482,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                 "fast open: \(self.fastOpens) streams opened before the server's answer, \(self.fastOpenFailures) of them failed after (reset)"
             )
         }
+        if self.resumes > 0 {
+            self.logger.info("session resumed over a new connection \(self.resumes) times")
+        }
         self.stopped = true
         self.reconnectTask?.cancel()
         self.graceTimer?.cancel()

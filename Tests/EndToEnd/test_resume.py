@@ -4,6 +4,7 @@ The tunnel connection is cut with `ss -K` (a RST, as a NAT or a middlebox would 
 connection and resumes its session, and every application byte arrives once and in order."""
 
 import hashlib
+import signal
 import socket
 import subprocess
 import threading
@@ -148,6 +149,8 @@ def test_streams_survive_three_resets_of_the_tunnel_connection(tunnel, target, t
     assert client_log.count("session resumed") == 3, client_log[-3000:]
     assert server_log.count("resumed its session") == 3, server_log[-3000:]
     assert "streams reset" not in client_log
+    tunnel.client.signal(signal.SIGTERM)
+    assert harness.wait_for(lambda: "session resumed over a new connection 3 times" in tunnel.client.stderr_text())
 
 
 def test_an_outage_longer_than_the_grace_period_resets_the_streams(tunnel, target, tmp_path):
@@ -243,3 +246,62 @@ def test_a_blackout_resumes_when_the_path_returns(tunnel, target, tmp_path, dete
     assert down.error is None, down.error
     assert down.got == n and down.digest == pattern_digest(n), "the download is not intact"
     assert "resumed its session" in tunnel.server.stderr_text()
+
+
+def test_a_thousand_streams_with_data_in_flight_resume_and_memory_stays_bounded(tunnel, target, tmp_path):
+    """1000 echo streams, each with 64 KiB on its way through the tunnel both ways, when the tunnel connection
+    is reset: every stream resumes and gets its own bytes back in order, and neither end grows beyond what
+    the data in flight explains."""
+    import resource
+    import selectors
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    server_config, client_config = grace_configs(tmp_path, "60s")
+    tunnel.start(server_config=server_config, client_config=client_config)
+    server_port = int(tunnel.server.address.rsplit(":", 1)[1])
+    count, size = 1000, 64 << 10
+    socks = []
+    for _ in range(count):
+        s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+        assert rep == 0
+        s.sendall(b"ECHO\n")
+        s.setblocking(False)
+        socks.append(s)
+    rss_client, rss_server = tunnel.client.rss_kb(), tunnel.server.rss_kb()
+    payloads = [pattern_bytes(i * 7919, size) for i in range(count)]
+    sent, got = [0] * count, [bytearray() for _ in range(count)]
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks):
+        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, i)
+    reset_done, peak_client, peak_server = False, 0, 0
+    deadline = time.time() + 120
+    while sum(len(g) for g in got) < count * size and time.time() < deadline:
+        for key, events in sel.select(timeout=1):
+            i, s = key.data, key.fileobj
+            if events & selectors.EVENT_WRITE and sent[i] < size:
+                try:
+                    sent[i] += s.send(payloads[i][sent[i]:sent[i] + (16 << 10)])
+                except BlockingIOError:
+                    pass
+                if sent[i] == size:
+                    sel.modify(s, selectors.EVENT_READ, i)
+            if events & selectors.EVENT_READ:
+                data = s.recv(1 << 16)
+                assert data, f"stream {i} ended after {len(got[i])} bytes"
+                got[i] += data
+        total = sum(len(g) for g in got)
+        if not reset_done and total >= count * size // 3:
+            assert reset_tunnel(server_port) >= 1
+            reset_done = True
+        peak_client = max(peak_client, tunnel.client.rss_kb())
+        peak_server = max(peak_server, tunnel.server.rss_kb())
+    assert reset_done
+    for i in range(count):
+        assert bytes(got[i]) == payloads[i], f"stream {i} got {len(got[i])} bytes, not its own in order"
+    for s in socks:
+        s.close()
+    assert "session resumed" in tunnel.client.stderr_text()
+    assert "resumed its session" in tunnel.server.stderr_text()
+    # 64 MiB crossed each way; what either end holds beyond its start stays well under that.
+    assert peak_client - rss_client < 96 << 10, (peak_client, rss_client)
+    assert peak_server - rss_server < 96 << 10, (peak_server, rss_server)
