@@ -305,3 +305,59 @@ def test_a_thousand_streams_with_data_in_flight_resume_and_memory_stays_bounded(
     # 64 MiB crossed each way; what either end holds beyond its start stays well under that.
     assert peak_client - rss_client < 96 << 10, (peak_client, rss_client)
     assert peak_server - rss_server < 96 << 10, (peak_server, rss_server)
+
+
+def test_a_resume_with_a_wrong_proof_or_an_unknown_session_is_refused_and_other_sessions_run_on(tunnel, target, tmp_path):
+    """An independent Noise implementation (noiseprotocol) asks the real server to resume: a session id nobody
+    has gets status 1 (unknown); its own earlier session's id with a proof that is not bound to this handshake
+    gets status 2 (refused). The real client's stream runs on untouched meanwhile."""
+    import os
+    import struct
+    from noise_peer import NoisePeer, frame, read_private_key, tai64n
+    T_PING, T_RESUME, T_RESUMED = 0x06, 0x0E, 0x0F
+    server_config, client_config = grace_configs(tmp_path, "60s")
+    tunnel.start(server_config=server_config, client_config=client_config)
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"ECHO\n")
+    resumable = tai64n() + struct.pack(">BHI", 0x02, 4, 1 << 5)   # features: resumption
+
+    def connect(timestamp_offset=0):
+        peer = NoisePeer("127.0.0.1", tunnel.server.port, read_private_key(tunnel.peer_key), tunnel.server_pub)
+        payload = peer.handshake(tai64n(time.time_ns() + timestamp_offset) + resumable[12:])
+        tlvs, i, session_id = payload, 0, None
+        while i < len(tlvs):
+            t, n = struct.unpack(">BH", tlvs[i:i + 3])
+            if t == 0x06:
+                session_id = tlvs[i + 3:i + 3 + n]
+            i += 3 + n
+        return peer, session_id
+
+    def resumed_status(peer):
+        for t, _, _, payload in peer.recv_frames():
+            if t == T_RESUMED:
+                return payload[0]
+        raise AssertionError("no RESUMED")
+
+    # A session id nobody has.
+    peer, own_id = connect()
+    assert own_id is not None and len(own_id) == 16, "the server named the resumable session"
+    peer.send_frames(frame(T_RESUME, 0, 0, os.urandom(16) + struct.pack(">Q", 0) + os.urandom(32)))
+    assert resumed_status(peer) == 1
+    # Its first session, confirmed (a PING), is resumable; a new connection names it with a proof that is
+    # not bound to the new handshake: refused.
+    peer.send_frames(frame(T_PING, 0, 0, b"12345678"))
+    time.sleep(0.3)
+    second, _ = connect(timestamp_offset=1_000_000)
+    second.send_frames(frame(T_RESUME, 0, 0, own_id + struct.pack(">Q", 1) + os.urandom(32)))
+    assert resumed_status(second) == 2
+    second.close()
+    peer.close()
+    # The real client's session never noticed.
+    for i in range(20):
+        line = f"{i:04d}".encode()
+        s.sendall(line)
+        assert recv_exact(s, 4) == line
+    s.close()
+    assert "session resumed" not in tunnel.client.stderr_text()
+    assert "tunnel lost" not in tunnel.client.stderr_text()
