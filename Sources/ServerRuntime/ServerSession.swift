@@ -131,7 +131,7 @@ final class ServerSession: TunnelConnectionDelegate {
                 previous.handler.value.close(code: .replaced)
             }
         }
-        if let candidate = tunnel.core.resumeCandidate(token: 0),
+        if let candidate = tunnel.core.resumeCandidate,
             let stale = self.registry.registerResumable(self.handle, key: key, candidate: candidate)
         {
             // The client started a new session: one it kept from a broken connection will not be resumed.
@@ -224,7 +224,8 @@ final class ServerSession: TunnelConnectionDelegate {
             return
         }
         let target = stream.target
-        let known = self.names.value(for: target, now: .now())
+        var known: [SocketAddress]? = nil
+        if case .domain = target.host { known = self.names.value(for: target, now: .now()) }
         self.connector.connect(to: target, known: known, on: self.handle.eventLoop).assumeIsolated().whenSuccess {
             outcome in
             switch outcome {
@@ -277,7 +278,9 @@ final class ServerSession: TunnelConnectionDelegate {
         )
         self.graceTimer?.cancel()
         self.graceTimer = self.handle.eventLoop.assumeIsolated().scheduleTask(in: grace) {
-            guard self.registry.dropDetached(key: key, only: self.handle.id) != nil else { return }
+            // Whether or not a resume claimed it meanwhile: one still detached now was not resumed in time.
+            _ = self.registry.dropResumable(key: key, only: self.handle.id)
+            guard tunnel.core.isDetached else { return }
             self.logger.info(
                 "\(self.clientName): session not resumed within \(grace.nanoseconds / 1_000_000_000) s: \(tunnel.multiplexer?.streamCount ?? 0) streams reset"
             )
@@ -299,14 +302,35 @@ final class ServerSession: TunnelConnectionDelegate {
     ) {
         self.handedOff = true
         self.finishHandshake()
-        guard let kept = self.registry.claimDetached(id: candidate.sessionID),
-            let descriptor = tunnel.duplicateSocket()
-        else {
-            self.logger.info("\(self.clientName): the session to resume is gone; closing")
-            tunnel.close(code: .internalError)
+        let kept = self.registry.claimResumable(id: candidate.sessionID)
+        let descriptor = kept == nil ? nil : tunnel.duplicateSocket()
+        // This connection's own session is spent either way: its socket goes on through the second descriptor,
+        // or the client finds it closed and its next attempt learns that the session is gone.
+        tunnel.closeQuietly()
+        guard let kept else {
+            self.logger.info("\(self.clientName): the session to resume was given up meanwhile; closing")
             return
         }
-        tunnel.closeQuietly()
+        guard let descriptor else {
+            self.logger.warning("\(self.clientName): cannot hand the connection to the resumed session; giving it up")
+            kept.eventLoop.execute {
+                let handler = kept.handler.value
+                handler.releaseConnection()
+                handler.abandon(code: .internalError, why: "the resumed connection could not be used")
+            }
+            return
+        }
+        self.handOver(connection, peerCount: peerCount, descriptor: descriptor, to: kept)
+    }
+
+    /// Hands a connection (a second descriptor of its socket, and its keys) to the resumed session `kept`,
+    /// on that session's event loop.
+    private func handOver(
+        _ connection: TunnelSession.Connection,
+        peerCount: UInt64,
+        descriptor: Int32,
+        to kept: ServerSessionRegistry.Handle
+    ) {
         let logger = self.logger
         let timings = self.timings
         kept.eventLoop.execute {
@@ -340,7 +364,7 @@ final class ServerSession: TunnelConnectionDelegate {
         guard let key = self.clientKey else { return }
         let address = tunnel.remoteAddressWithoutPort
         _ = self.registry.activate(key: key, handle: self.handle, address: address)
-        if let candidate = tunnel.core.resumeCandidate(token: 0) {
+        if let candidate = tunnel.core.resumeCandidate {
             _ = self.registry.registerResumable(self.handle, key: key, candidate: candidate)
         }
         let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000

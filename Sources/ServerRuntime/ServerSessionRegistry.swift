@@ -32,12 +32,12 @@ final class ServerSessionRegistry: Sendable {
         var flapping: [PublicKey: Flapping] = [:]
         /// Sessions their client may resume (docs/PROTOCOL.md §7), established or kept after their connection
         /// broke: by session id, and the one of each client key (at most one per key).
-        var detached: [[UInt8]: Detached] = [:]
-        var detachedByKey: [PublicKey: [UInt8]] = [:]
+        var resumable: [[UInt8]: Resumable] = [:]
+        var resumableByKey: [PublicKey: [UInt8]] = [:]
     }
 
     /// A session its client may resume.
-    struct Detached {
+    struct Resumable {
         let candidate: ResumeCandidate
         let handle: Handle
     }
@@ -185,9 +185,9 @@ final class ServerSessionRegistry: Sendable {
     func remove(_ handle: Handle, key: PublicKey?) {
         self.state.withLockedValue { state in
             state.all.removeValue(forKey: handle.id)
-            if let key, let id = state.detachedByKey[key], state.detached[id]?.handle.id == handle.id {
-                state.detached.removeValue(forKey: id)
-                state.detachedByKey.removeValue(forKey: key)
+            if let key, let id = state.resumableByKey[key], state.resumable[id]?.handle.id == handle.id {
+                state.resumable.removeValue(forKey: id)
+                state.resumableByKey.removeValue(forKey: key)
             }
             if let key, state.activeByKey[key]?.id == handle.id {
                 state.activeByKey.removeValue(forKey: key)
@@ -201,13 +201,13 @@ final class ServerSessionRegistry: Sendable {
     func registerResumable(_ handle: Handle, key: PublicKey, candidate: ResumeCandidate) -> Handle? {
         self.state.withLockedValue { state in
             var older: Handle? = nil
-            if let id = state.detachedByKey[key], let entry = state.detached.removeValue(forKey: id),
+            if let id = state.resumableByKey[key], let entry = state.resumable.removeValue(forKey: id),
                 entry.handle.id != handle.id
             {
                 older = entry.handle
             }
-            state.detached[candidate.sessionID] = Detached(candidate: candidate, handle: handle)
-            state.detachedByKey[key] = candidate.sessionID
+            state.resumable[candidate.sessionID] = Resumable(candidate: candidate, handle: handle)
+            state.resumableByKey[key] = candidate.sessionID
             return older
         }
     }
@@ -226,31 +226,31 @@ final class ServerSessionRegistry: Sendable {
     /// What a RESUME naming `id` is checked against, if the client holding `key` kept such a session.
     func resumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
         self.state.withLockedValue { state in
-            guard let entry = state.detached[id], entry.candidate.clientKey == key else { return nil }
+            guard let entry = state.resumable[id], entry.candidate.clientKey == key else { return nil }
             return entry.candidate
         }
     }
 
-    /// Takes the kept session `id` for a connection that proved it may resume it (nil if it expired since).
-    func claimDetached(id: [UInt8]) -> Handle? {
+    /// Takes the resumable session `id` for a connection that proved it may resume it (nil if it was given
+    /// up since).
+    func claimResumable(id: [UInt8]) -> Handle? {
         self.state.withLockedValue { state in
-            guard let entry = state.detached.removeValue(forKey: id) else { return nil }
-            if state.detachedByKey[entry.candidate.clientKey] == id {
-                state.detachedByKey.removeValue(forKey: entry.candidate.clientKey)
+            guard let entry = state.resumable.removeValue(forKey: id) else { return nil }
+            if state.resumableByKey[entry.candidate.clientKey] == id {
+                state.resumableByKey.removeValue(forKey: entry.candidate.clientKey)
             }
             return entry.handle
         }
     }
 
-    /// Forgets the kept session of `key` (its grace period ended, or the client started a new session);
-    /// returns it when it was still kept, `only` if given.
-    func dropDetached(key: PublicKey, only handleID: ObjectIdentifier? = nil) -> Handle? {
+    /// Forgets `key`'s resumable session if it is still `handleID`'s (its grace period ended); returns it.
+    func dropResumable(key: PublicKey, only handleID: ObjectIdentifier) -> Handle? {
         self.state.withLockedValue { state in
-            guard let id = state.detachedByKey[key], let entry = state.detached[id],
-                handleID == nil || entry.handle.id == handleID
+            guard let id = state.resumableByKey[key], let entry = state.resumable[id],
+                entry.handle.id == handleID
             else { return nil }
-            state.detached.removeValue(forKey: id)
-            state.detachedByKey.removeValue(forKey: key)
+            state.resumable.removeValue(forKey: id)
+            state.resumableByKey.removeValue(forKey: key)
             return entry.handle
         }
     }

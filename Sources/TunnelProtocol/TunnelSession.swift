@@ -50,13 +50,10 @@ public struct ResumeCandidate: Sendable {
     public let sessionID: [UInt8]
     public let clientKey: PublicKey
     public let secret: SecretBytes
-    /// Whatever the runtime needs to reach the session itself.
-    public let token: Int
-    public init(sessionID: [UInt8], clientKey: PublicKey, secret: SecretBytes, token: Int) {
+    public init(sessionID: [UInt8], clientKey: PublicKey, secret: SecretBytes) {
         self.sessionID = sessionID
         self.clientKey = clientKey
         self.secret = secret
-        self.token = token
     }
 }
 
@@ -161,7 +158,7 @@ public final class TunnelSession {
     /// Client: RESUME is out; nothing else goes out until the answer.
     private var awaitingResumed = false
     /// Records kept from before a resume that go out again first, in order.
-    private var replay: [ByteBuffer] = []
+    private var replay = CircularBuffer<ByteBuffer>()
 
     public init(role: Role, configuration: Configuration, now: NIODeadline) {
         self.role = role
@@ -424,8 +421,15 @@ public final class TunnelSession {
         // Room for a RECEIVED frame beside the frames.
         let reserve = resumable ? FrameHeader.byteCount + 8 : 0
         if self.awaitingResumed { return }
-        if !self.replay.isEmpty { try self.sealReplay(into: &buffer, now: now) }
-        while buffer.readableBytes < batchBytes {
+        // Records kept from before a resume go first, in their order (they keep their numbers), as much of
+        // them as the batch takes.
+        while let plaintext = self.replay.first, buffer.readableBytes < batchBytes {
+            self.replay.removeFirst()
+            let start = self.sealer!.beginRecord(in: &buffer)
+            buffer.writeImmutableBuffer(plaintext)
+            try self.sealRecord(in: &buffer, start: start, now: now)
+        }
+        while buffer.readableBytes < batchBytes && self.replay.isEmpty {
             if resumable && self.retention!.bytes >= self.configuration.maxRetainedBytes { return }
             let start = self.sealer!.beginRecord(in: &buffer)
             let unsplittable = mux.nextUnsplittableFrameBytes
@@ -448,11 +452,17 @@ public final class TunnelSession {
                     self.retention!.append(copying: UnsafeRawBufferPointer(rebasing: raw[offset...]))
                 }
             }
-            let rekey = self.sealer!.needsRekey(now: now)
-            if rekey { mux.writeRekeyFrame(into: &buffer) }
-            try self.sealer!.sealRecord(in: &buffer, start: start)
-            if rekey { self.sealer!.rekey(now: now) }
+            try self.sealRecord(in: &buffer, start: start, now: now)
         }
+    }
+
+    /// Seals the record begun at `start`; one that is due to rekey ends with REKEY, and the sending key
+    /// changes after it.
+    private func sealRecord(in buffer: inout ByteBuffer, start: Int, now: NIODeadline) throws(ProtocolError) {
+        let rekey = self.sealer!.needsRekey(now: now)
+        if rekey { self.multiplexer!.writeRekeyFrame(into: &buffer) }
+        try self.sealer!.sealRecord(in: &buffer, start: start)
+        if rekey { self.sealer!.rekey(now: now) }
     }
 
     /// Ends the session with an authenticated CLOSE: aborts the open streams (what they still had queued is
@@ -478,6 +488,7 @@ public final class TunnelSession {
         self.reconnecting = false
         self.awaitingResumed = false
         self.retention = nil
+        self.resumptionSecret = nil
         self.drainDeadline = nil
         self.multiplexer?.abortAllStreams(code: code)
     }
@@ -505,9 +516,9 @@ public final class TunnelSession {
     public var isReconnecting: Bool { self.reconnecting || self.awaitingResumed }
 
     /// What a server keeps to check a RESUME for this session against.
-    public func resumeCandidate(token: Int) -> ResumeCandidate? {
+    public var resumeCandidate: ResumeCandidate? {
         guard self.isResumable, let key = self.established?.peerStaticKey else { return nil }
-        return ResumeCandidate(sessionID: self.sessionID!, clientKey: key, secret: self.resumptionSecret!, token: token)
+        return ResumeCandidate(sessionID: self.sessionID!, clientKey: key, secret: self.resumptionSecret!)
     }
 
     /// The connection broke without a CLOSE: a resumable session keeps its streams, their queued bytes and
@@ -554,16 +565,30 @@ public final class TunnelSession {
             self.refused(status: ResumeStatus.unknown)
             return
         }
+        let proof = SessionResumption.proof(
+            secret: secret,
+            sessionID: id,
+            handshakeHash: session.transport.handshakeHash
+        )
+        try self.sendAlone(.resume, length: 16 + 8 + 32) { record in
+            record.writeBytes(id)
+            record.writeInteger(self.processedRecords)
+            record.writeBytes(proof)
+        }
+        self.awaitingResumed = true
+    }
+
+    /// Sends a record that carries one frame of stream 0 alone, not numbered (RESUME, RESUMED).
+    private func sendAlone(
+        _ type: FrameType,
+        length: Int,
+        payload: (inout ByteBuffer) -> Void
+    ) throws(ProtocolError) {
         var record = ByteBuffer()
         let start = self.sealer!.beginRecord(in: &record)
-        record.writeFrameHeader(FrameHeader(type: .resume, streamID: .connection, length: 16 + 8 + 32))
-        record.writeBytes(id)
-        record.writeInteger(self.processedRecords)
-        record.writeBytes(
-            SessionResumption.proof(secret: secret, sessionID: id, handshakeHash: session.transport.handshakeHash)
-        )
+        record.writeFrameHeader(FrameHeader(type: type, streamID: .connection, length: length))
+        payload(&record)
         try self.sealer!.sealRecord(in: &record, start: start)
-        self.awaitingResumed = true
         self.delegate?.session(self, send: record)
     }
 
@@ -573,13 +598,10 @@ public final class TunnelSession {
     }
 
     private func sendResumed(status: UInt8) throws(ProtocolError) {
-        var record = ByteBuffer()
-        let start = self.sealer!.beginRecord(in: &record)
-        record.writeFrameHeader(FrameHeader(type: .resumed, streamID: .connection, length: 9))
-        record.writeInteger(status)
-        record.writeInteger(self.processedRecords)
-        try self.sealer!.sealRecord(in: &record, start: start)
-        self.delegate?.session(self, send: record)
+        try self.sendAlone(.resumed, length: 9) { record in
+            record.writeInteger(status)
+            record.writeInteger(self.processedRecords)
+        }
     }
 
     /// A record that carries RESUME or RESUMED, alone (it is not numbered).
@@ -653,8 +675,12 @@ public final class TunnelSession {
     /// Server: this session (detached, or still on a connection the runtime has given up) goes on over
     /// `connection`, whose client proved it may resume it and has processed `peerCount` of its records:
     /// RESUMED goes out, then the kept records after that count.
+    /// Throws when the session was given up meanwhile (the connection must then close: its client will find
+    /// the session unknown on its next attempt).
     public func takeConnection(_ connection: Connection, peerCount: UInt64) throws(ProtocolError) {
-        precondition(!self.isClient && self.isResumable)
+        guard !self.isClient, self.isResumable else {
+            throw ProtocolError.malformedRecord("the session to resume was given up meanwhile")
+        }
         self.sealer = connection.sealer
         self.opener = connection.opener
         self.established = connection.established
@@ -670,23 +696,10 @@ public final class TunnelSession {
     /// Both ends, the exchange done: the kept records after the peer's count go out again first.
     private func resumed(peerCount: UInt64) throws(ProtocolError) {
         try self.retention!.acknowledge(through: peerCount)
-        self.replay = try self.retention!.records(after: peerCount)
+        self.replay = CircularBuffer(try self.retention!.records(after: peerCount))
         self.acknowledgedToPeer = self.processedRecords
         self.multiplexer?.tunnelWritabilityChanged(self.isWritable)
         self.delegate?.session(self, resumed: self.replay.count)
-    }
-
-    /// Seals the kept records the peer never processed, in their order (they keep their numbers).
-    private func sealReplay(into buffer: inout ByteBuffer, now: NIODeadline) throws(ProtocolError) {
-        for plaintext in self.replay {
-            let start = self.sealer!.beginRecord(in: &buffer)
-            buffer.writeImmutableBuffer(plaintext)
-            let rekey = self.sealer!.needsRekey(now: now)
-            if rekey { self.multiplexer!.writeRekeyFrame(into: &buffer) }
-            try self.sealer!.sealRecord(in: &buffer, start: start)
-            if rekey { self.sealer!.rekey(now: now) }
-        }
-        self.replay.removeAll()
     }
 
     // MARK: - Drain

@@ -206,14 +206,19 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// session cannot be kept.
     private func detachIfResumable(_ error: ProtocolError, context: ChannelHandlerContext) -> Bool {
         guard error.code == .truncated || self.core.isReconnecting, self.core.detach() else { return false }
+        self.leave(context)
+        self.flushLocalStreams()
+        self.delegate?.tunnelDetached(self, error: error)
+        return true
+    }
+
+    /// The detached session leaves `context`'s channel (cut, if still open); its events are no longer ours.
+    private func leave(_ context: ChannelHandlerContext) {
         self.timer?.cancel()
         self.writer.disable()
         self.started = false
         self.context = nil
-        self.flushLocalStreams()
         if context.channel.isActive { context.closeAbortively() }
-        self.delegate?.tunnelDetached(self, error: error)
-        return true
     }
 
     /// The error for a connection that ended below the protocol (EOF, reset) in the current phase.
@@ -386,11 +391,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// one may look alive here still, when its path went silent): the session detaches, without a word.
     public func releaseConnection() {
         guard let context = self.context, self.core.detach() else { return }
-        self.timer?.cancel()
-        self.writer.disable()
-        self.started = false
-        self.context = nil
-        context.closeAbortively()
+        self.leave(context)
     }
 
     /// Server: this detached session carries on over `connection`, whose channel this handler was just added
@@ -400,7 +401,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         do {
             try self.core.takeConnection(connection, peerCount: peerCount)
         } catch {
-            self.fail(error, context: context)
+            // Given up meanwhile: the client's next attempt learns that the session is gone.
+            self.logger.info("cannot resume over \(self.remoteDescription): \(error.detail)")
+            self.leave(context)
         }
     }
 

@@ -39,14 +39,8 @@ final class SessionEnd: TunnelSessionDelegate {
     func sessionConfirmed(_ session: TunnelSession) { self.confirmedCount += 1 }
     func session(_ session: TunnelSession, peerClosed code: ErrorCode) { self.peerClosed = code }
     func sessionResumeCandidate(id: [UInt8], key: PublicKey) -> ResumeCandidate? {
-        for (index, end) in self.detached.enumerated() {
-            if let candidate = end.session.resumeCandidate(token: index), candidate.sessionID == id,
-                candidate.clientKey == key
-            {
-                return candidate
-            }
-        }
-        return nil
+        self.detached.lazy.compactMap { $0.session.resumeCandidate }
+            .first { $0.sessionID == id && $0.clientKey == key }
     }
     func session(
         _ session: TunnelSession,
@@ -55,7 +49,8 @@ final class SessionEnd: TunnelSessionDelegate {
         peerCount: UInt64
     ) {
         // What a server's runtime does on the resumed session's own loop.
-        try! self.detached[candidate.token].session.takeConnection(connection, peerCount: peerCount)
+        let end = self.detached.first { $0.session.sessionID == candidate.sessionID }!
+        try! end.session.takeConnection(connection, peerCount: peerCount)
     }
     func session(_ session: TunnelSession, resumed replayed: Int) { self.resumedReplays.append(replayed) }
     func session(_ session: TunnelSession, resumeRefused status: UInt8) { self.resumeRefusals.append(status) }
