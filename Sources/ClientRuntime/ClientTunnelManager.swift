@@ -64,7 +64,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     var fullTunnel: ClientFullTunnel? {
         didSet {
             self.configuration.session.fullTunnel = self.fullTunnel != nil
-            // Not yet across a broken connection in full-tunnel mode (the device and lease are not kept).
+            // Not in full-tunnel mode: there the apps' own TCP connections survive a break (the device stays,
+            // the server holds the lease), and the session starts anew.
             if self.fullTunnel != nil { self.configuration.session.resumption = false }
             self.configuration.session.packetOffload = self.fullTunnel?.offersOffload ?? false
             // An app's packet while the tunnel is down is a user waiting, like a SOCKS request.

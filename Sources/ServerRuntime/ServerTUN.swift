@@ -68,6 +68,9 @@ final class ServerTUN: Sendable {
     private let forwarder: NIOLoopBoundBox<DNSForwarder?>
     private let loop: any EventLoop
     private let logger: Logger
+    /// How long a client's addresses are kept from other clients after its session ended (its resume grace:
+    /// it may be reconnecting, and its apps' connections on those addresses wait for it).
+    private let leaseHold: TimeAmount
 
     private init(
         device: any PacketDevice,
@@ -78,8 +81,10 @@ final class ServerTUN: Sendable {
         lock: HostChangeLock,
         forwarder: NIOLoopBoundBox<DNSForwarder?>,
         loop: any EventLoop,
+        leaseHold: TimeAmount,
         logger: Logger
     ) {
+        self.leaseHold = leaseHold
         self.lock = lock
         self.device = device
         var queueOfLoop: [ObjectIdentifier: Int] = [:]
@@ -114,6 +119,7 @@ final class ServerTUN: Sendable {
         statePath: String,
         serverKey: PublicKey,
         group: any EventLoopGroup,
+        leaseHold: TimeAmount,
         logger: Logger
     ) async throws -> ServerTUN {
         let pool6: (IPAddress, Int)?
@@ -241,6 +247,7 @@ final class ServerTUN: Sendable {
             lock: lock,
             forwarder: forwarder,
             loop: loop,
+            leaseHold: leaseHold,
             logger: logger
         )
         for (queue, queueLoop) in loops.enumerated() {
@@ -352,7 +359,13 @@ final class ServerTUN: Sendable {
         let lease: AddressPool<PublicKey>.Lease? = self.state.withLockedValue { state in
             guard !state.closed else { return nil }
             let seed = key.bytes.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            let lease = state.router.attach(key: key, seed: seed, route: route, owner: route.id)
+            let lease = state.router.attach(
+                key: key,
+                seed: seed,
+                route: route,
+                owner: route.id,
+                now: NIODeadline.now().uptimeNanoseconds
+            )
             if lease != nil && !offload { state.plainSessions.insert(route.id) }
             self.updateOffload(&state)
             return lease
@@ -366,11 +379,13 @@ final class ServerTUN: Sendable {
         return (assignment, lease.slot)
     }
 
-    /// The session `id` of `key` ended: its route goes, unless a newer session of the key took the slot.
+    /// The session `id` of `key` ended: its route goes, unless a newer session of the key took the slot;
+    /// its addresses are held for it for `leaseHold`.
     func detach(key: PublicKey, id: ObjectIdentifier, slot: Int) {
+        let heldUntil = (NIODeadline.now() + self.leaseHold).uptimeNanoseconds
         self.state.withLockedValue { state in
             guard !state.closed else { return }
-            state.router.detach(key: key, owner: id, slot: slot)
+            state.router.detach(key: key, owner: id, slot: slot, heldUntil: heldUntil)
             state.plainSessions.remove(id)
             self.updateOffload(&state)
         }

@@ -58,6 +58,7 @@ public final class TunnelServer: Sendable {
                 statePath: CrashRecovery.serverStatePath(settings.tun, listen: self.resolved.listen),
                 serverKey: self.resolved.key.publicKey,
                 group: self.group,
+                leaseHold: .nanoseconds(settings.timings.resumeGrace),
                 logger: self.logger
             )
             self.tun.withLockedValue { $0 = tun }

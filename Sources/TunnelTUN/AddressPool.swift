@@ -6,7 +6,8 @@ import TunnelProtocol
 /// Host 1 of each network is the server's own (the gateway, and its DNS forwarder). A key's first choice of
 /// slot comes from the key itself, so a client usually keeps its address across server restarts too; a
 /// taken slot moves it to the next free one. Leases outlive connections; when every slot is leased, the
-/// lease of a client that is not connected is reused.
+/// lease of a client that is not connected is reused, once its hold (the server's resume grace: the client
+/// may be reconnecting, its apps' connections on that address waiting) has passed.
 public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
     public struct Network: Hashable, Sendable, CustomStringConvertible {
         public var address: PacketAddress
@@ -39,6 +40,8 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
     private var slotOf: [Key: Int] = [:]
     private var ownerOf: [Int: Key] = [:]
     private var active: Set<Key> = []
+    /// Until when (monotonic nanoseconds) the lease of a key that left is kept from other keys.
+    private var heldUntil: [Key: UInt64] = [:]
 
     /// Most clients a pool serves (a /12 would otherwise mean a million slots).
     public static var maxCapacity: Int { 1 << 16 }
@@ -85,10 +88,11 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
 
     /// Gives `key` its address (the one it had before, if any) and marks it connected. `seed` picks the
     /// first slot to try (derive it from the key, so it is stable across restarts). Nil when every slot
-    /// belongs to a connected client.
-    public mutating func lease(for key: Key, seed: UInt64) -> Lease? {
+    /// belongs to a connected client or to one whose hold lasts beyond `now` (monotonic nanoseconds).
+    public mutating func lease(for key: Key, seed: UInt64, now: UInt64 = 0) -> Lease? {
         if let slot = self.slotOf[key] {
             self.active.insert(key)
+            self.heldUntil.removeValue(forKey: key)
             return self.lease(slot: slot)
         }
         let start = Int(seed % UInt64(self.capacity))
@@ -99,22 +103,27 @@ public struct AddressPool<Key: Hashable>: Sendable where Key: Sendable {
                 candidate = slot
                 break
             }
-            if candidate == nil, !self.active.contains(owner) {
-                // Remember the first slot whose owner is away, in case no slot is free.
+            if candidate == nil, !self.active.contains(owner), self.heldUntil[owner] ?? 0 <= now {
+                // Remember the first slot whose owner is away (and not held), in case no slot is free.
                 candidate = slot
             }
         }
         guard let slot = candidate else { return nil }
-        if let previous = self.ownerOf[slot] { self.slotOf.removeValue(forKey: previous) }
+        if let previous = self.ownerOf[slot] {
+            self.slotOf.removeValue(forKey: previous)
+            self.heldUntil.removeValue(forKey: previous)
+        }
         self.ownerOf[slot] = key
         self.slotOf[key] = slot
         self.active.insert(key)
         return self.lease(slot: slot)
     }
 
-    /// `key` disconnected: its lease stays, but may be reused when the pool is full.
-    public mutating func release(_ key: Key) {
+    /// `key` disconnected: its lease stays, but may be reused when the pool is full, after `heldUntil`
+    /// (monotonic nanoseconds; 0: at once).
+    public mutating func release(_ key: Key, heldUntil: UInt64 = 0) {
         self.active.remove(key)
+        if heldUntil > 0 { self.heldUntil[key] = heldUntil } else { self.heldUntil.removeValue(forKey: key) }
     }
 
     /// Number of keys holding a lease.

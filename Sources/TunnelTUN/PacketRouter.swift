@@ -20,29 +20,31 @@ public struct PacketRouter<Key: Hashable & Sendable, Route> {
     }
 
     /// Routes the key's addresses to `route` (owned by `owner`); nil when every address is held by a
-    /// connected client. `seed` picks the key's first-choice slot (so it usually keeps its address across
-    /// server restarts too).
+    /// connected client (or held for one that left). `seed` picks the key's first-choice slot (so it usually
+    /// keeps its address across server restarts too); `now` is monotonic nanoseconds.
     public mutating func attach(
         key: Key,
         seed: UInt64,
         route: Route,
-        owner: ObjectIdentifier
+        owner: ObjectIdentifier,
+        now: UInt64 = 0
     ) -> AddressPool<Key>.Lease? {
-        guard let lease = self.pool.lease(for: key, seed: seed) else { return nil }
+        guard let lease = self.pool.lease(for: key, seed: seed, now: now) else { return nil }
         self.routes[lease.slot] = route
         self.owners[lease.slot] = owner
         return lease
     }
 
     /// The session `owner` of `key` is gone. If a newer session of the key took the slot over, it stays.
-    public mutating func detach(key: Key, owner: ObjectIdentifier, slot: Int) {
+    /// The key's addresses are kept from other keys until `heldUntil` (monotonic nanoseconds).
+    public mutating func detach(key: Key, owner: ObjectIdentifier, slot: Int, heldUntil: UInt64 = 0) {
         guard self.routes.indices.contains(slot) else { return }
         if let current = self.owners[slot] {
             guard current == owner else { return }
             self.routes[slot] = nil
             self.owners[slot] = nil
         }
-        self.pool.release(key)
+        self.pool.release(key, heldUntil: heldUntil)
     }
 
     /// The session that owns `destination`, if any.

@@ -728,3 +728,33 @@ def test_after_an_outage_the_full_tunnel_is_back_at_once_and_no_pool_address_lea
         assert client.terminate() == 0
     leaks = [line for line in lines if re.search(r"IP 10\.77\.0\.\d+\.?\d* >", line) or re.search(r"IP6 fd[0-9a-f:]+\.?\d* >", line)]
     assert leaks == [], "pool addresses left the server's outside interface:\n" + "\n".join(leaks[:10])
+
+
+def test_an_inner_tcp_download_survives_resets_of_the_outer_connection(net, dump_logs_on_failure, tmp_path):
+    """A 32 MiB download by an app on the client host (plain curl, no proxy: its packets go into the TUN
+    device) while the tunnel's TCP connection is reset three times (`ss -K` in the client's namespace, as a
+    NAT or a middlebox would). The client keeps its device and routes, the new connection resumes the session
+    and the server routes the same address to it: the app's own TCP connection only sees a few lost segments,
+    which it sends again, and the file arrives whole."""
+    client = net.start_client(NS_C, "c1", SERVER_C, label="client-reset")
+    out = tmp_path / "large.bin"
+    download = subprocess.Popen(["ip", "netns", "exec", NS_C, "curl", "-sS", "--max-time", "90", "--limit-rate", "3M",
+                                 "-o", str(out), f"http://{WEB4}:8080/large.bin"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for n in range(1, 4):
+            assert harness.wait_for(lambda: out.exists() and out.stat().st_size >= n * (7 << 20), timeout=30), \
+                "the download stalled"
+            ups = client.stderr_text().count("tunnel up to") + client.stderr_text().count("session resumed")
+            ns(NS_C, "ss", "-K", "-t", "-n", "dst", SERVER_C, "dport", "=", f":{PORT}")
+            assert harness.wait_for(lambda: client.stderr_text().count("tunnel up to")
+                                    + client.stderr_text().count("session resumed") > ups, timeout=10), \
+                client.stderr_text()
+        assert download.wait(timeout=90) == 0, download.stderr.read().decode()
+    finally:
+        if download.poll() is None:
+            download.kill()
+    with open(os.path.join(net.dir, "www", "large.bin"), "rb") as f:
+        want = f.read()
+    assert out.read_bytes() == want
+    assert client.terminate() == 0

@@ -174,6 +174,25 @@ struct AddressPoolTests {
         #expect(pool.leaseCount == 1)
     }
 
+    /// A client that left may be reconnecting (its apps' connections on its address wait for it): a full pool
+    /// gives its address to another key only once its hold has passed, and gives it back to it meanwhile.
+    @Test func aFullPoolKeepsAHeldLeaseForItsClientUntilTheHoldPasses() throws {
+        var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.9.9.0")!, prefixLength: 30)
+        let leased = pool.lease(for: self.key(1), seed: 0, now: 100)
+        let first = try #require(leased)
+        pool.release(self.key(1), heldUntil: 1_000)
+        #expect(pool.lease(for: self.key(2), seed: 0, now: 999) == nil)
+        #expect(pool.lease(for: self.key(1), seed: 0, now: 999) == first)
+        // Back, and gone again: a new hold; after it passes, another key gets the address.
+        pool.release(self.key(1), heldUntil: 2_000)
+        #expect(pool.lease(for: self.key(2), seed: 0, now: 1_999) == nil)
+        #expect(pool.lease(for: self.key(2), seed: 0, now: 2_000) == first)
+        // The first key's lease is gone; its hold with it: the pool is full of a connected client.
+        #expect(pool.lease(for: self.key(1), seed: 0, now: 3_000) == nil)
+        pool.release(self.key(2))
+        #expect(pool.lease(for: self.key(1), seed: 0, now: 3_000) == first)
+    }
+
     @Test func hostBitsOfTheNetworkAreIgnored() throws {
         var pool = try AddressPool<[UInt8]>(ipv4: IPAddress.parse("10.77.0.200")!, prefixLength: 24)
         let lease = pool.lease(for: self.key(1), seed: 0)
