@@ -59,6 +59,13 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var graceTimer: Scheduled<Void>?
     /// Sessions resumed over a new connection so far.
     private(set) var resumes = 0
+    /// Tunnels established so far (each new session; resumes not counted).
+    private var establishments = 0
+    /// What the sessions that ended carried (status totals).
+    private var endedTraffic = TrafficFigures()
+    /// The state the last status report showed, and since when the client is in it.
+    private var reportedState = "connecting"
+    private var stateSince = NIODeadline.now()
 
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
     var fullTunnel: ClientFullTunnel? {
@@ -223,6 +230,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.workingCipher = session.cipher
         self.nextCipher = session.cipher
         self.reconnect.succeeded(now: .now())
+        if tunnel !== self.detached { self.establishments += 1 }
+        self.stateChanged()
         let compression: String
         if self.configuration.session.compression {
             compression = tunnel.compressionActive ? ", compression on" : ", compression refused by the server"
@@ -281,6 +290,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
         self.connecting = false
         if self.current === tunnel { self.current = nil }
+        defer { self.stateChanged() }
         guard !self.stopped else {
             tunnel.abandon(code: .shutdown, why: "stopping")
             return
@@ -313,6 +323,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int) {
         self.connecting = false
         self.detached = nil
+        defer { self.stateChanged() }
         self.graceTimer?.cancel()
         self.graceTimer = nil
         self.current = tunnel
@@ -328,6 +339,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnelClosed(_ tunnel: TunnelConnectionHandler, error: ProtocolError?) {
         self.live.removeValue(forKey: ObjectIdentifier(tunnel))
+        self.endedTraffic.add(TrafficFigures(tunnel).ended)
+        defer { self.stateChanged() }
         if self.detached === tunnel {
             // The server could not resume the session (it restarted, or the session expired there): its
             // streams were reset; a fresh session takes new requests.
@@ -439,6 +452,60 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             }
             self.armWaiterTimer()
         }
+    }
+
+    // MARK: - Status (README, *Operating it*)
+
+    /// What `tunnel-client status` shows; `streams` lists the open streams too.
+    func report(streams: Bool) -> ClientReport {
+        let now = NIODeadline.now()
+        let tunnel = self.current ?? self.detached
+        self.stateChanged()
+        let state = self.reportedState
+        var traffic = self.endedTraffic
+        // A session's figures count once, whichever of its connections carried them.
+        var counted = Set<ObjectIdentifier>()
+        for live in [tunnel].compactMap({ $0 }) + Array(self.live.values)
+        where counted.insert(ObjectIdentifier(live)).inserted {
+            traffic.add(TrafficFigures(live))
+        }
+        var report = ClientReport(
+            server: "\(self.resolved.server)",
+            serverKey: self.resolved.serverKey.base64,
+            state: state,
+            stateSeconds: seconds(now - self.stateSince),
+            reconnects: max(0, self.establishments - 1),
+            resumes: self.resumes,
+            fastOpens: self.fastOpens,
+            fastOpenFailures: self.fastOpenFailures,
+            waiting: self.waiting.count,
+            traffic: traffic
+        )
+        if let tunnel {
+            report.sessionSeconds = tunnel.establishedAt.map { seconds(now - $0) }
+            report.connectionSeconds = tunnel.connectedAt.map { seconds(now - $0) }
+            report.rttMilliseconds = milliseconds(tunnel.multiplexer?.smoothedRoundTrip)
+            report.minRttMilliseconds = milliseconds(tunnel.multiplexer?.minimumRoundTrip)
+            if streams { report.streams = StreamReport.list(tunnel, now: now) }
+        }
+        return report
+    }
+
+    /// Notes when the state status shows changed.
+    private func stateChanged() {
+        let state: String
+        if self.stopped {
+            state = "stopping"
+        } else if self.current != nil {
+            state = "connected"
+        } else if self.detached != nil {
+            state = "resuming"
+        } else {
+            state = "connecting"
+        }
+        guard state != self.reportedState else { return }
+        self.reportedState = state
+        self.stateSince = .now()
     }
 
     // MARK: - Shutdown

@@ -35,6 +35,12 @@ public final class TunnelClient: Sendable {
         )
     }
 
+    /// What `tunnel-client status` shows (README, *Operating it*).
+    public func report(streams: Bool) -> EventLoopFuture<ClientReport> {
+        let manager = self.manager
+        return self.eventLoop.submit { manager.value.report(streams: streams) }
+    }
+
     /// Longest the SOCKS port waits for the first attempt to finish.
     static let firstAttemptWait: TimeAmount = .seconds(3)
 

@@ -17,6 +17,8 @@ final class ServerSession: TunnelConnectionDelegate {
     private let handle: ServerSessionRegistry.Handle
     private var clientKey: PublicKey?
     private var clientName = "unauthenticated client"
+    /// The comment after the client's key in the authorized keys.
+    private var clientComment = ""
     /// A key that was not in the authorized keys (named when the failed handshake is logged).
     private var refusedKey: PublicKey?
     /// Where the connection comes from, as the registry counts sources.
@@ -79,6 +81,7 @@ final class ServerSession: TunnelConnectionDelegate {
             return false
         }
         self.clientKey = key
+        self.clientComment = entry.comment
         self.clientName = entry.comment.isEmpty ? "client \(key)" : "client \(key) (\(entry.comment))"
         return true
     }
@@ -262,6 +265,25 @@ final class ServerSession: TunnelConnectionDelegate {
         }
     }
 
+    // MARK: - Status
+
+    /// This session as `tunnel-server status` shows it (nil before its client is known).
+    func report(streams: Bool, now: NIODeadline) -> SessionReport? {
+        guard let key = self.clientKey else { return nil }
+        let tunnel = self.handle.handler.value
+        var report = SessionReport(
+            key: key.base64,
+            name: self.clientComment,
+            remote: tunnel.remoteDescription,
+            state: tunnel.core.isDetached ? "resumable" : "connected",
+            sessionSeconds: tunnel.establishedAt.map { seconds(now - $0) } ?? 0
+        )
+        report.rttMilliseconds = milliseconds(tunnel.roundTrip)
+        report.traffic = TrafficFigures(tunnel)
+        if streams { report.streams = StreamReport.list(tunnel, now: now) }
+        return report
+    }
+
     // MARK: - Resumption (docs/PROTOCOL.md §7)
 
     func tunnelDetached(_ tunnel: TunnelConnectionHandler, error: ProtocolError) {
@@ -381,6 +403,7 @@ final class ServerSession: TunnelConnectionDelegate {
         }
         self.pendingPackets.removeAll()
         self.registry.remove(self.handle, key: self.clientKey)
+        if self.clientKey != nil { self.registry.sessionEnded(TrafficFigures(tunnel)) }
         if let tun = self.tun, let key = self.clientKey, let slot = self.slot {
             tun.detach(key: key, id: self.handle.id, slot: slot)
             let (refused, delayed) = (tunnel.refusedPackets, tunnel.delayedPacketDrops)

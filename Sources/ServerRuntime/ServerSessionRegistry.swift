@@ -34,6 +34,8 @@ final class ServerSessionRegistry: Sendable {
         /// broke: by session id, and the one of each client key (at most one per key).
         var resumable: [[UInt8]: Resumable] = [:]
         var resumableByKey: [PublicKey: [UInt8]] = [:]
+        /// What the sessions that ended carried (status totals).
+        var endedTraffic = TrafficFigures()
     }
 
     /// A session its client may resume.
@@ -70,6 +72,31 @@ final class ServerSessionRegistry: Sendable {
         self.maxPendingHandshakes = maxPendingHandshakes
         self.maxPendingPerSource = max(1, min(maxPendingHandshakes, max(4, maxPendingHandshakes / 16)))
     }
+
+    // MARK: - Status
+
+    /// The sessions to report: each key's active one, and those kept for their client to resume.
+    func sessionsToReport() -> [Handle] {
+        self.state.withLockedValue { state in
+            var seen = Set<ObjectIdentifier>()
+            var handles: [Handle] = []
+            for handle in Array(state.activeByKey.values) + state.resumable.values.map(\.handle)
+            where seen.insert(handle.id).inserted {
+                handles.append(handle)
+            }
+            return handles
+        }
+    }
+
+    /// Handshakes in progress.
+    var handshakesInProgress: Int { self.state.withLockedValue { $0.pending.count } }
+
+    /// A session ended: what it carried stays in the totals.
+    func sessionEnded(_ traffic: TrafficFigures) {
+        self.state.withLockedValue { $0.endedTraffic.add(traffic.ended) }
+    }
+
+    var endedTraffic: TrafficFigures { self.state.withLockedValue { $0.endedTraffic } }
 
     /// Counts a new unauthenticated connection from `source`. A source that already has its share of pending
     /// handshakes, or a server with all its slots taken, gives up its oldest pending one (returned to be

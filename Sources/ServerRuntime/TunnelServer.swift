@@ -17,6 +17,7 @@ public final class TunnelServer: Sendable {
     private let resolverPool: NIOThreadPool
     private let logger: Logger
     private let listener = NIOLockedValueBoxChannel()
+    private let startedAt = NIODeadline.now()
     private let tun = NIOLockedValueBox<ServerTUN?>(nil)
     /// Logs the summaries of throttled handshake failures once a minute.
     private let summaryTask = NIOLockedValueBox<RepeatedTask?>(nil)
@@ -37,6 +38,38 @@ public final class TunnelServer: Sendable {
             hostAddresses: HostAddresses(),
             resolverPool: self.resolverPool
         )
+    }
+
+    /// What `tunnel-server status` shows (README, *Operating it*).
+    public func report(streams: Bool) -> EventLoopFuture<ServerReport> {
+        let loop = self.group.next()
+        let now = NIODeadline.now()
+        var report = ServerReport(
+            listen: self.listener.current?.localAddress.flatMap(Self.hostPort) ?? "\(self.resolved.listen)",
+            uptimeSeconds: seconds(now - self.startedAt),
+            authorizedKeys: self.registry.authorizedKeys.entries.count,
+            handshaking: self.registry.handshakesInProgress
+        )
+        report.totals = self.registry.endedTraffic
+        let sessions = self.registry.sessionsToReport().map { handle in
+            handle.eventLoop.submit { () -> SessionReport? in
+                (handle.handler.value.delegate as? ServerSession)?.report(streams: streams, now: now)
+            }
+        }
+        return EventLoopFuture.whenAllComplete(sessions, on: loop).map { results in
+            for case .success(let session?) in results {
+                report.sessions.append(session)
+                report.totals.add(session.traffic)
+            }
+            report.sessions.sort { $0.sessionSeconds > $1.sessionSeconds }
+            return report
+        }
+    }
+
+    /// "127.0.0.1:7443", "[::1]:7443".
+    private static func hostPort(_ address: SocketAddress) -> String? {
+        guard let ip = address.ipAddress, let port = address.port else { return nil }
+        return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
     }
 
     /// Binds the listening socket; returns the real bound address (also when the port was 0).

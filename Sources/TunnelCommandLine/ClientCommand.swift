@@ -1,6 +1,7 @@
 import ArgumentParser
 import ClientRuntime
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ServerRuntime
@@ -29,7 +30,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             README). SIGINT/SIGTERM: stop accepting, let open streams finish (drain_timeout, default 5s), undo \
             any full-tunnel changes, then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self]
+        subcommands: [Keygen.self, Pubkey.self, ClientStatus.self]
     )
 
     @Option(
@@ -195,6 +196,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             settings.fullTunnel.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name")
         }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if let v = self.common.controlSocket { settings.controlSocket = v }
         if self.recoverOnly {
             let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
             do {
@@ -225,13 +227,34 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
+        let controlServer = NIOLockedValueBox<ControlServer?>(nil)
+        let controlSetting = settings.controlSocket
         let service = ListenerService(
             readyPrefix: "SOCKS5 listening on",
             failurePrefix: "cannot listen for SOCKS5",
             listen: resolved.settings.socks.description,
             setting: "--socks HOST:PORT (or socks in --config)",
-            start: { try await client.start() },
-            stop: { await client.shutdown() }
+            start: {
+                let address = try await client.start()
+                let control = try await Control.start(
+                    setting: controlSetting,
+                    program: "tunnel-client",
+                    group: group,
+                    logger: logger
+                ) { request in
+                    let (isStatus, streams) = Control.parseStatus(request)
+                    guard isStatus else {
+                        return group.next().makeSucceededFuture("{\"error\": \"unknown request '\(request)'\"}")
+                    }
+                    return client.report(streams: streams).map { Control.encode($0) }
+                }
+                controlServer.withLockedValue { $0 = control }
+                return address
+            },
+            stop: {
+                controlServer.withLockedValue { $0 }?.stop()
+                await client.shutdown()
+            }
         )
         try await runUntilSignalled(service, group: group, logger: logger)
         if let failure = client.failure { throw RuntimeFailure(message: failure) }

@@ -68,6 +68,9 @@ extension Entry {
         } catch let error as ConfigError {
             printError("\(name): \(error.message)")
             exit(2)
+        } catch let error as RuntimeFailure {
+            printError("\(name): \(error.message)")
+            exit(1)
         } catch {
             if type.exitCode(for: error) == .success {
                 // The help as the root shows it for this subcommand: usage with the program's name.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import ClientRuntime
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ServerRuntime
@@ -27,7 +28,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             SIGINT/SIGTERM: stop accepting, let open \
             streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self]
+        subcommands: [Keygen.self, Pubkey.self, ServerStatus.self]
     )
 
     @Option(
@@ -133,6 +134,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.key { settings.keyPath = v }
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
+        if let v = self.common.controlSocket { settings.controlSocket = v }
         settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
         if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }
@@ -180,13 +182,34 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
+        let controlServer = NIOLockedValueBox<ControlServer?>(nil)
+        let controlSetting = settings.controlSocket
         let service = ListenerService(
             readyPrefix: "tunnel-server listening on",
             failurePrefix: "cannot listen",
             listen: resolved.listen.description,
             setting: "--listen HOST:PORT (or listen in --config)",
-            start: { try await server.start() },
-            stop: { await server.shutdown() }
+            start: {
+                let address = try await server.start()
+                let control = try await Control.start(
+                    setting: controlSetting,
+                    program: "tunnel-server",
+                    group: group,
+                    logger: logger
+                ) { request in
+                    let (isStatus, streams) = Control.parseStatus(request)
+                    guard isStatus else {
+                        return group.next().makeSucceededFuture("{\"error\": \"unknown request '\(request)'\"}")
+                    }
+                    return server.report(streams: streams).map { Control.encode($0) }
+                }
+                controlServer.withLockedValue { $0 = control }
+                return address
+            },
+            stop: {
+                controlServer.withLockedValue { $0 }?.stop()
+                await server.shutdown()
+            }
         )
         try await runUntilSignalled(service, group: group, logger: logger)
     }

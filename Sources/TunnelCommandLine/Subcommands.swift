@@ -67,4 +67,13 @@ struct CommonOptions: ParsableArguments {
         )
     )
     var logLevel: String?
+
+    @Option(
+        name: .customLong("control-socket"),
+        help: ArgumentHelp(
+            "Unix socket for status and reload (mode 0600; default: /run/PROGRAM.sock as root, else in XDG_RUNTIME_DIR; none: no socket).",
+            valueName: "path"
+        )
+    )
+    var controlSocket: String?
 }

@@ -45,6 +45,8 @@ public struct ClientSettings: Sendable {
     /// A UDP association with no traffic for this long is closed (with its control connection).
     public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"
+    /// The control socket `status` and `reload` talk to: nil for the default path, "none" (or "") for none.
+    public var controlSocket: String?
     public var cipher = CipherChoice.automatic
     /// How long a SOCKS request waits for the tunnel to come (back) up before it is refused.
     public var connectWait: Int64 = 10_000_000_000
@@ -92,6 +94,7 @@ public struct ClientSettings: Sendable {
         if let v = try file.duration("connect_wait") { self.connectWait = v }
         if let v = try file.integer("max_waiting_requests", range: 0...1_000_000) { self.maxWaitingRequests = v }
         if let v = try file.duration("reconnect_max", min: 100_000_000) { self.reconnectMax = v }
+        if let v = try file.string("control_socket") { self.controlSocket = v }
         try self.timings.apply(&file)
         try self.fullTunnel.apply(file: &file)
         try file.finish()

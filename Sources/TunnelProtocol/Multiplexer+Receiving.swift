@@ -138,6 +138,8 @@ extension Multiplexer {
         }
         if count > 0 {
             try stream.receiveWindow.received(count)
+            stream.bytesReceived += count
+            self.payloadBytesReceived += count
             self.bufferedReceiveBytes += count
             if self.bufferedReceiveBytes <= self.configuration.maxBufferedBytes {
                 self.consumeConnection(count, now: now)
@@ -420,6 +422,7 @@ extension Multiplexer {
         }
         guard stream.kind == .udp else { throw ProtocolError.malformedFrame("DATAGRAM on TCP stream \(stream.id)") }
         guard stream.state.isOpen else { return }
+        self.datagramsReceived += 1
         if self.configuration.datagramCredit {
             // Handed on (sent, or dropped by the association) at once: the credit goes back as soon as half
             // the window has been handled, so no more than a window of datagrams is ever in flight.

@@ -91,6 +91,8 @@ extension Multiplexer {
                 lastStream = stream
             }
             if count > 0 {
+                stream.bytesSent += count
+                self.payloadBytesSent += count
                 self.activeStreams.sent(count, by: stream)
                 if deflater == nil { self.copyPending(count, of: stream, into: &buffer) }
                 stream.sendCredit.spend(count)

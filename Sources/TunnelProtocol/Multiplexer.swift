@@ -152,6 +152,16 @@ public final class Multiplexer {
     var datagramQueueBytes = 0
     /// Datagrams dropped because the queue was full (sending side).
     public internal(set) var droppedDatagrams = 0
+
+    // MARK: - Counters (status and metrics; plain integers, bumped once per frame)
+    /// Stream bytes sent and received (as the applications see them: before compression, after inflation).
+    public internal(set) var payloadBytesSent = 0
+    public internal(set) var payloadBytesReceived = 0
+    /// Streams opened by either side so far.
+    public internal(set) var streamsOpened = 0
+    /// Datagrams queued for sending, and received for an open association.
+    public internal(set) var datagramsSent = 0
+    public internal(set) var datagramsReceived = 0
     /// IP packets waiting (full tunnel), one queue per flow.
     var packetQueue: PacketFairQueue
     /// IP packets waiting to be sent.
@@ -316,6 +326,8 @@ public final class Multiplexer {
             )
         )
         self.activeStreams.admit(stream, now: self.clock)
+        stream.openedAt = self.clock
+        self.streamsOpened += 1
         return stream
     }
 
@@ -333,6 +345,7 @@ public final class Multiplexer {
             return false
         }
         if self.configuration.datagramCredit { stream.sendCredit.spend(payload.readableBytes) }
+        self.datagramsSent += 1
         self.datagramQueue.append((stream.id, payload))
         self.datagramQueueBytes += payload.readableBytes
         self.delegate?.multiplexerHasOutput(self)

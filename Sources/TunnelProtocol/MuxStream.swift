@@ -134,6 +134,11 @@ public final class MuxStream {
 
     /// Bytes received for this stream and not yet consumed by the local socket.
     public var bufferedBytes: Int { self.receiveWindow.buffered }
+    /// Bytes of this stream sent and received so far (status `--streams`).
+    public internal(set) var bytesSent = 0
+    public internal(set) var bytesReceived = 0
+    /// When the stream was opened (the multiplexer's clock).
+    public internal(set) var openedAt = NIODeadline.uptimeNanoseconds(0)
     /// Bytes read locally and not yet sent.
     public var pendingSendBytes: Int { self.pendingBytes }
     /// Send credit left.

@@ -20,6 +20,8 @@ final class DirectSocketWriter {
     private var barrier = false
 
     var isEnabled: Bool { self.descriptor != nil }
+    /// Bytes handed to the socket or the channel so far (records on the wire, with their length prefixes).
+    private(set) var bytesWritten = 0
 
     /// Writes to the channel's socket directly from now on: `known` when given, else the descriptor found
     /// among this process's by the channel's addresses.
@@ -41,6 +43,7 @@ final class DirectSocketWriter {
 
     /// Writes `buffer`, directly or through `context`.
     func write(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
+        self.bytesWritten += buffer.readableBytes
         // Once NIO has closed the socket (it marks the channel inactive before any callback runs), the number
         // may name another file: never use it then.
         guard let descriptor = self.descriptor, context.channel.isActive else {
@@ -64,11 +67,16 @@ final class DirectSocketWriter {
             if written > 0 { buffer.moveReaderIndex(forwardBy: written) }
         }
         self.barrier = false
-        _ = self.writeThroughChannel(buffer, context: context)
+        _ = self.channelWrite(buffer, context: context)
     }
 
     /// Writes through the channel (counted while enabled, so later direct writes wait for it).
     func writeThroughChannel(_ buffer: ByteBuffer, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
+        self.bytesWritten += buffer.readableBytes
+        return self.channelWrite(buffer, context: context)
+    }
+
+    private func channelWrite(_ buffer: ByteBuffer, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
         let promise = context.eventLoop.makePromise(of: Void.self)
         if self.descriptor != nil {
             self.pendingChannelWrites += 1

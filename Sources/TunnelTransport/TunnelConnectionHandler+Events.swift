@@ -217,6 +217,9 @@ extension TunnelConnectionHandler: TunnelSessionDelegate {
     }
 
     public func session(_ session: TunnelSession, established: EstablishedSession) {
+        let now = NIODeadline.now()
+        if self.establishedAt == nil { self.establishedAt = now }
+        self.connectedAt = now
         self.delegate?.tunnelEstablished(self, session: established)
     }
 
@@ -243,6 +246,7 @@ extension TunnelConnectionHandler: TunnelSessionDelegate {
     }
 
     public func session(_ session: TunnelSession, resumed replayed: Int) {
+        self.connectedAt = .now()
         self.delegate?.tunnelResumed(self, replayed: replayed)
         self.scheduleFlush()
     }

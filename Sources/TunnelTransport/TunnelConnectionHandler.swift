@@ -74,6 +74,21 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var closing = false
     /// Runs once the drain that `shutdown` began is over.
     private var drainCompletion: (() -> Void)?
+    /// Bytes of this session read from and written to its connections (records and handshakes, as on the
+    /// wire: with compression, fewer than the streams carried).
+    public private(set) var wireBytesReceived = 0
+    public var wireBytesSent: Int { self.writer.bytesWritten }
+    /// When the session was established (its first connection's handshake), and when its current connection
+    /// was (nil while detached or handshaking).
+    public internal(set) var establishedAt: NIODeadline?
+    public internal(set) var connectedAt: NIODeadline?
+    /// The connection's round-trip time: the tunnel's own PING measure where this end sends them (the
+    /// client), else the kernel's estimate for the socket (status; a system call, not for the data path).
+    public var roundTrip: TimeAmount? {
+        if let measured = self.multiplexer?.smoothedRoundTrip { return measured }
+        guard let channel = self.context?.channel, let info = TCPInfo.of(channel) else { return nil }
+        return .microseconds(Int64(info.roundTripMicroseconds))
+    }
     /// Remote address, for logs.
     public private(set) var remoteDescription = "?"
     /// The peer's IP address alone (a reconnect from the same host comes from another port).
@@ -135,8 +150,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         guard self.phase != .closed else { return }
         defer { self.delegate?.tunnelReadFinished(self) }
         self.inRead = true
+        let bytes = self.unwrapInboundIn(data)
+        self.wireBytesReceived += bytes.readableBytes
         do {
-            try self.core.received(self.unwrapInboundIn(data))
+            try self.core.received(bytes)
         } catch {
             self.inRead = false
             self.fail(error, context: context)
@@ -208,6 +225,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         guard error.code == .truncated || self.core.isReconnecting, self.core.detach() else { return false }
         self.leave(context)
         self.flushLocalStreams()
+        self.connectedAt = nil
         self.delegate?.tunnelDetached(self, error: error)
         return true
     }

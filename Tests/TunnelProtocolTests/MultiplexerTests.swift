@@ -44,6 +44,25 @@ struct MultiplexerTests {
         #expect(pair.clientEvents.delivered[1] == Array(bytes(70_000, seed: 9).readableBytesView))
     }
 
+    /// The status counters: stream bytes each way (per stream and in all) and streams opened, on both sides.
+    @Test func countersFollowTheTraffic() throws {
+        let pair = MuxPair()
+        let (c, s) = try pair.openAccepted()
+        let (c2, _) = try pair.openAccepted()
+        pair.client.localRead(bytes(100_000, seed: 3), on: c)
+        pair.server.localRead(bytes(70_000, seed: 9), on: s)
+        pair.client.localRead(bytes(5), on: c2)
+        try pair.pump()
+        #expect(c.bytesSent == 100_000 && c.bytesReceived == 70_000)
+        #expect(s.bytesSent == 70_000 && s.bytesReceived == 100_000)
+        #expect(pair.client.payloadBytesSent == 100_005 && pair.client.payloadBytesReceived == 70_000)
+        #expect(pair.server.payloadBytesSent == 70_000 && pair.server.payloadBytesReceived == 100_005)
+        #expect(pair.client.streamsOpened == 2 && pair.server.streamsOpened == 2)
+        pair.client.release(c2)
+        try pair.pump()
+        #expect(pair.client.streamsOpened == 2 && pair.client.streamCount == 1)
+    }
+
     @Test func finHalfClosesAndBothFinsCloseTheStream() throws {
         let pair = MuxPair()
         let (c, s) = try pair.openAccepted()

@@ -1,0 +1,140 @@
+"""Operating it (issue 20, README *Operating it*): `status` of both ends over their control sockets, with real
+traffic; the control socket's mode, owner and peer check."""
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+import harness
+from harness import CLIENT_BIN, SERVER_BIN, pattern_digest, recv_exact, socks5_request
+
+MIB = 1 << 20
+
+
+def status(binary, sock, *extra):
+    out = subprocess.run([binary, "status", "--control-socket", sock, *extra], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def status_json(binary, sock, *extra):
+    return json.loads(status(binary, sock, "--json", *extra))
+
+
+@pytest.fixture
+def operated(tunnel, tmp_path):
+    """A tunnel whose two ends have control sockets in the test's directory."""
+    client_sock, server_sock = str(tmp_path / "client.sock"), str(tmp_path / "server.sock")
+    tunnel.start(server_extra=["--control-socket", server_sock], client_extra=["--control-socket", client_sock])
+    assert harness.wait_for(lambda: os.path.exists(client_sock) and os.path.exists(server_sock))
+    return tunnel, client_sock, server_sock
+
+
+def test_status_of_both_ends_shows_the_traffic_sent(operated, target):
+    """8 MiB down, 3 MiB up and an echo stream left open: both ends' status (JSON and table) count them."""
+    tunnel, client_sock, server_sock = operated
+    down = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)[0]
+    down.sendall(f"SOURCE {8 * MIB}\n".encode())
+    digest = harness.hashlib.sha256(recv_exact(down, 8 * MIB)).hexdigest()
+    assert digest == pattern_digest(8 * MIB)
+    down.close()
+    up = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)[0]
+    up.sendall(f"SINK {3 * MIB}\n".encode())
+    up.sendall(os.urandom(3 * MIB))
+    assert harness.recv_all(up).split()[0] == str(3 * MIB).encode()
+    up.close()
+    echo = socks5_request(tunnel.socks_port, "localhost", target.port)[0]
+    echo.sendall(b"ECHO\nhello\n")
+    assert recv_exact(echo, 6) == b"hello\n"
+    try:
+        client = status_json(CLIENT_BIN, client_sock)
+        assert client["state"] == "connected"
+        assert client["server"] == tunnel.server.address
+        assert client["serverKey"] == tunnel.server_pub
+        traffic = client["traffic"]
+        assert 8 * MIB <= traffic["payloadReceived"] < 8 * MIB + 4096
+        assert 3 * MIB <= traffic["payloadSent"] < 3 * MIB + 4096
+        assert traffic["wireReceived"] >= traffic["payloadReceived"]
+        assert traffic["wireSent"] >= traffic["payloadSent"]
+        assert traffic["streamsOpen"] == 1 and traffic["streamsTotal"] == 3
+        assert client["rttMilliseconds"] is not None and client["reconnects"] == 0
+
+        server = status_json(SERVER_BIN, server_sock, "--streams")
+        [session] = server["sessions"]
+        assert session["name"] == "test-client" and session["key"] == tunnel.client_pub
+        assert session["state"] == "connected"
+        assert 8 * MIB <= session["traffic"]["payloadSent"] < 8 * MIB + 4096
+        assert 3 * MIB <= session["traffic"]["payloadReceived"] < 3 * MIB + 4096
+        [stream] = session["streams"]
+        assert stream["destination"] == f"localhost:{target.port}" and stream["kind"] == "tcp"
+        assert stream["bytesReceived"] == len(b"ECHO\nhello\n") and stream["bytesSent"] == 6
+        assert server["totals"]["streamsTotal"] == 3
+
+        table = status(CLIENT_BIN, client_sock, "--streams")
+        assert f"connected to {tunnel.server.address}" in table
+        assert "8.0 MiB of streams" in table and "3.0 MiB of streams" in table
+        assert f"localhost:{target.port}" in table
+        table = status(SERVER_BIN, server_sock)
+        assert "test-client" in table and "1 session," in table
+    finally:
+        echo.close()
+
+
+def test_status_says_when_the_program_is_not_running(tmp_path):
+    out = subprocess.run([CLIENT_BIN, "status", "--control-socket", str(tmp_path / "none.sock")],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1
+    assert "is the program running?" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to try the socket as another user)")
+def test_the_control_socket_is_its_owners_only(tunnel):
+    """Mode 0600 and owned by the program's user: another user cannot connect. Even with the mode opened up
+    (a careless chmod), the program checks the peer's credentials and answers nothing to another user."""
+    # A directory every user may enter (pytest's own is its owner's only), so the socket's mode is what counts.
+    directory = tempfile.mkdtemp(prefix="tunnel-control-", dir="/tmp")
+    try:
+        os.chmod(directory, 0o755)
+        client_sock = os.path.join(directory, "client.sock")
+        tunnel.start(client_extra=["--control-socket", client_sock])
+        assert harness.wait_for(lambda: os.path.exists(client_sock))
+        info = os.stat(client_sock)
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.geteuid()
+        probe = ("import socket,sys\n"
+                 "s=socket.socket(socket.AF_UNIX)\n"
+                 "try:\n s.connect(sys.argv[1])\n"
+                 "except PermissionError: print('refused'); sys.exit(0)\n"
+                 "try:\n s.sendall(b'status\\n'); print('answer:', s.recv(65536))\n"
+                 "except OSError: print('answer: closed')\n")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", probe,
+                     client_sock]
+        out = subprocess.run(as_nobody, capture_output=True, text=True, timeout=20)
+        assert out.stdout.strip() == "refused", out.stdout + out.stderr
+        os.chmod(client_sock, 0o666)
+        out = subprocess.run(as_nobody, capture_output=True, text=True, timeout=20)
+        # Closed without a word (before or after the request was sent).
+        assert out.stdout.strip() in ("answer: b''", "answer: closed"), out.stdout + out.stderr
+        # Its owner is still answered.
+        assert status_json(CLIENT_BIN, client_sock)["state"] == "connected"
+    finally:
+        tunnel.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_unknown_request_gets_an_error_and_the_socket_goes_with_the_program(operated):
+    tunnel, client_sock, server_sock = operated
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(server_sock)
+    s.sendall(b"make coffee\n")
+    answer = json.loads(harness.recv_all(s))
+    assert "unknown request" in answer["error"]
+    assert tunnel.client.terminate() == 0
+    assert not os.path.exists(client_sock)
