@@ -166,6 +166,7 @@ let package = Package(
                 "TunnelProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ],
             exclude: ["hot-functions.order"],
             swiftSettings: swiftSettings

@@ -59,7 +59,9 @@ final class ServerSessionRegistry: Sendable {
         case refused
     }
 
-    let authorizedKeys: AuthorizedKeys
+    /// The keys allowed now (replaced by `reload`).
+    var authorizedKeys: AuthorizedKeys { self.keys.withLockedValue { $0 } }
+    private let keys: NIOLockedValueBox<AuthorizedKeys>
     let maxPendingHandshakes: Int
     /// Most pending handshakes from one source (an IPv4 address or an IPv6 /64).
     let maxPendingPerSource: Int
@@ -68,9 +70,32 @@ final class ServerSessionRegistry: Sendable {
     private let handshakeLog = NIOLockedValueBox(LogThrottle<[UInt8]>())
 
     init(authorizedKeys: AuthorizedKeys, maxPendingHandshakes: Int) {
-        self.authorizedKeys = authorizedKeys
+        self.keys = NIOLockedValueBox(authorizedKeys)
         self.maxPendingHandshakes = maxPendingHandshakes
         self.maxPendingPerSource = max(1, min(maxPendingHandshakes, max(4, maxPendingHandshakes / 16)))
+    }
+
+    // MARK: - Reload
+
+    /// Puts `keys` in place of the authorized keys. Returns the sessions (active or kept for resuming) of keys
+    /// no longer listed, to be closed: from now on their handshakes and resumes are refused.
+    func replaceAuthorizedKeys(_ keys: AuthorizedKeys) -> [(key: PublicKey, handle: Handle)] {
+        let listed = Set(keys.entries.map(\.key))
+        self.keys.withLockedValue { $0 = keys }
+        return self.state.withLockedValue { state in
+            var removed: [(key: PublicKey, handle: Handle)] = []
+            var seen = Set<ObjectIdentifier>()
+            for (key, handle) in state.activeByKey where !listed.contains(key) && seen.insert(handle.id).inserted {
+                removed.append((key, handle))
+            }
+            for (key, id) in state.resumableByKey where !listed.contains(key) {
+                if let kept = state.resumable.removeValue(forKey: id), seen.insert(kept.handle.id).inserted {
+                    removed.append((key, kept.handle))
+                }
+                state.resumableByKey.removeValue(forKey: key)
+            }
+            return removed
+        }
     }
 
     // MARK: - Status

@@ -66,6 +66,56 @@ public final class TunnelServer: Sendable {
         }
     }
 
+    /// What a reload did (README, *Operating it*).
+    public struct ReloadOutcome: Codable, Sendable {
+        public var keys: Int
+        public var added: Int
+        public var removed: Int
+        /// Sessions of removed keys that were closed.
+        public var closedSessions: Int
+    }
+
+    /// Re-reads the authorized-keys file (SIGHUP, `tunnel-server reload`): sessions of keys still listed go
+    /// on untouched, those of removed keys are closed; a file that cannot be read or parsed changes nothing
+    /// (the error is logged in one line and returned).
+    public func reload() -> Result<ReloadOutcome, ConfigError> {
+        guard let path = self.resolved.settings.authorizedKeysPath else {
+            return .failure(ConfigError("no authorized-keys file to reload"))
+        }
+        let before = self.registry.authorizedKeys
+        let keys: AuthorizedKeys
+        do {
+            keys = try AuthorizedKeys.load(from: path)
+        } catch {
+            self.logger.error("reload failed: \(error.message); keeping the \(before.entries.count) keys in use")
+            return .failure(error)
+        }
+        let old = Set(before.entries.map(\.key))
+        let new = Set(keys.entries.map(\.key))
+        let removedSessions = self.registry.replaceAuthorizedKeys(keys)
+        for (_, handle) in removedSessions {
+            handle.eventLoop.execute {
+                let tunnel = handle.handler.value
+                if tunnel.core.isDetached {
+                    tunnel.abandon(code: .notAuthorized, why: "the client's key was removed")
+                } else {
+                    tunnel.close(code: .notAuthorized)
+                }
+            }
+        }
+        let outcome = ReloadOutcome(
+            keys: keys.entries.count,
+            added: new.subtracting(old).count,
+            removed: old.subtracting(new).count,
+            closedSessions: removedSessions.count
+        )
+        let closed = removedSessions.map { "\($0.key.base64.prefix(8))" }.joined(separator: ", ")
+        self.logger.info(
+            "reloaded \(path): \(outcome.keys) keys (\(outcome.added) added, \(outcome.removed) removed)\(closed.isEmpty ? "" : "; closed the sessions of \(closed)")"
+        )
+        return .success(outcome)
+    }
+
     /// "127.0.0.1:7443", "[::1]:7443".
     private static func hostPort(_ address: SocketAddress) -> String? {
         guard let ip = address.ipAddress, let port = address.port else { return nil }

@@ -256,7 +256,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
                 await client.shutdown()
             }
         )
-        try await runUntilSignalled(service, group: group, logger: logger)
+        try await runUntilSignalled(service, group: group, logger: logger) {
+            logger.info("SIGHUP: the client has nothing to reload; a changed config takes a restart")
+        }
         if let failure = client.failure { throw RuntimeFailure(message: failure) }
     }
 }

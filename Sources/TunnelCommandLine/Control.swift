@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Logging
 import NIOCore
+import ServerRuntime
 import TunnelConfig
 import TunnelRuntime
 
@@ -43,6 +44,14 @@ enum Control {
         let words = line.split(separator: " ")
         guard words.first == "status" else { return (false, false) }
         return (true, words.dropFirst().contains("streams"))
+    }
+
+    /// The answer to `reload`: the outcome, or the error that left the old keys in place.
+    static func reloadAnswer(_ result: Result<TunnelServer.ReloadOutcome, ConfigError>) -> String {
+        switch result {
+        case .success(let outcome): return self.encode(outcome)
+        case .failure(let error): return self.encode(["error": "\(error.message); the keys in use stay"])
+        }
     }
 
     static func encode<T: Encodable>(_ value: T) -> String {
@@ -148,6 +157,39 @@ struct ServerStatus: ParsableCommand {
         } else {
             print(StatusTable.server(report), terminator: "")
         }
+    }
+}
+
+/// `tunnel-server reload`: the running server re-reads its authorized keys (as on SIGHUP).
+struct ServerReload: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload",
+        abstract: "Make the running server re-read its authorized keys (as SIGHUP does).",
+        discussion: """
+            Sessions of keys still listed go on untouched; sessions of removed keys are closed. A file with \
+            an error changes nothing: the server keeps the keys in use and this command says why (exit 1).
+            """
+    )
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp("The server's config file (for its control_socket).", valueName: "file")
+    )
+    var config: String?
+
+    @Option(
+        name: .customLong("control-socket"),
+        help: ArgumentHelp("The server's control socket (default: as the server's own).", valueName: "path")
+    )
+    var controlSocket: String?
+
+    func run() throws {
+        let setting = try self.controlSocket ?? Control.setting(config: self.config)
+        let answer = try Control.ask("reload", setting: setting, program: "tunnel-server")
+        let outcome = try Control.decode(TunnelServer.ReloadOutcome.self, from: answer)
+        print(
+            "reloaded: \(outcome.keys) keys (\(outcome.added) added, \(outcome.removed) removed), \(outcome.closedSessions) sessions of removed keys closed"
+        )
     }
 }
 

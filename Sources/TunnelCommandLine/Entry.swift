@@ -7,6 +7,7 @@ import ServerRuntime
 import ServiceLifecycle
 import TunnelConfig
 import TunnelRuntime
+import UnixSignals
 
 #if canImport(Glibc)
 import Glibc
@@ -180,10 +181,23 @@ extension ListenerService {
 }
 
 /// Runs `service` until a signal ends it, then shuts `group` down; exit code 1 on a run-time failure.
-func runUntilSignalled(_ service: ListenerService, group: MultiThreadedEventLoopGroup, logger: Logger) async throws {
+/// Runs `service` until SIGTERM or SIGINT; `onHangup` runs at each SIGHUP (the program's reload).
+func runUntilSignalled(
+    _ service: ListenerService,
+    group: MultiThreadedEventLoopGroup,
+    logger: Logger,
+    onHangup: (@Sendable () -> Void)? = nil
+) async throws {
     let serviceGroup = ServiceGroup(
         configuration: .init(services: [service], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
     )
+    let hangups = Task {
+        guard let onHangup else { return }
+        for await _ in await UnixSignalsSequence(trapping: .sighup) {
+            onHangup()
+        }
+    }
+    defer { hangups.cancel() }
     do {
         try await serviceGroup.run()
     } catch {

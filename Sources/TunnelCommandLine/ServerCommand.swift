@@ -28,7 +28,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             SIGINT/SIGTERM: stop accepting, let open \
             streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self, ServerStatus.self]
+        subcommands: [Keygen.self, Pubkey.self, ServerStatus.self, ServerReload.self]
     )
 
     @Option(
@@ -197,6 +197,9 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                     group: group,
                     logger: logger
                 ) { request in
+                    if request == "reload" {
+                        return group.next().makeSucceededFuture(Control.reloadAnswer(server.reload()))
+                    }
                     let (isStatus, streams) = Control.parseStatus(request)
                     guard isStatus else {
                         return group.next().makeSucceededFuture("{\"error\": \"unknown request '\(request)'\"}")
@@ -211,6 +214,6 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                 await server.shutdown()
             }
         )
-        try await runUntilSignalled(service, group: group, logger: logger)
+        try await runUntilSignalled(service, group: group, logger: logger) { _ = server.reload() }
     }
 }

@@ -127,6 +127,8 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let replaced = ErrorCode(rawValue: 8)
     /// The server has no room for this client (full-tunnel address pool exhausted).
     public static let resourceExhausted = ErrorCode(rawValue: 9)
+    /// The client's key is no longer authorized (the server's operator removed it).
+    public static let notAuthorized = ErrorCode(rawValue: 10)
 
     public var description: String {
         switch self {
@@ -140,6 +142,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .timeout: "timeout"
         case .replaced: "replaced by a newer session"
         case .resourceExhausted: "no room on the server (its full-tunnel address pool is full)"
+        case .notAuthorized: "this client's key is no longer authorized"
         default: "code \(self.rawValue)"
         }
     }

@@ -3,12 +3,14 @@ traffic; the control socket's mode, owner and peer check."""
 
 import json
 import os
+import signal
 import shutil
 import socket
 import stat
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -138,3 +140,104 @@ def test_an_unknown_request_gets_an_error_and_the_socket_goes_with_the_program(o
     assert "unknown request" in answer["error"]
     assert tunnel.client.terminate() == 0
     assert not os.path.exists(client_sock)
+
+
+def reload(server_sock):
+    return subprocess.run([SERVER_BIN, "reload", "--control-socket", server_sock], capture_output=True, text=True,
+                          timeout=20)
+
+
+class SlowDownload(threading.Thread):
+    """Reads a SOURCE stream through the proxy at about 2 MiB/s, checking every byte."""
+
+    def __init__(self, port, target, n):
+        super().__init__(daemon=True)
+        self.sock = socks5_request(port, "127.0.0.1", target.port)[0]
+        self.sock.sendall(f"SOURCE {n}\n".encode())
+        self.n, self.got, self.digest, self.error = n, 0, None, None
+
+    def run(self):
+        h = harness.hashlib.sha256()
+        try:
+            while self.got < self.n:
+                chunk = self.sock.recv(min(1 << 16, self.n - self.got))
+                if not chunk:
+                    break
+                h.update(chunk)
+                self.got += len(chunk)
+                time.sleep(len(chunk) / (2 * MIB))
+        except OSError as e:
+            self.error = e
+        self.digest = h.hexdigest()
+        self.sock.close()
+
+
+def test_a_reload_that_removes_a_key_closes_only_that_clients_session(tunnel, target, tmp_path):
+    """Two clients stream; the operator removes one's key and reloads (`tunnel-server reload`, then SIGHUP for
+    the next change): that client's session closes, the other's download goes on to its last byte."""
+    client_sock, server_sock = str(tmp_path / "client.sock"), str(tmp_path / "server.sock")
+    tunnel.start(server_extra=["--control-socket", server_sock], client_extra=["--control-socket", client_sock])
+    staying = tunnel.client
+    leaving = tunnel.start_client(key=tunnel.peer_key, extra=["--control-socket", "none"], log="leaving.log")
+    tunnel.wait_until_connected(leaving)
+    n = 12 * MIB
+    download = SlowDownload(staying.port, target, n)
+    download.start()
+    doomed = socks5_request(leaving.port, "127.0.0.1", target.port)[0]
+    doomed.sendall(b"ECHO\n")
+    assert harness.wait_for(lambda: download.got > MIB)
+    assert len(status_json(SERVER_BIN, server_sock)["sessions"]) == 2
+
+    with open(tunnel.authorized, "w") as f:
+        f.write(f"# test clients\n{tunnel.client_pub} test-client\n")
+    out = reload(server_sock)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded: 1 keys (0 added, 1 removed), 1 sessions of removed keys closed"
+    assert harness.wait_for(lambda: "no longer authorized" in leaving.stderr_text()), leaving.stderr_text()
+    doomed.settimeout(10)
+    # Its streams end with a reset (the application never mistakes the cut for a clean end).
+    with pytest.raises(ConnectionResetError):
+        doomed.recv(1)
+    [session] = status_json(SERVER_BIN, server_sock)["sessions"]
+    assert session["name"] == "test-client"
+    # Its reconnects are refused now.
+    assert harness.wait_for(lambda: "the server refused the handshake" in leaving.stderr_text(), timeout=15)
+
+    # The key comes back with SIGHUP: the client's next attempt gets in.
+    with open(tunnel.authorized, "a") as f:
+        f.write(f"{tunnel.peer_pub} test-peer\n")
+    tunnel.server.signal(signal.SIGHUP)
+    assert harness.wait_for(lambda: "1 added, 0 removed" in tunnel.server.stderr_text())
+    assert harness.wait_for(lambda: leaving.stderr_text().count("tunnel up to") == 2, timeout=40)
+
+    download.join(timeout=60)
+    assert download.got == n and download.error is None
+    assert download.digest == pattern_digest(n)
+    assert staying.stderr_text().count("tunnel up to") == 1, "the staying client's tunnel was disturbed"
+
+
+def test_a_reload_with_a_broken_file_keeps_everything_as_it_was(operated, target, tmp_path):
+    tunnel, client_sock, server_sock = operated
+    echo = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)[0]
+    echo.sendall(b"ECHO\nbefore\n")
+    assert recv_exact(echo, 7) == b"before\n"
+    with open(tunnel.authorized, "w") as f:
+        f.write("# half-edited\nnot-a-key laptop\n")
+    out = reload(server_sock)
+    assert out.returncode == 1
+    assert "line 2: 'not-a-key' is not a base64 X25519 public key; the keys in use stay" in out.stderr
+    tunnel.server.signal(signal.SIGHUP)
+    assert harness.wait_for(lambda: tunnel.server.stderr_text().count("reload failed") == 2)
+    lines = [l for l in tunnel.server.stderr_text().splitlines() if "reload failed" in l]
+    assert all("keeping the 2 keys in use" in l for l in lines), lines
+    # The client takes SIGHUP too (a service manager's reload): it stays up.
+    tunnel.client.signal(signal.SIGHUP)
+    assert harness.wait_for(lambda: "SIGHUP: the client has nothing to reload" in tunnel.client.stderr_text())
+    echo.sendall(b"after\n")
+    assert recv_exact(echo, 6) == b"after\n"
+    assert status_json(SERVER_BIN, server_sock)["sessions"][0]["name"] == "test-client"
+    # A new connection of the listed client still gets in.
+    assert tunnel.client.terminate() == 0
+    again = tunnel.start_client(extra=["--control-socket", "none"], log="again.log")
+    tunnel.wait_until_connected(again)
+    echo.close()
