@@ -50,6 +50,7 @@ let runtimeDependencies: [Target.Dependency] = [
     .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
     .product(name: "Logging", package: "swift-log"),
     .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+    .product(name: "Metrics", package: "swift-metrics"),
 ]
 
 let package = Package(
@@ -65,6 +66,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // MARK: - C libraries from the system (Debian: libsodium-dev, zlib1g-dev)
@@ -138,10 +141,14 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // What both programs run: socket settings, the crash journal's takeover, name resolution.
+        // What both programs run: socket settings, the crash journal's takeover, name resolution, the
+        // control socket and the metrics endpoint.
         .target(
             name: "TunnelRuntime",
-            dependencies: runtimeDependencies,
+            dependencies: runtimeDependencies + [
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         // tunnel-client's side: the tunnel manager and reconnects, the UDP relay, full-tunnel mode.

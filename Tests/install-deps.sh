@@ -23,9 +23,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 VENV=.venv-tests
-if ! "$VENV/bin/python" -c 'import pytest, python_socks, socks, noise' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import pytest, python_socks, socks, noise, prometheus_client' 2>/dev/null; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "pytest>=7" "python-socks>=2.4" "PySocks>=1.7" "noiseprotocol==0.3.1"
+        "pytest>=7" "python-socks>=2.4" "PySocks>=1.7" "noiseprotocol==0.3.1" "prometheus-client>=0.17"
 fi

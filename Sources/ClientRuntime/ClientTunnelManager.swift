@@ -59,6 +59,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var graceTimer: Scheduled<Void>?
     /// Sessions resumed over a new connection so far.
     private(set) var resumes = 0
+    /// When the current connection attempt began (metrics: connect and handshake time).
+    private var attemptStarted = NIODeadline.now()
     /// Tunnels established so far (each new session; resumes not counted).
     private var establishments = 0
     /// What the sessions that ended carried (status totals).
@@ -115,7 +117,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.reconnectTask?.cancel()
         self.reconnectTask = nil
         self.connecting = true
-        self.reconnect.attempting(now: .now())
+        self.attemptStarted = .now()
+        self.reconnect.attempting(now: self.attemptStarted)
         let cipher = self.nextCipher
         let machine = ClientHandshakeStateMachine(
             cipher: cipher,
@@ -138,6 +141,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                 logger: self.logger
             )
             handler.delegate = self
+            handler.roundTripObserver = { TunnelMetrics.roundTrip($0) }
         }
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
         let server = self.resolved.server
@@ -230,6 +234,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.workingCipher = session.cipher
         self.nextCipher = session.cipher
         self.reconnect.succeeded(now: .now())
+        TunnelMetrics.handshake(.ok)
+        TunnelMetrics.handshakeTook(.now() - self.attemptStarted)
         if tunnel !== self.detached { self.establishments += 1 }
         self.stateChanged()
         let compression: String
@@ -365,6 +371,10 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         if wasCurrent { self.current = nil }
         if tunnel.session == nil {
             self.connecting = false
+            TunnelMetrics.handshake(
+                error?.code == .handshakeRejected
+                    ? .unknownKey : error?.detail == "handshake timed out" ? .timeout : .malformed
+            )
             var why = error?.detail ?? "handshake failed"
             if error?.code == .handshakeRejected {
                 why =
@@ -532,6 +542,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnel(_ tunnel: TunnelConnectionHandler, opened target: TargetAddress, reply: ReplyCode, answeredEarly: Bool)
     {
+        TunnelMetrics.streamOpened(reply)
         if reply == .succeeded {
             self.fastOpenCache.succeeded(target, now: .now())
         } else {

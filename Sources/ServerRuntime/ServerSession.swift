@@ -87,6 +87,7 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnelHandshakeFailed(_ tunnel: TunnelConnectionHandler, error: ProtocolError) -> Bool {
+        TunnelMetrics.handshake(Self.outcome(of: error, refusedKey: self.refusedKey != nil))
         switch self.registry.shouldLogFailedHandshake(source: self.source) {
         case .suppress:
             break
@@ -112,7 +113,16 @@ final class ServerSession: TunnelConnectionDelegate {
         self.registry.checkReplay(key: key, timestamp: timestamp)
     }
 
+    /// What a failed handshake counts as (metrics).
+    static func outcome(of error: ProtocolError, refusedKey: Bool) -> TunnelMetrics.HandshakeOutcome {
+        if refusedKey || error.code == .handshakeRejected { return .unknownKey }
+        if error.code == .replayedHandshake { return .replay }
+        if error.detail == "handshake timed out" { return .timeout }
+        return .malformed
+    }
+
     func tunnelEstablished(_ tunnel: TunnelConnectionHandler, session: EstablishedSession) {
+        TunnelMetrics.handshake(.ok)
         self.finishHandshake()
         self.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
         tunnel.logger[metadataKey: "client"] = "\(session.peerStaticKey.base64.prefix(8))"
@@ -253,9 +263,11 @@ final class ServerSession: TunnelConnectionDelegate {
                     reply: .succeeded,
                     bound: channel.localAddress?.targetAddress ?? .unspecified
                 )
+                TunnelMetrics.streamOpened(.succeeded)
                 local.streamStarted()
             case .failed(let reply, let why):
                 self.logger.debug("stream \(stream.id) to \(stream.target) failed: \(why)")
+                TunnelMetrics.streamOpened(reply)
                 if stream.isOpening {
                     stream.completeOpen(reply: reply, bound: .unspecified)
                 } else {
@@ -381,6 +393,7 @@ final class ServerSession: TunnelConnectionDelegate {
     }
 
     func tunnelResumed(_ tunnel: TunnelConnectionHandler, replayed: Int) {
+        TunnelMetrics.resumed()
         self.graceTimer?.cancel()
         self.graceTimer = nil
         guard let key = self.clientKey else { return }

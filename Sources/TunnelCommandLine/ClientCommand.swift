@@ -197,6 +197,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if let v = self.common.controlSocket { settings.controlSocket = v }
+        if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
         if self.recoverOnly {
             let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
             do {
@@ -228,6 +229,10 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
         let controlServer = NIOLockedValueBox<ControlServer?>(nil)
+        // Bootstrapped before any traffic: the counters of events bind to it once.
+        let metricsRegistry = settings.metrics.map { _ in TunnelMetrics.bootstrap() }
+        let metricsEndpoint = settings.metrics
+        let metricsChannel = NIOLockedValueBox<(any Channel)?>(nil)
         let controlSetting = settings.controlSocket
         let service = ListenerService(
             readyPrefix: "SOCKS5 listening on",
@@ -249,10 +254,26 @@ public struct TunnelClientCommand: AsyncParsableCommand {
                     return client.report(streams: streams).map { Control.encode($0) }
                 }
                 controlServer.withLockedValue { $0 = control }
+                if let metricsEndpoint, let metricsRegistry {
+                    let scrape = MetricsScrape()
+                    do {
+                        let channel = try await MetricsEndpoint.start(
+                            host: metricsEndpoint.host,
+                            port: metricsEndpoint.port,
+                            group: group,
+                            registry: metricsRegistry
+                        ) { client.report(streams: false).map { scrape.apply($0) } }
+                        metricsChannel.withLockedValue { $0 = channel }
+                        logger.info("metrics on http://\(metricsEndpoint)/metrics")
+                    } catch {
+                        throw RuntimeFailure(message: "cannot serve metrics on \(metricsEndpoint): \(error)")
+                    }
+                }
                 return address
             },
             stop: {
                 controlServer.withLockedValue { $0 }?.stop()
+                try? await metricsChannel.withLockedValue { $0 }?.close()
                 await client.shutdown()
             }
         )

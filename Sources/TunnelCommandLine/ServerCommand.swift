@@ -135,6 +135,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if let v = self.common.controlSocket { settings.controlSocket = v }
+        if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
         settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
         if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }
@@ -183,6 +184,10 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
         let controlServer = NIOLockedValueBox<ControlServer?>(nil)
+        // Bootstrapped before any traffic: the counters of events bind to it once.
+        let metricsRegistry = settings.metrics.map { _ in TunnelMetrics.bootstrap() }
+        let metricsEndpoint = settings.metrics
+        let metricsChannel = NIOLockedValueBox<(any Channel)?>(nil)
         let controlSetting = settings.controlSocket
         let service = ListenerService(
             readyPrefix: "tunnel-server listening on",
@@ -207,10 +212,26 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                     return server.report(streams: streams).map { Control.encode($0) }
                 }
                 controlServer.withLockedValue { $0 = control }
+                if let metricsEndpoint, let metricsRegistry {
+                    let scrape = MetricsScrape()
+                    do {
+                        let channel = try await MetricsEndpoint.start(
+                            host: metricsEndpoint.host,
+                            port: metricsEndpoint.port,
+                            group: group,
+                            registry: metricsRegistry
+                        ) { server.report(streams: false).map { scrape.apply($0) } }
+                        metricsChannel.withLockedValue { $0 = channel }
+                        logger.info("metrics on http://\(metricsEndpoint)/metrics")
+                    } catch {
+                        throw RuntimeFailure(message: "cannot serve metrics on \(metricsEndpoint): \(error)")
+                    }
+                }
                 return address
             },
             stop: {
                 controlServer.withLockedValue { $0 }?.stop()
+                try? await metricsChannel.withLockedValue { $0 }?.close()
                 await server.shutdown()
             }
         )

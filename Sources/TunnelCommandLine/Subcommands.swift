@@ -76,4 +76,13 @@ struct CommonOptions: ParsableArguments {
         )
     )
     var controlSocket: String?
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; use a loopback HOST unless the network may see them).",
+            valueName: "host:port"
+        )
+    )
+    var metrics: String?
 }

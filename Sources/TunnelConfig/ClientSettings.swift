@@ -47,6 +47,8 @@ public struct ClientSettings: Sendable {
     public var logLevel = "info"
     /// The control socket `status` and `reload` talk to: nil for the default path, "none" (or "") for none.
     public var controlSocket: String?
+    /// Where Prometheus metrics are served (`GET /metrics`); nil: nowhere (the default).
+    public var metrics: Endpoint?
     public var cipher = CipherChoice.automatic
     /// How long a SOCKS request waits for the tunnel to come (back) up before it is refused.
     public var connectWait: Int64 = 10_000_000_000
@@ -95,6 +97,7 @@ public struct ClientSettings: Sendable {
         if let v = try file.integer("max_waiting_requests", range: 0...1_000_000) { self.maxWaitingRequests = v }
         if let v = try file.duration("reconnect_max", min: 100_000_000) { self.reconnectMax = v }
         if let v = try file.string("control_socket") { self.controlSocket = v }
+        if let v = try file.endpoint("metrics") { self.metrics = v }
         try self.timings.apply(&file)
         try self.fullTunnel.apply(file: &file)
         try file.finish()

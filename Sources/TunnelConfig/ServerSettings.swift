@@ -9,6 +9,8 @@ public struct ServerSettings: Sendable {
     public var logLevel = "info"
     /// The control socket `status` and `reload` talk to: nil for the default path, "none" (or "") for none.
     public var controlSocket: String?
+    /// Where Prometheus metrics are served (`GET /metrics`); nil: nowhere (the default).
+    public var metrics: Endpoint?
     /// Outbound connects give up after this long (SOCKS reply 0x06).
     public var connectTimeout: Int64 = 10_000_000_000
     /// Destinations the server refuses to connect to (SOCKS reply 0x02) beside `DestinationPolicy.builtInDeny`,
@@ -44,6 +46,7 @@ public struct ServerSettings: Sendable {
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.string("control_socket") { self.controlSocket = v }
+        if let v = try file.endpoint("metrics") { self.metrics = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
         if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: file.location("deny")) }
         if let list = try file.strings("allow") {

@@ -193,6 +193,9 @@ public final class Multiplexer {
     public internal(set) var peerGoingAway = false
     /// Smoothed round-trip time from PING answers.
     public private(set) var smoothedRoundTrip: TimeAmount? = nil
+    /// RTT samples taken so far, and the latest (metrics read them after each socket read).
+    public private(set) var roundTripSamples = 0
+    public private(set) var lastRoundTrip = TimeAmount.zero
     /// The smallest RTT seen lately: the path's own delay, without the queueing a busy tunnel adds. Window
     /// auto-tuning uses it, so windows grow for long paths but not to fill queues (which would delay every
     /// interactive frame behind bulk data).
@@ -684,6 +687,8 @@ public final class Multiplexer {
         self.outstandingPing = nil
         let sample = TimeAmount.nanoseconds(Int64(bitPattern: now.uptimeNanoseconds &- opaque))
         guard sample >= .zero else { return }
+        self.roundTripSamples += 1
+        self.lastRoundTrip = sample
         if let current = self.smoothedRoundTrip {
             self.smoothedRoundTrip = .nanoseconds((current.nanoseconds * 7 + sample.nanoseconds) / 8)
         } else {

@@ -89,6 +89,9 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
         guard let channel = self.context?.channel, let info = TCPInfo.of(channel) else { return nil }
         return .microseconds(Int64(info.roundTripMicroseconds))
     }
+    /// Called with each new RTT sample (metrics), after the read that brought it.
+    public var roundTripObserver: ((TimeAmount) -> Void)?
+    private var samplesSeen = 0
     /// Remote address, for logs.
     public private(set) var remoteDescription = "?"
     /// The peer's IP address alone (a reconnect from the same host comes from another port).
@@ -160,6 +163,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
             return
         }
         self.inRead = false
+        if let observer = self.roundTripObserver, let mux = self.multiplexer, mux.roundTripSamples != self.samplesSeen {
+            self.samplesSeen = mux.roundTripSamples
+            observer(mux.lastRoundTrip)
+        }
         // Hand what this read delivered to the local sockets now rather than after the whole read burst: a
         // small reply behind a bulk transfer should not wait for a megabyte of other streams' records.
         self.flushLocalStreams()

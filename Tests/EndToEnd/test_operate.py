@@ -241,3 +241,74 @@ def test_a_reload_with_a_broken_file_keeps_everything_as_it_was(operated, target
     again = tunnel.start_client(extra=["--control-socket", "none"], log="again.log")
     tunnel.wait_until_connected(again)
     echo.close()
+
+
+def scrape(port):
+    """The metrics endpoint, fetched with curl and parsed by prometheus_client's text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    values = {}
+    for family in text_string_to_metric_families(out.stdout):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def value(values, name, **labels):
+    return values[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_of_both_ends_rise_with_the_traffic(tunnel, target, tmp_path):
+    """Both ends serve Prometheus text on --metrics; counters rise with what the test sends, stream opens are
+    counted by reply code, handshakes by outcome (a stranger's key shows as unknown_key), RTT as a histogram."""
+    server_port, client_port = harness.free_port(), harness.free_port()
+    tunnel.start(server_extra=["--metrics", f"127.0.0.1:{server_port}", "--control-socket", "none"],
+                 client_extra=["--metrics", f"127.0.0.1:{client_port}", "--control-socket", "none"])
+    client0, server0 = scrape(client_port), scrape(server_port)
+    assert value(client0, "tunnel_connected") == 1
+    assert value(server0, "tunnel_sessions", state="connected") == 1
+    assert value(server0, "tunnel_handshakes_total", outcome="ok") == 1
+
+    down = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)[0]
+    down.sendall(f"SOURCE {6 * MIB}\n".encode())
+    assert harness.hashlib.sha256(recv_exact(down, 6 * MIB)).hexdigest() == pattern_digest(6 * MIB)
+    down.close()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    refused = socks5_request(tunnel.socks_port, "127.0.0.1", dead_port)
+    assert refused[1] == 5
+    refused[0].close()
+    # A stranger (a key the server does not list) tries to connect.
+    stranger_key = str(tmp_path / "stranger.key")
+    harness.keygen(CLIENT_BIN, stranger_key)
+    stranger = tunnel.start_client(key=stranger_key, extra=["--control-socket", "none"], log="stranger.log")
+    assert harness.wait_for(lambda: "the server refused the handshake" in stranger.stderr_text())
+    stranger.kill()
+
+    client1 = scrape(client_port)
+    assert harness.wait_for(lambda: value(scrape(server_port), "tunnel_handshakes_total", outcome="unknown_key") >= 1)
+    server1 = scrape(server_port)
+    for values, sent, received in ((client1, "sent", "received"), (server1, "received", "sent")):
+        got = value(values, "tunnel_payload_bytes_total", direction=received)
+        assert 6 * MIB <= got < 6 * MIB + 4096
+        assert value(values, "tunnel_wire_bytes_total", direction=received) >= got
+        assert value(values, "tunnel_stream_opens_total", reply="succeeded") == 1
+        assert value(values, "tunnel_stream_opens_total", reply="connection_refused") == 1
+        assert value(values, "tunnel_streams_opened_total") == 2
+    assert value(client1, "tunnel_payload_bytes_total", direction="received") > \
+        value(client0, "tunnel_payload_bytes_total", direction="received")
+    assert value(client1, "tunnel_rtt_seconds_count") >= 1
+    assert value(client1, "tunnel_rtt_seconds_bucket", le="+Inf") == value(client1, "tunnel_rtt_seconds_count")
+    assert value(client1, "tunnel_handshake_duration_seconds_count") == 1
+    assert value(server1, "tunnel_authorized_keys") == 2
+    # Labels never name a destination or a client: only these label names exist.
+    for values in (client1, server1):
+        names = {name for (_, labels) in values for (name, _) in labels}
+        assert names <= {"direction", "event", "outcome", "reply", "state", "le"}, names
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{server_port}/"],
+                         capture_output=True, text=True)
+    assert out.stdout == "404"
