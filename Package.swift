@@ -86,6 +86,9 @@ let package = Package(
 
         /// TUNSETIFF is a function-like macro Swift cannot import: a few lines of C open the device.
         .target(name: "CTUN", path: "Sources/CTUN"),
+        /// `tunnel-server invite`'s QR code: libqrencode's header at build time (Debian: libqrencode-dev), the
+        /// library itself loaded only when a code is drawn (the programs do not depend on it).
+        .target(name: "CQRCode", path: "Sources/CQRCode", linkerSettings: [.linkedLibrary("dl")]),
 
         // MARK: - Pure, I/O-free core
         .target(
@@ -171,6 +174,7 @@ let package = Package(
                 "ServerRuntime",
                 "TunnelConfig",
                 "TunnelProtocol",
+                "CQRCode",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on Debian 12, skipping what is already there.
-# System: libsodium-dev, zlib1g-dev (linked by the product); iproute2, nftables (full-tunnel mode);
-# curl, openssl, chromium, tcpdump, iperf3, iputils-ping (tests); python3 + venv.
-# Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer), installed into a virtual
+# System: libsodium-dev, zlib1g-dev (linked by the product), libqrencode-dev (invite's QR code); iproute2,
+# nftables (full-tunnel mode); zbar-tools (decodes the QR code in a test);
+# curl, openssl, chromium, tcpdump, iperf3, iputils-ping, systemd (systemd-analyze verifies the units) (tests);
+# python3 + venv.
+# Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer), prometheus-client (parses
+# the metrics endpoint), installed into a virtual
 # environment of the project's own (.venv-tests), never into the system's Python (Debian refuses that:
 # externally-managed-environment). Tests/run.sh runs pytest from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 nftables openssl chromium tcpdump iperf3 iputils-ping \
-    python3 python3-venv; do
+for pkg in libsodium-dev zlib1g-dev libqrencode-dev zbar-tools pkg-config curl iproute2 nftables openssl chromium tcpdump iperf3 iputils-ping \
+    systemd python3 python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -11,7 +11,7 @@ cd "$ROOT"
 [ -e /dev/net/tun ] || { echo "no /dev/net/tun: load the tun module" >&2; exit 1; }
 
 need=()
-for pkg in libsodium-dev zlib1g-dev pkg-config curl iproute2 nftables iputils-ping python3; do
+for pkg in libsodium-dev zlib1g-dev libqrencode-dev pkg-config curl iproute2 nftables iputils-ping python3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 
 need=()
-for pkg in libsodium-dev zlib1g-dev pkg-config curl python3; do
+for pkg in libsodium-dev zlib1g-dev libqrencode-dev pkg-config curl python3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -35,7 +35,10 @@ public struct TunnelClientCommand: AsyncParsableCommand {
 
     @Option(
         name: .long,
-        help: ArgumentHelp("The tunnel server. Required unless set in --config.", valueName: "host:port")
+        help: ArgumentHelp(
+            "The tunnel server: HOST:PORT, or the tunnel://KEY@HOST:PORT link `tunnel-server invite` printed (it names the server's key too). Required unless set in --config.",
+            valueName: "host:port|link"
+        )
     )
     var server: String?
 
@@ -167,7 +170,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             var file = try ConfigFile.load(path)
             try settings.apply(file: &file)
         }
-        if let v = self.server { settings.server = try parseEndpointFlag(v, flag: "--server") }
+        if let v = self.server { try settings.setServer(v, origin: "--server") }
         if let v = self.serverKey {
             guard let key = PublicKey(base64: v) else {
                 throw ConfigError("--server-key: '\(v)' is not a base64 X25519 public key")
@@ -197,9 +200,10 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if let v = self.common.controlSocket { settings.controlSocket = v }
+        if let v = self.common.logFormat { settings.logFormat = try LogFormatName.validate(v, origin: "--log-format") }
         if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
         if self.recoverOnly {
-            let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
+            let logger = bootstrapLogging(level: settings.logLevel, format: settings.logFormat, label: "tunnel-client")
             do {
                 try CrashRecovery.recoverOnly(
                     statePath: CrashRecovery.clientStatePath(settings.fullTunnel),
@@ -216,7 +220,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         }
         let resolved = try settings.resolve()
 
-        let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-client")
+        let logger = bootstrapLogging(level: settings.logLevel, format: settings.logFormat, label: "tunnel-client")
         if self.socksPass != nil {
             logger.warning(
                 "--socks-pass is visible to every user of this machine (ps, /proc); use --socks-pass-file or socks_pass in a config file of mode 0600"

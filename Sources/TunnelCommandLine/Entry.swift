@@ -111,10 +111,15 @@ struct RuntimeFailure: Error, Sendable {
     var message: String
 }
 
-/// Sets up swift-log on standard error at `level`.
-func bootstrapLogging(level: String, label: String) -> Logger {
+/// Sets up swift-log on standard error at `level`, as text lines or JSON objects (`format`).
+func bootstrapLogging(level: String, format: String = "text", label: String) -> Logger {
     let parsed = Logger.Level(rawValue: level) ?? .info
     LoggingSystem.bootstrap { label in
+        if format == "json" {
+            var handler = JSONLogHandler(label: label)
+            handler.logLevel = parsed
+            return handler
+        }
         var handler = StreamLogHandler.standardError(label: label)
         handler.logLevel = parsed
         return handler

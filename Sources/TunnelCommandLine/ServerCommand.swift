@@ -28,7 +28,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             SIGINT/SIGTERM: stop accepting, let open \
             streams finish (drain_timeout, default 5s), then exit 0.
             """,
-        subcommands: [Keygen.self, Pubkey.self, ServerStatus.self, ServerReload.self]
+        subcommands: [Keygen.self, Pubkey.self, ServerStatus.self, ServerReload.self, ServerInvite.self]
     )
 
     @Option(
@@ -135,6 +135,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
         if let v = self.common.controlSocket { settings.controlSocket = v }
+        if let v = self.common.logFormat { settings.logFormat = try LogFormatName.validate(v, origin: "--log-format") }
         if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
         settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
@@ -160,7 +161,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                     "--recover-only needs the --listen HOST:PORT of the server to recover (its journal is kept per address), or state_file in --config"
                 )
             }
-            let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")
+            let logger = bootstrapLogging(level: settings.logLevel, format: settings.logFormat, label: "tunnel-server")
             do {
                 try CrashRecovery.recoverOnly(
                     statePath: CrashRecovery.serverStatePath(settings.tun, listen: listen),
@@ -174,7 +175,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         }
         let resolved = try settings.resolve()
 
-        let logger = bootstrapLogging(level: settings.logLevel, label: "tunnel-server")
+        let logger = bootstrapLogging(level: settings.logLevel, format: settings.logFormat, label: "tunnel-server")
         if resolved.keyFileInsecure {
             logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
         }

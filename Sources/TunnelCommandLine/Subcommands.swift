@@ -69,6 +69,15 @@ struct CommonOptions: ParsableArguments {
     var logLevel: String?
 
     @Option(
+        name: .customLong("log-format"),
+        help: ArgumentHelp(
+            "text (default) or json: one JSON object per line, for log shippers (or log_format in --config).",
+            valueName: "format"
+        )
+    )
+    var logFormat: String?
+
+    @Option(
         name: .customLong("control-socket"),
         help: ArgumentHelp(
             "Unix socket for status and reload (mode 0600; default: /run/PROGRAM.sock as root, else in XDG_RUNTIME_DIR; none: no socket).",

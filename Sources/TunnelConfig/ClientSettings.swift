@@ -30,6 +30,8 @@ public struct ClientSettings: Sendable {
 
     public var server: Endpoint?
     public var serverKey: PublicKey?
+    /// The server key a `tunnel://` link named (`server_key` must agree with it when both are given).
+    public var linkServerKey: PublicKey?
     public var keyPath: String?
     public var socks = Endpoint(host: "127.0.0.1", port: 1080)
     /// Username and password the local proxy requires (SOCKS5 RFC 1929, SOCKS4 user id, HTTP Basic).
@@ -45,6 +47,8 @@ public struct ClientSettings: Sendable {
     /// A UDP association with no traffic for this long is closed (with its control connection).
     public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"
+    /// "text" (one readable line per event) or "json" (one JSON object per line).
+    public var logFormat = "text"
     /// The control socket `status` and `reload` talk to: nil for the default path, "none" (or "") for none.
     public var controlSocket: String?
     /// Where Prometheus metrics are served (`GET /metrics`); nil: nowhere (the default).
@@ -63,7 +67,7 @@ public struct ClientSettings: Sendable {
     public init() {}
 
     public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
-        if let v = try file.endpoint("server") { self.server = v }
+        if let v = try file.string("server") { try self.setServer(v, origin: file.location("server")) }
         if let v = try file.string("server_key") {
             guard let key = PublicKey(base64: v) else {
                 throw ConfigError("\(file.location("server_key")) is not a base64 X25519 public key")
@@ -97,6 +101,9 @@ public struct ClientSettings: Sendable {
         if let v = try file.integer("max_waiting_requests", range: 0...1_000_000) { self.maxWaitingRequests = v }
         if let v = try file.duration("reconnect_max", min: 100_000_000) { self.reconnectMax = v }
         if let v = try file.string("control_socket") { self.controlSocket = v }
+        if let v = try file.string("log_format") {
+            self.logFormat = try LogFormatName.validate(v, origin: file.location("log_format"))
+        }
         if let v = try file.endpoint("metrics") { self.metrics = v }
         try self.timings.apply(&file)
         try self.fullTunnel.apply(file: &file)
@@ -140,11 +147,35 @@ public struct ClientSettings: Sendable {
         return password
     }
 
+    /// `--server` or `server`: HOST:PORT, or an invite link (`tunnel://KEY@HOST:PORT`) that names the key too.
+    public mutating func setServer(_ text: String, origin: String) throws(ConfigError) {
+        if InviteLink.looksLikeLink(text) {
+            switch InviteLink.parse(text) {
+            case .success(let link):
+                self.server = link.server
+                self.linkServerKey = link.serverKey
+            case .failure(let problem):
+                throw ConfigError("\(origin): \(problem.message)")
+            }
+            return
+        }
+        switch Endpoint.parse(text) {
+        case .success(let endpoint):
+            self.server = endpoint
+            self.linkServerKey = nil
+        case .failure(let problem):
+            throw ConfigError("\(origin): \(problem.message) (or a tunnel:// invite link)")
+        }
+    }
+
     public func resolve() throws(ConfigError) -> Resolved {
         guard let server = self.server else {
-            throw ConfigError("--server HOST:PORT is required (or server in --config)")
+            throw ConfigError("--server HOST:PORT or a tunnel:// invite link is required (or server in --config)")
         }
-        guard let serverKey = self.serverKey else {
+        if let fromLink = self.linkServerKey, let given = self.serverKey, fromLink != given {
+            throw ConfigError("--server-key differs from the key in the tunnel:// link: give one of them")
+        }
+        guard let serverKey = self.serverKey ?? self.linkServerKey else {
             throw ConfigError("--server-key BASE64 is required (or server_key in --config)")
         }
         guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }

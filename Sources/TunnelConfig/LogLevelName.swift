@@ -10,3 +10,16 @@ public enum LogLevelName {
         return lowered
     }
 }
+
+/// The log line formats accepted by `--log-format` and `log_format`.
+public enum LogFormatName {
+    public static let all = ["text", "json"]
+
+    public static func validate(_ name: String, origin: String) throws(ConfigError) -> String {
+        let lowered = name.lowercased()
+        guard all.contains(lowered) else {
+            throw ConfigError("\(origin): unknown log format '\(name)' (text or json)")
+        }
+        return lowered
+    }
+}

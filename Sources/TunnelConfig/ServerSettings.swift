@@ -7,6 +7,8 @@ public struct ServerSettings: Sendable {
     public var keyPath: String?
     public var authorizedKeysPath: String?
     public var logLevel = "info"
+    /// "text" (one readable line per event) or "json" (one JSON object per line).
+    public var logFormat = "text"
     /// The control socket `status` and `reload` talk to: nil for the default path, "none" (or "") for none.
     public var controlSocket: String?
     /// Where Prometheus metrics are served (`GET /metrics`); nil: nowhere (the default).
@@ -46,6 +48,9 @@ public struct ServerSettings: Sendable {
         if let v = try file.integer("max_pending_handshakes", range: 1...100_000) { self.maxPendingHandshakes = v }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
         if let v = try file.string("control_socket") { self.controlSocket = v }
+        if let v = try file.string("log_format") {
+            self.logFormat = try LogFormatName.validate(v, origin: file.location("log_format"))
+        }
         if let v = try file.endpoint("metrics") { self.metrics = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
         if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: file.location("deny")) }

@@ -3,6 +3,7 @@ traffic; the control socket's mode, owner and peer check."""
 
 import json
 import os
+import re
 import signal
 import shutil
 import socket
@@ -312,3 +313,82 @@ def test_metrics_of_both_ends_rise_with_the_traffic(tunnel, target, tmp_path):
     out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{server_port}/"],
                          capture_output=True, text=True)
     assert out.stdout == "404"
+
+
+def test_json_logs_are_one_object_per_line(tunnel, target):
+    """--log-format json: every line of the server's log is a JSON object with time, level, label, source and
+    message, and the logger's metadata as fields (the client's key prefix on a session's lines)."""
+    tunnel.start(server_extra=["--log-format", "json", "--control-socket", "none"],
+                 client_extra=["--log-format", "json", "--control-socket", "none"])
+    s = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)[0]
+    s.sendall(b"ECHO\nping\n")
+    assert recv_exact(s, 5) == b"ping\n"
+    s.close()
+    assert tunnel.client.terminate() == 0
+    assert tunnel.server.terminate() == 0
+    for process in (tunnel.server, tunnel.client):
+        lines = [line for line in process.stderr_text().splitlines() if line.strip()]
+        assert lines
+        records = [json.loads(line) for line in lines]
+        for record in records:
+            assert {"time", "level", "label", "source", "message"} <= set(record), record
+            assert record["time"].endswith("Z") and record["level"] in ("trace", "debug", "info", "notice",
+                                                                       "warning", "error", "critical")
+    server = [json.loads(l) for l in tunnel.server.stderr_text().splitlines() if l.strip()]
+    connected = [r for r in server if "connected from" in r["message"]]
+    assert connected and connected[0]["client"] == tunnel.client_pub[:8] and connected[0]["label"] == "tunnel-server"
+
+
+def invite(tunnel, *extra):
+    out = subprocess.run([SERVER_BIN, "invite", "--key", tunnel.server_key, *extra], capture_output=True,
+                         timeout=20)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode()
+
+
+def test_an_invite_link_round_trips_into_a_working_client(tunnel, target, tmp_path):
+    """`tunnel-server invite` prints tunnel://KEY@HOST:PORT; a client given only that link (and its own key)
+    reaches the server and serves a request. A link whose key is not the server's, or that disagrees with
+    --server-key, is refused before anything connects."""
+    tunnel.start_server(extra=["--control-socket", "none"])
+    link = invite(tunnel, "--host", tunnel.server.address, "--no-qr").strip()
+    key = tunnel.server_pub.rstrip("=").replace("+", "-").replace("/", "_")
+    assert link == f"tunnel://{key}@{tunnel.server.address}"
+    client = harness.Process([CLIENT_BIN, "--server", link, "--key", tunnel.client_key, "--socks", "127.0.0.1:0",
+                              "--control-socket", "none"], r"SOCKS5 listening on (\S+)", str(tmp_path / "c.log"))
+    tunnel.processes.append(client)
+    tunnel.wait_until_connected(client)
+    s = socks5_request(client.port, "127.0.0.1", target.port)[0]
+    s.sendall(b"ECHO\ninvited\n")
+    assert recv_exact(s, 8) == b"invited\n"
+    s.close()
+
+    other = harness.keygen(SERVER_BIN, str(tmp_path / "other.key"))
+    out = subprocess.run([CLIENT_BIN, "--server", link, "--server-key", other, "--key", tunnel.client_key],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2 and "differs from the key in the tunnel:// link" in out.stderr
+    out = subprocess.run([CLIENT_BIN, "--server", "tunnel://not-a-key@127.0.0.1:1", "--key", tunnel.client_key],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2 and "is not a base64 X25519 public key" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("zbarimg") is None, reason="needs zbarimg (apt-get install zbar-tools)")
+def test_the_invite_qr_code_decodes_to_the_link(tunnel, tmp_path):
+    """The QR code (libqrencode, drawn with half blocks) read back by a real decoder (zbar) gives the link."""
+    printed = invite(tunnel, "--host", "vpn.example.org:7443", "--qr").splitlines()
+    link = printed[0]
+    rows = []
+    for line in printed[1:]:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        rows.append([1 if c in "\u2588\u2580" else 0 for c in line])
+        rows.append([1 if c in "\u2588\u2584" else 0 for c in line])
+    scale = 6
+    pbm = tmp_path / "qr.pbm"
+    with open(pbm, "w") as f:
+        f.write(f"P1\n{len(rows[0]) * scale} {len(rows) * scale}\n")
+        for row in rows:
+            text = " ".join(str(v) for v in row for _ in range(scale))
+            for _ in range(scale):
+                f.write(text + "\n")
+    out = subprocess.run(["zbarimg", "--raw", "-q", str(pbm)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == link, out.stdout + out.stderr
