@@ -69,6 +69,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var reportedState = "connecting"
     private var stateSince = NIODeadline.now()
 
+    /// Fast open (README, *Fast open*); a reload may change it.
+    var fastOpenMode: ClientSettings.FastOpen
+
     /// Full-tunnel mode: the device and host changes, fed with assignments and packets.
     var fullTunnel: ClientFullTunnel? {
         didSet {
@@ -95,7 +98,10 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.resolved = resolved
         var configuration = TunnelConnectionHandler.Configuration(resolved.settings.timings)
         configuration.session.compression = resolved.settings.compress
-        configuration.session.earlyData = resolved.settings.fastOpen != .never
+        // Offered whatever the mode: `fast_open` decides whether a stream uses it, and a reload may change that
+        // while the tunnel is up.
+        configuration.session.earlyData = true
+        self.fastOpenMode = resolved.settings.fastOpen
         self.configuration = configuration
         self.logger = logger
         self.reconnect = ReconnectPolicy(maximum: .nanoseconds(resolved.settings.reconnectMax))
@@ -530,7 +536,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     ) -> Bool {
         let early: Bool
         let possible = kind == .tcp && tunnel.earlyDataActive && local.takesEarlyAnswer
-        switch self.resolved.settings.fastOpen {
+        switch self.fastOpenMode {
         case .never: early = false
         case .always: early = possible
         case .auto: early = possible && self.fastOpenCache.contains(target, now: .now())

@@ -41,6 +41,12 @@ public final class TunnelClient: Sendable {
         return self.eventLoop.submit { manager.value.report(streams: streams) }
     }
 
+    /// Fast open from now on (a reload).
+    public func setFastOpen(_ mode: ClientSettings.FastOpen) {
+        let manager = self.manager
+        self.eventLoop.execute { manager.value.fastOpenMode = mode }
+    }
+
     /// Longest the SOCKS port waits for the first attempt to finish.
     static let firstAttemptWait: TimeAmount = .seconds(3)
 

@@ -164,7 +164,8 @@ public struct TunnelClientCommand: AsyncParsableCommand {
 
     public init() {}
 
-    public func run() async throws {
+    /// The settings: defaults, then the config file, then the flags (read again at each SIGHUP).
+    func settings() throws -> ClientSettings {
         var settings = ClientSettings()
         if let path = self.common.config {
             var file = try ConfigFile.load(path)
@@ -202,6 +203,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if let v = self.common.controlSocket { settings.controlSocket = v }
         if let v = self.common.logFormat { settings.logFormat = try LogFormatName.validate(v, origin: "--log-format") }
         if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
+        return settings
+    }
+
+    public func run() async throws {
+        let settings = try self.settings()
         if self.recoverOnly {
             let logger = bootstrapLogging(level: settings.logLevel, format: settings.logFormat, label: "tunnel-client")
             do {
@@ -281,8 +287,26 @@ public struct TunnelClientCommand: AsyncParsableCommand {
                 await client.shutdown()
             }
         )
+        // The parsed flags, read again at each reload: never mutated after parsing (ArgumentParser's property
+        // wrappers are not marked Sendable).
+        nonisolated(unsafe) let command = self
         try await runUntilSignalled(service, group: group, logger: logger) {
-            logger.info("SIGHUP: the client has nothing to reload; a changed config takes a restart")
+            // What can change while running: the log level and fast open. The rest takes a restart.
+            let fresh: ClientSettings
+            do {
+                fresh = try command.settings()
+            } catch {
+                logger.error("reload failed: \(error); keeping the settings in use")
+                return
+            }
+            ProcessLogLevel.current = Logger.Level(rawValue: fresh.logLevel) ?? .info
+            client.setFastOpen(fresh.fastOpen)
+            var unchanged: [String] = []
+            if fresh.server != settings.server || fresh.serverKey != settings.serverKey { unchanged.append("server") }
+            if fresh.socks != settings.socks { unchanged.append("socks") }
+            if fresh.keyPath != settings.keyPath { unchanged.append("key") }
+            let note = unchanged.isEmpty ? "" : "; \(unchanged.joined(separator: ", ")) changed, which takes a restart"
+            logger.notice("reloaded: log level \(fresh.logLevel), fast open \(fresh.fastOpen.rawValue)\(note)")
         }
         if let failure = client.failure { throw RuntimeFailure(message: failure) }
     }

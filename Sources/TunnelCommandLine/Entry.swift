@@ -1,6 +1,7 @@
 import ArgumentParser
 import ClientRuntime
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ServerRuntime
@@ -111,22 +112,51 @@ struct RuntimeFailure: Error, Sendable {
     var message: String
 }
 
+/// The level every logger of the process logs at: one value, so that a reload (SIGHUP) changes it for all of
+/// them at once.
+enum ProcessLogLevel {
+    private static let box = NIOLockedValueBox(Logger.Level.info)
+    static var current: Logger.Level {
+        get { Self.box.withLockedValue { $0 } }
+        set { Self.box.withLockedValue { $0 = newValue } }
+    }
+}
+
+/// A log handler whose level is the process's (`ProcessLogLevel`): setting a logger's level sets it.
+struct ProcessLevelHandler<Inner: LogHandler>: LogHandler {
+    var inner: Inner
+    var logLevel: Logger.Level {
+        get { ProcessLogLevel.current }
+        set { ProcessLogLevel.current = newValue }
+    }
+    var metadata: Logger.Metadata {
+        get { self.inner.metadata }
+        set { self.inner.metadata = newValue }
+    }
+    var metadataProvider: Logger.MetadataProvider? {
+        get { self.inner.metadataProvider }
+        set { self.inner.metadataProvider = newValue }
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { self.inner[metadataKey: key] }
+        set { self.inner[metadataKey: key] = newValue }
+    }
+    func log(event: LogEvent) {
+        self.inner.log(event: event)
+    }
+}
+
 /// Sets up swift-log on standard error at `level`, as text lines or JSON objects (`format`).
 func bootstrapLogging(level: String, format: String = "text", label: String) -> Logger {
     let parsed = Logger.Level(rawValue: level) ?? .info
+    ProcessLogLevel.current = parsed
     LoggingSystem.bootstrap { label in
-        if format == "json" {
-            var handler = JSONLogHandler(label: label)
-            handler.logLevel = parsed
-            return handler
-        }
+        if format == "json" { return ProcessLevelHandler(inner: JSONLogHandler(label: label)) }
         var handler = StreamLogHandler.standardError(label: label)
-        handler.logLevel = parsed
-        return handler
+        handler.logLevel = .trace  // the process's level decides (ProcessLevelHandler)
+        return ProcessLevelHandler(inner: handler)
     }
-    var logger = Logger(label: label)
-    logger.logLevel = parsed
-    return logger
+    return Logger(label: label)
 }
 
 /// `HOST:PORT` for the readiness line, from the real bound address.

@@ -124,7 +124,8 @@ public struct TunnelServerCommand: AsyncParsableCommand {
 
     public init() {}
 
-    public func run() async throws {
+    /// The settings: defaults, then the config file, then the flags (read again at each SIGHUP).
+    func settings() throws -> ServerSettings {
         var settings = ServerSettings()
         if let path = self.common.config {
             var file = try ConfigFile.load(path)
@@ -155,6 +156,11 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.tunName {
             settings.tun.deviceName = try ServerTUNSettings.parseDeviceName(v, origin: "--tun-name")
         }
+        return settings
+    }
+
+    public func run() async throws {
+        let settings = try self.settings()
         if self.recoverOnly {
             guard let listen = settings.listen else {
                 throw ConfigError(
@@ -236,6 +242,15 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                 await server.shutdown()
             }
         )
-        try await runUntilSignalled(service, group: group, logger: logger) { _ = server.reload() }
+        // The parsed flags, read again at each reload: never mutated after parsing (ArgumentParser's property
+        // wrappers are not marked Sendable).
+        nonisolated(unsafe) let command = self
+        try await runUntilSignalled(service, group: group, logger: logger) {
+            // The authorized keys (README, Reload), and the log level from the config.
+            if let fresh = try? command.settings() {
+                ProcessLogLevel.current = Logger.Level(rawValue: fresh.logLevel) ?? .info
+            }
+            _ = server.reload()
+        }
     }
 }

@@ -233,7 +233,7 @@ def test_a_reload_with_a_broken_file_keeps_everything_as_it_was(operated, target
     assert all("keeping the 2 keys in use" in l for l in lines), lines
     # The client takes SIGHUP too (a service manager's reload): it stays up.
     tunnel.client.signal(signal.SIGHUP)
-    assert harness.wait_for(lambda: "SIGHUP: the client has nothing to reload" in tunnel.client.stderr_text())
+    assert harness.wait_for(lambda: "reloaded: log level debug, fast open auto" in tunnel.client.stderr_text())
     echo.sendall(b"after\n")
     assert recv_exact(echo, 6) == b"after\n"
     assert status_json(SERVER_BIN, server_sock)["sessions"][0]["name"] == "test-client"
@@ -392,3 +392,39 @@ def test_the_invite_qr_code_decodes_to_the_link(tunnel, tmp_path):
                 f.write(text + "\n")
     out = subprocess.run(["zbarimg", "--raw", "-q", str(pbm)], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == link, out.stdout + out.stderr
+
+
+def test_the_client_reloads_its_log_level_and_fast_open_on_sighup(tunnel, target, tmp_path):
+    """The client's config goes from info/never to debug/always: after SIGHUP a CONNECT is logged at debug and
+    answered before the server's result (fast open); a broken config afterwards changes nothing."""
+    config = tmp_path / "client.toml"
+    config.write_text('log_level = "info"\nfast_open = "never"\ncontrol_socket = "none"\nsocks = "127.0.0.1:0"\n')
+    tunnel.start_server(extra=["--control-socket", "none"])
+    client = harness.Process([CLIENT_BIN, "--server", tunnel.server.address, "--server-key", tunnel.server_pub,
+                              "--key", tunnel.client_key, "--config", str(config)],
+                             r"SOCKS5 listening on (\S+)", str(tmp_path / "client.log"))
+    tunnel.processes.append(client)
+    tunnel.wait_until_connected(client)
+
+    def echo(word):
+        s = socks5_request(client.port, "127.0.0.1", target.port)[0]
+        s.sendall(b"ECHO\n" + word + b"\n")
+        assert recv_exact(s, len(word) + 1) == word + b"\n"
+        s.close()
+
+    echo(b"before")
+    assert "CONNECT" not in client.stderr_text()
+    config.write_text('log_level = "debug"\nfast_open = "always"\ncontrol_socket = "none"\n'
+                      'socks = "127.0.0.1:1"\n')
+    client.signal(signal.SIGHUP)
+    assert harness.wait_for(lambda: "reloaded: log level debug, fast open always; socks changed, which takes a restart"
+                            in client.stderr_text()), client.stderr_text()
+    echo(b"after")
+    assert harness.wait_for(lambda: "CONNECT 127.0.0.1" in client.stderr_text())
+    # Fast open "always": the client answered before the server did (its exit summary counts it).
+    config.write_text('log_level = "loud"\n')
+    client.signal(signal.SIGHUP)
+    assert harness.wait_for(lambda: "reload failed" in client.stderr_text())
+    echo(b"still")
+    assert client.terminate() == 0
+    assert "fast open: 2 streams opened before the server's answer" in client.stderr_text()
