@@ -2,7 +2,8 @@
 # Installs what building and testing need on Debian 12, skipping what is already there.
 # System: libsodium-dev, zlib1g-dev (linked by the product), libqrencode-dev (invite's QR code); iproute2,
 # nftables (full-tunnel mode); zbar-tools (decodes the QR code in a test);
-# curl, openssl, chromium, tcpdump, iperf3, iputils-ping, systemd (systemd-analyze verifies the units) (tests);
+# curl, openssl, chromium, tcpdump, iperf3, iputils-ping, systemd (systemd-analyze verifies the units), haproxy
+# (the balancer of Examples/ha-netns) (tests);
 # python3 + venv.
 # Python: pytest, python-socks, PySocks, noiseprotocol (the independent Noise peer), prometheus-client (parses
 # the metrics endpoint), installed into a virtual
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pkg in libsodium-dev zlib1g-dev libqrencode-dev zbar-tools pkg-config curl iproute2 nftables openssl chromium tcpdump iperf3 iputils-ping \
-    systemd python3 python3-venv; do
+    systemd haproxy python3 python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

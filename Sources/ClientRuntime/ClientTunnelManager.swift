@@ -34,6 +34,10 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var stopped = false
     /// Backoff, early attempts for waiting users, and the memory of replacements.
     private var reconnect: ReconnectPolicy
+    /// Which server of the list the next attempt goes to.
+    private var rotation: ServerRotation
+    /// The server of the current attempt or tunnel.
+    private var target: ClientSettings.Resolved.Server { self.resolved.servers[self.rotation.current] }
     private var reconnectTask: Scheduled<Void>?
     /// The AEAD of the next attempt (alternates under `auto` until one works).
     private var nextCipher: NoiseCipher
@@ -105,6 +109,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.configuration = configuration
         self.logger = logger
         self.reconnect = ReconnectPolicy(maximum: .nanoseconds(resolved.settings.reconnectMax))
+        self.rotation = ServerRotation(count: resolved.servers.count)
         self.waiting = WaitingQueue(capacity: resolved.settings.maxWaitingRequests)
         switch resolved.settings.cipher {
         case .fixed(let cipher): self.nextCipher = cipher
@@ -129,7 +134,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         let machine = ClientHandshakeStateMachine(
             cipher: cipher,
             staticKey: self.resolved.key,
-            serverKey: self.resolved.serverKey,
+            serverKey: self.target.key,
             parameters: Multiplexer.announcedParameters(
                 for: self.configuration.session.multiplexer,
                 features: self.configuration.session.features
@@ -150,7 +155,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             handler.roundTripObserver = { TunnelMetrics.roundTrip($0) }
         }
         let boundHandler = NIOLoopBound(handler, eventLoop: self.eventLoop)
-        let server = self.resolved.server
+        let server = self.target.endpoint
         let timings = self.resolved.settings.timings
         let logger = self.logger
         self.logger.debug("connecting to \(server) (\(cipher))")
@@ -206,15 +211,28 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     }
 
     private func attemptFailed(_ why: String, handshake: Bool) {
-        self.firstAttemptDone()
         if handshake, case .automatic = self.resolved.settings.cipher, self.workingCipher == nil,
             NoiseCipher.aesGCM.isAvailable
         {
             // The server may not take AES-GCM (no AES-NI there): alternate until one cipher works.
             self.nextCipher = self.nextCipher == .aesGCM ? .chaChaPoly : .aesGCM
         }
+        guard !self.stopped else {
+            self.firstAttemptDone()
+            return
+        }
+        if self.resolved.servers.count > 1 {
+            let failed = self.target.endpoint
+            if self.rotation.failed() {
+                // Another server of the list is still untried in this round: at once, no backoff.
+                self.logger.info("\(why); trying \(self.target.endpoint) (after \(failed))")
+                self.connect()
+                return
+            }
+        }
+        // Every server failed: the SOCKS port opens (requests wait for the tunnel), and the next round backs off.
+        self.firstAttemptDone()
         let delay = self.reconnect.failed(jitter: Double(secureRandomUniform(1000)) / 2000 + 0.5)
-        guard !self.stopped else { return }
         let level: Logger.Level = self.reconnect.failureIsWorthAWarning ? .warning : .info
         self.logger.log(level: level, "\(why); retrying in \(Self.format(delay))")
         self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: delay) { self.connect() }
@@ -250,7 +268,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         } else {
             compression = ""
         }
-        self.logger.info("tunnel up to \(self.resolved.server) (\(session.cipher)\(compression))")
+        self.rotation.succeeded()
+        self.logger.info("tunnel up to \(self.target.endpoint) (\(session.cipher)\(compression))")
         // Records skip NIO's write path: the client has few descriptors to scan, once per connection.
         if !tunnel.enableDirectWrites() {
             self.logger.debug("tunnel socket descriptor not found; writing through the channel")
@@ -290,8 +309,13 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
 
     func tunnelPeerGoingAway(_ tunnel: TunnelConnectionHandler) {
         guard self.current === tunnel else { return }
-        // The server is going away: its open streams finish on this connection, new ones need a new one.
+        // The server is going away: its open streams finish on this connection, new ones need a new one (on the
+        // next server of the list, if there is one: this one is draining).
         self.current = nil
+        if self.resolved.servers.count > 1 {
+            self.rotation.moveOn()
+            self.logger.info("moving to \(self.target.endpoint)")
+        }
         self.connect()
     }
 
@@ -486,8 +510,8 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             traffic.add(TrafficFigures(live))
         }
         var report = ClientReport(
-            server: "\(self.resolved.server)",
-            serverKey: self.resolved.serverKey.base64,
+            server: "\(self.target.endpoint)",
+            serverKey: self.target.key.base64,
             state: state,
             stateSeconds: seconds(now - self.stateSince),
             reconnects: max(0, self.establishments - 1),

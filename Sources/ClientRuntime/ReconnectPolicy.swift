@@ -123,3 +123,47 @@ struct WaitingQueue<Item> {
         return self.entries.map(\.item)
     }
 }
+
+/// Which server of the client's list the next attempt goes to (README, *Several servers*). Pure.
+///
+/// The first server is preferred. An attempt that fails moves on to the next server at once (no backoff
+/// while the list has servers not tried in this round); when every server failed, the round ends: the
+/// caller backs off and the next round starts again from the first. A lost tunnel is retried on its own
+/// server first (a session can be resumed only there), and a server that asked its clients to leave (GOAWAY,
+/// it is draining) is passed over for the next one.
+struct ServerRotation {
+    let count: Int
+    /// The index of the server the next attempt goes to.
+    private(set) var current = 0
+    /// Servers that failed in this round.
+    private(set) var failedInRound = 0
+
+    init(count: Int) {
+        precondition(count >= 1)
+        self.count = count
+    }
+
+    /// The attempt on `current` failed. True: try the next server now; false: every server failed in this
+    /// round, back off (the next attempt goes to the first server).
+    mutating func failed() -> Bool {
+        self.failedInRound += 1
+        if self.failedInRound < self.count {
+            self.current = (self.current + 1) % self.count
+            return true
+        }
+        self.failedInRound = 0
+        self.current = 0
+        return false
+    }
+
+    /// A tunnel came up on `current`.
+    mutating func succeeded() {
+        self.failedInRound = 0
+    }
+
+    /// The current server is going away (GOAWAY): the next attempt goes to the next server.
+    mutating func moveOn() {
+        self.current = (self.current + 1) % self.count
+        self.failedInRound = 0
+    }
+}

@@ -17,6 +17,8 @@ public final class TunnelServer: Sendable {
     private let resolverPool: NIOThreadPool
     private let logger: Logger
     private let listener = NIOLockedValueBoxChannel()
+    /// The health-check port, if any.
+    private let healthListener = NIOLockedValueBoxChannel()
     private let startedAt = NIODeadline.now()
     private let tun = NIOLockedValueBox<ServerTUN?>(nil)
     /// Logs the summaries of throttled handshake failures once a minute.
@@ -114,6 +116,21 @@ public final class TunnelServer: Sendable {
             "reloaded \(path): \(outcome.keys) keys (\(outcome.added) added, \(outcome.removed) removed)\(closed.isEmpty ? "" : "; closed the sessions of \(closed)")"
         )
         return .success(outcome)
+    }
+
+    /// Opens the health-check port: each connection gets "ok" and is closed. Returns its bound address.
+    public func startHealthCheck(on endpoint: Endpoint) async throws -> SocketAddress {
+        let channel = try await ServerBootstrap(group: self.group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                var ok = channel.allocator.buffer(capacity: 3)
+                ok.writeString("ok\n")
+                return channel.writeAndFlush(ok).flatMap { channel.close() }
+            }
+            .bind(host: endpoint.host, port: endpoint.port)
+            .get()
+        self.healthListener.set(channel)
+        return channel.localAddress!
     }
 
     /// "127.0.0.1:7443", "[::1]:7443".
@@ -233,6 +250,8 @@ public final class TunnelServer: Sendable {
             $0?.cancel()
             $0 = nil
         }
+        // The balancer learns first: the health port goes, then the tunnel port.
+        if let channel = self.healthListener.take() { try? await channel.close() }
         if let channel = self.listener.take() { try? await channel.close() }
         let sessions = self.registry.beginShutdown()
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)

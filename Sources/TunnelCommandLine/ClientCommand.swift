@@ -36,11 +36,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "The tunnel server: HOST:PORT, or the tunnel://KEY@HOST:PORT link `tunnel-server invite` printed (it names the server's key too). Required unless set in --config.",
+            "The tunnel server: HOST:PORT, or the tunnel://KEY@HOST:PORT link `tunnel-server invite` printed (it names the server's key too). Repeat it for a list: the first that answers is used, the others on failure (README, Several servers). Required unless set in --config.",
             valueName: "host:port|link"
         )
     )
-    var server: String?
+    var server: [String] = []
 
     @Option(
         name: .customLong("server-key"),
@@ -171,7 +171,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             var file = try ConfigFile.load(path)
             try settings.apply(file: &file)
         }
-        if let v = self.server { try settings.setServer(v, origin: "--server") }
+        if !self.server.isEmpty {
+            settings.servers = try self.server.map { text throws(ConfigError) in
+                try ClientSettings.parseServer(text, origin: "--server")
+            }
+        }
         if let v = self.serverKey {
             guard let key = PublicKey(base64: v) else {
                 throw ConfigError("--server-key: '\(v)' is not a base64 X25519 public key")
@@ -302,7 +306,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             ProcessLogLevel.current = Logger.Level(rawValue: fresh.logLevel) ?? .info
             client.setFastOpen(fresh.fastOpen)
             var unchanged: [String] = []
-            if fresh.server != settings.server || fresh.serverKey != settings.serverKey { unchanged.append("server") }
+            if fresh.servers != settings.servers || fresh.serverKey != settings.serverKey { unchanged.append("server") }
             if fresh.socks != settings.socks { unchanged.append("socks") }
             if fresh.keyPath != settings.keyPath { unchanged.append("key") }
             let note = unchanged.isEmpty ? "" : "; \(unchanged.joined(separator: ", ")) changed, which takes a restart"

@@ -42,6 +42,15 @@ public struct TunnelServerCommand: AsyncParsableCommand {
 
     @Option(
         name: .long,
+        help: ArgumentHelp(
+            "Also answer health checks here: a TCP port that accepts, says ok and closes, and stops accepting as soon as the server begins to drain (for a load balancer; the tunnel port stays silent). Default: none.",
+            valueName: "host:port"
+        )
+    )
+    var health: String?
+
+    @Option(
+        name: .long,
         help: ArgumentHelp("The server's private key file. Required unless set in --config.", valueName: "path")
     )
     var key: String?
@@ -132,6 +141,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             try settings.apply(file: &file)
         }
         if let v = self.listen { settings.listen = try parseEndpointFlag(v, flag: "--listen") }
+        if let v = self.health { settings.health = try parseEndpointFlag(v, flag: "--health") }
         if let v = self.key { settings.keyPath = v }
         if let v = self.authorizedKeys { settings.authorizedKeysPath = v }
         if let v = self.common.logLevel { settings.logLevel = try LogLevelName.validate(v, origin: "--log-level") }
@@ -219,6 +229,14 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                     return server.report(streams: streams).map { Control.encode($0) }
                 }
                 controlServer.withLockedValue { $0 = control }
+                if let health = settings.health {
+                    do {
+                        let bound = try await server.startHealthCheck(on: health)
+                        logger.info("health checks answered on \(formatBound(bound))")
+                    } catch {
+                        throw RuntimeFailure(message: "cannot listen for health checks on \(health): \(error)")
+                    }
+                }
                 if let metricsEndpoint, let metricsRegistry {
                     let scrape = MetricsScrape()
                     do {

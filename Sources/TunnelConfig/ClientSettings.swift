@@ -28,10 +28,24 @@ public struct ClientSettings: Sendable {
         }
     }
 
-    public var server: Endpoint?
+    /// One server the client may use: its address, and the key its `tunnel://` link named (else `server_key`).
+    public struct ServerEntry: Sendable, Equatable {
+        public var endpoint: Endpoint
+        public var key: PublicKey?
+        public init(endpoint: Endpoint, key: PublicKey? = nil) {
+            self.endpoint = endpoint
+            self.key = key
+        }
+    }
+
+    /// The servers, in order of preference (README, *Several servers*): the client uses the first that answers.
+    public var servers: [ServerEntry] = []
+    /// The key of every server whose entry does not name its own (one shared key for a pool).
     public var serverKey: PublicKey?
-    /// The server key a `tunnel://` link named (`server_key` must agree with it when both are given).
-    public var linkServerKey: PublicKey?
+    /// The first server (the only one, usually).
+    public var server: Endpoint? { self.servers.first?.endpoint }
+    /// The key the first server's `tunnel://` link named.
+    public var linkServerKey: PublicKey? { self.servers.first?.key }
     public var keyPath: String?
     public var socks = Endpoint(host: "127.0.0.1", port: 1080)
     /// Username and password the local proxy requires (SOCKS5 RFC 1929, SOCKS4 user id, HTTP Basic).
@@ -68,6 +82,13 @@ public struct ClientSettings: Sendable {
 
     public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.string("server") { try self.setServer(v, origin: file.location("server")) }
+        if let list = try file.strings("servers") {
+            guard self.servers.isEmpty else {
+                throw ConfigError("\(file.location("servers")) and server: give one of them")
+            }
+            guard !list.isEmpty else { throw ConfigError("\(file.location("servers")) is empty") }
+            for text in list { self.servers.append(try Self.parseServer(text, origin: file.location("servers"))) }
+        }
         if let v = try file.string("server_key") {
             guard let key = PublicKey(base64: v) else {
                 throw ConfigError("\(file.location("server_key")) is not a base64 X25519 public key")
@@ -125,11 +146,20 @@ public struct ClientSettings: Sendable {
 
     /// What the client needs to run, with its key loaded.
     public struct Resolved: Sendable {
+        /// A server with its key.
+        public struct Server: Sendable, Equatable {
+            public var endpoint: Endpoint
+            public var key: PublicKey
+        }
+
         public var settings: ClientSettings
-        public var server: Endpoint
-        public var serverKey: PublicKey
+        /// The servers in order of preference (at least one).
+        public var servers: [Server]
         public var key: PrivateKey
         public var keyFileInsecure: Bool
+        /// The first server, and its key.
+        public var server: Endpoint { self.servers[0].endpoint }
+        public var serverKey: PublicKey { self.servers[0].key }
     }
 
     /// The password in a file (`--socks-pass-file`): its first line, without the line end.
@@ -148,35 +178,49 @@ public struct ClientSettings: Sendable {
     }
 
     /// `--server` or `server`: HOST:PORT, or an invite link (`tunnel://KEY@HOST:PORT`) that names the key too.
+    /// Replaces the list with this one server.
     public mutating func setServer(_ text: String, origin: String) throws(ConfigError) {
+        self.servers = [try Self.parseServer(text, origin: origin)]
+    }
+
+    /// One entry of the server list: HOST:PORT or a `tunnel://` link.
+    public static func parseServer(_ text: String, origin: String) throws(ConfigError) -> ServerEntry {
         if InviteLink.looksLikeLink(text) {
             switch InviteLink.parse(text) {
-            case .success(let link):
-                self.server = link.server
-                self.linkServerKey = link.serverKey
-            case .failure(let problem):
-                throw ConfigError("\(origin): \(problem.message)")
+            case .success(let link): return ServerEntry(endpoint: link.server, key: link.serverKey)
+            case .failure(let problem): throw ConfigError("\(origin): \(problem.message)")
             }
-            return
         }
         switch Endpoint.parse(text) {
-        case .success(let endpoint):
-            self.server = endpoint
-            self.linkServerKey = nil
-        case .failure(let problem):
-            throw ConfigError("\(origin): \(problem.message) (or a tunnel:// invite link)")
+        case .success(let endpoint): return ServerEntry(endpoint: endpoint)
+        case .failure(let problem): throw ConfigError("\(origin): \(problem.message) (or a tunnel:// invite link)")
         }
     }
 
     public func resolve() throws(ConfigError) -> Resolved {
-        guard let server = self.server else {
+        guard !self.servers.isEmpty else {
             throw ConfigError("--server HOST:PORT or a tunnel:// invite link is required (or server in --config)")
         }
-        if let fromLink = self.linkServerKey, let given = self.serverKey, fromLink != given {
-            throw ConfigError("--server-key differs from the key in the tunnel:// link: give one of them")
+        var servers: [Resolved.Server] = []
+        for entry in self.servers {
+            // One server named twice (a link and --server-key) must agree; in a list, a link's key is its own
+            // and the shared key serves the entries without one.
+            if self.servers.count == 1, let fromLink = entry.key, let given = self.serverKey, fromLink != given {
+                throw ConfigError(
+                    "--server-key differs from the key in the tunnel:// link of \(entry.endpoint): give one of them"
+                )
+            }
+            guard let key = entry.key ?? self.serverKey else {
+                throw ConfigError(
+                    self.servers.count == 1
+                        ? "--server-key BASE64 is required (or server_key in --config)"
+                        : "\(entry.endpoint) has no key: give --server-key (shared by the servers without a tunnel:// link)"
+                )
+            }
+            servers.append(Resolved.Server(endpoint: entry.endpoint, key: key))
         }
-        guard let serverKey = self.serverKey ?? self.linkServerKey else {
-            throw ConfigError("--server-key BASE64 is required (or server_key in --config)")
+        if self.fullTunnel.enabled && servers.count > 1 {
+            throw ConfigError("--full-tunnel takes one server (its routes are made for that address)")
         }
         guard let keyPath = self.keyPath else { throw ConfigError("--key PATH is required (or key in --config)") }
         switch (self.socksUser, self.socksPassword) {
@@ -205,8 +249,7 @@ public struct ClientSettings: Sendable {
         }
         return Resolved(
             settings: self,
-            server: server,
-            serverKey: serverKey,
+            servers: servers,
             key: loaded.key,
             keyFileInsecure: loaded.insecureMode
         )

@@ -4,6 +4,8 @@ import TunnelProtocol
 /// Everything `tunnel-server` runs with: defaults, then the config file, then flags.
 public struct ServerSettings: Sendable {
     public var listen: Endpoint?
+    /// A port that answers health checks (README, *Several servers*); nil: none.
+    public var health: Endpoint?
     public var keyPath: String?
     public var authorizedKeysPath: String?
     public var logLevel = "info"
@@ -39,6 +41,7 @@ public struct ServerSettings: Sendable {
     /// Applies a config file's settings (flags are applied after this, by the caller).
     public mutating func apply(file: inout ConfigFile) throws(ConfigError) {
         if let v = try file.endpoint("listen") { self.listen = v }
+        if let v = try file.endpoint("health") { self.health = v }
         if let v = try file.string("key") { self.keyPath = v }
         if let v = try file.string("authorized_keys") { self.authorizedKeysPath = v }
         if let v = try file.string("log_level") {

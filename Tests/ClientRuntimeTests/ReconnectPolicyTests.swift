@@ -110,3 +110,41 @@ struct WaitingQueueTests {
         #expect(queue.isEmpty)
     }
 }
+
+struct ServerRotationTests {
+    @Test func aFailureMovesOnAtOnceUntilEveryServerFailedThenBackToTheFirst() {
+        var rotation = ServerRotation(count: 3)
+        #expect(rotation.current == 0)
+        #expect(rotation.failed() && rotation.current == 1)
+        #expect(rotation.failed() && rotation.current == 2)
+        // The third failure ends the round: back off, then start from the preferred first.
+        #expect(!rotation.failed() && rotation.current == 0)
+        #expect(rotation.failed() && rotation.current == 1)
+    }
+
+    @Test func aSuccessStartsANewRoundOnTheServerThatAnswered() {
+        var rotation = ServerRotation(count: 3)
+        _ = rotation.failed()
+        rotation.succeeded()
+        #expect(rotation.current == 1)
+        // Lost later: its own server again first, then the others, then the round ends.
+        #expect(rotation.failed() && rotation.current == 2)
+        #expect(rotation.failed() && rotation.current == 0)
+        #expect(!rotation.failed() && rotation.current == 0)
+    }
+
+    @Test func aDrainingServerIsPassedOver() {
+        var rotation = ServerRotation(count: 2)
+        rotation.moveOn()
+        #expect(rotation.current == 1)
+        rotation.moveOn()
+        #expect(rotation.current == 0)
+    }
+
+    @Test func oneServerRetriesItself() {
+        var rotation = ServerRotation(count: 1)
+        #expect(!rotation.failed() && rotation.current == 0)
+        rotation.moveOn()
+        #expect(rotation.current == 0)
+    }
+}

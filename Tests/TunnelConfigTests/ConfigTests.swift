@@ -220,6 +220,52 @@ struct SettingsTests {
         #expect(settings.socks == Endpoint(host: "127.0.0.1", port: 1080))
     }
 
+    /// `servers = [...]`: each entry HOST:PORT (with the shared server_key) or a tunnel:// link (its own key).
+    @Test func aServerListTakesAddressesAndLinks() throws {
+        let shared = PrivateKey().publicKey
+        let own = PrivateKey().publicKey
+        let link = InviteLink(serverKey: own, server: Endpoint(host: "b.example", port: 7443))
+        var file = try ConfigFile(
+            path: "c.toml",
+            text: """
+                servers = ["a.example:7443", "\(link)"]
+                server_key = "\(shared.base64)"
+                """
+        )
+        var settings = ClientSettings()
+        try settings.apply(file: &file)
+        #expect(settings.servers.map(\.endpoint) == [Endpoint(host: "a.example", port: 7443), link.server])
+        #expect(settings.servers.map(\.key) == [nil, own])
+
+        // Both `server` and `servers`: one of them.
+        var both = try ConfigFile(path: "c.toml", text: "server = \"a:1\"\nservers = [\"b:2\"]")
+        var twice = ClientSettings()
+        #expect(throws: ConfigError.self) { try twice.apply(file: &both) }
+
+        // An entry without a key of its own needs the shared one.
+        var settingsWithoutKey = ClientSettings()
+        settingsWithoutKey.servers = [
+            ClientSettings.ServerEntry(endpoint: link.server, key: own),
+            ClientSettings.ServerEntry(endpoint: Endpoint(host: "c", port: 1)),
+        ]
+        settingsWithoutKey.keyPath = "/nonexistent"
+        do {
+            _ = try settingsWithoutKey.resolve()
+            Issue.record("resolved")
+        } catch {
+            #expect(error.message.contains("c:1 has no key"))
+        }
+        // Full-tunnel mode takes one server.
+        settingsWithoutKey.serverKey = shared
+        settingsWithoutKey.fullTunnel.enabled = true
+        do {
+            _ = try settingsWithoutKey.resolve()
+            Issue.record("resolved")
+        } catch {
+            #expect(error.message.contains("--full-tunnel takes one server"))
+        }
+    }
+
     @Test func missingRequiredSettingsAreNamed() {
         do {
             _ = try ClientSettings().resolve()

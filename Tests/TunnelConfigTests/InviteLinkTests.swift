@@ -45,7 +45,8 @@ struct InviteLinkTests {
         #expect(settings.server == Endpoint(host: "h", port: 9) && settings.linkServerKey == self.key)
         settings.serverKey = PublicKey(bytes: Array(repeating: 9, count: 32))!
         settings.keyPath = "/nonexistent"
-        #expect(throws: ConfigError("--server-key differs from the key in the tunnel:// link: give one of them")) {
+        #expect(throws: ConfigError("--server-key differs from the key in the tunnel:// link of h:9: give one of them"))
+        {
             try settings.resolve()
         }
         // Plain HOST:PORT drops a link's key.
