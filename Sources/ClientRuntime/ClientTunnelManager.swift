@@ -244,6 +244,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         report()
     }
 
+    /// A little more than the server's smallest spacing between two handshakes of one key.
+    static let handshakeSpacing = ReplayTable().minimumSpacing + .milliseconds(5)
+
     private static func format(_ t: TimeAmount) -> String {
         let ms = t.nanoseconds / 1_000_000
         return ms < 1000 ? "\(ms) ms" : "\(Double(ms / 100) / 10) s"
@@ -367,7 +370,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.reconnect.succeeded(now: .now())
         let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
         self.logger.info(
-            "session resumed after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records sent again"
+            "session resumed after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records (\(tunnel.core.lastReplayBytes) bytes) sent again"
         )
         _ = tunnel.enableDirectWrites()
         self.serveWaiting()
@@ -385,7 +388,12 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.graceTimer = nil
             self.connecting = false
             self.logger.warning("\(error?.detail ?? "the session could not be resumed"); starting a new session")
-            self.connect()
+            // The refused resume was a handshake of this key a moment ago: the server takes the next one only
+            // after its flood spacing (ReplayTable), so wait that long rather than be refused and back off.
+            self.reconnectTask?.cancel()
+            self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: Self.handshakeSpacing) {
+                self.connect()
+            }
             return
         }
         if self.fullTunnel != nil, tunnel.fullTunnelActive {

@@ -404,7 +404,7 @@ final class ServerSession: TunnelConnectionDelegate {
         }
         let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
         self.logger.info(
-            "\(self.clientName) resumed its session from \(tunnel.remoteDescription) after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records sent again"
+            "\(self.clientName) resumed its session from \(tunnel.remoteDescription) after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records (\(tunnel.core.lastReplayBytes) bytes) sent again"
         )
     }
 

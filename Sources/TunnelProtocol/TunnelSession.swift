@@ -159,6 +159,8 @@ public final class TunnelSession {
     private var awaitingResumed = false
     /// Records kept from before a resume that go out again first, in order.
     private var replay = CircularBuffer<ByteBuffer>()
+    /// Plaintext bytes of the records the last resume sent again (its log line).
+    public private(set) var lastReplayBytes = 0
 
     public init(role: Role, configuration: Configuration, now: NIODeadline) {
         self.role = role
@@ -697,6 +699,7 @@ public final class TunnelSession {
     private func resumed(peerCount: UInt64) throws(ProtocolError) {
         try self.retention!.acknowledge(through: peerCount)
         self.replay = CircularBuffer(try self.retention!.records(after: peerCount))
+        self.lastReplayBytes = self.replay.reduce(0) { $0 + $1.readableBytes }
         self.acknowledgedToPeer = self.processedRecords
         self.multiplexer?.tunnelWritabilityChanged(self.isWritable)
         self.delegate?.session(self, resumed: self.replay.count)

@@ -141,5 +141,9 @@ def test_after_a_server_is_killed_new_requests_work_at_once_on_another(tunnel, t
                             f"tunnel up to {b.address}" in client.stderr_text(), timeout=10), client.stderr_text()
     print(f"first good request {requests.first_ok_after * 1000:.0f} ms after the kill")
     assert requests.first_ok_after < 2.0
+    # The new session's handshake waits out the server's flood spacing after the refused resume, instead of
+    # being refused as "too fast" and backing off.
+    assert "the server no longer knows this session" in client.stderr_text()
+    assert "refused the handshake" not in client.stderr_text(), client.stderr_text()
     requests.stop = True
     requests.join(timeout=10)
