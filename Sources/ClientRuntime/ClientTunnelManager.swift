@@ -63,8 +63,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
     private var graceTimer: Scheduled<Void>?
     /// Sessions resumed over a new connection so far.
     private(set) var resumes = 0
-    /// When the current connection attempt began (metrics: connect and handshake time).
-    private var attemptStarted = NIODeadline.now()
+    /// When the current (or last) connection attempt began: metrics' connect and handshake time, and the
+    /// spacing between two handshakes.
+    private var attemptStarted = NIODeadline.distantPast
     /// Tunnels established so far (each new session; resumes not counted).
     private var establishments = 0
     /// What the sessions that ended carried (status totals).
@@ -127,6 +128,14 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         guard !self.stopped, !self.connecting else { return }
         self.reconnectTask?.cancel()
         self.reconnectTask = nil
+        // A server takes one handshake of a key per flood spacing (ReplayTable) and refuses a closer one: an
+        // attempt right after the last (a new session after a refused resume, the next server of a pool
+        // behind one balancer) waits out the spacing rather than be refused and back off.
+        let ready = self.attemptStarted + Self.handshakeSpacing
+        if ready > .now() {
+            self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(deadline: ready) { self.connect() }
+            return
+        }
         self.connecting = true
         self.attemptStarted = .now()
         self.reconnect.attempting(now: self.attemptStarted)
@@ -388,12 +397,7 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.graceTimer = nil
             self.connecting = false
             self.logger.warning("\(error?.detail ?? "the session could not be resumed"); starting a new session")
-            // The refused resume was a handshake of this key a moment ago: the server takes the next one only
-            // after its flood spacing (ReplayTable), so wait that long rather than be refused and back off.
-            self.reconnectTask?.cancel()
-            self.reconnectTask = self.eventLoop.assumeIsolated().scheduleTask(in: Self.handshakeSpacing) {
-                self.connect()
-            }
+            self.connect()
             return
         }
         if self.fullTunnel != nil, tunnel.fullTunnelActive {

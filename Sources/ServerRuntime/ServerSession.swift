@@ -138,6 +138,14 @@ final class ServerSession: TunnelConnectionDelegate {
         guard let key = self.clientKey else { return }
         let address = tunnel.remoteAddressWithoutPort
         let (previous, sharedBy) = self.registry.activate(key: key, handle: self.handle, address: address)
+        // A reload that removed the key while this handshake was under way did not see this session yet (the
+        // key was checked before): now that it is in the registry, look again. A reload after this point
+        // finds it there and closes it.
+        guard self.registry.authorizedKeys.entry(for: key) != nil else {
+            self.logger.info("\(self.clientName): its key was removed while it connected; closing")
+            tunnel.close(code: .notAuthorized)
+            return
+        }
         if let previous {
             self.logger.info("\(self.clientName) reconnected from \(address): closing its previous session")
             previous.eventLoop.execute {

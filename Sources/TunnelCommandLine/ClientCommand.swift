@@ -242,12 +242,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
-        let controlServer = NIOLockedValueBox<ControlServer?>(nil)
-        // Bootstrapped before any traffic: the counters of events bind to it once.
-        let metricsRegistry = settings.metrics.map { _ in TunnelMetrics.bootstrap() }
-        let metricsEndpoint = settings.metrics
-        let metricsChannel = NIOLockedValueBox<(any Channel)?>(nil)
-        let controlSetting = settings.controlSocket
+        let operations = Operations(
+            program: "tunnel-client",
+            controlSocket: settings.controlSocket,
+            metrics: settings.metrics
+        )
         let service = ListenerService(
             readyPrefix: "SOCKS5 listening on",
             failurePrefix: "cannot listen for SOCKS5",
@@ -255,39 +254,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             setting: "--socks HOST:PORT (or socks in --config)",
             start: {
                 let address = try await client.start()
-                let control = try await Control.start(
-                    setting: controlSetting,
-                    program: "tunnel-client",
-                    group: group,
-                    logger: logger
-                ) { request in
-                    let (isStatus, streams) = Control.parseStatus(request)
-                    guard isStatus else {
-                        return group.next().makeSucceededFuture("{\"error\": \"unknown request '\(request)'\"}")
-                    }
-                    return client.report(streams: streams).map { Control.encode($0) }
-                }
-                controlServer.withLockedValue { $0 = control }
-                if let metricsEndpoint, let metricsRegistry {
-                    let scrape = MetricsScrape()
-                    do {
-                        let channel = try await MetricsEndpoint.start(
-                            host: metricsEndpoint.host,
-                            port: metricsEndpoint.port,
-                            group: group,
-                            registry: metricsRegistry
-                        ) { client.report(streams: false).map { scrape.apply($0) } }
-                        metricsChannel.withLockedValue { $0 = channel }
-                        logger.info("metrics on http://\(metricsEndpoint)/metrics")
-                    } catch {
-                        throw RuntimeFailure(message: "cannot serve metrics on \(metricsEndpoint): \(error)")
-                    }
-                }
+                try await operations.start(group: group, logger: logger, report: client.report(streams:))
                 return address
             },
             stop: {
-                controlServer.withLockedValue { $0 }?.stop()
-                try? await metricsChannel.withLockedValue { $0 }?.close()
+                await operations.stop()
                 await client.shutdown()
             }
         )

@@ -1,7 +1,9 @@
 import ArgumentParser
 import FoundationEssentials
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
+import Prometheus
 import ServerRuntime
 import TunnelConfig
 import TunnelRuntime
@@ -91,6 +93,67 @@ enum Control {
         guard let config else { return nil }
         var file = try ConfigFile.load(config)
         return try file.string("control_socket")
+    }
+}
+
+/// A running program's operator side (README, *Operating it*): its control socket, answering `status` (and
+/// whatever `handle` takes, such as the server's `reload`), and its metrics endpoint. Both programs run one.
+final class Operations: Sendable {
+    let program: String
+    private let controlSetting: String?
+    private let metricsEndpoint: Endpoint?
+    private let registry: PrometheusCollectorRegistry?
+    private let control = NIOLockedValueBox<ControlServer?>(nil)
+    private let metrics = NIOLockedValueBox<(any Channel)?>(nil)
+
+    /// Made before any traffic: the metrics registry is bootstrapped here, and the counters of events bind
+    /// to it once.
+    init(program: String, controlSocket: String?, metrics: Endpoint?) {
+        self.program = program
+        self.controlSetting = controlSocket
+        self.metricsEndpoint = metrics
+        self.registry = metrics.map { _ in TunnelMetrics.bootstrap() }
+    }
+
+    /// Opens the control socket and the metrics endpoint. `report` makes a status report (with the streams
+    /// or not); `handle` answers requests other than `status` (nil: unknown).
+    func start<Report: ScrapedReport>(
+        group: any EventLoopGroup,
+        logger: Logger,
+        report: @escaping @Sendable (_ streams: Bool) -> EventLoopFuture<Report>,
+        handle: @escaping @Sendable (String) -> String? = { _ in nil }
+    ) async throws {
+        let control = try await Control.start(
+            setting: self.controlSetting,
+            program: self.program,
+            group: group,
+            logger: logger
+        ) { request in
+            let (isStatus, streams) = Control.parseStatus(request)
+            if isStatus { return report(streams).map { Control.encode($0) } }
+            let answer = handle(request) ?? Control.encode(["error": "unknown request '\(request)'"])
+            return group.next().makeSucceededFuture(answer)
+        }
+        self.control.withLockedValue { $0 = control }
+        guard let endpoint = self.metricsEndpoint, let registry = self.registry else { return }
+        let scrape = MetricsScrape()
+        do {
+            let channel = try await MetricsEndpoint.start(
+                host: endpoint.host,
+                port: endpoint.port,
+                group: group,
+                registry: registry
+            ) { report(false).map { $0.apply(to: scrape) } }
+            self.metrics.withLockedValue { $0 = channel }
+            logger.info("metrics on http://\(endpoint)/metrics")
+        } catch {
+            throw RuntimeFailure(message: "cannot serve metrics on \(endpoint): \(error)")
+        }
+    }
+
+    func stop() async {
+        self.control.withLockedValue { $0 }?.stop()
+        try? await self.metrics.withLockedValue { $0 }?.close()
     }
 }
 

@@ -200,12 +200,11 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = TunnelServer(resolved: resolved, group: group, logger: logger)
-        let controlServer = NIOLockedValueBox<ControlServer?>(nil)
-        // Bootstrapped before any traffic: the counters of events bind to it once.
-        let metricsRegistry = settings.metrics.map { _ in TunnelMetrics.bootstrap() }
-        let metricsEndpoint = settings.metrics
-        let metricsChannel = NIOLockedValueBox<(any Channel)?>(nil)
-        let controlSetting = settings.controlSocket
+        let operations = Operations(
+            program: "tunnel-server",
+            controlSocket: settings.controlSocket,
+            metrics: settings.metrics
+        )
         let service = ListenerService(
             readyPrefix: "tunnel-server listening on",
             failurePrefix: "cannot listen",
@@ -213,22 +212,9 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             setting: "--listen HOST:PORT (or listen in --config)",
             start: {
                 let address = try await server.start()
-                let control = try await Control.start(
-                    setting: controlSetting,
-                    program: "tunnel-server",
-                    group: group,
-                    logger: logger
-                ) { request in
-                    if request == "reload" {
-                        return group.next().makeSucceededFuture(Control.reloadAnswer(server.reload()))
-                    }
-                    let (isStatus, streams) = Control.parseStatus(request)
-                    guard isStatus else {
-                        return group.next().makeSucceededFuture("{\"error\": \"unknown request '\(request)'\"}")
-                    }
-                    return server.report(streams: streams).map { Control.encode($0) }
+                try await operations.start(group: group, logger: logger, report: server.report(streams:)) {
+                    request in request == "reload" ? Control.reloadAnswer(server.reload()) : nil
                 }
-                controlServer.withLockedValue { $0 = control }
                 if let health = settings.health {
                     do {
                         let bound = try await server.startHealthCheck(on: health)
@@ -237,26 +223,10 @@ public struct TunnelServerCommand: AsyncParsableCommand {
                         throw RuntimeFailure(message: "cannot listen for health checks on \(health): \(error)")
                     }
                 }
-                if let metricsEndpoint, let metricsRegistry {
-                    let scrape = MetricsScrape()
-                    do {
-                        let channel = try await MetricsEndpoint.start(
-                            host: metricsEndpoint.host,
-                            port: metricsEndpoint.port,
-                            group: group,
-                            registry: metricsRegistry
-                        ) { server.report(streams: false).map { scrape.apply($0) } }
-                        metricsChannel.withLockedValue { $0 = channel }
-                        logger.info("metrics on http://\(metricsEndpoint)/metrics")
-                    } catch {
-                        throw RuntimeFailure(message: "cannot serve metrics on \(metricsEndpoint): \(error)")
-                    }
-                }
                 return address
             },
             stop: {
-                controlServer.withLockedValue { $0 }?.stop()
-                try? await metricsChannel.withLockedValue { $0 }?.close()
+                await operations.stop()
                 await server.shutdown()
             }
         )

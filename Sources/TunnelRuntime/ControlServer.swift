@@ -158,7 +158,16 @@ private final class ControlConnection: ChannelInboundHandler {
     private func answerIfComplete(context: ChannelHandlerContext) {
         guard self.allowed, !self.answered else { return }
         guard let newline = self.request.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
-            if self.request.readableBytes > Self.limit { context.close(promise: nil) }
+            if self.request.readableBytes > Self.limit {
+                self.answered = true
+                let answer = ByteBuffer(string: "{\"error\": \"request longer than \(Self.limit) bytes\"}\n")
+                // Half-close: more of the request may still come, and closing with it unread would reset the
+                // connection (and lose the answer); it is read and dropped until the caller closes.
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                context.writeAndFlush(NIOAny(answer)).whenComplete { _ in
+                    bound.value.close(mode: .output, promise: nil)
+                }
+            }
             return
         }
         self.answered = true
@@ -169,7 +178,9 @@ private final class ControlConnection: ChannelInboundHandler {
             let text: String
             switch result {
             case .success(let answer): text = answer
-            case .failure(let error): text = "{\"error\": \"\(error)\"}"
+            case .failure(let error):
+                let message = "\(error)".replacingQuotes
+                text = "{\"error\": \"\(message)\"}"
             }
             context.writeAndFlush(NIOAny(ByteBuffer(string: text + "\n"))).whenComplete { _ in
                 context.close(promise: nil)
@@ -183,6 +194,15 @@ private final class ControlConnection: ChannelInboundHandler {
 }
 
 extension String {
+    /// Safe inside a JSON string: quotes and backslashes become apostrophes, control characters spaces.
+    fileprivate var replacingQuotes: String {
+        String(
+            self.unicodeScalars.map { c -> Character in
+                c == "\"" || c == "\\" ? "'" : c.value < 0x20 ? " " : Character(c)
+            }
+        )
+    }
+
     fileprivate var trimmingSpaces: String {
         var s = Substring(self)
         while let first = s.first, first == " " || first == "\r" || first == "\t" { s = s.dropFirst() }
@@ -197,6 +217,9 @@ public enum ControlClient {
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
     }
+
+    /// Longest wait for an answer, in seconds.
+    static let answerTimeout = 10
 
     /// Whether a process answers on `path` (a connect succeeds).
     public static func isAnswering(_ path: String) -> Bool {
@@ -246,6 +269,9 @@ public enum ControlClient {
         }
         let fd = try self.connect(path)
         defer { close(fd) }
+        // A process that hangs must not hang the command too.
+        var timeout = timeval(tv_sec: Self.answerTimeout, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var out = Array((request + "\n").utf8)
         let sent = out.withUnsafeMutableBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard sent == out.count else { throw Failure(description: "\(path): cannot send the request") }
@@ -254,6 +280,9 @@ public enum ControlClient {
         while true {
             let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count < 0 && errno == EINTR { continue }
+            if count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                throw Failure(description: "\(path): no answer within \(Self.answerTimeout) s")
+            }
             guard count > 0 else { break }
             answer.append(contentsOf: chunk[0..<count])
             guard answer.count < 64 << 20 else { throw Failure(description: "\(path): answer too long") }

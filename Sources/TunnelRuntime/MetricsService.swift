@@ -109,6 +109,19 @@ public enum TunnelMetrics {
     }
 }
 
+/// A status report whose figures a scrape turns into metric values.
+public protocol ScrapedReport: Encodable, Sendable {
+    func apply(to scrape: MetricsScrape)
+}
+
+extension ClientReport: ScrapedReport {
+    public func apply(to scrape: MetricsScrape) { scrape.apply(self) }
+}
+
+extension ServerReport: ScrapedReport {
+    public func apply(to scrape: MetricsScrape) { scrape.apply(self) }
+}
+
 /// Turns the figures of a status report into metric values at each scrape: totals into counter increments
 /// (by what they grew since the last scrape), the rest into gauges.
 public final class MetricsScrape: Sendable {

@@ -139,6 +139,13 @@ def test_an_unknown_request_gets_an_error_and_the_socket_goes_with_the_program(o
     s.sendall(b"make coffee\n")
     answer = json.loads(harness.recv_all(s))
     assert "unknown request" in answer["error"]
+    # A request that never ends its line is answered with an error once it is too long, not held open.
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(server_sock)
+    s.sendall(b"status" * 400)
+    answer = json.loads(harness.recv_all(s))
+    assert "request longer than 1024 bytes" in answer["error"]
     assert tunnel.client.terminate() == 0
     assert not os.path.exists(client_sock)
 
