@@ -58,7 +58,9 @@ public final class TunnelServer: Sendable {
                 (handle.handler.value.delegate as? ServerSession)?.report(streams: streams, now: now)
             }
         }
+        let gathered = report
         return EventLoopFuture.whenAllComplete(sessions, on: loop).map { results in
+            var report = gathered
             for case .success(let session?) in results {
                 report.sessions.append(session)
                 report.totals.add(session.traffic)

@@ -18,6 +18,12 @@ public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
         return Array(bytes[12..<16])
     }
 
+    /// Whether 4 or 16 bytes are a loopback address (127.0.0.0/8, ::1).
+    public static func isLoopback(_ bytes: [UInt8]) -> Bool {
+        if bytes.count == 4 { return bytes[0] == 127 }
+        return bytes.count == 16 && bytes[15] == 1 && bytes[0..<15].allSatisfy { $0 == 0 }
+    }
+
     /// Parses dotted IPv4 or RFC 4291 IPv6 text (with `::` and an optional embedded IPv4 tail).
     public static func parse(_ text: String) -> IPAddress? {
         if !text.contains(":") { return Self.parseIPv4(Substring(text)).flatMap { IPAddress(bytes: $0) } }

@@ -76,7 +76,7 @@ package enum Dialer {
                 let address = addresses[next]
                 next += 1
                 nextStart = now + attemptDelay
-                switch Self.start(address) {
+                switch NonBlockingConnect.start(address) {
                 case .connected(let descriptor):
                     return .success(Connection(descriptor: descriptor, address: address))
                 case .pending(let descriptor):
@@ -97,43 +97,19 @@ package enum Dialer {
             while index >= 0 {
                 defer { index -= 1 }
                 guard fds[index].revents != 0 else { continue }
-                let attempt = pending[index]
-                var error: Int32 = 0
-                var length = socklen_t(MemoryLayout<Int32>.size)
-                if getsockopt(attempt.descriptor, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { error = errno }
-                if error == 0 {
-                    pending.remove(at: index)
-                    return .success(Connection(descriptor: attempt.descriptor, address: attempt.address))
+                let attempt = pending.remove(at: index)
+                switch NonBlockingConnect.check(attempt.descriptor, writable: true) {
+                case .connected(let descriptor):
+                    return .success(Connection(descriptor: descriptor, address: attempt.address))
+                case .failed(let error):
+                    lastError = Self.describe(errno: error)
+                case .pending:
+                    break
                 }
-                close(attempt.descriptor)
-                pending.remove(at: index)
-                lastError = Self.describe(errno: error)
             }
             // A failure starts the next attempt at once (RFC 8305 §5).
             if pending.isEmpty { nextStart = .now() }
         }
-    }
-
-    private enum Start {
-        case connected(Int32)
-        case pending(Int32)
-        case failed(Int32)
-    }
-
-    private static func start(_ address: SocketAddress) -> Start {
-        let family = address.protocol.rawValue
-        let fd = socket(
-            family,
-            Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
-            0
-        )
-        guard fd >= 0 else { return .failed(errno) }
-        let result = address.withSockAddr { pointer, size in Glibc.connect(fd, pointer, socklen_t(size)) }
-        if result == 0 { return .connected(fd) }
-        let error = errno
-        if error == EINPROGRESS { return .pending(fd) }
-        close(fd)
-        return .failed(error)
     }
 
     static func describe(errno code: Int32) -> String {

@@ -21,7 +21,7 @@ struct DialerTests {
         let fd: Int32
         let port: Int
 
-        init() {
+        init(backlog: Int32 = 16) {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             self.fd = fd
             var address = sockaddr_in()
@@ -32,7 +32,7 @@ struct DialerTests {
                     bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
                 }
             }
-            listen(fd, 16)
+            listen(fd, backlog)
             var bound = sockaddr_in()
             var length = socklen_t(MemoryLayout<sockaddr_in>.size)
             _ = withUnsafeMutablePointer(to: &bound) {
@@ -123,5 +123,55 @@ struct DialerTests {
             return
         }
         #expect(late.description == "connect timed out")
+    }
+
+    // MARK: - The non-blocking connect under the dialer and the server's local connects
+
+    /// A connect to this host ends within connect(2): connected, or refused, by the first look.
+    @Test func aLocalConnectEndsWithinTheCall() throws {
+        let listener = Listener()
+        var state = NonBlockingConnect.start(listener.address)
+        if case .pending(let fd) = state { state = NonBlockingConnect.check(fd) }
+        guard case .connected(let fd) = state else {
+            Issue.record("expected connected, got \(state)")
+            return
+        }
+        close(fd)
+        listener.stop()
+        var refused = NonBlockingConnect.start(listener.address)
+        if case .pending(let fd) = refused { refused = NonBlockingConnect.check(fd) }
+        #expect(refused == .failed(ECONNREFUSED))
+    }
+
+    /// A listener whose queue is full drops the SYN: the connect stays pending until the kernel's retry
+    /// finds room, and a look in between neither blocks nor ends it.
+    @Test func aConnectToAFullQueueStaysPendingUntilThereIsRoom() async throws {
+        let listener = Listener(backlog: 0)
+        var first = NonBlockingConnect.start(listener.address)
+        if case .pending(let fd) = first { first = NonBlockingConnect.check(fd) }
+        guard case .connected(let firstFD) = first else {
+            Issue.record("expected the first connect to be queued, got \(first)")
+            return
+        }
+        defer { close(firstFD) }
+        var second = NonBlockingConnect.start(listener.address)
+        if case .pending(let fd) = second { second = NonBlockingConnect.check(fd) }
+        guard case .pending(let fd) = second else {
+            Issue.record("expected pending while the queue is full, got \(second)")
+            if case .connected(let fd) = second { close(fd) }
+            return
+        }
+        // Room in the queue: the kernel's SYN retry (after about a second) gets through.
+        let accepted = accept(listener.fd, nil, nil)
+        #expect(accepted >= 0)
+        defer { close(accepted) }
+        let deadline = NIODeadline.now() + .seconds(5)
+        var state = NonBlockingConnect.State.pending(fd)
+        while case .pending = state, NIODeadline.now() < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+            state = NonBlockingConnect.check(fd)
+        }
+        #expect(state == .connected(fd))
+        close(fd)
     }
 }

@@ -173,6 +173,39 @@ def test_connection_refused_reply(tunnel):
     assert out.returncode == 97, out.stderr  # curl: proxy handshake error, connection refused
 
 
+def test_a_local_service_with_a_full_queue_is_reached_once_it_has_room(tunnel):
+    """The server's connect to its own host ends within connect(2), except when the service's accept queue is
+    full: the SYN then waits for the kernel's retry, and the stream opens once there is room (not refused,
+    not stuck)."""
+    tunnel.start()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # a backlog of 0 queues one: the queue is full
+    result = {}
+
+    def request():
+        result["reply"] = socks5_request(tunnel.socks_port, "127.0.0.1", port, timeout=15)
+
+    asking = threading.Thread(target=request)
+    asking.start()
+    time.sleep(0.4)
+    assert "reply" not in result, "answered while the service's queue was full"
+    queued, _ = listener.accept()  # room again: the kernel's SYN retry (about 1 s after the first) gets in
+    listener.settimeout(10)
+    conn, _ = listener.accept()
+    asking.join(10)
+    s, rep, _, _ = result["reply"]
+    assert rep == 0x00
+    s.sendall(b"ping")
+    assert recv_exact(conn, 4) == b"ping"
+    conn.sendall(b"pong")
+    assert recv_exact(s, 4) == b"pong"
+    for c in (s, conn, queued, filler, listener):
+        c.close()
+
+
 def test_unresolvable_name_is_host_unreachable(tunnel):
     tunnel.start()
     s, rep, _, _ = socks5_request(tunnel.socks_port, "no-such-host.invalid", 80)
