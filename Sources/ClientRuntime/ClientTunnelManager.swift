@@ -560,9 +560,6 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         self.stateSince = .now()
     }
 
-    // MARK: - Shutdown
-
-    /// Stops reconnecting, fails waiting requests, and shuts every tunnel down gracefully.
     /// Opens a stream on `tunnel`, with early data when fast open says so (README, *Fast open*).
     private func open(
         _ target: TargetAddress,
@@ -597,6 +594,9 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
         }
     }
 
+    // MARK: - Shutdown
+
+    /// Stops reconnecting, fails waiting requests, and shuts every tunnel down gracefully.
     func shutdown(drainTimeout: TimeAmount) -> EventLoopFuture<Void> {
         if self.fastOpens > 0 {
             self.logger.info(

@@ -379,11 +379,13 @@ final class ServerSession: TunnelConnectionDelegate {
             let handler = kept.handler.value
             // The old connection may not have broken here yet (a path gone silent): it is given up now.
             handler.releaseConnection()
+            // The channel is made on the session's own loop, where the handler lives.
+            let bound = NIOLoopBound(handler, eventLoop: kept.eventLoop)
             ClientBootstrap(group: kept.eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try TunnelSocket.configure(channel, timings: timings, logger: logger)
-                        try channel.pipeline.syncOperations.addHandler(handler)
+                        try channel.pipeline.syncOperations.addHandler(bound.value)
                     }
                 }
                 .withConnectedSocket(descriptor)
