@@ -238,6 +238,14 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "ServerRuntimeTests",
+            dependencies: [
+                "ServerRuntime", "TunnelConfig", "TunnelProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
             name: "TunnelTransportTests",
             dependencies: [
                 "TunnelTransport",
