@@ -240,7 +240,7 @@ let package = Package(
         .testTarget(
             name: "ServerRuntimeTests",
             dependencies: [
-                "ServerRuntime", "TunnelConfig", "TunnelProtocol",
+                "ServerRuntime", "TunnelConfig", "TunnelProtocol", "TunnelTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]

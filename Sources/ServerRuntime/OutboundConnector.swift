@@ -73,7 +73,8 @@ final class OutboundConnector: Sendable {
                         ?? "no address"
                     return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy (\(why))"))
                 }
-                return self.attempt(allowed[...], deadline: deadline, on: eventLoop, worst: nil).map { outcome in
+                return self.attempt(allowed[...], host: host, deadline: deadline, on: eventLoop, worst: nil).map {
+                    outcome in
                     guard fresh, case .connected(let channel, _) = outcome else { return outcome }
                     return .connected(channel, resolved: addresses)
                 }
@@ -139,6 +140,7 @@ final class OutboundConnector: Sendable {
     /// Tries each address in order until one connects or the deadline passes; reports the most telling failure.
     private func attempt(
         _ addresses: ArraySlice<SocketAddress>,
+        host: Set<[UInt8]>,
         deadline: NIODeadline,
         on eventLoop: any EventLoop,
         worst: (ReplyCode, String)?
@@ -149,7 +151,8 @@ final class OutboundConnector: Sendable {
             return eventLoop.makeSucceededFuture(.failed(reply, why))
         }
         let channel: EventLoopFuture<any Channel>
-        if self.isThisHost(address) {
+        // One of this host's addresses (loopback, or an interface's): see `connectHere`.
+        if address.unmappedBytes.map({ IPAddress.isLoopback($0) || host.contains($0) }) ?? false {
             channel = self.connectHere(address, deadline: deadline, on: eventLoop)
         } else {
             channel = ClientBootstrap(group: eventLoop)
@@ -163,14 +166,8 @@ final class OutboundConnector: Sendable {
             .flatMapError { error in
                 let mapped = Self.reply(for: error)
                 let best = Self.moreTelling(mapped, than: worst)
-                return self.attempt(addresses.dropFirst(), deadline: deadline, on: eventLoop, worst: best)
+                return self.attempt(addresses.dropFirst(), host: host, deadline: deadline, on: eventLoop, worst: best)
             }
-    }
-
-    /// Whether `address` is this host's (loopback, or an address of one of its interfaces).
-    private func isThisHost(_ address: SocketAddress) -> Bool {
-        guard let bytes = address.unmappedBytes else { return false }
-        return IPAddress.isLoopback(bytes) || self.hostAddresses.current().contains(bytes)
     }
 
     /// Connects to an address of this host with a socket of our own. The kernel runs such a handshake within

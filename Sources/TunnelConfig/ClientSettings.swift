@@ -135,8 +135,7 @@ public struct ClientSettings: Sendable {
     public static func isLoopback(_ host: String) -> Bool {
         if host == "localhost" { return true }
         guard let ip = IPAddress.parse(host) else { return false }
-        if ip.isIPv6 { return ip.bytes == Array(repeating: 0, count: 15) + [1] }
-        return ip.bytes[0] == 127
+        return IPAddress.isLoopback(ip.bytes)
     }
 
     public static func parseCipher(_ text: String) -> CipherChoice? {

@@ -98,14 +98,10 @@ package enum Dialer {
                 defer { index -= 1 }
                 guard fds[index].revents != 0 else { continue }
                 let attempt = pending.remove(at: index)
-                switch NonBlockingConnect.check(attempt.descriptor, writable: true) {
-                case .connected(let descriptor):
-                    return .success(Connection(descriptor: descriptor, address: attempt.address))
-                case .failed(let error):
-                    lastError = Self.describe(errno: error)
-                case .pending:
-                    break
-                }
+                let error = NonBlockingConnect.error(of: attempt.descriptor)
+                if error == 0 { return .success(Connection(descriptor: attempt.descriptor, address: attempt.address)) }
+                close(attempt.descriptor)
+                lastError = Self.describe(errno: error)
             }
             // A failure starts the next attempt at once (RFC 8305 §5).
             if pending.isEmpty { nextStart = .now() }

@@ -35,22 +35,21 @@ package enum NonBlockingConnect {
         return .failed(error)
     }
 
-    /// Where a pending connect stands now, without waiting (a descriptor that `poll(2)` found writable, or
-    /// one to ask). A failure closes the descriptor.
-    package static func check(_ fd: Int32, writable: Bool? = nil) -> State {
-        let ready: Bool
-        if let writable {
-            ready = writable
-        } else {
-            var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            ready = poll(&entry, 1, 0) > 0
-        }
-        guard ready else { return .pending(fd) }
-        var error: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { error = errno }
+    /// Where a pending connect stands now, without waiting. A failure closes the descriptor.
+    package static func check(_ fd: Int32) -> State {
+        var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        guard poll(&entry, 1, 0) > 0 else { return .pending(fd) }
+        let error = Self.error(of: fd)
         if error == 0 { return .connected(fd) }
         close(fd)
         return .failed(error)
+    }
+
+    /// How the handshake of a descriptor that turned writable ended: 0 when connected, else its errno.
+    package static func error(of fd: Int32) -> Int32 {
+        var error: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 { error = errno }
+        return error
     }
 }

@@ -2,6 +2,7 @@ import NIOCore
 import NIOPosix
 import Testing
 import TunnelRuntime
+import TunnelTestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -16,46 +17,7 @@ struct DialerTests {
         try await NIOThreadPool.singleton.runIfActive(body)
     }
 
-    /// A listening TCP socket on 127.0.0.1 with a kernel-chosen port.
-    final class Listener: @unchecked Sendable {
-        let fd: Int32
-        let port: Int
-
-        init(backlog: Int32 = 16) {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            self.fd = fd
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            _ = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-            listen(fd, backlog)
-            var bound = sockaddr_in()
-            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-            _ = withUnsafeMutablePointer(to: &bound) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-            }
-            self.port = Int(UInt16(bigEndian: bound.sin_port))
-        }
-
-        var address: SocketAddress { try! SocketAddress(ipAddress: "127.0.0.1", port: self.port) }
-
-        private var open = true
-
-        /// Stops listening: a connect to the port is refused from now on.
-        func stop() {
-            guard self.open else { return }
-            self.open = false
-            close(self.fd)
-        }
-
-        deinit {
-            self.stop()
-        }
-    }
+    typealias Listener = LoopbackListener
 
     @Test func addressesAlternateByFamilyStartingWithTheFirst() throws {
         let v6a = try SocketAddress(ipAddress: "2001:db8::1", port: 1)
