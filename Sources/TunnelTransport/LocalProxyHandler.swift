@@ -104,6 +104,9 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             if (self.buffered?.readableBytes ?? 0) < Self.maxEarlyData { context.read() }
         }
         context.fireChannelReadComplete()
+        // A request read: its OPEN and, under fast open, the application's answer go now, not after every other
+        // socket ready in this tick (last: the answer hands this channel over to the relay).
+        if case .waiting = self.phase { self.local?.stream?.answerEarlyOpensNow() }
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -35,14 +35,37 @@ extension TunnelConnectionHandler {
         }
         TunnelStream(stream, tunnel: self).attach(local)
         if stream.awaitingOpenResult {
-            loop.assumeIsolated().execute {
-                // Unless the real answer came first (a failure, which then had the exact code).
-                guard !stream.state.isClosed, stream.awaitingOpenResult else { return }
-                stream.answeredEarly = true
-                local.openCompleted(reply: .succeeded, bound: .unspecified)
+            // Not from here: the caller is still inside its own handling of the request.
+            self.earlyAnswers.append((stream, local))
+            if !self.earlyAnswersScheduled {
+                self.earlyAnswersScheduled = true
+                loop.assumeIsolated().execute { self.answerEarlyOpens() }
             }
         }
         return true
+    }
+
+    /// Writes the OPENs queued so far and tells the applications of fast-opened streams "succeeded", now rather
+    /// than when this event-loop tick ends: the SOCKS front end calls it once it has read a request, so the
+    /// application's answer (and after it, its first bytes) does not wait while the loop serves every other
+    /// socket that was ready in this tick. The OPEN goes first, so the server's connect starts first.
+    public func answerEarlyOpensNow() {
+        guard !self.earlyAnswers.isEmpty else { return }
+        self.flushIfPending()
+        self.answerEarlyOpens()
+    }
+
+    private func answerEarlyOpens() {
+        self.earlyAnswersScheduled = false
+        guard !self.earlyAnswers.isEmpty else { return }
+        let answers = self.earlyAnswers
+        self.earlyAnswers.removeAll(keepingCapacity: true)
+        for (stream, local) in answers {
+            // Unless the real answer came first (a failure, which then had the exact code).
+            guard !stream.state.isClosed, stream.awaitingOpenResult else { continue }
+            stream.answeredEarly = true
+            local.openCompleted(reply: .succeeded, bound: .unspecified)
+        }
     }
 
     /// Whether the server takes early data on new streams (negotiated).

@@ -52,6 +52,10 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// The last small output buffer, reused once the socket has written it.
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
+    /// Streams opened with early data whose applications are still to be told "succeeded" (fast open), in
+    /// opening order: by `answerEarlyOpensNow()`, or by the task queued with the first of them.
+    var earlyAnswers: [(MuxStream, any StreamEndpoint)] = []
+    var earlyAnswersScheduled = false
     /// Set while `enqueueIPPacket` queues: output waits for the caller's `flushNow()` instead of a task.
     var flushHeld = false
     /// Output was queued under `flushHeld` and not flushed yet.
@@ -253,6 +257,13 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     // MARK: - Outbound records
+
+    /// Writes the records queued so far now instead of in the task `scheduleFlush` queued (which then finds
+    /// nothing to write). Only outside a tunnel read, whose own end writes.
+    func flushIfPending() {
+        guard self.flushScheduled, !self.flushHeld, !self.inRead, let context = self.context else { return }
+        self.produceOutput(context: context)
+    }
 
     func scheduleFlush() {
         if self.flushHeld {

@@ -41,6 +41,10 @@ public struct TunnelStream {
         self.multiplexer?.localEndOfStream(on: self.muxStream)
     }
 
+    /// Client: sends the OPENs queued on this stream's tunnel and answers its fast-opened streams now
+    /// (`TunnelConnectionHandler.answerEarlyOpensNow`).
+    public func answerEarlyOpensNow() { self.tunnel?.answerEarlyOpensNow() }
+
     /// Ends the stream abruptly both ways.
     public func reset(code: ErrorCode) {
         self.multiplexer?.resetStream(self.muxStream, code: code)

@@ -32,6 +32,22 @@ final class TestDelegate: TunnelConnectionDelegate {
     }
 }
 
+/// A stream's local end that records what the tunnel told it.
+final class RecordingEndpoint: StreamEndpoint {
+    var stream: TunnelStream?
+    var answers: [ReplyCode] = []
+    var delivered: [UInt8] = []
+    var reset: ErrorCode?? = nil
+    func attach(_ stream: TunnelStream) { self.stream = stream }
+    func openCompleted(reply: ReplyCode, bound: TargetAddress) { self.answers.append(reply) }
+    func cancelPendingOpen() {}
+    var takesEarlyAnswer: Bool { true }
+    func deliver(_ data: ByteBuffer) { self.delivered += Array(data.readableBytesView) }
+    func peerFinished() {}
+    func streamClosed(reset: ErrorCode?) { self.reset = .some(reset) }
+    func readIfWanted() {}
+}
+
 struct TunnelConnectionHandlerTests {
     let serverKey = PrivateKey()
     let clientKey = PrivateKey()
@@ -40,7 +56,8 @@ struct TunnelConnectionHandlerTests {
     func makePair(
         authorized: Bool = true,
         cipher: NoiseCipher = .chaChaPoly,
-        fullTunnel: Bool = false
+        fullTunnel: Bool = false,
+        earlyData: Bool = false
     ) throws
         -> (
             client: EmbeddedChannel, server: EmbeddedChannel, clientDelegate: TestDelegate, serverDelegate: TestDelegate
@@ -48,14 +65,15 @@ struct TunnelConnectionHandlerTests {
     {
         var configuration = TunnelConnectionHandler.Configuration()
         configuration.session.fullTunnel = fullTunnel
+        configuration.session.earlyData = earlyData
+        var features: SessionFeatures = []
+        if fullTunnel { features.insert(.fullTunnel) }
+        if earlyData { features.insert(.earlyData) }
         let clientMachine = ClientHandshakeStateMachine(
             cipher: cipher,
             staticKey: self.clientKey,
             serverKey: self.serverKey.publicKey,
-            parameters: Multiplexer.announcedParameters(
-                for: configuration.session.multiplexer,
-                features: fullTunnel ? [.fullTunnel] : []
-            )
+            parameters: Multiplexer.announcedParameters(for: configuration.session.multiplexer, features: features)
         )
         let clientHandler = TunnelConnectionHandler(
             role: .client(clientMachine),
@@ -254,5 +272,61 @@ struct TunnelConnectionHandlerTests {
         try server.writeInbound(record)
         #expect(!server.isActive)
         #expect(serverDelegate.closedWith??.code == .decryptionFailed)
+    }
+
+    // MARK: - Fast open
+
+    @Test func aFastOpenIsAnsweredWithItsOpenOnTheWireBeforeTheTickEnds() throws {
+        let (client, server, _, _) = try self.makePair(earlyData: true)
+        try self.shuttle(client, server)
+        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        #expect(handler.earlyDataActive)
+        let first = RecordingEndpoint()
+        let second = RecordingEndpoint()
+        let target = TargetAddress(host: .domain("example.com"), port: 443)
+        #expect(handler.openStream(to: target, local: first, early: true))
+        #expect(handler.openStream(to: target, local: second, early: true))
+        #expect(first.answers.isEmpty, "never from inside the caller's own request handling")
+        #expect(try client.readOutbound(as: ByteBuffer.self) == nil, "nothing written yet")
+
+        handler.answerEarlyOpensNow()
+        // Without a turn of the event loop: both OPENs are on the wire, both applications answered.
+        #expect(try client.readOutbound(as: ByteBuffer.self) != nil)
+        #expect(first.answers == [.succeeded])
+        #expect(second.answers == [.succeeded])
+        #expect(first.stream?.muxStream.answeredEarly == true)
+
+        // The task queued for them finds nothing left to answer; the server's results change nothing.
+        client.embeddedEventLoop.run()
+        try self.shuttle(client, server)
+        #expect(first.answers == [.succeeded])
+        #expect(second.answers == [.succeeded])
+    }
+
+    @Test func aFastOpenNotAnsweredNowIsAnsweredWhenTheTickEnds() throws {
+        let (client, server, _, _) = try self.makePair(earlyData: true)
+        try self.shuttle(client, server)
+        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        let local = RecordingEndpoint()
+        #expect(
+            handler.openStream(to: TargetAddress(host: .domain("example.com"), port: 80), local: local, early: true)
+        )
+        #expect(local.answers.isEmpty)
+        client.embeddedEventLoop.run()
+        #expect(local.answers == [.succeeded])
+        #expect(try client.readOutbound(as: ByteBuffer.self) != nil, "the OPEN went in the same turn")
+    }
+
+    @Test func anOpenWithoutEarlyDataWaitsForTheServersAnswer() throws {
+        let (client, server, _, _) = try self.makePair(earlyData: true)
+        try self.shuttle(client, server)
+        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        let local = RecordingEndpoint()
+        #expect(
+            handler.openStream(to: TargetAddress(host: .domain("example.com"), port: 80), local: local, early: false)
+        )
+        handler.answerEarlyOpensNow()
+        client.embeddedEventLoop.run()
+        #expect(local.answers.isEmpty, "only the OPEN_RESULT answers it")
     }
 }
