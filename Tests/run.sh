@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 Tests/install-deps.sh
-swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections  # the release build, as README says
+swift build -c release -Xswiftc -Xfrontend -Xswiftc -function-sections -Xswiftc -enforce-exclusivity=unchecked -Xswiftc -cross-module-optimization  # the release build, as README says
 Tests/check-hot-functions.sh  # how much of the packet path's link order a refactor left stale (report only)
 swift test
 .venv-tests/bin/python -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"
