@@ -276,10 +276,15 @@ struct TunnelConnectionHandlerTests {
 
     // MARK: - Fast open
 
-    @Test func aFastOpenIsAnsweredWithItsOpenOnTheWireBeforeTheTickEnds() throws {
+    /// An established pair that negotiated early data, and the client's handler.
+    func establishedWithEarlyData() throws -> (EmbeddedChannel, EmbeddedChannel, TunnelConnectionHandler) {
         let (client, server, _, _) = try self.makePair(earlyData: true)
         try self.shuttle(client, server)
-        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        return (client, server, try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self))
+    }
+
+    @Test func aFastOpenIsAnsweredWithItsOpenOnTheWireBeforeTheTickEnds() throws {
+        let (client, server, handler) = try self.establishedWithEarlyData()
         #expect(handler.earlyDataActive)
         let first = RecordingEndpoint()
         let second = RecordingEndpoint()
@@ -304,9 +309,7 @@ struct TunnelConnectionHandlerTests {
     }
 
     @Test func aFastOpenNotAnsweredNowIsAnsweredWhenTheTickEnds() throws {
-        let (client, server, _, _) = try self.makePair(earlyData: true)
-        try self.shuttle(client, server)
-        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        let (client, _, handler) = try self.establishedWithEarlyData()
         let local = RecordingEndpoint()
         #expect(
             handler.openStream(to: TargetAddress(host: .domain("example.com"), port: 80), local: local, early: true)
@@ -318,9 +321,7 @@ struct TunnelConnectionHandlerTests {
     }
 
     @Test func anOpenWithoutEarlyDataWaitsForTheServersAnswer() throws {
-        let (client, server, _, _) = try self.makePair(earlyData: true)
-        try self.shuttle(client, server)
-        let handler = try client.pipeline.syncOperations.handler(type: TunnelConnectionHandler.self)
+        let (client, _, handler) = try self.establishedWithEarlyData()
         let local = RecordingEndpoint()
         #expect(
             handler.openStream(to: TargetAddress(host: .domain("example.com"), port: 80), local: local, early: false)
