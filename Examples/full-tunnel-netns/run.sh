@@ -10,15 +10,8 @@ cd "$ROOT"
 [ "$(id -u)" -eq 0 ] || { echo "run as root (it creates network namespaces and TUN devices)" >&2; exit 1; }
 [ -e /dev/net/tun ] || { echo "no /dev/net/tun: load the tun module" >&2; exit 1; }
 
-need=()
-for pkg in libsodium-dev zlib1g-dev libqrencode-dev pkg-config curl iproute2 nftables iputils-ping python3; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. "$ROOT/Examples/lib/packages.sh"
+ensure_packages curl iproute2 nftables iputils-ping python3
 
 . "$ROOT/Examples/lib/build.sh"
 BIN="$ROOT/.build/release"

@@ -14,15 +14,8 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 [ "$(id -u)" -eq 0 ] || { echo "run as root (it creates network namespaces)" >&2; exit 1; }
 
-need=()
-for pkg in libsodium-dev zlib1g-dev libqrencode-dev pkg-config curl iproute2 haproxy python3; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. "$ROOT/Examples/lib/packages.sh"
+ensure_packages curl iproute2 haproxy python3
 
 . "$ROOT/Examples/lib/build.sh"
 BIN="$ROOT/.build/release"

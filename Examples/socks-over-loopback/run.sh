@@ -6,16 +6,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 
-need=()
-for pkg in libsodium-dev zlib1g-dev libqrencode-dev pkg-config curl python3; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. "$ROOT/Examples/lib/packages.sh"
+ensure_packages curl python3
 
 . "$ROOT/Examples/lib/build.sh"
 BIN="$ROOT/.build/release"

@@ -230,14 +230,12 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
             self.firstAttemptDone()
             return
         }
-        if self.resolved.servers.count > 1 {
-            let failed = self.target.endpoint
-            if self.rotation.failed() {
-                // Another server of the list is still untried in this round: at once, no backoff.
-                self.logger.info("\(why); trying \(self.target.endpoint) (after \(failed))")
-                self.connect()
-                return
-            }
+        let failed = self.target.endpoint
+        if self.rotation.failed() {
+            // Another server of the list is still untried in this round: at once, no backoff.
+            self.logger.info("\(why); trying \(self.target.endpoint) (after \(failed))")
+            self.connect()
+            return
         }
         // Every server failed: the SOCKS port opens (requests wait for the tunnel), and the next round backs off.
         self.firstAttemptDone()

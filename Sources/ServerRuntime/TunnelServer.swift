@@ -132,7 +132,8 @@ public final class TunnelServer: Sendable {
             .bind(host: endpoint.host, port: endpoint.port)
             .get()
         self.healthListener.set(channel)
-        return channel.localAddress!
+        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
+        return address
     }
 
     /// "127.0.0.1:7443", "[::1]:7443".

@@ -42,10 +42,6 @@ public struct ClientSettings: Sendable {
     public var servers: [ServerEntry] = []
     /// The key of every server whose entry does not name its own (one shared key for a pool).
     public var serverKey: PublicKey?
-    /// The first server (the only one, usually).
-    public var server: Endpoint? { self.servers.first?.endpoint }
-    /// The key the first server's `tunnel://` link named.
-    public var linkServerKey: PublicKey? { self.servers.first?.key }
     public var keyPath: String?
     public var socks = Endpoint(host: "127.0.0.1", port: 1080)
     /// Username and password the local proxy requires (SOCKS5 RFC 1929, SOCKS4 user id, HTTP Basic).
@@ -156,9 +152,8 @@ public struct ClientSettings: Sendable {
         public var servers: [Server]
         public var key: PrivateKey
         public var keyFileInsecure: Bool
-        /// The first server, and its key.
+        /// The first server (full tunnel: the only one).
         public var server: Endpoint { self.servers[0].endpoint }
-        public var serverKey: PublicKey { self.servers[0].key }
     }
 
     /// The password in a file (`--socks-pass-file`): its first line, without the line end.

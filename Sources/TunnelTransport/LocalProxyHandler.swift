@@ -106,7 +106,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         context.fireChannelReadComplete()
         // A request read: its OPEN and, under fast open, the application's answer go now, not after every other
         // socket ready in this tick (last: the answer hands this channel over to the relay).
-        if case .waiting = self.phase { self.local?.stream?.answerEarlyOpensNow() }
+        if case .waiting = self.phase { self.local?.stream?.sendOpensNow() }
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -47,10 +47,10 @@ extension TunnelConnectionHandler {
 
     /// Writes the OPENs queued so far and tells the applications of fast-opened streams "succeeded", now rather
     /// than when this event-loop tick ends: the SOCKS front end calls it once it has read a request, so the
-    /// application's answer (and after it, its first bytes) does not wait while the loop serves every other
-    /// socket that was ready in this tick. The OPEN goes first, so the server's connect starts first.
-    public func answerEarlyOpensNow() {
-        guard !self.earlyAnswers.isEmpty else { return }
+    /// server's connect (and, under fast open, the application's answer and then its first bytes) does not
+    /// wait while the loop serves every other socket that was ready in this tick. The OPEN goes first, so the
+    /// server's connect starts first.
+    public func sendOpensNow() {
         self.flushIfPending()
         self.answerEarlyOpens()
     }

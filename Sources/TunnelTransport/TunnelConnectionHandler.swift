@@ -53,7 +53,7 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     private var outputScratch: ByteBuffer?
     private var flushScheduled = false
     /// Streams opened with early data whose applications are still to be told "succeeded" (fast open), in
-    /// opening order: by `answerEarlyOpensNow()`, or by the task queued with the first of them.
+    /// opening order: by `sendOpensNow()`, or by the task queued with the first of them.
     var earlyAnswers: [(MuxStream, any StreamEndpoint)] = []
     var earlyAnswersScheduled = false
     /// Set while `enqueueIPPacket` queues: output waits for the caller's `flushNow()` instead of a task.

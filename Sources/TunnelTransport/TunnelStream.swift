@@ -42,8 +42,8 @@ public struct TunnelStream {
     }
 
     /// Client: sends the OPENs queued on this stream's tunnel and answers its fast-opened streams now
-    /// (`TunnelConnectionHandler.answerEarlyOpensNow`).
-    public func answerEarlyOpensNow() { self.tunnel?.answerEarlyOpensNow() }
+    /// (`TunnelConnectionHandler.sendOpensNow`).
+    public func sendOpensNow() { self.tunnel?.sendOpensNow() }
 
     /// Ends the stream abruptly both ways.
     public func reset(code: ErrorCode) {

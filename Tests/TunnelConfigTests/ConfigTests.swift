@@ -214,7 +214,7 @@ struct SettingsTests {
         )
         var settings = ClientSettings()
         try settings.apply(file: &file)
-        #expect(settings.server == Endpoint(host: "2001:db8::1", port: 7443))
+        #expect(settings.servers.map(\.endpoint) == [Endpoint(host: "2001:db8::1", port: 7443)])
         #expect(settings.serverKey == key)
         #expect(settings.cipher == .fixed(.chaChaPoly))
         #expect(settings.socks == Endpoint(host: "127.0.0.1", port: 1080))

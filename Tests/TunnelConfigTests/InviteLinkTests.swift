@@ -42,7 +42,7 @@ struct InviteLinkTests {
     @Test func theClientTakesALinkAsServerAndItsKey() throws {
         var settings = ClientSettings()
         try settings.setServer("tunnel://U83G0d5O4KIhR0iHKaw72dYC1SnI6D79xe_MGIPz-VU@h:9", origin: "--server")
-        #expect(settings.server == Endpoint(host: "h", port: 9) && settings.linkServerKey == self.key)
+        #expect(settings.servers == [ClientSettings.ServerEntry(endpoint: Endpoint(host: "h", port: 9), key: self.key)])
         settings.serverKey = PublicKey(bytes: Array(repeating: 9, count: 32))!
         settings.keyPath = "/nonexistent"
         #expect(throws: ConfigError("--server-key differs from the key in the tunnel:// link of h:9: give one of them"))
@@ -51,6 +51,6 @@ struct InviteLinkTests {
         }
         // Plain HOST:PORT drops a link's key.
         try settings.setServer("h2:10", origin: "--server")
-        #expect(settings.linkServerKey == nil)
+        #expect(settings.servers == [ClientSettings.ServerEntry(endpoint: Endpoint(host: "h2", port: 10), key: nil)])
     }
 }

@@ -294,7 +294,7 @@ struct TunnelConnectionHandlerTests {
         #expect(first.answers.isEmpty, "never from inside the caller's own request handling")
         #expect(try client.readOutbound(as: ByteBuffer.self) == nil, "nothing written yet")
 
-        handler.answerEarlyOpensNow()
+        handler.sendOpensNow()
         // Without a turn of the event loop: both OPENs are on the wire, both applications answered.
         #expect(try client.readOutbound(as: ByteBuffer.self) != nil)
         #expect(first.answers == [.succeeded])
@@ -326,7 +326,8 @@ struct TunnelConnectionHandlerTests {
         #expect(
             handler.openStream(to: TargetAddress(host: .domain("example.com"), port: 80), local: local, early: false)
         )
-        handler.answerEarlyOpensNow()
+        handler.sendOpensNow()
+        #expect(try client.readOutbound(as: ByteBuffer.self) != nil, "its OPEN is written at once")
         client.embeddedEventLoop.run()
         #expect(local.answers.isEmpty, "only the OPEN_RESULT answers it")
     }
