@@ -164,6 +164,10 @@ final class OutboundConnector: Sendable {
         }
         return channel.map { Outcome.connected($0, resolved: nil) }
             .flatMapError { error in
+                if let io = error as? IOError, io.errnoCode == ECANCELED {
+                    // The event loop is stopping (`awaitConnect`): no next address on it.
+                    return eventLoop.makeSucceededFuture(.failed(.generalFailure, "connect given up: server stopping"))
+                }
                 let mapped = Self.reply(for: error)
                 let best = Self.moreTelling(mapped, than: worst)
                 return self.attempt(addresses.dropFirst(), host: host, deadline: deadline, on: eventLoop, worst: best)
@@ -211,7 +215,8 @@ final class OutboundConnector: Sendable {
     }
 
     /// Looks at a pending connect after `delay`, then twice as long each time up to 64 ms, until it ends or
-    /// `deadline` passes (`pending` then).
+    /// `deadline` passes (`pending` then). When the event loop stops first (its timers are cancelled), the
+    /// socket is closed and the connect ends as `failed(ECANCELED)`.
     private static func awaitConnect(
         _ descriptor: Int32,
         deadline: NIODeadline,
@@ -220,7 +225,7 @@ final class OutboundConnector: Sendable {
         done: @escaping (NonBlockingConnect.State) -> Void
     ) {
         let wake = min(deadline, .now() + delay)
-        eventLoop.assumeIsolated().scheduleTask(deadline: wake) {
+        let task = eventLoop.assumeIsolated().scheduleTask(deadline: wake) {
             let state = NonBlockingConnect.check(descriptor)
             guard case .pending = state, NIODeadline.now() < deadline else { return done(state) }
             Self.awaitConnect(
@@ -230,6 +235,10 @@ final class OutboundConnector: Sendable {
                 on: eventLoop,
                 done: done
             )
+        }
+        task.futureResult.assumeIsolated().whenFailure { _ in
+            close(descriptor)
+            done(.failed(ECANCELED))
         }
     }
 

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Testing
@@ -46,5 +47,37 @@ struct OutboundConnectorTests {
         #expect(reply == .connectionRefused)
         try await pool.shutdownGracefully()
         try await group.shutdownGracefully()
+    }
+
+    /// A local connect still waiting for room in the service's queue when the server's event loops stop ends
+    /// (as a failure, its socket closed) instead of being left unanswered.
+    @Test func aPendingLocalConnectEndsWhenTheEventLoopStops() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        let listener = LoopbackListener(backlog: 0)
+        let connector = Self.connector(pool: pool)
+        var target = Self.loopback
+        target.port = UInt16(listener.port)
+        // The first fills the queue; the second waits for room.
+        let first = try await connector.connect(to: target, on: group.next()).get()
+        guard case .connected(let channel, _) = first else {
+            Issue.record("expected the first connect to be queued, got \(first)")
+            return
+        }
+        let ended = NIOLockedValueBox<OutboundConnector.Outcome?>(nil)
+        connector.connect(to: target, on: group.next()).whenSuccess { outcome in
+            ended.withLockedValue { $0 = outcome }
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(ended.withLockedValue { $0 } == nil, "still waiting for room")
+        try await channel.close()
+        try await group.shutdownGracefully()
+        guard case .failed(let reply, _) = ended.withLockedValue({ $0 }) else {
+            Issue.record("the pending connect was left unanswered")
+            return
+        }
+        #expect(reply == .generalFailure)
+        try await pool.shutdownGracefully()
     }
 }
