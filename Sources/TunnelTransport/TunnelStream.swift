@@ -6,7 +6,10 @@ import TunnelProtocol
 /// forwarder, a UDP association) or the server's connector acts on its stream. It carries the stream and a
 /// weak reference to the tunnel connection that runs it; every call does nothing once that connection is
 /// gone, so an endpoint never needs to know the multiplexer or the connection handler.
-public struct TunnelStream {
+///
+/// A class, made once per stream: endpoints and closures pass it around, and a struct holding a weak
+/// reference pays a weak-reference copy and destroy (atomic, through the side table) for every pass.
+public final class TunnelStream {
     /// The multiplexer's record of the stream (state, counters).
     public let muxStream: MuxStream
     private weak var tunnel: TunnelConnectionHandler?
