@@ -44,41 +44,75 @@ final class OutboundConnector: Sendable {
 
     /// Connects to `target` from `eventLoop` (the tunnel's loop, so the socket shares it). `known`: the
     /// addresses its name resolved to a moment ago, if the session remembers them (no resolution then).
+    /// `done` runs on `eventLoop`, once. Callbacks rather than futures: this runs for every stream, and an
+    /// address literal or a remembered name needs no future at all before the connect.
+    func connect(
+        to target: TargetAddress,
+        known: [SocketAddress]? = nil,
+        on eventLoop: any EventLoop,
+        done: @escaping (Outcome) -> Void
+    ) {
+        eventLoop.preconditionInEventLoop()
+        let deadline = NIODeadline.now() + self.connectTimeout
+        if let known {
+            return self.connect(target, addresses: known, fresh: false, deadline: deadline, on: eventLoop, done: done)
+        }
+        switch Self.literal(target) {
+        case .some(.success(let addresses)):
+            self.connect(target, addresses: addresses, fresh: false, deadline: deadline, on: eventLoop, done: done)
+        case .some(.failure(let reply, let why)):
+            done(.failed(reply, why))
+        case .none:
+            self.resolve(target, on: eventLoop).assumeIsolated().whenSuccess { resolution in
+                switch resolution {
+                case .success(let addresses):
+                    self.connect(
+                        target,
+                        addresses: addresses,
+                        fresh: true,
+                        deadline: deadline,
+                        on: eventLoop,
+                        done: done
+                    )
+                case .failure(let reply, let why):
+                    done(.failed(reply, why))
+                }
+            }
+        }
+    }
+
+    /// `connect(to:known:on:done:)` as a future, from any thread.
     func connect(
         to target: TargetAddress,
         known: [SocketAddress]? = nil,
         on eventLoop: any EventLoop
-    )
-        -> EventLoopFuture<Outcome>
-    {
-        let deadline = NIODeadline.now() + self.connectTimeout
-        let resolution: EventLoopFuture<Resolution>
-        var fresh = false
-        if let known {
-            resolution = eventLoop.makeSucceededFuture(.success(known))
-        } else {
-            resolution = self.resolve(target, on: eventLoop)
-            if case .domain = target.host { fresh = true }
+    ) -> EventLoopFuture<Outcome> {
+        let promise = eventLoop.makePromise(of: Outcome.self)
+        eventLoop.execute {
+            self.connect(to: target, known: known, on: eventLoop) { promise.succeed($0) }
         }
-        return resolution.flatMap { [fresh] resolved -> EventLoopFuture<Outcome> in
-            switch resolved {
-            case .failure(let reply, let why):
-                return eventLoop.makeSucceededFuture(.failed(reply, why))
-            case .success(let addresses):
-                let host = self.hostAddresses.current()
-                let allowed = addresses.filter { self.refusal(for: $0, hostAddresses: host) == nil }
-                guard !allowed.isEmpty else {
-                    let why =
-                        addresses.first.flatMap { self.refusal(for: $0, hostAddresses: host) }.map { "\($0)" }
-                        ?? "no address"
-                    return eventLoop.makeSucceededFuture(.failed(.notAllowed, "destination denied by policy (\(why))"))
-                }
-                return self.attempt(allowed[...], host: host, deadline: deadline, on: eventLoop, worst: nil).map {
-                    outcome in
-                    guard fresh, case .connected(let channel, _) = outcome else { return outcome }
-                    return .connected(channel, resolved: addresses)
-                }
-            }
+        return promise.futureResult
+    }
+
+    /// Applies the policy to the addresses `target` resolved to, then tries the allowed ones in order.
+    private func connect(
+        _ target: TargetAddress,
+        addresses: [SocketAddress],
+        fresh: Bool,
+        deadline: NIODeadline,
+        on eventLoop: any EventLoop,
+        done: @escaping (Outcome) -> Void
+    ) {
+        let host = self.hostAddresses.current()
+        let allowed = addresses.filter { self.refusal(for: $0, hostAddresses: host) == nil }
+        guard !allowed.isEmpty else {
+            let why =
+                addresses.first.flatMap { self.refusal(for: $0, hostAddresses: host) }.map { "\($0)" } ?? "no address"
+            return done(.failed(.notAllowed, "destination denied by policy (\(why))"))
+        }
+        self.attempt(allowed[...], host: host, deadline: deadline, on: eventLoop, worst: nil) { outcome in
+            guard fresh, case .connected(let channel, _) = outcome else { return done(outcome) }
+            done(.connected(channel, resolved: addresses))
         }
     }
 
@@ -87,26 +121,29 @@ final class OutboundConnector: Sendable {
         case failure(ReplyCode, String)
     }
 
-    private func resolve(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Resolution> {
+    /// An address literal's socket address (nil for a name, which needs resolving).
+    private static func literal(_ target: TargetAddress) -> Resolution? {
         switch target.host {
         case .ipv4(let a):
             var packed = ByteBuffer()
             packed.writeInteger(a)
             let address = try? SocketAddress(packedIPAddress: packed, port: Int(target.port))
-            return eventLoop.makeSucceededFuture(
-                address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv4")
-            )
+            return address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv4")
         case .ipv6(let bytes):
             let address = try? SocketAddress(packedIPAddress: ByteBuffer(bytes: bytes), port: Int(target.port))
-            return eventLoop.makeSucceededFuture(
-                address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv6")
-            )
-        case .domain(let name):
-            let port = target.port
-            return self.resolverPool.runIfActive(eventLoop: eventLoop) { () -> Resolution in
-                Self.getaddrinfo(name, port: port)
-            }.flatMapErrorThrowing { _ in .failure(.generalFailure, "resolver unavailable") }
+            return address.map { .success([$0]) } ?? .failure(.addressTypeNotSupported, "bad IPv6")
+        case .domain:
+            return nil
         }
+    }
+
+    private func resolve(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Resolution> {
+        if let literal = Self.literal(target) { return eventLoop.makeSucceededFuture(literal) }
+        guard case .domain(let name) = target.host else { preconditionFailure("not a literal, so a name") }
+        let port = target.port
+        return self.resolverPool.runIfActive(eventLoop: eventLoop) { () -> Resolution in
+            Self.getaddrinfo(name, port: port)
+        }.flatMapErrorThrowing { _ in .failure(.generalFailure, "resolver unavailable") }
     }
 
     /// Blocking name resolution (runs on the resolver thread pool).
@@ -143,35 +180,45 @@ final class OutboundConnector: Sendable {
         host: Set<[UInt8]>,
         deadline: NIODeadline,
         on eventLoop: any EventLoop,
-        worst: (ReplyCode, String)?
-    ) -> EventLoopFuture<Outcome> {
+        worst: (ReplyCode, String)?,
+        done: @escaping (Outcome) -> Void
+    ) {
         let remaining = deadline - .now()
         guard let address = addresses.first, remaining > .zero else {
             let (reply, why) = worst ?? (.ttlExpired, "connect timed out")
-            return eventLoop.makeSucceededFuture(.failed(reply, why))
+            return done(.failed(reply, why))
         }
-        let channel: EventLoopFuture<any Channel>
+        let ended = { (result: Result<any Channel, any Error>) in
+            switch result {
+            case .success(let channel):
+                done(.connected(channel, resolved: nil))
+            case .failure(let error as IOError) where error.errnoCode == ECANCELED:
+                // The event loop is stopping (`awaitConnect`): no next address on it.
+                done(.failed(.generalFailure, "connect given up: server stopping"))
+            case .failure(let error):
+                let best = Self.moreTelling(Self.reply(for: error), than: worst)
+                self.attempt(
+                    addresses.dropFirst(),
+                    host: host,
+                    deadline: deadline,
+                    on: eventLoop,
+                    worst: best,
+                    done: done
+                )
+            }
+        }
         // One of this host's addresses (loopback, or an interface's): see `connectHere`.
         if address.unmappedBytes.map({ IPAddress.isLoopback($0) || host.contains($0) }) ?? false {
-            channel = self.connectHere(address, deadline: deadline, on: eventLoop)
+            self.connectHere(address, deadline: deadline, on: eventLoop, done: ended)
         } else {
-            channel = ClientBootstrap(group: eventLoop)
+            ClientBootstrap(group: eventLoop)
                 .connectTimeout(remaining)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture { try StreamSocket.configure(channel) }
                 }
                 .connect(to: address)
+                .assumeIsolated().whenComplete(ended)
         }
-        return channel.map { Outcome.connected($0, resolved: nil) }
-            .flatMapError { error in
-                if let io = error as? IOError, io.errnoCode == ECANCELED {
-                    // The event loop is stopping (`awaitConnect`): no next address on it.
-                    return eventLoop.makeSucceededFuture(.failed(.generalFailure, "connect given up: server stopping"))
-                }
-                let mapped = Self.reply(for: error)
-                let best = Self.moreTelling(mapped, than: worst)
-                return self.attempt(addresses.dropFirst(), host: host, deadline: deadline, on: eventLoop, worst: best)
-            }
     }
 
     /// Connects to an address of this host with a socket of our own. The kernel runs such a handshake within
@@ -183,34 +230,34 @@ final class OutboundConnector: Sendable {
     private func connectHere(
         _ address: SocketAddress,
         deadline: NIODeadline,
-        on eventLoop: any EventLoop
-    ) -> EventLoopFuture<any Channel> {
-        let adopt = { (descriptor: Int32) -> EventLoopFuture<any Channel> in
+        on eventLoop: any EventLoop,
+        done: @escaping (Result<any Channel, any Error>) -> Void
+    ) {
+        let adopt = { (descriptor: Int32) in
             ClientBootstrap(group: eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture { try StreamSocket.configure(channel) }
                 }
                 .withConnectedSocket(descriptor)
+                .assumeIsolated().whenComplete(done)
         }
         var state = NonBlockingConnect.start(address)
         if case .pending(let descriptor) = state { state = NonBlockingConnect.check(descriptor) }
         switch state {
         case .connected(let descriptor):
-            return adopt(descriptor)
+            adopt(descriptor)
         case .failed(let error):
-            return eventLoop.makeFailedFuture(IOError(errnoCode: error, reason: "connect"))
+            done(.failure(IOError(errnoCode: error, reason: "connect")))
         case .pending(let descriptor):
-            let promise = eventLoop.makePromise(of: (any Channel).self)
             Self.awaitConnect(descriptor, deadline: deadline, after: .microseconds(50), on: eventLoop) { state in
                 switch state {
-                case .connected(let descriptor): promise.completeWith(adopt(descriptor))
-                case .failed(let error): promise.fail(IOError(errnoCode: error, reason: "connect"))
+                case .connected(let descriptor): adopt(descriptor)
+                case .failed(let error): done(.failure(IOError(errnoCode: error, reason: "connect")))
                 case .pending(let descriptor):
                     close(descriptor)
-                    promise.fail(ChannelError.connectTimeout(.zero))
+                    done(.failure(ChannelError.connectTimeout(.zero)))
                 }
             }
-            return promise.futureResult
         }
     }
 

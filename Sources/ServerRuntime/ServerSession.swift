@@ -247,8 +247,7 @@ final class ServerSession: TunnelConnectionDelegate {
         let target = stream.target
         var known: [SocketAddress]? = nil
         if case .domain = target.host { known = self.names.value(for: target, now: .now()) }
-        self.connector.connect(to: target, known: known, on: self.handle.eventLoop).assumeIsolated().whenSuccess {
-            outcome in
+        self.connector.connect(to: target, known: known, on: self.handle.eventLoop) { outcome in
             switch outcome {
             case .connected(let channel, let resolved):
                 if let resolved { self.names.store(resolved, for: target, now: .now()) }
