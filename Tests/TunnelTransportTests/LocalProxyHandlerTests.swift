@@ -68,6 +68,36 @@ struct LocalProxyHandlerTests {
         #expect(provider.cancelled == 1)
     }
 
+    /// An application that stops halfway through its handshake is cut at the time limit, and not before.
+    @Test func aStalledHandshakeIsClosedAtTheTimeLimit() throws {
+        let (channel, provider) = try self.makeChannel()
+        try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00]))
+        _ = try self.bytes(channel)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(9))
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(!channel.isActive)
+        #expect(provider.requests.isEmpty)
+    }
+
+    /// Once the request is in, the tunnel's own limits decide; the handshake's does not cut the wait.
+    @Test func aRequestedStreamIsNotCutByTheHandshakeLimit() throws {
+        let (channel, provider) = try self.makeChannel()
+        try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 10, 0, 0, 1, 0, 80]))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(30))
+        #expect(channel.isActive)
+        #expect(provider.cancelled == 0)
+    }
+
+    /// A connection that closed during its handshake leaves no timer behind that acts on it later.
+    @Test func aClosedHandshakeLeavesNoTimer() throws {
+        let (channel, provider) = try self.makeChannel()
+        try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00]))
+        try channel.close().wait()
+        channel.embeddedEventLoop.advanceTime(by: .seconds(30))
+        #expect(provider.cancelled == 0)
+    }
+
     @Test func malformedInputClosesWithoutAskingTheProvider() throws {
         let (channel, provider) = try self.makeChannel()
         try channel.writeInbound(ByteBuffer(bytes: [0x05, 0x01, 0x00, 0x04, 0x01, 0x00, 0x01, 1, 2, 3, 4, 0, 80]))
