@@ -138,8 +138,11 @@ final class OutboundConnector: Sendable {
     }
 
     private func resolve(_ target: TargetAddress, on eventLoop: any EventLoop) -> EventLoopFuture<Resolution> {
-        if let literal = Self.literal(target) { return eventLoop.makeSucceededFuture(literal) }
-        guard case .domain(let name) = target.host else { preconditionFailure("not a literal, so a name") }
+        guard case .domain(let name) = target.host else {
+            return eventLoop.makeSucceededFuture(
+                Self.literal(target) ?? .failure(.addressTypeNotSupported, "unknown address type")
+            )
+        }
         let port = target.port
         return self.resolverPool.runIfActive(eventLoop: eventLoop) { () -> Resolution in
             Self.getaddrinfo(name, port: port)
