@@ -35,13 +35,27 @@ public enum SOCKS5 {
         }
     }
 
-    /// The method-selection message (RFC 1928 §3): `VER METHOD`.
+    /// The method-selection message (RFC 1928 §3): `VER METHOD`. The two a handshake answers with are made once
+    /// and shared (a ByteBuffer is copy-on-write): each connection would otherwise allocate its own.
     public static func methodSelection(_ method: Method) -> ByteBuffer {
-        ByteBuffer(bytes: [version, method.rawValue])
+        switch method {
+        case .noAuthentication: Self.noAuthenticationSelected
+        case .usernamePassword: Self.usernamePasswordSelected
+        default: ByteBuffer(bytes: [version, method.rawValue])
+        }
     }
+    private static let noAuthenticationSelected = ByteBuffer(bytes: [version, Method.noAuthentication.rawValue])
+    private static let usernamePasswordSelected = ByteBuffer(bytes: [version, Method.usernamePassword.rawValue])
 
-    /// A reply (RFC 1928 §6): `VER REP RSV ATYP BND.ADDR BND.PORT`.
+    /// A reply (RFC 1928 §6): `VER REP RSV ATYP BND.ADDR BND.PORT`. Success with no bound address (a fast-opened
+    /// stream's answer) is made once and shared.
     public static func reply(_ code: ReplyCode, bound: TargetAddress = .unspecified) -> ByteBuffer {
+        if code == .succeeded && bound == .unspecified { return Self.succeededUnbound }
+        return Self.encodeReply(code, bound: bound)
+    }
+    private static let succeededUnbound = encodeReply(.succeeded, bound: .unspecified)
+
+    private static func encodeReply(_ code: ReplyCode, bound: TargetAddress) -> ByteBuffer {
         var buffer = ByteBuffer()
         buffer.reserveCapacity(4 + bound.encodedLength)
         buffer.writeInteger(version)

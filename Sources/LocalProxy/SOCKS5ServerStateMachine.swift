@@ -71,10 +71,10 @@ public struct SOCKS5ServerStateMachine {
             )
         }
         guard buffer.readableBytes >= 2 + Int(count) else { return .needMoreData }
-        buffer.moveReaderIndex(forwardBy: 2)
-        let methods = buffer.readBytes(length: Int(count))!
         let wanted: SOCKS5.Method = self.credentials == nil ? .noAuthentication : .usernamePassword
-        guard methods.contains(wanted.rawValue) else {
+        let offered = buffer.readableBytesView.dropFirst(2).prefix(Int(count)).contains(wanted.rawValue)
+        buffer.moveReaderIndex(forwardBy: 2 + Int(count))
+        guard offered else {
             let why =
                 self.credentials == nil
                 ? "client offers no acceptable method" : "client does not offer username/password"

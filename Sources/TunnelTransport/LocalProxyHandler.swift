@@ -87,7 +87,9 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = self.unwrapInboundIn(data)
-        if self.buffered == nil {
+        if (self.buffered?.readableBytes ?? 0) == 0 {
+            // Nothing left of the last read (a greeting answered): keep the new read as it is. Appending would
+            // copy it into the last read's storage, which NIO's receive buffer still shares.
             self.buffered = incoming
         } else {
             self.buffered!.writeBuffer(&incoming)

@@ -138,4 +138,18 @@ struct SOCKS5ServerStateMachineTests {
         let failure = SOCKS5.reply(.connectionRefused)
         #expect(Array(failure.readableBytesView) == [0x05, 0x05, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
     }
+
+    /// The shared messages (made once, handed to every connection) stay intact when a receiver consumes its copy.
+    @Test func sharedMessagesAreNotChangedByTheirUsers() {
+        for _ in 0..<2 {
+            var unbound = SOCKS5.reply(.succeeded)
+            #expect(Array(unbound.readableBytesView) == [0x05, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
+            var selected = SOCKS5.methodSelection(.noAuthentication)
+            #expect(Array(selected.readableBytesView) == [0x05, 0x00])
+            #expect(Array(SOCKS5.methodSelection(.usernamePassword).readableBytesView) == [0x05, 0x02])
+            unbound.moveReaderIndex(forwardBy: 4)
+            unbound.writeInteger(UInt8(9))
+            selected.clear()
+        }
+    }
 }
