@@ -28,6 +28,68 @@ struct RecordRetentionTests {
         try retention.acknowledge(through: 3)
         #expect(retention.count == 0 && retention.bytes == 0)
     }
+
+    /// The records live back to back in one ring that wraps and grows: against a plain list of copies, every
+    /// record comes back intact, whether it wrapped, was moved by a growth, or was held through both.
+    @Test func theRingKeepsEveryRecordIntactThroughWrapsAndGrowth() throws {
+        var retention = RecordRetention()
+        var model: [[UInt8]] = []  // records acknowledged + 1 ..< next
+        var generator = SplitMix64(seed: 18)  // fixed: a failure replays the same way
+        var sequence: UInt8 = 0
+        for step in 0..<4000 {
+            // Mostly sends with a bounded backlog, so the ring wraps many times; bursts make it grow.
+            let burst = step % 500 < 20
+            if burst || model.count < 8 || Bool.random(using: &generator) {
+                let size = Int.random(in: 1...(burst ? 16_384 : 3000), using: &generator)
+                sequence &+= 1
+                let record = (0..<size).map { UInt8(truncatingIfNeeded: $0) &+ sequence }
+                record.withUnsafeBytes { retention.append(copying: $0) }
+                model.append(record)
+            } else {
+                let drop = Int.random(in: 1...model.count, using: &generator)
+                try retention.acknowledge(through: retention.acknowledged + UInt64(drop))
+                model.removeFirst(drop)
+            }
+            #expect(retention.count == model.count)
+            #expect(retention.bytes == model.reduce(0) { $0 + $1.count })
+            if step % 97 == 0 {
+                let skip = Int.random(in: 0...model.count, using: &generator)
+                let again = try retention.records(after: retention.acknowledged + UInt64(skip))
+                #expect(again.map { Array($0.readableBytesView) } == Array(model[skip...]))
+            }
+        }
+        try retention.acknowledge(through: retention.nextSequence - 1)
+        #expect(retention.count == 0 && retention.bytes == 0)
+        // Empty again, it starts over.
+        [UInt8](repeating: 7, count: 100).withUnsafeBytes { retention.append(copying: $0) }
+        #expect(
+            try retention.records(after: retention.acknowledged).map { Array($0.readableBytesView) } == [
+                [UInt8](repeating: 7, count: 100)
+            ]
+        )
+    }
+
+    /// Records handed out for sending again stay as they were while new records are kept after them.
+    @Test func recordsHandedOutAreNotChangedByLaterOnes() throws {
+        var retention = RecordRetention()
+        [UInt8](repeating: 1, count: 1000).withUnsafeBytes { retention.append(copying: $0) }
+        let handed = try retention.records(after: 0)
+        for _ in 0..<200 { [UInt8](repeating: 2, count: 1000).withUnsafeBytes { retention.append(copying: $0) } }
+        #expect(Array(handed[0].readableBytesView) == [UInt8](repeating: 1, count: 1000))
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood 2014): a small seeded generator, so a randomised test is repeatable.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { self.state = seed }
+    mutating func next() -> UInt64 {
+        self.state &+= 0x9E37_79B9_7F4A_7C15
+        var z = self.state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
 }
 
 extension TunnelSessionTests {
