@@ -81,19 +81,6 @@ final class OutboundConnector: Sendable {
         }
     }
 
-    /// `connect(to:known:on:done:)` as a future, from any thread.
-    func connect(
-        to target: TargetAddress,
-        known: [SocketAddress]? = nil,
-        on eventLoop: any EventLoop
-    ) -> EventLoopFuture<Outcome> {
-        let promise = eventLoop.makePromise(of: Outcome.self)
-        eventLoop.execute {
-            self.connect(to: target, known: known, on: eventLoop) { promise.succeed($0) }
-        }
-        return promise.futureResult
-    }
-
     /// Applies the policy to the addresses `target` resolved to, then tries the allowed ones in order.
     private func connect(
         _ target: TargetAddress,
