@@ -41,6 +41,7 @@ let programLinkerSettings: [LinkerSetting] = [
 /// What the runtime modules (shared, client side, server side) build on.
 let runtimeDependencies: [Target.Dependency] = [
     "CTUN",
+    "TunnelEventLoop",
     "TunnelTransport",
     "TunnelConfig",
     "TunnelTUN",
@@ -63,6 +64,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
@@ -88,6 +90,8 @@ let package = Package(
         .target(name: "CTUN", path: "Sources/CTUN"),
         /// `tunnel-server invite`'s QR code: libqrencode's header at build time (Debian: libqrencode-dev), the
         /// library itself loaded only when a code is drawn (the programs do not depend on it).
+        /// epoll and eventfd for our own event loop: Swift cannot import <sys/epoll.h>'s packed event.
+        .target(name: "CEpoll", path: "Sources/CEpoll"),
         .target(name: "CQRCode", path: "Sources/CQRCode", linkerSettings: [.linkedLibrary("dl")]),
 
         // MARK: - Pure, I/O-free core
@@ -144,6 +148,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        /// An event loop of our own (epoll) under NIOCore's pipelines: the same handlers, without NIOPosix's
+        /// per-connection cost (README, *Performance*).
+        .target(
+            name: "TunnelEventLoop",
+            dependencies: [
+                "CEpoll",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // What both programs run: socket settings, the crash journal's takeover, name resolution, the
         // control socket and the metrics endpoint.
         .target(
@@ -170,6 +186,7 @@ let package = Package(
             name: "TunnelCommandLine",
             dependencies: [
                 "TunnelRuntime",
+                "TunnelEventLoop",
                 "ClientRuntime",
                 "ServerRuntime",
                 "TunnelConfig",
@@ -243,6 +260,14 @@ let package = Package(
                 "ServerRuntime", "TunnelConfig", "TunnelProtocol", "TunnelTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "TunnelEventLoopTests",
+            dependencies: [
+                "TunnelEventLoop", "TunnelTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
         .testTarget(

@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import TunnelConfig
 import TunnelCrypto
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 import TunnelTransport
@@ -198,6 +199,25 @@ final class ClientTunnelManager: TunnelStreamProvider, TunnelConnectionDelegate 
                 return
             }
             handler.socketDescriptor = connection.descriptor
+            if let loop = self.eventLoop as? EpollEventLoop {
+                let channel = EpollStreamChannel(descriptor: connection.descriptor, loop: loop)
+                do {
+                    try TunnelSocket.configure(channel, timings: timings, logger: logger)
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                } catch {
+                    channel.close(promise: nil)
+                    self.connecting = false
+                    self.attemptFailed("cannot use the connection to \(server): \(error)", handshake: false)
+                    return
+                }
+                if let error = channel.activate() {
+                    self.connecting = false
+                    self.attemptFailed("cannot use the connection to \(server): \(error)", handshake: false)
+                    return
+                }
+                self.live[ObjectIdentifier(handler)] = handler
+                return
+            }
             ClientBootstrap(group: self.eventLoop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {

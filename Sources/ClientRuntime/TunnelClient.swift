@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import TunnelConfig
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 import TunnelTransport
@@ -19,6 +20,7 @@ public final class TunnelClient: Sendable {
     private let logger: Logger
     private let manager: NIOLoopBoundBox<ClientTunnelManager>
     private let listener = NIOLockedValueBoxChannel()
+    private let ownListener = NIOLockedValueBox<EpollListener?>(nil)
     private let fatalMessage = NIOLockedValueBox<String?>(nil)
     private let hasFullTunnel = NIOLockedValueBox(false)
 
@@ -82,9 +84,18 @@ public final class TunnelClient: Sendable {
             manager.value.start()
         }
         try? await firstAttempt.futureResult.get()
-        let channel: any Channel
+        let address: SocketAddress
         do {
-            channel = try await self.bind(configuration: configuration)
+            if let loop = self.eventLoop as? EpollEventLoop {
+                let listener = try await self.bind(configuration: configuration, on: loop)
+                self.ownListener.withLockedValue { $0 = listener }
+                address = listener.localAddress
+            } else {
+                let channel = try await self.bind(configuration: configuration)
+                self.listener.set(channel)
+                guard let bound = channel.localAddress else { throw ChannelError.unknownLocalAddress }
+                address = bound
+            }
         } catch {
             try? await self.eventLoop.flatSubmit { manager.value.shutdown(drainTimeout: .zero) }.get()
             if self.hasFullTunnel.withLockedValue({ $0 }) {
@@ -92,9 +103,28 @@ public final class TunnelClient: Sendable {
             }
             throw error
         }
-        self.listener.set(channel)
-        guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
         return address
+    }
+
+    /// The SOCKS listener on our own event loop: the same handlers, on `EpollStreamChannel`s.
+    private func bind(
+        configuration: LocalProxyHandler.Configuration,
+        on loop: EpollEventLoop
+    ) async throws
+        -> EpollListener
+    {
+        let manager = self.manager
+        let logger = self.logger
+        return try await EpollListener.bind(
+            host: self.resolved.settings.socks.host,
+            port: self.resolved.settings.socks.port,
+            on: loop
+        ) { channel in
+            try StreamSocket.configure(channel)
+            try channel.pipeline.syncOperations.addHandler(
+                LocalProxyHandler(provider: manager.value, configuration: configuration, logger: logger)
+            )
+        }
     }
 
     private func bind(configuration: LocalProxyHandler.Configuration) async throws -> any Channel {
@@ -150,6 +180,7 @@ public final class TunnelClient: Sendable {
     /// full tunnel's host changes.
     public func shutdown() async {
         if let channel = self.listener.take() { try? await channel.close() }
+        if let listener = self.ownListener.withLockedValue({ $0 }) { await listener.close() }
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)
         let manager = self.manager
         let done = self.eventLoop.flatSubmit { manager.value.shutdown(drainTimeout: timeout) }

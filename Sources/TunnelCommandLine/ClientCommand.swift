@@ -8,6 +8,7 @@ import ServerRuntime
 import ServiceLifecycle
 import TunnelConfig
 import TunnelCrypto
+import TunnelEventLoop
 import TunnelRuntime
 
 /// `tunnel-client`: the local end. A SOCKS5 listener on localhost whose streams all travel through one
@@ -106,6 +107,16 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     )
     var fastOpen: String?
 
+    @Option(
+        name: .customLong("event-loop"),
+        help: ArgumentHelp(
+            "Experimental: the event loop under the SOCKS port and the tunnel: nio (default) or epoll (our own; not with the full tunnel yet).",
+            valueName: "nio|epoll",
+            visibility: .hidden
+        )
+    )
+    var eventLoop: String?
+
     @Flag(
         name: .customLong("allow-open-proxy"),
         help: "Allow --socks on a non-loopback address without --socks-user (default: refused)."
@@ -192,6 +203,9 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if self.allowOpenProxy { settings.allowOpenProxy = true }
         if self.compress { settings.compress = true }
         if let v = self.fastOpen { settings.fastOpen = try ClientSettings.FastOpen.parse(v, origin: "--fast-open") }
+        if let v = self.eventLoop {
+            settings.eventLoop = try ClientSettings.EventLoopKind.parse(v, origin: "--event-loop")
+        }
         if self.fullTunnel { settings.fullTunnel.enabled = true }
         if !self.exclude.isEmpty {
             settings.fullTunnel.exclude = try ClientFullTunnelSettings.parseExcludes(self.exclude, origin: "--exclude")
@@ -240,8 +254,23 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
         }
         // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
+        // With `--event-loop epoll` it is our own; NIO's group then runs only the control socket and metrics.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let client = TunnelClient(resolved: resolved, eventLoop: group.next(), logger: logger)
+        let ownLoop: EpollEventLoop?
+        switch settings.eventLoop {
+        case .nio:
+            ownLoop = nil
+        case .epoll:
+            if settings.fullTunnel.enabled {
+                throw ConfigError("--event-loop epoll does not carry the full tunnel yet; use the default (nio)")
+            }
+            ownLoop = try EpollEventLoop(name: "tunnel-client")
+        }
+        let client = TunnelClient(
+            resolved: resolved,
+            eventLoop: ownLoop ?? group.next(),
+            logger: logger
+        )
         let operations = Operations(
             program: "tunnel-client",
             controlSocket: settings.controlSocket,
@@ -283,6 +312,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             let note = unchanged.isEmpty ? "" : "; \(unchanged.joined(separator: ", ")) changed, which takes a restart"
             logger.notice("reloaded: log level \(fresh.logLevel), fast open \(fresh.fastOpen.rawValue)\(note)")
         }
+        if let ownLoop { try? await ownLoop.shutdownGracefully() }
         if let failure = client.failure { throw RuntimeFailure(message: failure) }
     }
 }

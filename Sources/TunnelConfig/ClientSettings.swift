@@ -28,6 +28,21 @@ public struct ClientSettings: Sendable {
         }
     }
 
+    /// Which event loop carries the SOCKS port and the tunnel (README, *Performance*).
+    public enum EventLoopKind: String, Sendable, Equatable, CaseIterable {
+        /// SwiftNIO's (NIOPosix): every feature.
+        case nio
+        /// Our own epoll loop under the same handlers: everything but the full tunnel, for now.
+        case epoll
+
+        public static func parse(_ text: String, origin: String) throws(ConfigError) -> EventLoopKind {
+            guard let kind = EventLoopKind(rawValue: text) else {
+                throw ConfigError("\(origin): '\(text)' is not one of nio, epoll")
+            }
+            return kind
+        }
+    }
+
     /// One server the client may use: its address, and the key its `tunnel://` link named (else `server_key`).
     public struct ServerEntry: Sendable, Equatable {
         public var endpoint: Endpoint
@@ -54,6 +69,7 @@ public struct ClientSettings: Sendable {
     /// Serve SOCKS5 UDP ASSOCIATE.
     public var udp = true
     public var fastOpen = FastOpen.auto
+    public var eventLoop = EventLoopKind.nio
     /// A UDP association with no traffic for this long is closed (with its control connection).
     public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"

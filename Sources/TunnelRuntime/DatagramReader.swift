@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import TunnelEventLoop
 
 #if canImport(Glibc)
 import Glibc
@@ -65,7 +66,20 @@ package final class DatagramReader: ChannelInboundHandler {
         receive: NIOLoopBound<(AddressedEnvelope<ByteBuffer>) -> Void>,
         wantsMore: NIOLoopBound<() -> Bool>? = nil
     ) -> EventLoopFuture<any Channel> {
-        DatagramBootstrap(group: loop)
+        if let own = loop as? EpollEventLoop {
+            return own.submit {
+                let address = try SocketAddress.makeAddressResolvingHost(host, port: port)
+                return try EpollDatagramChannel.bind(to: address, on: own) { channel in
+                    let options = channel.syncOptions!
+                    try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
+                    try options.setOption(.maxMessagesPerRead, value: 16)
+                    try options.setOption(.autoRead, value: false)
+                    try options.setOption(.writeBufferWaterMark, value: .init(low: 512 << 10, high: 1 << 20))
+                    try channel.pipeline.syncOperations.addHandler(DatagramReader(receive, wantsMore: wantsMore))
+                }
+            }
+        }
+        return DatagramBootstrap(group: loop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: capacity))
             .channelOption(.maxMessagesPerRead, value: 16)
             .channelOption(.autoRead, value: false)

@@ -7,6 +7,9 @@ import pytest
 import harness
 from harness import CLIENT_BIN, SERVER_BIN, Process, TargetServer, keygen
 
+# Arguments every test's client gets, e.g. TUNNEL_TEST_CLIENT_ARGS='--event-loop epoll' runs the suite on that loop.
+CLIENT_EXTRA = os.environ.get("TUNNEL_TEST_CLIENT_ARGS", "").split()
+
 
 def pytest_sessionstart(session):
     for binary in (SERVER_BIN, CLIENT_BIN):
@@ -51,7 +54,8 @@ class Tunnel:
     def start_client(self, server_address=None, key=None, server_pub=None, extra=(), config=None, log="client.log"):
         address = server_address or self.server.address
         args = [CLIENT_BIN, "--server", address, "--server-key", server_pub or self.server_pub,
-                "--key", key or self.client_key, "--socks", "127.0.0.1:0", "--log-level", "debug", *extra]
+                "--key", key or self.client_key, "--socks", "127.0.0.1:0", "--log-level", "debug", *extra,
+                *CLIENT_EXTRA]
         if config:
             args += ["--config", config]
         self.client = Process(args, r"SOCKS5 listening on (\S+)", os.path.join(self.dir, log))

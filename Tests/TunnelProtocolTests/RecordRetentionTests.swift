@@ -2,6 +2,7 @@ import NIOCore
 import Testing
 import TunnelCrypto
 import TunnelProtocol
+import TunnelTestSupport
 
 /// Session resumption, docs/PROTOCOL.md §7.1: records numbered, kept until acknowledged, and exactly the
 /// unprocessed ones available to send again.
@@ -76,19 +77,6 @@ struct RecordRetentionTests {
         let handed = try retention.records(after: 0)
         for _ in 0..<200 { [UInt8](repeating: 2, count: 1000).withUnsafeBytes { retention.append(copying: $0) } }
         #expect(Array(handed[0].readableBytesView) == [UInt8](repeating: 1, count: 1000))
-    }
-}
-
-/// SplitMix64 (Steele, Lea and Flood 2014): a small seeded generator, so a randomised test is repeatable.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { self.state = seed }
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

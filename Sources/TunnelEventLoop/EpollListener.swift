@@ -1,0 +1,125 @@
+import CEpoll
+import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A listening TCP socket on an `EpollEventLoop`: each accepted connection becomes an `EpollStreamChannel`,
+/// set up by `initialize` (options, handlers) on the loop and then activated.
+public final class EpollListener: @unchecked Sendable {
+    public typealias Initializer = (EpollStreamChannel) throws -> Void
+
+    public let loop: EpollEventLoop
+    /// The bound address (the port chosen when 0 was asked for).
+    public let localAddress: SocketAddress
+    private let descriptor: Int32
+    private let initialize: Initializer
+    private var registration: EpollEventLoop.Registration?
+    private var open = true
+    private var retry: Scheduled<Void>?
+    private let closed: EventLoopPromise<Void>
+    /// Connections accepted per readiness before the loop's other work gets a turn.
+    private static let acceptsPerPass = 64
+
+    private init(loop: EpollEventLoop, descriptor: Int32, address: SocketAddress, initialize: @escaping Initializer) {
+        self.loop = loop
+        self.descriptor = descriptor
+        self.localAddress = address
+        self.initialize = initialize
+        self.closed = loop.makePromise()
+    }
+
+    /// Binds `host:port` (SO_REUSEADDR, `backlog`) and accepts on `loop`.
+    public static func bind(
+        host: String,
+        port: Int,
+        backlog: Int32 = 1024,
+        on loop: EpollEventLoop,
+        initialize: @escaping Initializer
+    ) async throws -> EpollListener {
+        let address = try SocketAddress(ipAddress: host, port: port)
+        let box = UnsafeTransfer(initialize)
+        return try await loop.submit {
+            let descriptor = cepoll_stream_socket(Int32(address.protocol.rawValue))
+            guard descriptor >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+            do {
+                var one: Int32 = 1
+                _ = setsockopt(descriptor, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+                let bound = address.withSockAddr { Glibc.bind(descriptor, $0, socklen_t($1)) }
+                guard bound == 0 else { throw IOError(errnoCode: errno, reason: "bind \(address)") }
+                guard listen(descriptor, backlog) == 0 else { throw IOError(errnoCode: errno, reason: "listen") }
+                let actual = try SocketAddresses.of(descriptor, peer: false)
+                let listener = EpollListener(
+                    loop: loop,
+                    descriptor: descriptor,
+                    address: actual,
+                    initialize: box.value
+                )
+                listener.registration = try loop.register(listener, descriptor: descriptor, events: CEPOLL_IN)
+                return UnsafeTransfer(listener)
+            } catch {
+                Glibc.close(descriptor)
+                throw error
+            }
+        }.get().value
+    }
+
+    /// Stops accepting and closes the socket; connections already accepted stay.
+    public func close() async {
+        try? await self.loop.submit { self.close0() }.get()
+    }
+
+    private func close0() {
+        guard self.open else { return }
+        self.open = false
+        self.retry?.cancel()
+        if let registration = self.registration { self.loop.deregister(registration) }
+        Glibc.close(self.descriptor)
+        self.closed.succeed()
+    }
+
+    private func acceptAvailable() {
+        var accepted = 0
+        while self.open && accepted < Self.acceptsPerPass {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let connection = cepoll_accept(self.descriptor, &storage, &length)
+            if connection < 0 {
+                switch errno {
+                case EAGAIN, EWOULDBLOCK:
+                    return
+                case EINTR, ECONNABORTED, EPROTO:
+                    continue
+                default:
+                    // Out of descriptors or memory: the pending connections wait in the backlog; try again soon
+                    // (edge-triggered readiness will not report them again).
+                    self.retry = self.loop.assumeIsolated().scheduleTask(in: .milliseconds(50)) {
+                        self.acceptAvailable()
+                    }
+                    return
+                }
+            }
+            accepted += 1
+            let channel = EpollStreamChannel(
+                descriptor: connection,
+                loop: self.loop,
+                remote: try? SocketAddresses.address(storage)
+            )
+            do {
+                try self.initialize(channel)
+            } catch {
+                channel.close0(error: error, mode: .all, promise: nil)
+                continue
+            }
+            channel.activate()
+        }
+        if self.open { self.loop.requestPass(for: self) }
+    }
+}
+
+extension EpollListener: EpollSelectable {
+    func ready(_ events: UInt32) { self.acceptAvailable() }
+    func runPass() { self.acceptAvailable() }
+    func loopClosing() { self.close0() }
+}

@@ -1,0 +1,484 @@
+import Atomics
+import CEpoll
+import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A connected TCP socket as a NIOCore `Channel` on an `EpollEventLoop`: the pipeline, options, reads,
+/// writes, half-closure and writability behave as on a NIOPosix socket channel, so the same handlers run on
+/// it, at a fraction of the cost per connection (one `epoll_ctl` for the socket's life, no lifecycle
+/// futures, no address lookups unless asked).
+///
+/// Reads: on `read()` (or always, with auto-read) up to `maxMessagesPerRead` reads per readiness, each into a
+/// buffer from the receive allocator, then `channelReadComplete`; a short read means the socket is drained
+/// (edge-triggered readiness reports any later data). Once the peer has finished (RDHUP), the rest and the
+/// end are read without waiting for `read()`, as NIOPosix does. End of input: `ChannelEvent.inputClosed` with
+/// remote half-closure allowed, else the channel closes. Writes: queued until flushed, then written with one
+/// `sendmsg` of up to 64 buffers; the rest waits for the socket to turn writable. Writability follows the
+/// write buffer watermarks.
+public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionProvider, LoopOptionChannel,
+    @unchecked Sendable
+{
+    private struct PendingWrite {
+        var buffer: ByteBuffer
+        var promise: EventLoopPromise<Void>?
+    }
+
+    public let loop: EpollEventLoop
+    public var eventLoop: any EventLoop { self.loop }
+    public let allocator = ByteBufferAllocator()
+    public let parent: (any Channel)?
+    public var _channelCore: any ChannelCore { self }
+    public var pipeline: ChannelPipeline { self.pipelineStorage }
+    public var closeFuture: EventLoopFuture<Void> { self.closePromise.futureResult }
+    /// The socket (owned: closed with the channel).
+    public let descriptor: Int32
+
+    private var pipelineStorage: ChannelPipeline!
+    private let closePromise: EventLoopPromise<Void>
+    private var registration: EpollEventLoop.Registration?
+    private let activeFlag = ManagedAtomic(false)
+    private let writableFlag = ManagedAtomic(true)
+    private let knownRemote: SocketAddress?
+
+    // Loop thread only.
+    private var open = true
+    private var options = SocketOptions()
+    private var readPending = false
+    private var readable = false
+    /// The peer's end of input (or a hang-up) was reported: a short read no longer means drained, since the
+    /// end itself still waits to be read and no new edge will announce it.
+    private var peerFinished = false
+    private var passRequested = false
+    private var inputClosed = false
+    private var inputShutDownHere = false
+    private var outputClosed = false
+    private var outputClosePromise: EventLoopPromise<Void>??
+    private var socketWritable = true
+    private var writing = false
+    private var queue = CircularBuffer<PendingWrite>(initialCapacity: 4)
+    private var flushedCount = 0
+    private var bufferedBytes = 0
+    private let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: EpollStreamChannel.maxVectors)
+    private static let maxVectors = 64
+
+    /// A channel for `descriptor` (connected, non-blocking), not yet registered: add handlers and set options,
+    /// then `activate()` on the loop. `remote` is the peer's address when known (from `accept`).
+    public init(descriptor: Int32, loop: EpollEventLoop, parent: (any Channel)? = nil, remote: SocketAddress? = nil) {
+        self.descriptor = descriptor
+        self.loop = loop
+        self.parent = parent
+        self.knownRemote = remote
+        self.closePromise = loop.makePromise()
+        self.pipelineStorage = ChannelPipeline(channel: self)
+    }
+
+    deinit {
+        self.vectors.deallocate()
+    }
+
+    /// Registers the socket with the loop and fires `channelRegistered` and `channelActive` (then reads, with
+    /// auto-read on). On the loop. A failure closes the channel and is returned.
+    @discardableResult
+    public func activate() -> (any Error)? {
+        self.loop.preconditionInEventLoop()
+        do {
+            self.registration = try self.loop.register(
+                self,
+                descriptor: self.descriptor,
+                events: CEPOLL_IN | CEPOLL_OUT | CEPOLL_RDHUP
+            )
+        } catch {
+            self.close0(error: error, mode: .all, promise: nil)
+            return error
+        }
+        self.activeFlag.store(true, ordering: .relaxed)
+        self.pipeline.syncOperations.fireChannelRegistered()
+        self.pipeline.syncOperations.fireChannelActive()
+        if self.options.autoRead && self.open { self.read0() }
+        return nil
+    }
+
+    // MARK: Channel
+
+    public var isActive: Bool { self.activeFlag.load(ordering: .relaxed) }
+    public var isWritable: Bool { self.writableFlag.load(ordering: .relaxed) }
+
+    public var localAddress: SocketAddress? { try? self.localAddress0() }
+    public var remoteAddress: SocketAddress? { self.knownRemote ?? (try? self.remoteAddress0()) }
+
+    public func localAddress0() throws -> SocketAddress {
+        try SocketAddresses.of(self.descriptor, peer: false)
+    }
+
+    public func remoteAddress0() throws -> SocketAddress {
+        try SocketAddresses.of(self.descriptor, peer: true)
+    }
+
+    public var syncOptions: (any NIOSynchronousChannelOptions)? { SynchronousOptions(channel: self) }
+
+    public func setOption<Option: ChannelOption>(_ option: Option, value: Option.Value) -> EventLoopFuture<Void> {
+        self.setOptionFuture(option, value: value)
+    }
+
+    public func getOption<Option: ChannelOption>(_ option: Option) -> EventLoopFuture<Option.Value> {
+        self.getOptionFuture(option)
+    }
+
+    func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws {
+        self.loop.preconditionInEventLoop()
+        switch try self.options.set(option, value: value, descriptor: self.descriptor) {
+        case .autoReadOn: if self.isActive { self.read0() }
+        case .waterMark: self.updateWritability()
+        case .none: break
+        }
+    }
+
+    func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value {
+        self.loop.preconditionInEventLoop()
+        return try self.options.get(option, descriptor: self.descriptor, bufferedBytes: self.bufferedBytes)
+    }
+
+    // MARK: ChannelCore
+
+    public func register0(promise: EventLoopPromise<Void>?) {
+        promise?.fail(ChannelError.operationUnsupported)
+    }
+
+    public func registerAlreadyConfigured0(promise: EventLoopPromise<Void>?) {
+        if let error = self.activate() {
+            promise?.fail(error)
+        } else {
+            promise?.succeed()
+        }
+    }
+
+    public func bind0(to: SocketAddress, promise: EventLoopPromise<Void>?) {
+        promise?.fail(ChannelError.operationUnsupported)
+    }
+
+    public func connect0(to: SocketAddress, promise: EventLoopPromise<Void>?) {
+        promise?.fail(ChannelError.operationUnsupported)
+    }
+
+    public func write0(_ data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard self.open else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        guard !self.outputClosed, self.outputClosePromise == nil else {
+            promise?.fail(ChannelError.outputClosed)
+            return
+        }
+        guard case .byteBuffer(let buffer) = self.unwrapData(data, as: IOData.self) else {
+            promise?.fail(ChannelError.operationUnsupported)
+            return
+        }
+        self.queue.append(PendingWrite(buffer: buffer, promise: promise))
+        self.bufferedBytes += buffer.readableBytes
+        if self.bufferedBytes > self.options.waterMark.high && self.isWritable {
+            self.writableFlag.store(false, ordering: .relaxed)
+            self.pipeline.syncOperations.fireChannelWritabilityChanged()
+        }
+    }
+
+    public func flush0() {
+        guard self.open else { return }
+        self.flushedCount = self.queue.count
+        if self.socketWritable { self.writeFlushed() }
+    }
+
+    public func read0() {
+        guard self.open, !self.inputClosed else { return }
+        self.readPending = true
+        if self.readable { self.requestPass() }
+    }
+
+    public func close0(error: any Error, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard self.open else {
+            promise?.fail(ChannelError.alreadyClosed)
+            return
+        }
+        switch mode {
+        case .all:
+            self.closeAll(error: error, promise: promise)
+        case .output:
+            guard !self.outputClosed, self.outputClosePromise == nil else {
+                promise?.fail(ChannelError.outputClosed)
+                return
+            }
+            if self.inputShutDownHere {
+                self.closeAll(error: error, promise: promise)
+            } else if self.queue.isEmpty {
+                self.shutDownOutput(promise: promise)
+            } else {
+                // After what is queued: flush it all first.
+                self.outputClosePromise = .some(promise)
+                self.flushedCount = self.queue.count
+                if self.socketWritable { self.writeFlushed() }
+            }
+        case .input:
+            guard !self.inputShutDownHere else {
+                promise?.fail(ChannelError.inputClosed)
+                return
+            }
+            _ = shutdown(self.descriptor, Int32(SHUT_RD))
+            self.inputShutDownHere = true
+            self.inputClosed = true
+            promise?.succeed()
+        }
+    }
+
+    public func triggerUserOutboundEvent0(_ event: Any, promise: EventLoopPromise<Void>?) {
+        promise?.fail(ChannelError.operationUnsupported)
+    }
+
+    public func channelRead0(_ data: NIOAny) {}
+
+    public func errorCaught0(error: any Error) {}
+
+    // MARK: I/O
+
+    private func requestPass() {
+        guard !self.passRequested else { return }
+        self.passRequested = true
+        self.loop.requestPass(for: self)
+    }
+
+    private func readAvailable() {
+        // Once the peer has finished, everything up to the end is read whether asked or not, as NIOPosix does
+        // (`readEOF`): a handler waiting with reads off still learns that its peer left.
+        guard self.open, !self.inputClosed, self.readable,
+            self.readPending || self.options.autoRead || self.peerFinished
+        else { return }
+        var reads: UInt = 0
+        var endOfInput = false
+        while reads < self.options.maxMessagesPerRead {
+            var buffer = self.options.receiveAllocator.buffer(allocator: self.allocator)
+            let capacity = buffer.writableBytes
+            var failure: Int32 = 0
+            let count = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { pointer -> Int in
+                let result = Glibc.read(self.descriptor, pointer.baseAddress, pointer.count)
+                if result < 0 { failure = errno }
+                return max(result, 0)
+            }
+            if count > 0 {
+                _ = self.options.receiveAllocator.record(actualReadBytes: count)
+                self.readPending = false
+                reads += 1
+                self.pipeline.syncOperations.fireChannelRead(NIOAny(buffer))
+                guard self.open else { return }
+                if count < capacity {
+                    self.readable = self.peerFinished
+                    break
+                }
+            } else if failure == 0 {
+                endOfInput = true
+                self.readable = false
+                break
+            } else if failure == EAGAIN || failure == EWOULDBLOCK {
+                self.readable = false
+                break
+            } else if failure == EINTR {
+                continue
+            } else {
+                if reads > 0 { self.pipeline.syncOperations.fireChannelReadComplete() }
+                self.fail(IOError(errnoCode: failure, reason: "read"))
+                return
+            }
+        }
+        if reads > 0 {
+            self.pipeline.syncOperations.fireChannelReadComplete()
+            guard self.open else { return }
+        }
+        if endOfInput {
+            self.inputClosed = true
+            if self.options.allowRemoteHalfClosure {
+                self.pipeline.syncOperations.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            } else {
+                self.close0(error: ChannelError.eof, mode: .all, promise: nil)
+            }
+        } else if self.readable && (self.readPending || self.options.autoRead || self.peerFinished) {
+            // More to read than one turn takes: the rest after the loop's other work.
+            self.requestPass()
+        }
+    }
+
+    /// Writes the flushed part of the queue until it is empty or the socket is full.
+    private func writeFlushed() {
+        guard !self.writing else { return }
+        self.writing = true
+        defer { self.writing = false }
+        while self.open && self.flushedCount > 0 && self.socketWritable {
+            let count = min(self.flushedCount, Self.maxVectors)
+            var total = 0
+            for i in 0..<count {
+                let buffer = self.queue[self.queue.index(self.queue.startIndex, offsetBy: i)].buffer
+                buffer.withUnsafeReadableBytes { bytes in
+                    self.vectors[i] = iovec(
+                        iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress),
+                        iov_len: bytes.count
+                    )
+                }
+                total += buffer.readableBytes
+            }
+            let written = cepoll_sendv(self.descriptor, self.vectors, Int32(count))
+            if written < 0 {
+                let code = errno
+                if code == EAGAIN || code == EWOULDBLOCK {
+                    self.socketWritable = false
+                    break
+                }
+                if code == EINTR { continue }
+                self.fail(IOError(errnoCode: code, reason: "sendmsg"))
+                return
+            }
+            self.consume(Int(written))
+            if Int(written) < total { self.socketWritable = false }
+        }
+        guard self.open else { return }
+        self.updateWritability()
+        if self.flushedCount == 0, let pending = self.outputClosePromise {
+            self.outputClosePromise = nil
+            self.shutDownOutput(promise: pending)
+        }
+    }
+
+    /// Drops `written` bytes from the front of the queue, completing the writes they finish.
+    private func consume(_ written: Int) {
+        var left = written
+        var done: [EventLoopPromise<Void>] = []
+        while left > 0 || (self.flushedCount > 0 && self.queue.first!.buffer.readableBytes == 0) {
+            let size = self.queue.first!.buffer.readableBytes
+            if size <= left {
+                let write = self.queue.removeFirst()
+                self.flushedCount -= 1
+                self.bufferedBytes -= size
+                left -= size
+                if let promise = write.promise { done.append(promise) }
+            } else {
+                self.queue[self.queue.startIndex].buffer.moveReaderIndex(forwardBy: left)
+                self.bufferedBytes -= left
+                left = 0
+            }
+        }
+        for promise in done { promise.succeed() }
+    }
+
+    private func updateWritability() {
+        if !self.isWritable && self.bufferedBytes < self.options.waterMark.low {
+            self.writableFlag.store(true, ordering: .relaxed)
+            self.pipeline.syncOperations.fireChannelWritabilityChanged()
+        } else if self.isWritable && self.bufferedBytes > self.options.waterMark.high {
+            self.writableFlag.store(false, ordering: .relaxed)
+            self.pipeline.syncOperations.fireChannelWritabilityChanged()
+        }
+    }
+
+    private func shutDownOutput(promise: EventLoopPromise<Void>?) {
+        if shutdown(self.descriptor, Int32(SHUT_WR)) != 0 {
+            let code = errno
+            promise?.fail(IOError(errnoCode: code, reason: "shutdown"))
+            return
+        }
+        self.outputClosed = true
+        promise?.succeed()
+        self.pipeline.syncOperations.fireUserInboundEventTriggered(ChannelEvent.outputClosed)
+    }
+
+    /// An I/O error: reported to the pipeline, then the channel closes.
+    private func fail(_ error: any Error) {
+        self.pipeline.syncOperations.fireErrorCaught(error)
+        if self.open { self.close0(error: error, mode: .all, promise: nil) }
+    }
+
+    private func closeAll(error: any Error, promise: EventLoopPromise<Void>?) {
+        self.open = false
+        self.activeFlag.store(false, ordering: .relaxed)
+        if let registration = self.registration { self.loop.deregister(registration) }
+        self.registration = nil
+        Glibc.close(self.descriptor)
+        let writes = self.queue
+        self.queue.removeAll()
+        self.flushedCount = 0
+        self.bufferedBytes = 0
+        let pendingClose = self.outputClosePromise
+        self.outputClosePromise = nil
+        for write in writes { write.promise?.fail(error) }
+        pendingClose??.fail(error)
+        promise?.succeed()
+        self.pipeline.syncOperations.fireChannelInactive()
+        self.pipeline.syncOperations.fireChannelUnregistered()
+        self.loop.executeOnLoop {
+            self.removeHandlers(pipeline: self.pipeline)
+            self.closePromise.succeed()
+        }
+    }
+}
+
+extension EpollStreamChannel: EpollSelectable {
+    func ready(_ events: UInt32) {
+        if events & (CEPOLL_ERR | CEPOLL_HUP) != 0 && events & CEPOLL_IN == 0 {
+            // Reset or failed without data to read: report why.
+            var code: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            _ = getsockopt(self.descriptor, SOL_SOCKET, SO_ERROR, &code, &length)
+            if code != 0 {
+                self.fail(IOError(errnoCode: code, reason: "socket"))
+                return
+            }
+        }
+        if events & (CEPOLL_OUT | CEPOLL_ERR | CEPOLL_HUP) != 0 {
+            self.socketWritable = true
+            if self.flushedCount > 0 { self.writeFlushed() }
+        }
+        if events & (CEPOLL_RDHUP | CEPOLL_HUP) != 0 { self.peerFinished = true }
+        if events & (CEPOLL_IN | CEPOLL_RDHUP | CEPOLL_HUP | CEPOLL_ERR) != 0 && self.open {
+            self.readable = true
+            self.readAvailable()
+        }
+    }
+
+    func runPass() {
+        self.passRequested = false
+        self.readAvailable()
+    }
+
+    func loopClosing() {
+        if self.open { self.close0(error: EventLoopError.shutdown, mode: .all, promise: nil) }
+    }
+}
+
+/// A value handed to the loop's thread and used only there.
+struct UnsafeTransfer<Value>: @unchecked Sendable {
+    var value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+/// A socket's own or its peer's address.
+enum SocketAddresses {
+    static func of(_ descriptor: Int32, peer: Bool) throws -> SocketAddress {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let result = withUnsafeMutablePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                peer ? getpeername(descriptor, $0, &length) : getsockname(descriptor, $0, &length)
+            }
+        }
+        guard result == 0 else { throw IOError(errnoCode: errno, reason: peer ? "getpeername" : "getsockname") }
+        return try Self.address(storage)
+    }
+
+    static func address(_ storage: sockaddr_storage) throws -> SocketAddress {
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafeBytes(of: storage) { SocketAddress($0.load(as: sockaddr_in.self)) }
+        case AF_INET6:
+            return withUnsafeBytes(of: storage) { SocketAddress($0.load(as: sockaddr_in6.self)) }
+        default:
+            throw ChannelError.operationUnsupported
+        }
+    }
+}

@@ -1,0 +1,104 @@
+"""`tunnel-client --event-loop epoll`: the SOCKS port and the tunnel on our own event loop, with real clients.
+
+The whole suite can run on it (TUNNEL_TEST_CLIENT_ARGS='--event-loop epoll'; only the full-tunnel tests then
+fail, as that loop does not carry the TUN device yet); these tests keep it exercised in every run.
+"""
+
+import concurrent.futures
+import hashlib
+import http.server
+import socket
+import subprocess
+import threading
+
+import harness
+from harness import pattern_digest, recv_all, socks5_request
+from test_udp import DNSLikeServer, associate, parse_reply, udp_header
+
+EPOLL = ["--event-loop", "epoll"]
+
+
+def test_a_download_and_an_upload_larger_than_every_buffer_arrive_intact(tunnel, target):
+    tunnel.start(client_extra=EPOLL)
+    n = 48 << 20
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SOURCE {n}\n".encode())
+    h = hashlib.sha256()
+    got = 0
+    buf = bytearray(1 << 20)
+    while (k := s.recv_into(buf)) > 0:
+        h.update(memoryview(buf)[:k])
+        got += k
+    s.close()
+    assert got == n and h.hexdigest() == pattern_digest(n)
+
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
+    assert rep == 0
+    s.sendall(f"SINK {n}\n".encode())
+    s.sendall(harness.pattern_bytes(0, n))
+    assert recv_all(s).decode().split() == [str(n), pattern_digest(n)]
+    s.close()
+
+
+def test_half_close_both_ways_and_many_parallel_streams(tunnel, target):
+    tunnel.start(client_extra=EPOLL)
+
+    def echo(i):
+        s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+        assert rep == 0
+        payload = b"ECHO\n" + bytes([i % 256]) * (20000 + i)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = recv_all(s)
+        s.close()
+        return data == payload[5:]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(echo, range(200)))
+    assert "reset:" not in tunnel.client.stderr_text()
+
+
+def test_curl_through_socks5_socks4a_and_http_connect(tunnel, target, tmp_path):
+    tunnel.start(client_extra=EPOLL)
+    page = tmp_path / "page.html"
+    page.write_bytes(b"x" * 300000)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://localhost:{server.server_address[1]}/page.html"
+        for proxy in (["--socks5-hostname", f"127.0.0.1:{tunnel.socks_port}"],
+                      ["--socks4a", f"127.0.0.1:{tunnel.socks_port}"],
+                      ["-p", "-x", f"http://127.0.0.1:{tunnel.socks_port}"],
+                      ["-x", f"http://127.0.0.1:{tunnel.socks_port}"]):
+            out = subprocess.run(["curl", "-sS", "--max-time", "10", *proxy, url], capture_output=True)
+            assert out.returncode == 0, (proxy, out.stderr)
+            assert out.stdout == page.read_bytes(), proxy
+    finally:
+        server.shutdown()
+
+
+def test_a_closed_port_gets_its_reply_code(tunnel):
+    tunnel.start(client_extra=EPOLL)
+    _, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", harness.free_port())
+    assert rep == 5  # connection refused, as on the default loop
+
+
+def test_udp_associate_round_trips(tunnel):
+    """The relay's UDP socket is a datagram channel of the same loop: datagrams up to 58 KB go and come back."""
+    tunnel.start(client_extra=EPOLL)
+    server = DNSLikeServer()
+    try:
+        control, relay = associate(tunnel.socks_port)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        for i in range(30):
+            payload = bytes([i]) * (1 + i * 2000)
+            u.sendto(udp_header("127.0.0.1", server.port) + payload, relay)
+            host, port, data = parse_reply(u.recvfrom(65535)[0])
+            assert (host, port, data) == ("127.0.0.1", server.port, b"echo:" + payload)
+        u.close()
+        control.close()
+    finally:
+        server.stop()
