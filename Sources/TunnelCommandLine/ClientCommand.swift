@@ -110,9 +110,8 @@ public struct TunnelClientCommand: AsyncParsableCommand {
     @Option(
         name: .customLong("event-loop"),
         help: ArgumentHelp(
-            "Experimental: the event loop under the SOCKS port and the tunnel: nio (default) or epoll (our own; not with the full tunnel yet).",
-            valueName: "nio|epoll",
-            visibility: .hidden
+            "The event loop under the SOCKS port and the tunnel: epoll (our own; the default, except with the full tunnel, which runs on nio) or nio (SwiftNIO's).",
+            valueName: "epoll|nio"
         )
     )
     var eventLoop: String?
@@ -254,7 +253,8 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             logger.warning("\(settings.keyPath ?? "key file") is readable by other users; chmod 600 it")
         }
         // One event loop: the tunnel and every SOCKS connection share it, so streams never cross threads.
-        // With `--event-loop epoll` it is our own; NIO's group then runs only the control socket and metrics.
+        // Our own (README, *Performance*) unless the full tunnel is on or `--event-loop nio` asks for NIO's; NIO's
+        // group then runs only the control socket and metrics.
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ownLoop: EpollEventLoop?
         switch settings.eventLoop {
@@ -262,9 +262,11 @@ public struct TunnelClientCommand: AsyncParsableCommand {
             ownLoop = nil
         case .epoll:
             if settings.fullTunnel.enabled {
-                throw ConfigError("--event-loop epoll does not carry the full tunnel yet; use the default (nio)")
+                throw ConfigError("--event-loop epoll does not carry the full tunnel yet; use nio")
             }
             ownLoop = try EpollEventLoop(name: "tunnel-client")
+        case nil:
+            ownLoop = settings.fullTunnel.enabled ? nil : try EpollEventLoop(name: "tunnel-client")
         }
         let client = TunnelClient(
             resolved: resolved,

@@ -32,7 +32,7 @@ public struct ClientSettings: Sendable {
     public enum EventLoopKind: String, Sendable, Equatable, CaseIterable {
         /// SwiftNIO's (NIOPosix): every feature.
         case nio
-        /// Our own epoll loop under the same handlers: everything but the full tunnel, for now.
+        /// Our own epoll loop under the same handlers (the default): everything but the full tunnel, for now.
         case epoll
 
         public static func parse(_ text: String, origin: String) throws(ConfigError) -> EventLoopKind {
@@ -69,7 +69,8 @@ public struct ClientSettings: Sendable {
     /// Serve SOCKS5 UDP ASSOCIATE.
     public var udp = true
     public var fastOpen = FastOpen.auto
-    public var eventLoop = EventLoopKind.nio
+    /// The event loop asked for; nil: our own, except with the full tunnel (its device still needs NIO's).
+    public var eventLoop: EventLoopKind?
     /// A UDP association with no traffic for this long is closed (with its control connection).
     public var udpIdleTimeout: Int64 = 120_000_000_000
     public var logLevel = "info"
@@ -121,6 +122,9 @@ public struct ClientSettings: Sendable {
             self.fastOpen = try FastOpen.parse(v, origin: file.location("fast_open"))
         }
         if let v = try file.duration("udp_idle_timeout", min: 1_000_000_000) { self.udpIdleTimeout = v }
+        if let v = try file.string("event_loop") {
+            self.eventLoop = try EventLoopKind.parse(v, origin: file.location("event_loop"))
+        }
         if let v = try file.string("log_level") {
             self.logLevel = try LogLevelName.validate(v, origin: file.location("log_level"))
         }

@@ -281,6 +281,24 @@ struct SettingsTests {
         }
     }
 
+    @Test func theEventLoopIsChosenAutomaticallyUnlessNamed() throws {
+        #expect(ClientSettings().eventLoop == nil)
+        for kind in ClientSettings.EventLoopKind.allCases {
+            var file = try ConfigFile(path: "c.toml", text: "event_loop = \"\(kind.rawValue)\"")
+            var settings = ClientSettings()
+            try settings.apply(file: &file)
+            #expect(settings.eventLoop == kind)
+        }
+        var file = try ConfigFile(path: "c.toml", text: "event_loop = \"kqueue\"")
+        var settings = ClientSettings()
+        do {
+            try settings.apply(file: &file)
+            Issue.record("accepted event_loop = kqueue")
+        } catch {
+            #expect(error.message.contains("'event_loop': 'kqueue' is not one of nio, epoll"))
+        }
+    }
+
     @Test func fastOpenIsAutoByDefaultAndTakesOnlyItsThreeValues() throws {
         #expect(ClientSettings().fastOpen == .auto)
         for mode in ClientSettings.FastOpen.allCases {
