@@ -33,14 +33,14 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
 
     // Loop thread only.
     private var open = true
-    private var options = SocketOptions()
+    var options = SocketOptions()
     private var readPending = false
     private var readable = false
     private var passRequested = false
     private var socketWritable = true
     private var queue = CircularBuffer<(AddressedEnvelope<ByteBuffer>, EventLoopPromise<Void>?)>(initialCapacity: 16)
     private var flushedCount = 0
-    private var bufferedBytes = 0
+    private(set) var bufferedBytes = 0
 
     private init(descriptor: Int32, loop: EpollEventLoop, local: SocketAddress) {
         self.descriptor = descriptor
@@ -101,18 +101,12 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
         self.getOptionFuture(option)
     }
 
-    func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws {
-        self.loop.preconditionInEventLoop()
-        switch try self.options.set(option, value: value, descriptor: self.descriptor) {
+    func optionsChanged(_ change: SocketOptions.Change) {
+        switch change {
         case .autoReadOn: if self.isActive { self.read0() }
         case .waterMark: self.updateWritability()
         case .none: break
         }
-    }
-
-    func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value {
-        self.loop.preconditionInEventLoop()
-        return try self.options.get(option, descriptor: self.descriptor, bufferedBytes: self.bufferedBytes)
     }
 
     // MARK: ChannelCore

@@ -224,6 +224,13 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
         self.freeSlots.append(registration.index)
     }
 
+    /// Forgets a registration and takes `descriptor` out of epoll now, for a descriptor that stays open and is
+    /// registered again by another owner (a connect that completed hands its socket to a channel).
+    func deregister(_ registration: Registration, removing descriptor: Int32) {
+        self.deregister(registration)
+        _ = cepoll_ctl(self.epoll, 2, descriptor, 0, 0)
+    }
+
     /// Runs `object.runPass()` before the loop next waits (after the tasks queued so far).
     func requestPass(for object: any EpollSelectable) {
         self.passes.append(object)

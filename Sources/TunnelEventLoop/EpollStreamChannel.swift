@@ -45,7 +45,7 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
 
     // Loop thread only.
     private var open = true
-    private var options = SocketOptions()
+    var options = SocketOptions()
     private var readPending = false
     private var readable = false
     /// The peer's end of input (or a hang-up) was reported: a short read no longer means drained, since the
@@ -60,7 +60,7 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     private var writing = false
     private var queue = CircularBuffer<PendingWrite>(initialCapacity: 4)
     private var flushedCount = 0
-    private var bufferedBytes = 0
+    private(set) var bufferedBytes = 0
     private let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: EpollStreamChannel.maxVectors)
     private static let maxVectors = 64
 
@@ -127,18 +127,12 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
         self.getOptionFuture(option)
     }
 
-    func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws {
-        self.loop.preconditionInEventLoop()
-        switch try self.options.set(option, value: value, descriptor: self.descriptor) {
+    func optionsChanged(_ change: SocketOptions.Change) {
+        switch change {
         case .autoReadOn: if self.isActive { self.read0() }
         case .waterMark: self.updateWritability()
         case .none: break
         }
-    }
-
-    func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value {
-        self.loop.preconditionInEventLoop()
-        return try self.options.get(option, descriptor: self.descriptor, bufferedBytes: self.bufferedBytes)
     }
 
     // MARK: ChannelCore

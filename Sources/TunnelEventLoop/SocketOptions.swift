@@ -141,11 +141,24 @@ extension DescriptorOptionProvider {
 /// `setOption`/`getOption` as futures and `syncOptions`, for a channel whose options live on its loop.
 protocol LoopOptionChannel: AnyObject, Sendable {
     var loop: EpollEventLoop { get }
-    func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws
-    func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value
+    var descriptor: Int32 { get }
+    var options: SocketOptions { get set }
+    var bufferedBytes: Int { get }
+    /// Acts on an option just set (reads starting, writability).
+    func optionsChanged(_ change: SocketOptions.Change)
 }
 
 extension LoopOptionChannel {
+    func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws {
+        self.loop.preconditionInEventLoop()
+        self.optionsChanged(try self.options.set(option, value: value, descriptor: self.descriptor))
+    }
+
+    func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value {
+        self.loop.preconditionInEventLoop()
+        return try self.options.get(option, descriptor: self.descriptor, bufferedBytes: self.bufferedBytes)
+    }
+
     func setOptionFuture<Option: ChannelOption>(_ option: Option, value: Option.Value) -> EventLoopFuture<Void> {
         if self.loop.inEventLoop {
             return self.loop.makeCompletedFuture { try self.setOption0(option, value: value) }

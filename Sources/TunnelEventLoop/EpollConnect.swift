@@ -1,0 +1,125 @@
+import CEpoll
+import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension EpollStreamChannel {
+    /// Connects a new socket (TCP_NODELAY, as NIO's bootstrap sets) to `address` on `loop`, then hands it to
+    /// `initialize` (options, handlers) and activates it; `done` gets the active channel, or the connect's error
+    /// (an `IOError` with its errno), or `ChannelError.connectTimeout` once `timeout` passed. A connect to this
+    /// host usually ends within connect(2) itself; one that does not waits for the socket to turn writable.
+    /// On the loop.
+    public static func connect(
+        to address: SocketAddress,
+        timeout: TimeAmount,
+        on loop: EpollEventLoop,
+        initialize: @escaping (EpollStreamChannel) throws -> Void,
+        done: @escaping (Result<EpollStreamChannel, any Error>) -> Void
+    ) {
+        loop.preconditionInEventLoop()
+        let descriptor = cepoll_stream_socket(Int32(address.protocol.rawValue))
+        guard descriptor >= 0 else {
+            done(.failure(IOError(errnoCode: errno, reason: "socket")))
+            return
+        }
+        var one: Int32 = 1
+        _ = setsockopt(descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        let result = address.withSockAddr { Glibc.connect(descriptor, $0, socklen_t($1)) }
+        let code = result == 0 ? 0 : errno
+        switch code {
+        case 0:
+            done(Self.adopt(descriptor, on: loop, initialize: initialize))
+        case EINPROGRESS, EINTR:
+            let pending = PendingConnect(descriptor: descriptor, loop: loop) { outcome in
+                switch outcome {
+                case .success: done(Self.adopt(descriptor, on: loop, initialize: initialize))
+                case .failure(let error): done(.failure(error))
+                }
+            }
+            pending.start(timeout: timeout)
+        default:
+            Glibc.close(descriptor)
+            done(.failure(IOError(errnoCode: code, reason: "connect")))
+        }
+    }
+
+    private static func adopt(
+        _ descriptor: Int32,
+        on loop: EpollEventLoop,
+        initialize: (EpollStreamChannel) throws -> Void
+    ) -> Result<EpollStreamChannel, any Error> {
+        let channel = EpollStreamChannel(descriptor: descriptor, loop: loop)
+        do {
+            try initialize(channel)
+        } catch {
+            channel.close0(error: error, mode: .all, promise: nil)
+            return .failure(error)
+        }
+        if let error = channel.activate() { return .failure(error) }
+        return .success(channel)
+    }
+}
+
+/// A connect under way: watches its socket for writability (the handshake ended either way) until the timeout.
+private final class PendingConnect: EpollSelectable {
+    private let descriptor: Int32
+    private let loop: EpollEventLoop
+    private var registration: EpollEventLoop.Registration?
+    private var timer: Scheduled<Void>?
+    private var finish: ((Result<Void, any Error>) -> Void)?
+
+    init(descriptor: Int32, loop: EpollEventLoop, finish: @escaping (Result<Void, any Error>) -> Void) {
+        self.descriptor = descriptor
+        self.loop = loop
+        self.finish = finish
+    }
+
+    func start(timeout: TimeAmount) {
+        do {
+            self.registration = try self.loop.register(self, descriptor: self.descriptor, events: CEPOLL_OUT)
+        } catch {
+            self.end(.failure(error), keepSocket: false)
+            return
+        }
+        self.timer = self.loop.assumeIsolated().scheduleTask(in: timeout) {
+            self.end(.failure(ChannelError.connectTimeout(timeout)), keepSocket: false)
+        }
+    }
+
+    func ready(_ events: UInt32) {
+        var code: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        _ = getsockopt(self.descriptor, SOL_SOCKET, SO_ERROR, &code, &length)
+        if code == 0 && events & (CEPOLL_ERR | CEPOLL_HUP) == 0 {
+            self.end(.success(()), keepSocket: true)
+        } else {
+            self.end(
+                .failure(IOError(errnoCode: code == 0 ? ECONNREFUSED : code, reason: "connect")),
+                keepSocket: false
+            )
+        }
+    }
+
+    func runPass() {}
+
+    func loopClosing() {
+        self.end(.failure(EventLoopError.shutdown), keepSocket: false)
+    }
+
+    private func end(_ outcome: Result<Void, any Error>, keepSocket: Bool) {
+        guard let finish = self.finish else { return }
+        self.finish = nil
+        self.timer?.cancel()
+        if let registration = self.registration {
+            if keepSocket {
+                self.loop.deregister(registration, removing: self.descriptor)
+            } else {
+                self.loop.deregister(registration)
+            }
+        }
+        if !keepSocket { Glibc.close(self.descriptor) }
+        finish(outcome)
+    }
+}
