@@ -1,5 +1,5 @@
+import Atomics
 import CEpoll
-import NIOConcurrencyHelpers
 import NIOCore
 
 #if canImport(Glibc)
@@ -22,14 +22,16 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
     public var _channelCore: any ChannelCore { self }
     public var pipeline: ChannelPipeline { self.pipelineStorage }
     public var closeFuture: EventLoopFuture<Void> { self.closePromise.futureResult }
-    public let descriptor: Int32
+    public var descriptor: Int32 { self.socket.number }
+    let socket: GuardedDescriptor
     public let localAddress: SocketAddress?
     public var remoteAddress: SocketAddress? { nil }
 
     private var pipelineStorage: ChannelPipeline!
     private let closePromise: EventLoopPromise<Void>
     private var registration: EpollEventLoop.Registration?
-    private let state = NIOLockedValueBox((active: false, writable: true))
+    private let activeFlag = ManagedAtomic(false)
+    let writableFlag = ManagedAtomic(true)
 
     // Loop thread only.
     private var open = true
@@ -43,7 +45,7 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
     private(set) var bufferedBytes = 0
 
     private init(descriptor: Int32, loop: EpollEventLoop, local: SocketAddress) {
-        self.descriptor = descriptor
+        self.socket = GuardedDescriptor(descriptor)
         self.loop = loop
         self.localAddress = local
         self.closePromise = loop.makePromise()
@@ -80,7 +82,7 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
             channel.close0(error: error, mode: .all, promise: nil)
             throw error
         }
-        channel.state.withLockedValue { $0.active = true }
+        channel.activeFlag.store(true, ordering: .relaxed)
         channel.pipeline.syncOperations.fireChannelRegistered()
         channel.pipeline.syncOperations.fireChannelActive()
         if channel.options.autoRead && channel.open { channel.read0() }
@@ -89,8 +91,8 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
 
     // MARK: Channel
 
-    public var isActive: Bool { self.state.withLockedValue { $0.active } }
-    public var isWritable: Bool { self.state.withLockedValue { $0.writable } }
+    public var isActive: Bool { self.activeFlag.load(ordering: .relaxed) }
+    public var isWritable: Bool { self.writableFlag.load(ordering: .relaxed) }
     public var syncOptions: (any NIOSynchronousChannelOptions)? { SynchronousOptions(channel: self) }
 
     public func setOption<Option: ChannelOption>(_ option: Option, value: Option.Value) -> EventLoopFuture<Void> {
@@ -102,11 +104,7 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
     }
 
     func optionsChanged(_ change: SocketOptions.Change) {
-        switch change {
-        case .autoReadOn: if self.isActive { self.read0() }
-        case .waterMark: self.updateWritability()
-        case .none: break
-        }
+        if change == .autoReadOn && self.isActive { self.read0() }
     }
 
     // MARK: ChannelCore
@@ -169,10 +167,10 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
             return
         }
         self.open = false
-        self.state.withLockedValue { $0.active = false }
+        self.activeFlag.store(false, ordering: .relaxed)
         if let registration = self.registration { self.loop.deregister(registration) }
         self.registration = nil
-        Glibc.close(self.descriptor)
+        self.socket.close()
         let writes = self.queue
         self.queue.removeAll()
         self.flushedCount = 0
@@ -273,16 +271,6 @@ public final class EpollDatagramChannel: Channel, ChannelCore, DescriptorOptionP
         }
     }
 
-    private func updateWritability() {
-        let writable = self.state.withLockedValue { $0.writable }
-        if !writable && self.bufferedBytes < self.options.waterMark.low {
-            self.state.withLockedValue { $0.writable = true }
-            self.pipeline.syncOperations.fireChannelWritabilityChanged()
-        } else if writable && self.bufferedBytes > self.options.waterMark.high {
-            self.state.withLockedValue { $0.writable = false }
-            self.pipeline.syncOperations.fireChannelWritabilityChanged()
-        }
-    }
 }
 
 extension EpollDatagramChannel: EpollSelectable {

@@ -34,14 +34,14 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     public var pipeline: ChannelPipeline { self.pipelineStorage }
     public var closeFuture: EventLoopFuture<Void> { self.closePromise.futureResult }
     /// The socket (owned: closed with the channel).
-    public let descriptor: Int32
+    public var descriptor: Int32 { self.socket.number }
+    let socket: GuardedDescriptor
 
     private var pipelineStorage: ChannelPipeline!
     private let closePromise: EventLoopPromise<Void>
     private var registration: EpollEventLoop.Registration?
     private let activeFlag = ManagedAtomic(false)
-    private let writableFlag = ManagedAtomic(true)
-    private let knownRemote: SocketAddress?
+    let writableFlag = ManagedAtomic(true)
 
     // Loop thread only.
     private var open = true
@@ -67,10 +67,9 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     /// A channel for `descriptor` (connected, non-blocking), not yet registered: add handlers and set options,
     /// then `activate()` on the loop. `remote` is the peer's address when known (from `accept`).
     public init(descriptor: Int32, loop: EpollEventLoop, parent: (any Channel)? = nil, remote: SocketAddress? = nil) {
-        self.descriptor = descriptor
+        self.socket = GuardedDescriptor(descriptor, remote: remote)
         self.loop = loop
         self.parent = parent
-        self.knownRemote = remote
         self.closePromise = loop.makePromise()
         self.pipelineStorage = ChannelPipeline(channel: self)
     }
@@ -107,14 +106,14 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     public var isWritable: Bool { self.writableFlag.load(ordering: .relaxed) }
 
     public var localAddress: SocketAddress? { try? self.localAddress0() }
-    public var remoteAddress: SocketAddress? { self.knownRemote ?? (try? self.remoteAddress0()) }
+    public var remoteAddress: SocketAddress? { try? self.remoteAddress0() }
 
     public func localAddress0() throws -> SocketAddress {
-        try SocketAddresses.of(self.descriptor, peer: false)
+        try self.socket.address(peer: false)
     }
 
     public func remoteAddress0() throws -> SocketAddress {
-        try SocketAddresses.of(self.descriptor, peer: true)
+        try self.socket.address(peer: true)
     }
 
     public var syncOptions: (any NIOSynchronousChannelOptions)? { SynchronousOptions(channel: self) }
@@ -128,11 +127,7 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     }
 
     func optionsChanged(_ change: SocketOptions.Change) {
-        switch change {
-        case .autoReadOn: if self.isActive { self.read0() }
-        case .waterMark: self.updateWritability()
-        case .none: break
-        }
+        if change == .autoReadOn && self.isActive { self.read0() }
     }
 
     // MARK: ChannelCore
@@ -361,16 +356,6 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
         for promise in done { promise.succeed() }
     }
 
-    private func updateWritability() {
-        if !self.isWritable && self.bufferedBytes < self.options.waterMark.low {
-            self.writableFlag.store(true, ordering: .relaxed)
-            self.pipeline.syncOperations.fireChannelWritabilityChanged()
-        } else if self.isWritable && self.bufferedBytes > self.options.waterMark.high {
-            self.writableFlag.store(false, ordering: .relaxed)
-            self.pipeline.syncOperations.fireChannelWritabilityChanged()
-        }
-    }
-
     private func shutDownOutput(promise: EventLoopPromise<Void>?) {
         if shutdown(self.descriptor, Int32(SHUT_WR)) != 0 {
             let code = errno
@@ -393,7 +378,7 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
         self.activeFlag.store(false, ordering: .relaxed)
         if let registration = self.registration { self.loop.deregister(registration) }
         self.registration = nil
-        Glibc.close(self.descriptor)
+        self.socket.close()
         let writes = self.queue
         self.queue.removeAll()
         self.flushedCount = 0

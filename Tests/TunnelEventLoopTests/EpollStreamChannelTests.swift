@@ -177,6 +177,31 @@ struct EpollStreamChannelTests {
         try await fixture.stop()
     }
 
+    /// Once closed, a channel's socket options are refused as the channel's, never tried on the descriptor
+    /// number (which the kernel may since have given to a newer socket); its addresses stay the ones it had.
+    @Test func aClosedChannelRefusesSocketOptionsAndKeepsItsAddresses() async throws {
+        let events = NIOLockedValueBox<[String]>([])
+        let fixture = try await Fixture(autoRead: true) { Echo(events: events) }
+        let fd = try fixture.connect()
+        defer { close(fd) }
+        try await Task.sleep(for: .milliseconds(50))
+        let channel = try #require(fixture.channels.withLockedValue { $0.first })
+        let local = try #require(channel.localAddress)
+        try await channel.close()
+        let set: EventLoopFuture<Void> = channel.unsafeSetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET),
+            name: SocketOptionName(SO_RCVBUF),
+            value: Int32(4096)
+        )
+        await #expect(throws: ChannelError.ioOnClosedChannel) { try await set.get() }
+        await #expect(throws: ChannelError.ioOnClosedChannel) {
+            try await channel.setOption(.socketOption(.so_keepalive), value: 1).get()
+        }
+        #expect(channel.localAddress == local)
+        #expect(channel.remoteAddress != nil)
+        try await fixture.stop()
+    }
+
     /// Writes beyond the high watermark turn the channel unwritable; once the peer reads them it is writable again.
     final class Writer: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
