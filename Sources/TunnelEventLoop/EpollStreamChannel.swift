@@ -297,9 +297,22 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
 
     /// Writes the flushed part of the queue until it is empty or the socket is full.
     private func writeFlushed() {
+        // A completed write's callback may write and flush again: the loop below takes that up.
         guard !self.writing else { return }
         self.writing = true
-        defer { self.writing = false }
+        self.writeQueue()
+        self.writing = false
+        guard self.open else { return }
+        // Not while writing: a handler told the channel is writable again writes and flushes at once, and that
+        // flush must write (re-entering here), or it waits for a readiness that never comes.
+        self.updateWritability()
+        if self.flushedCount == 0, let pending = self.outputClosePromise {
+            self.outputClosePromise = nil
+            self.shutDownOutput(promise: pending)
+        }
+    }
+
+    private func writeQueue() {
         while self.open && self.flushedCount > 0 && self.socketWritable {
             let count = min(self.flushedCount, Self.maxVectors)
             var total = 0
@@ -326,12 +339,6 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
             }
             self.consume(Int(written))
             if Int(written) < total { self.socketWritable = false }
-        }
-        guard self.open else { return }
-        self.updateWritability()
-        if self.flushedCount == 0, let pending = self.outputClosePromise {
-            self.outputClosePromise = nil
-            self.shutDownOutput(promise: pending)
         }
     }
 

@@ -182,6 +182,12 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // A connection the session left (it resumed over another) no longer speaks for the session's output:
+        // its buffer emptying as it closes must not send records into it.
+        guard context === self.context else {
+            context.fireChannelWritabilityChanged()
+            return
+        }
         let writable = context.channel.isWritable
         self.core.isWritable = writable
         self.multiplexer?.tunnelWritabilityChanged(writable)

@@ -232,6 +232,46 @@ struct EpollStreamChannelTests {
     }
 }
 
+extension EpollStreamChannelTests {
+    /// Writes in rounds, as the tunnel connection does: while writable, 256 KiB a write, until `total` bytes;
+    /// the next round when the channel turns writable again, which happens inside the channel's own write pass.
+    final class WritesWhenWritable: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        let total: Int
+        var sent = 0
+        init(total: Int) { self.total = total }
+        func channelActive(context: ChannelHandlerContext) { self.produce(context: context) }
+        func channelWritabilityChanged(context: ChannelHandlerContext) {
+            if context.channel.isWritable { self.produce(context: context) }
+        }
+        func produce(context: ChannelHandlerContext) {
+            while self.sent < self.total && context.channel.isWritable {
+                let size = min(256 << 10, self.total - self.sent)
+                let chunk = context.channel.allocator.buffer(repeating: UInt8(self.sent >> 18 & 0xFF), count: size)
+                self.sent += size
+                context.writeAndFlush(self.wrapOutboundOut(chunk), promise: nil)
+            }
+            if self.sent == self.total { context.close(mode: .output, promise: nil) }
+        }
+    }
+
+    /// What a handler writes and flushes when told the channel is writable again (the channel is then still in
+    /// its write pass) goes out too: the tunnel's output once stalled with a flushed write queued and the socket
+    /// writable (a resumed session's replay, beyond the high watermark).
+    @Test func writesMadeWhenWritabilityReturnsGoOut() async throws {
+        let total = 32 << 20
+        let fixture = try await Fixture { WritesWhenWritable(total: total) }
+        let fd = try fixture.connect()
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let received = Self.receiveAll(fd)
+        #expect(received.count == total)
+        try await fixture.stop()
+    }
+}
+
 /// A plain thread for blocking socket calls in a test.
 final class Thread: @unchecked Sendable {
     private var handle = pthread_t()
