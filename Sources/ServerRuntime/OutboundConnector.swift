@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import TunnelConfig
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 import TunnelTransport
@@ -185,6 +186,9 @@ final class OutboundConnector: Sendable {
             case .failure(let error as IOError) where error.errnoCode == ECANCELED:
                 // The event loop is stopping (`awaitConnect`): no next address on it.
                 done(.failed(.generalFailure, "connect given up: server stopping"))
+            case .failure(EventLoopError.shutdown):
+                // The same on our own loop.
+                done(.failed(.generalFailure, "connect given up: server stopping"))
             case .failure(let error):
                 let best = Self.moreTelling(Self.reply(for: error), than: worst)
                 self.attempt(
@@ -196,6 +200,18 @@ final class OutboundConnector: Sendable {
                     done: done
                 )
             }
+        }
+        // On our own loop: one connect(2), adopted at once when it ends there (every local target), otherwise
+        // watched for writability until the deadline.
+        if let loop = eventLoop as? EpollEventLoop {
+            EpollStreamChannel.connect(
+                to: address,
+                timeout: remaining,
+                on: loop,
+                initialize: { try StreamSocket.configure($0) },
+                done: { result in ended(result.map { $0 }) }
+            )
+            return
         }
         // One of this host's addresses (loopback, or an interface's): see `connectHere`.
         if address.unmappedBytes.map({ IPAddress.isLoopback($0) || host.contains($0) }) ?? false {

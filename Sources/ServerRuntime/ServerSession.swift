@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import TunnelConfig
 import TunnelCrypto
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 import TunnelTUN
@@ -49,7 +50,8 @@ final class ServerSession: TunnelConnectionDelegate {
     /// The tunnel socket's settings (a resumed session's new connection gets them too).
     private let timings: TunnelTimings
     private var graceTimer: Scheduled<Void>?
-    private var detachedAt = NIODeadline.distantPast
+    /// When the connection was lost; nil while none was (a resume can replace a connection that still looks alive here).
+    private var detachedAt: NIODeadline?
     /// This connection's client resumed another session: the connection went to it, nothing is left here.
     private var handedOff = false
 
@@ -344,7 +346,9 @@ final class ServerSession: TunnelConnectionDelegate {
         self.handedOff = true
         self.finishHandshake()
         let kept = self.registry.claimResumable(id: candidate.sessionID)
-        let descriptor = kept == nil ? nil : tunnel.duplicateSocket()
+        // On our own loop the channel hands out its descriptor; on NIO's it is looked up (`duplicateSocket`).
+        let own = tunnel.channel as? EpollStreamChannel
+        let descriptor = kept == nil ? nil : own.map { $0.duplicateDescriptor() } ?? tunnel.duplicateSocket()
         // This connection's own session is spent either way: its socket goes on through the second descriptor,
         // or the client finds it closed and its next attempt learns that the session is gone.
         tunnel.closeQuietly()
@@ -379,6 +383,21 @@ final class ServerSession: TunnelConnectionDelegate {
             // The old connection may not have broken here yet (a path gone silent): it is given up now.
             handler.releaseConnection()
             // The channel is made on the session's own loop, where the handler lives.
+            if let loop = kept.eventLoop as? EpollEventLoop {
+                let adopted = EpollStreamChannel.adopt(descriptor, on: loop) { channel in
+                    try TunnelSocket.configure(channel, timings: timings, logger: logger)
+                    handler.socketDescriptor = descriptor
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+                switch adopted {
+                case .success:
+                    handler.takeConnection(connection, peerCount: peerCount)
+                case .failure(let error):
+                    logger.info("cannot take the resumed connection over: \(error)")
+                    handler.abandon(code: .internalError, why: "the resumed connection could not be used")
+                }
+                return
+            }
             let bound = NIOLoopBound(handler, eventLoop: kept.eventLoop)
             ClientBootstrap(group: kept.eventLoop)
                 .channelInitializer { channel in
@@ -411,9 +430,11 @@ final class ServerSession: TunnelConnectionDelegate {
         if let candidate = tunnel.core.resumeCandidate {
             _ = self.registry.registerResumable(self.handle, key: key, candidate: candidate)
         }
-        let outage = (NIODeadline.now() - self.detachedAt).nanoseconds / 1_000_000
+        // A connection that still looked alive here (its path went silent) was replaced without an outage seen.
+        let outage = self.detachedAt.map { "after \((NIODeadline.now() - $0).nanoseconds / 1_000_000) ms" }
+        self.detachedAt = nil
         self.logger.info(
-            "\(self.clientName) resumed its session from \(tunnel.remoteDescription) after \(outage) ms: \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records (\(tunnel.core.lastReplayBytes) bytes) sent again"
+            "\(self.clientName) resumed its session from \(tunnel.remoteDescription) \(outage ?? "in place of a connection gone silent"): \(tunnel.multiplexer?.streamCount ?? 0) streams kept, \(replayed) records (\(tunnel.core.lastReplayBytes) bytes) sent again"
         )
     }
 

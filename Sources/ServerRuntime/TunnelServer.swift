@@ -3,15 +3,22 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import TunnelConfig
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 import TunnelTransport
 
 /// `tunnel-server`: accepts tunnel connections, runs one session per client connection on its own event
 /// loop, and opens the outbound connections streams ask for.
+///
+/// Two groups of loops: `sessionLoops`, our own (one per core), carry the tunnel connections, their outbound
+/// sockets and UDP associations; NIO's `group` the rest (health checks, the summaries' timer, the full tunnel's
+/// device and DNS). Without `sessionLoops` (`--event-loop nio`, `--tun`) NIO's group carries everything.
 public final class TunnelServer: Sendable {
     private let resolved: ServerSettings.Resolved
     private let group: any EventLoopGroup
+    private let sessionLoops: EpollEventLoopGroup?
+    private let ownListener = NIOLockedValueBox<EpollListener?>(nil)
     private let registry: ServerSessionRegistry
     private let connector: OutboundConnector
     private let resolverPool: NIOThreadPool
@@ -24,9 +31,15 @@ public final class TunnelServer: Sendable {
     /// Logs the summaries of throttled handshake failures once a minute.
     private let summaryTask = NIOLockedValueBox<RepeatedTask?>(nil)
 
-    public init(resolved: ServerSettings.Resolved, group: any EventLoopGroup, logger: Logger) {
+    public init(
+        resolved: ServerSettings.Resolved,
+        group: any EventLoopGroup,
+        sessionLoops: EpollEventLoopGroup? = nil,
+        logger: Logger
+    ) {
         self.resolved = resolved
         self.group = group
+        self.sessionLoops = sessionLoops
         self.logger = logger
         self.registry = ServerSessionRegistry(
             authorizedKeys: resolved.authorizedKeys,
@@ -47,7 +60,8 @@ public final class TunnelServer: Sendable {
         let loop = self.group.next()
         let now = NIODeadline.now()
         var report = ServerReport(
-            listen: self.listener.current?.localAddress.flatMap(Self.hostPort) ?? "\(self.resolved.listen)",
+            listen: (self.ownListener.withLockedValue { $0?.localAddress } ?? self.listener.current?.localAddress)
+                .flatMap(Self.hostPort) ?? "\(self.resolved.listen)",
             uptimeSeconds: seconds(now - self.startedAt),
             authorizedKeys: self.registry.authorizedKeys.entries.count,
             handshaking: self.registry.handshakesInProgress
@@ -167,30 +181,61 @@ public final class TunnelServer: Sendable {
             self.tun.withLockedValue { $0 = tun }
         }
         let udpIdleTimeout = TimeAmount.nanoseconds(settings.udpIdleTimeout)
-        let channel: any Channel
+        let address: SocketAddress
         do {
-            channel = try await self.bind(configuration: configuration, tun: tun, udpIdleTimeout: udpIdleTimeout)
+            let setUp = self.connectionSetUp(configuration: configuration, tun: tun, udpIdleTimeout: udpIdleTimeout)
+            address = try await self.bind(setUp)
         } catch {
             // Undo the full-tunnel setup when the port cannot be had.
             await tun?.stop()
             throw error
         }
-        self.listener.set(channel)
         let registry = self.registry
         let logger = self.logger
         let task = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { _ in
             for line in registry.failedHandshakeSummaries() { logger.info("\(line)") }
         }
         self.summaryTask.withLockedValue { $0 = task }
+        return address
+    }
+
+    /// Binds the tunnel port: on our own loops (the listener on the first, each connection on the next loop in
+    /// turn), else with NIO's bootstrap on `group`. Returns the bound address.
+    private func bind(_ setUp: @escaping @Sendable (any Channel, Int32?) throws -> Void) async throws -> SocketAddress {
+        let listen = self.resolved.listen
+        if let loops = self.sessionLoops {
+            let listener = try await EpollListener.bind(
+                host: listen.host,
+                port: listen.port,
+                backlog: 1024,
+                on: loops.loops[0],
+                children: loops
+            ) { channel in
+                try setUp(channel, channel.descriptor)
+            }
+            self.ownListener.withLockedValue { $0 = listener }
+            return listener.localAddress
+        }
+        let channel = try await ServerBootstrap(group: self.group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try setUp(channel, nil) }
+            }
+            .bind(host: listen.host, port: listen.port)
+            .get()
+        self.listener.set(channel)
         guard let address = channel.localAddress else { throw ChannelError.unknownLocalAddress }
         return address
     }
 
-    private func bind(
+    /// What each accepted tunnel connection gets, on its loop: socket options, admission against the pending
+    /// handshake limit, the connection handler and its session. `descriptor`: the socket's, when known.
+    private func connectionSetUp(
         configuration: TunnelConnectionHandler.Configuration,
         tun: ServerTUN?,
         udpIdleTimeout: TimeAmount
-    ) async throws -> any Channel {
+    ) -> @Sendable (any Channel, Int32?) throws -> Void {
         let key = self.resolved.key
         let ciphers = self.resolved.settings.ciphers
         let registry = self.registry
@@ -198,52 +243,46 @@ public final class TunnelServer: Sendable {
         let logger = self.logger
         let timings = self.resolved.settings.timings
         let resumeGrace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
-        return try await ServerBootstrap(group: self.group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try TunnelSocket.configure(channel, timings: timings, logger: logger)
-                    let handler = TunnelConnectionHandler(
-                        role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
-                        configuration: configuration,
-                        logger: logger
-                    )
-                    let handle = ServerSessionRegistry.Handle(
-                        id: ObjectIdentifier(handler),
-                        handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
-                    )
-                    let source = ServerSessionRegistry.sourceKey(channel.remoteAddress)
-                    switch registry.beginHandshake(handle, source: source) {
-                    case .refused:
-                        channel.close(promise: nil)
-                        return
-                    case .admitted(let shed):
-                        // Room for this one: the oldest pending handshake of its source (or of all) goes.
-                        // It runs on its own loop: if its handshake finished meanwhile, it is a client now and stays.
-                        if let shed {
-                            shed.eventLoop.execute {
-                                let handler = shed.handler.value
-                                if !handler.isEstablished { handler.close(code: .shutdown) }
-                            }
-                        }
+        return { channel, descriptor in
+            try TunnelSocket.configure(channel, timings: timings, logger: logger)
+            let handler = TunnelConnectionHandler(
+                role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
+                configuration: configuration,
+                logger: logger
+            )
+            handler.socketDescriptor = descriptor
+            let handle = ServerSessionRegistry.Handle(
+                id: ObjectIdentifier(handler),
+                handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)
+            )
+            let source = ServerSessionRegistry.sourceKey(channel.remoteAddress)
+            switch registry.beginHandshake(handle, source: source) {
+            case .refused:
+                channel.close(promise: nil)
+                return
+            case .admitted(let shed):
+                // Room for this one: the oldest pending handshake of its source (or of all) goes.
+                // It runs on its own loop: if its handshake finished meanwhile, it is a client now and stays.
+                if let shed {
+                    shed.eventLoop.execute {
+                        let handler = shed.handler.value
+                        if !handler.isEstablished { handler.close(code: .shutdown) }
                     }
-                    handler.delegate = ServerSession(
-                        registry: registry,
-                        connector: connector,
-                        handle: handle,
-                        udpIdleTimeout: udpIdleTimeout,
-                        resumeGrace: resumeGrace,
-                        timings: timings,
-                        tun: tun,
-                        source: source,
-                        logger: logger
-                    )
-                    try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-            .bind(host: self.resolved.listen.host, port: self.resolved.listen.port)
-            .get()
+            handler.delegate = ServerSession(
+                registry: registry,
+                connector: connector,
+                handle: handle,
+                udpIdleTimeout: udpIdleTimeout,
+                resumeGrace: resumeGrace,
+                timings: timings,
+                tun: tun,
+                source: source,
+                logger: logger
+            )
+            try channel.pipeline.syncOperations.addHandler(handler)
+        }
     }
 
     /// Graceful shutdown: stop accepting, GOAWAY to every client, let streams drain up to the drain timeout,
@@ -256,6 +295,7 @@ public final class TunnelServer: Sendable {
         // The balancer learns first: the health port goes, then the tunnel port.
         if let channel = self.healthListener.take() { try? await channel.close() }
         if let channel = self.listener.take() { try? await channel.close() }
+        if let listener = self.ownListener.withLockedValue({ $0 }) { await listener.close() }
         let sessions = self.registry.beginShutdown()
         let timeout = TimeAmount.nanoseconds(self.resolved.settings.timings.drainTimeout)
         if !sessions.isEmpty { self.logger.info("shutting down: draining \(sessions.count) tunnel(s)") }

@@ -203,7 +203,7 @@ public struct TunnelClientCommand: AsyncParsableCommand {
         if self.compress { settings.compress = true }
         if let v = self.fastOpen { settings.fastOpen = try ClientSettings.FastOpen.parse(v, origin: "--fast-open") }
         if let v = self.eventLoop {
-            settings.eventLoop = try ClientSettings.EventLoopKind.parse(v, origin: "--event-loop")
+            settings.eventLoop = try EventLoopKind.parse(v, origin: "--event-loop")
         }
         if self.fullTunnel { settings.fullTunnel.enabled = true }
         if !self.exclude.isEmpty {

@@ -7,6 +7,7 @@ import NIOPosix
 import ServerRuntime
 import ServiceLifecycle
 import TunnelConfig
+import TunnelEventLoop
 import TunnelProtocol
 import TunnelRuntime
 
@@ -72,6 +73,15 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         )
     )
     var allow: [String] = []
+
+    @Option(
+        name: .customLong("event-loop"),
+        help: ArgumentHelp(
+            "The event loops under the tunnel connections and their outbound sockets: epoll (our own, one per core; the default, except with --tun, which runs on nio) or nio (SwiftNIO's).",
+            valueName: "epoll|nio"
+        )
+    )
+    var eventLoop: String?
 
     @Flag(
         name: .long,
@@ -150,6 +160,7 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if let v = self.common.metrics { settings.metrics = try parseEndpointFlag(v, flag: "--metrics") }
         settings.allow += try CIDR.parseList(self.allow, origin: "--allow")
         if self.tun { settings.tun.enabled = true }
+        if let v = self.eventLoop { settings.eventLoop = try EventLoopKind.parse(v, origin: "--event-loop") }
         if let v = self.tunPool { settings.tun.pool = try ServerTUNSettings.parsePool(v, origin: "--tun-pool") }
         if let v = self.tunPool6 { settings.tun.pool6 = try ServerTUNSettings.parsePool6(v, origin: "--tun-pool6") }
         if let v = self.tunMTU {
@@ -198,8 +209,24 @@ public struct TunnelServerCommand: AsyncParsableCommand {
         if resolved.authorizedKeys.entries.isEmpty {
             logger.warning("the authorized keys file lists no keys: no client can connect")
         }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-        let server = TunnelServer(resolved: resolved, group: group, logger: logger)
+        // Our own loops, one per core, carry the tunnel connections and their sockets (README, *Performance*);
+        // NIO's group then runs only health checks, the control socket and metrics. With --tun (its device and
+        // DNS are NIOPosix channels) or `--event-loop nio`, NIO's group carries everything.
+        let ownLoops: EpollEventLoopGroup?
+        switch settings.eventLoop {
+        case .nio:
+            ownLoops = nil
+        case .epoll:
+            if settings.tun.enabled {
+                throw ConfigError("--event-loop epoll does not carry the full tunnel (--tun) yet; use nio")
+            }
+            ownLoops = try EpollEventLoopGroup(count: System.coreCount, name: "tunnel-server")
+        case nil:
+            ownLoops =
+                settings.tun.enabled ? nil : try EpollEventLoopGroup(count: System.coreCount, name: "tunnel-server")
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: ownLoops == nil ? System.coreCount : 1)
+        let server = TunnelServer(resolved: resolved, group: group, sessionLoops: ownLoops, logger: logger)
         let operations = Operations(
             program: "tunnel-server",
             controlSocket: settings.controlSocket,
@@ -240,5 +267,6 @@ public struct TunnelServerCommand: AsyncParsableCommand {
             }
             _ = server.reload()
         }
+        if let ownLoops { try? await ownLoops.shutdownGracefully() }
     }
 }

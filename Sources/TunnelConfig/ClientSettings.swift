@@ -29,20 +29,6 @@ public struct ClientSettings: Sendable {
     }
 
     /// Which event loop carries the SOCKS port and the tunnel (README, *Performance*).
-    public enum EventLoopKind: String, Sendable, Equatable, CaseIterable {
-        /// SwiftNIO's (NIOPosix): every feature.
-        case nio
-        /// Our own epoll loop under the same handlers (the default): everything but the full tunnel, for now.
-        case epoll
-
-        public static func parse(_ text: String, origin: String) throws(ConfigError) -> EventLoopKind {
-            guard let kind = EventLoopKind(rawValue: text) else {
-                throw ConfigError("\(origin): '\(text)' is not one of nio, epoll")
-            }
-            return kind
-        }
-    }
-
     /// One server the client may use: its address, and the key its `tunnel://` link named (else `server_key`).
     public struct ServerEntry: Sendable, Equatable {
         public var endpoint: Endpoint

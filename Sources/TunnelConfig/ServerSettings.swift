@@ -35,6 +35,9 @@ public struct ServerSettings: Sendable {
     public var timings = TunnelTimings()
     /// Full-tunnel mode (`--tun`).
     public var tun = ServerTUNSettings()
+    /// Which event loops carry the tunnel connections and their outbound sockets; nil: ours (one per core)
+    /// unless `--tun` is on.
+    public var eventLoop: EventLoopKind?
 
     public init() {}
 
@@ -56,6 +59,9 @@ public struct ServerSettings: Sendable {
         }
         if let v = try file.endpoint("metrics") { self.metrics = v }
         if let v = try file.boolean("allow_compression") { self.allowCompression = v }
+        if let v = try file.string("event_loop") {
+            self.eventLoop = try EventLoopKind.parse(v, origin: file.location("event_loop"))
+        }
         if let list = try file.strings("deny") { self.deny = try CIDR.parseList(list, origin: file.location("deny")) }
         if let list = try file.strings("allow") {
             self.allow = try CIDR.parseList(list, origin: file.location("allow"))

@@ -97,3 +97,18 @@ public struct ConfigError: Error, Equatable, Sendable, CustomStringConvertible {
     public init(_ message: String) { self.message = message }
     public var description: String { self.message }
 }
+
+/// Which event loop carries a program's sockets (README, *Performance*): `event_loop`, `--event-loop`.
+public enum EventLoopKind: String, Sendable, Equatable, CaseIterable {
+    /// SwiftNIO's (NIOPosix): every feature.
+    case nio
+    /// Our own epoll loop under the same handlers (the default): everything but the full tunnel, for now.
+    case epoll
+
+    public static func parse(_ text: String, origin: String) throws(ConfigError) -> EventLoopKind {
+        guard let kind = EventLoopKind(rawValue: text) else {
+            throw ConfigError("\(origin): '\(text)' is not one of nio, epoll")
+        }
+        return kind
+    }
+}

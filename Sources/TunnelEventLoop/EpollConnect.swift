@@ -45,7 +45,9 @@ extension EpollStreamChannel {
         }
     }
 
-    private static func adopt(
+    /// Takes over a connected socket on `loop` (on the loop): `initialize` sets it up (options, handlers), then
+    /// it is activated. On failure the socket is closed.
+    public static func adopt(
         _ descriptor: Int32,
         on loop: EpollEventLoop,
         initialize: (EpollStreamChannel) throws -> Void

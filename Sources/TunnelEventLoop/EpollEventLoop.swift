@@ -214,8 +214,9 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
         return registration
     }
 
-    /// Forgets a registration. The descriptor leaves epoll when it is closed (the loop never duplicates
-    /// descriptors), so this costs no system call; call it before closing the descriptor.
+    /// Forgets a registration. The descriptor leaves epoll when it is closed (when it was the socket's only
+    /// descriptor: see `EpollStreamChannel.duplicateDescriptor()`), so this costs no system call; call it before
+    /// closing the descriptor.
     func deregister(_ registration: Registration) {
         guard self.slots[registration.index].generation == registration.generation,
             self.slots[registration.index].object != nil

@@ -6,7 +6,8 @@ import Glibc
 #endif
 
 /// A listening TCP socket on an `EpollEventLoop`: each accepted connection becomes an `EpollStreamChannel`,
-/// set up by `initialize` (options, handlers) on the loop and then activated.
+/// set up by `initialize` (options, handlers) on its loop and then activated. Its loop is the listener's, or,
+/// with `children`, the group's loops in turn (the server: one per core).
 public final class EpollListener: @unchecked Sendable {
     public typealias Initializer = (EpollStreamChannel) throws -> Void
 
@@ -15,6 +16,7 @@ public final class EpollListener: @unchecked Sendable {
     public let localAddress: SocketAddress
     private let descriptor: Int32
     private let initialize: Initializer
+    private let children: EpollEventLoopGroup?
     private var registration: EpollEventLoop.Registration?
     private var open = true
     private var retry: Scheduled<Void>?
@@ -22,20 +24,29 @@ public final class EpollListener: @unchecked Sendable {
     /// Connections accepted per readiness before the loop's other work gets a turn.
     private static let acceptsPerPass = 64
 
-    private init(loop: EpollEventLoop, descriptor: Int32, address: SocketAddress, initialize: @escaping Initializer) {
+    private init(
+        loop: EpollEventLoop,
+        descriptor: Int32,
+        address: SocketAddress,
+        children: EpollEventLoopGroup?,
+        initialize: @escaping Initializer
+    ) {
         self.loop = loop
         self.descriptor = descriptor
         self.localAddress = address
+        self.children = children
         self.initialize = initialize
         self.closed = loop.makePromise()
     }
 
-    /// Binds `host:port` (SO_REUSEADDR, `backlog`) and accepts on `loop`.
+    /// Binds `host:port` (SO_REUSEADDR, `backlog`) and accepts on `loop`; the connections run on `loop`, or on
+    /// the loops of `children` in turn.
     public static func bind(
         host: String,
         port: Int,
         backlog: Int32 = 1024,
         on loop: EpollEventLoop,
+        children: EpollEventLoopGroup? = nil,
         initialize: @escaping Initializer
     ) async throws -> EpollListener {
         let address = try SocketAddress(ipAddress: host, port: port)
@@ -54,6 +65,7 @@ public final class EpollListener: @unchecked Sendable {
                     loop: loop,
                     descriptor: descriptor,
                     address: actual,
+                    children: children,
                     initialize: box.value
                 )
                 listener.registration = try loop.register(listener, descriptor: descriptor, events: CEPOLL_IN)
@@ -101,20 +113,37 @@ public final class EpollListener: @unchecked Sendable {
                 }
             }
             accepted += 1
-            let channel = EpollStreamChannel(
-                descriptor: connection,
-                loop: self.loop,
-                remote: try? SocketAddresses.address(storage)
-            )
-            do {
-                try self.initialize(channel)
-            } catch {
-                channel.close0(error: error, mode: .all, promise: nil)
-                continue
+            let remote = try? SocketAddresses.address(storage)
+            let target = self.children?.nextLoop() ?? self.loop
+            if target === self.loop {
+                Self.start(connection, remote: remote, on: target, initialize: self.initialize)
+            } else {
+                // Handed to its own loop. Should that loop be stopping, the work is dropped and the process is
+                // about to exit with it.
+                let initialize = UnsafeTransfer(self.initialize)
+                target.execute {
+                    Self.start(connection, remote: remote, on: target, initialize: initialize.value)
+                }
             }
-            channel.activate()
         }
         if self.open { self.loop.requestPass(for: self) }
+    }
+
+    /// Makes the channel of an accepted connection on its loop, sets it up and activates it.
+    private static func start(
+        _ descriptor: Int32,
+        remote: SocketAddress?,
+        on loop: EpollEventLoop,
+        initialize: Initializer
+    ) {
+        let channel = EpollStreamChannel(descriptor: descriptor, loop: loop, remote: remote)
+        do {
+            try initialize(channel)
+        } catch {
+            channel.close0(error: error, mode: .all, promise: nil)
+            return
+        }
+        channel.activate()
     }
 }
 

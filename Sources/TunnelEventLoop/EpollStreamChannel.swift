@@ -52,6 +52,9 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     /// end itself still waits to be read and no new edge will announce it.
     private var peerFinished = false
     private var passRequested = false
+    /// `duplicateDescriptor()` was called: the socket outlives this descriptor, so closing takes it out of
+    /// epoll explicitly.
+    private var duplicated = false
     private var inputClosed = false
     private var inputShutDownHere = false
     private var outputClosed = false
@@ -101,6 +104,18 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     }
 
     // MARK: Channel
+
+    /// A second descriptor of this channel's socket (close-on-exec) for a new owner that takes the connection
+    /// over (the server hands a resumed session's connection to that session's loop); nil once closed or when
+    /// out of descriptors. On the loop.
+    public func duplicateDescriptor() -> Int32? {
+        self.loop.preconditionInEventLoop()
+        guard self.open else { return nil }
+        let copy = fcntl(self.socket.number, F_DUPFD_CLOEXEC, 0)
+        guard copy >= 0 else { return nil }
+        self.duplicated = true
+        return copy
+    }
 
     public var isActive: Bool { self.activeFlag.load(ordering: .relaxed) }
     public var isWritable: Bool { self.writableFlag.load(ordering: .relaxed) }
@@ -383,7 +398,13 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     private func closeAll(error: any Error, promise: EventLoopPromise<Void>?) {
         self.open = false
         self.activeFlag.store(false, ordering: .relaxed)
-        if let registration = self.registration { self.loop.deregister(registration) }
+        if let registration = self.registration {
+            if self.duplicated {
+                self.loop.deregister(registration, removing: self.socket.number)
+            } else {
+                self.loop.deregister(registration)
+            }
+        }
         self.registration = nil
         self.socket.close()
         let writes = self.queue

@@ -42,6 +42,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public let core: TunnelSession
     var phase: TunnelSession.Phase { self.core.phase }
     private(set) var context: ChannelHandlerContext?
+    /// The connection's channel while this handler is in its pipeline.
+    public var channel: (any Channel)? { self.context?.channel }
     /// The stream multiplexer, once the handshake has finished.
     public var multiplexer: Multiplexer? { self.core.multiplexer }
     /// The session the handshake established.

@@ -9,6 +9,8 @@ from harness import CLIENT_BIN, SERVER_BIN, Process, TargetServer, keygen
 
 # Arguments every test's client gets, e.g. TUNNEL_TEST_CLIENT_ARGS='--event-loop epoll' runs the suite on that loop.
 CLIENT_EXTRA = os.environ.get("TUNNEL_TEST_CLIENT_ARGS", "").split()
+# The same for every test's server, e.g. TUNNEL_TEST_SERVER_ARGS='--event-loop nio'.
+SERVER_EXTRA = os.environ.get("TUNNEL_TEST_SERVER_ARGS", "").split()
 
 
 def pytest_sessionstart(session):
@@ -44,7 +46,7 @@ class Tunnel:
         """The test targets listen on loopback, which the server denies by default: `allow` opens it."""
         allow_args = [a for cidr in allow for a in ("--allow", cidr)]
         args = [SERVER_BIN, "--listen", listen, "--key", self.server_key, "--authorized-keys", self.authorized,
-                "--log-level", "debug", *allow_args, *extra]
+                "--log-level", "debug", *allow_args, *extra, *SERVER_EXTRA]
         if config:
             args += ["--config", config]
         self.server = Process(args, r"tunnel-server listening on (\S+)", os.path.join(self.dir, log), netns=netns)

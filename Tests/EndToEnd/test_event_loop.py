@@ -1,11 +1,13 @@
-"""The client's event loops: our own (epoll, the default) and SwiftNIO's (`--event-loop nio`), with real clients.
+"""The event loops: our own (epoll, the default of both programs) and SwiftNIO's (`--event-loop nio`), with real
+clients.
 
-The whole suite runs on the default; TUNNEL_TEST_CLIENT_ARGS='--event-loop nio' runs it on NIO's loop. These
-tests name the loop, so both stay exercised in every run.
+The whole suite runs on the defaults; TUNNEL_TEST_CLIENT_ARGS='--event-loop nio' (or TUNNEL_TEST_SERVER_ARGS) runs it
+on NIO's loop. These tests name the loop, so both stay exercised in every run.
 """
 
 import concurrent.futures
 import hashlib
+import os
 import http.server
 import socket
 import subprocess
@@ -132,3 +134,82 @@ def test_the_full_tunnel_cannot_be_asked_on_our_loop(tunnel, tmp_path):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode != 0
     assert "--event-loop epoll does not carry the full tunnel yet" in out.stderr
+
+
+def test_the_server_on_nios_loops_still_carries_streams_and_datagrams(tunnel, target):
+    tunnel.start(server_extra=NIO)
+    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
+    assert rep == 0
+    s.sendall(b"ECHO\n" + b"s" * 300000)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == b"s" * 300000
+    _, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", harness.free_port())
+    assert rep == 5
+    server = DNSLikeServer()
+    try:
+        control, relay = associate(tunnel.socks_port)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.sendto(udp_header("127.0.0.1", server.port) + b"hi", relay)
+        assert parse_reply(u.recvfrom(65535)[0])[2] == b"echo:hi"
+        control.close()
+    finally:
+        server.stop()
+
+
+def loop_cpu_ticks(pid, prefix):
+    """CPU ticks (user + system) of each thread of `pid` whose name starts with `prefix`, by name."""
+    ticks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        if name.startswith(prefix):
+            ticks[name] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def test_the_servers_loops_share_the_tunnels(tunnel, target):
+    """One loop per core: a second client's tunnel runs on the next loop, and both carry their downloads."""
+    if (os.cpu_count() or 1) < 2:
+        import pytest
+        pytest.skip("one core: one loop")
+    tunnel.start_server()
+    first = tunnel.start_client(log="client1.log")
+    tunnel.wait_until_connected(first)
+    second = tunnel.start_client(key=tunnel.peer_key, log="client2.log")
+    tunnel.wait_until_connected(second)
+    before = loop_cpu_ticks(tunnel.server.proc.pid, "tunnel-server-")
+    assert len(before) == os.cpu_count(), before
+
+    def download(port):
+        n = 128 << 20
+        s, rep, _, _ = socks5_request(port, "127.0.0.1", target.port, timeout=60)
+        assert rep == 0
+        s.sendall(f"SOURCE {n}\n".encode())
+        h = hashlib.sha256()
+        got = 0
+        buf = bytearray(1 << 20)
+        while (k := s.recv_into(buf)) > 0:
+            h.update(memoryview(buf)[:k])
+            got += k
+        s.close()
+        return got == n and h.hexdigest() == pattern_digest(n)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(download, [first.port, second.port]))
+    after = loop_cpu_ticks(tunnel.server.proc.pid, "tunnel-server-")
+    busy = [name for name in after if after[name] - before.get(name, 0) >= 5]
+    assert len(busy) >= 2, (before, after)
+
+
+def test_the_full_tunnel_server_cannot_be_asked_on_our_loops(tunnel):
+    out = subprocess.run([harness.SERVER_BIN, "--listen", "127.0.0.1:0", "--key", tunnel.server_key,
+                          "--authorized-keys", tunnel.authorized, "--tun", "--event-loop", "epoll"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0
+    assert "--event-loop epoll does not carry the full tunnel (--tun) yet" in out.stderr

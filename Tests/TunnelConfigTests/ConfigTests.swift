@@ -283,11 +283,16 @@ struct SettingsTests {
 
     @Test func theEventLoopIsChosenAutomaticallyUnlessNamed() throws {
         #expect(ClientSettings().eventLoop == nil)
-        for kind in ClientSettings.EventLoopKind.allCases {
+        #expect(ServerSettings().eventLoop == nil)
+        for kind in EventLoopKind.allCases {
             var file = try ConfigFile(path: "c.toml", text: "event_loop = \"\(kind.rawValue)\"")
             var settings = ClientSettings()
             try settings.apply(file: &file)
             #expect(settings.eventLoop == kind)
+            var serverFile = try ConfigFile(path: "s.toml", text: "event_loop = \"\(kind.rawValue)\"")
+            var server = ServerSettings()
+            try server.apply(file: &serverFile)
+            #expect(server.eventLoop == kind)
         }
         var file = try ConfigFile(path: "c.toml", text: "event_loop = \"kqueue\"")
         var settings = ClientSettings()
