@@ -39,7 +39,7 @@ public final class EpollListener: @unchecked Sendable {
         self.closed = loop.makePromise()
     }
 
-    /// Binds `host:port` (SO_REUSEADDR, `backlog`) and accepts on `loop`; the connections run on `loop`, or on
+    /// Binds `host:port` (SO_REUSEADDR, TCP_NODELAY, `backlog`) and accepts on `loop`; the connections run on `loop`, or on
     /// the loops of `children` in turn.
     public static func bind(
         host: String,
@@ -57,6 +57,8 @@ public final class EpollListener: @unchecked Sendable {
             do {
                 var one: Int32 = 1
                 _ = setsockopt(descriptor, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+                // Nagle's algorithm off, as NIO's server bootstrap sets: accepted sockets inherit it from here.
+                _ = setsockopt(descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
                 let bound = address.withSockAddr { Glibc.bind(descriptor, $0, socklen_t($1)) }
                 guard bound == 0 else { throw IOError(errnoCode: errno, reason: "bind \(address)") }
                 guard listen(descriptor, backlog) == 0 else { throw IOError(errnoCode: errno, reason: "listen") }

@@ -58,6 +58,24 @@ struct EpollEventLoopGroupTests {
         try await group.shutdownGracefully()
     }
 
+    /// Accepted connections have Nagle's algorithm off, as NIO's server bootstrap sets by default: the tunnel
+    /// writes a record as soon as it is built, and a small one held back for an ACK waits 40 ms for it.
+    @Test func acceptedConnectionsSendAtOnce() async throws {
+        let loop = try EpollEventLoop()
+        let channels = NIOLockedValueBox<[EpollStreamChannel]>([])
+        let listener = try await EpollListener.bind(host: "127.0.0.1", port: 0, on: loop) { channel in
+            channels.withLockedValue { $0.append(channel) }
+        }
+        let fd = try Self.connect(listener.localAddress)
+        defer { close(fd) }
+        try await Task.sleep(for: .milliseconds(50))
+        let channel = try #require(channels.withLockedValue { $0.first })
+        let noDelay = try await channel.getOption(.tcpOption(.tcp_nodelay)).get()
+        #expect(noDelay != 0)
+        await listener.close()
+        try await loop.shutdownGracefully()
+    }
+
     /// The epoll registrations of this process: (registered descriptor, inode of its file) per entry.
     static func epollEntries() -> [(descriptor: Int32, inode: UInt64)] {
         var entries: [(Int32, UInt64)] = []
