@@ -107,13 +107,15 @@ def test_udp_associate_round_trips(tunnel):
         server.stop()
 
 
-def test_nio_loop_still_carries_streams_and_datagrams(tunnel, target):
-    tunnel.start(client_extra=NIO)
+def carries_a_stream_a_refusal_and_a_datagram(tunnel, target):
+    """An echo stream with a half-close, a closed port's reply 0x05, and a UDP round trip."""
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
     assert rep == 0
-    s.sendall(b"ECHO\n" + b"n" * 100000)
+    s.sendall(b"ECHO\n" + b"n" * 300000)
     s.shutdown(socket.SHUT_WR)
-    assert recv_all(s) == b"n" * 100000
+    assert recv_all(s) == b"n" * 300000
+    _, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", harness.free_port())
+    assert rep == 5
     server = DNSLikeServer()
     try:
         control, relay = associate(tunnel.socks_port)
@@ -124,6 +126,11 @@ def test_nio_loop_still_carries_streams_and_datagrams(tunnel, target):
         control.close()
     finally:
         server.stop()
+
+
+def test_nio_loop_still_carries_streams_and_datagrams(tunnel, target):
+    tunnel.start(client_extra=NIO)
+    carries_a_stream_a_refusal_and_a_datagram(tunnel, target)
 
 
 def test_the_full_tunnel_cannot_be_asked_on_our_loop(tunnel, tmp_path):
@@ -138,23 +145,7 @@ def test_the_full_tunnel_cannot_be_asked_on_our_loop(tunnel, tmp_path):
 
 def test_the_server_on_nios_loops_still_carries_streams_and_datagrams(tunnel, target):
     tunnel.start(server_extra=NIO)
-    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port)
-    assert rep == 0
-    s.sendall(b"ECHO\n" + b"s" * 300000)
-    s.shutdown(socket.SHUT_WR)
-    assert recv_all(s) == b"s" * 300000
-    _, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", harness.free_port())
-    assert rep == 5
-    server = DNSLikeServer()
-    try:
-        control, relay = associate(tunnel.socks_port)
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.settimeout(5)
-        u.sendto(udp_header("127.0.0.1", server.port) + b"hi", relay)
-        assert parse_reply(u.recvfrom(65535)[0])[2] == b"echo:hi"
-        control.close()
-    finally:
-        server.stop()
+    carries_a_stream_a_refusal_and_a_datagram(tunnel, target)
 
 
 def loop_cpu_ticks(pid, prefix):
