@@ -143,6 +143,7 @@ let package = Package(
             dependencies: [
                 "TunnelProtocol",
                 "LocalProxy",
+                "TunnelEventLoop",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],

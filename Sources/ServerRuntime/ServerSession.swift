@@ -346,9 +346,7 @@ final class ServerSession: TunnelConnectionDelegate {
         self.handedOff = true
         self.finishHandshake()
         let kept = self.registry.claimResumable(id: candidate.sessionID)
-        // On our own loop the channel hands out its descriptor; on NIO's it is looked up (`duplicateSocket`).
-        let own = tunnel.channel as? EpollStreamChannel
-        let descriptor = kept == nil ? nil : own.map { $0.duplicateDescriptor() } ?? tunnel.duplicateSocket()
+        let descriptor = kept == nil ? nil : tunnel.duplicateSocket()
         // This connection's own session is spent either way: its socket goes on through the second descriptor,
         // or the client finds it closed and its next attempt learns that the session is gone.
         tunnel.closeQuietly()
@@ -386,7 +384,6 @@ final class ServerSession: TunnelConnectionDelegate {
             if let loop = kept.eventLoop as? EpollEventLoop {
                 let adopted = EpollStreamChannel.adopt(descriptor, on: loop) { channel in
                     try TunnelSocket.configure(channel, timings: timings, logger: logger)
-                    handler.socketDescriptor = descriptor
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
                 switch adopted {

@@ -201,7 +201,7 @@ public final class TunnelServer: Sendable {
 
     /// Binds the tunnel port: on our own loops (the listener on the first, each connection on the next loop in
     /// turn), else with NIO's bootstrap on `group`. Returns the bound address.
-    private func bind(_ setUp: @escaping @Sendable (any Channel, Int32?) throws -> Void) async throws -> SocketAddress {
+    private func bind(_ setUp: @escaping @Sendable (any Channel) throws -> Void) async throws -> SocketAddress {
         let listen = self.resolved.listen
         if let loops = self.sessionLoops {
             let listener = try await EpollListener.bind(
@@ -211,7 +211,7 @@ public final class TunnelServer: Sendable {
                 on: loops.loops[0],
                 children: loops
             ) { channel in
-                try setUp(channel, channel.descriptor)
+                try setUp(channel)
             }
             self.ownListener.withLockedValue { $0 = listener }
             return listener.localAddress
@@ -220,7 +220,7 @@ public final class TunnelServer: Sendable {
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try setUp(channel, nil) }
+                channel.eventLoop.makeCompletedFuture { try setUp(channel) }
             }
             .bind(host: listen.host, port: listen.port)
             .get()
@@ -230,12 +230,12 @@ public final class TunnelServer: Sendable {
     }
 
     /// What each accepted tunnel connection gets, on its loop: socket options, admission against the pending
-    /// handshake limit, the connection handler and its session. `descriptor`: the socket's, when known.
+    /// handshake limit, the connection handler and its session.
     private func connectionSetUp(
         configuration: TunnelConnectionHandler.Configuration,
         tun: ServerTUN?,
         udpIdleTimeout: TimeAmount
-    ) -> @Sendable (any Channel, Int32?) throws -> Void {
+    ) -> @Sendable (any Channel) throws -> Void {
         let key = self.resolved.key
         let ciphers = self.resolved.settings.ciphers
         let registry = self.registry
@@ -243,14 +243,13 @@ public final class TunnelServer: Sendable {
         let logger = self.logger
         let timings = self.resolved.settings.timings
         let resumeGrace = TimeAmount.nanoseconds(self.resolved.settings.timings.resumeGrace)
-        return { channel, descriptor in
+        return { channel in
             try TunnelSocket.configure(channel, timings: timings, logger: logger)
             let handler = TunnelConnectionHandler(
                 role: .server(ServerHandshakeStateMachine(staticKey: key, ciphers: ciphers)),
                 configuration: configuration,
                 logger: logger
             )
-            handler.socketDescriptor = descriptor
             let handle = ServerSessionRegistry.Handle(
                 id: ObjectIdentifier(handler),
                 handler: NIOLoopBound(handler, eventLoop: channel.eventLoop)

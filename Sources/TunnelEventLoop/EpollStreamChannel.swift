@@ -465,8 +465,8 @@ struct UnsafeTransfer<Value>: @unchecked Sendable {
 }
 
 /// A socket's own or its peer's address.
-enum SocketAddresses {
-    static func of(_ descriptor: Int32, peer: Bool) throws -> SocketAddress {
+package enum SocketAddresses {
+    package static func of(_ descriptor: Int32, peer: Bool) throws -> SocketAddress {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let result = withUnsafeMutablePointer(to: &storage) { pointer in
@@ -478,7 +478,7 @@ enum SocketAddresses {
         return try Self.address(storage)
     }
 
-    static func address(_ storage: sockaddr_storage) throws -> SocketAddress {
+    package static func address(_ storage: sockaddr_storage) throws -> SocketAddress {
         switch Int32(storage.ss_family) {
         case AF_INET:
             return withUnsafeBytes(of: storage) { SocketAddress($0.load(as: sockaddr_in.self)) }

@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelEventLoop
 
 #if canImport(Glibc)
 import Glibc
@@ -29,7 +30,8 @@ enum SocketDescriptor {
                 return name.first == 0 ? nil : value
             }
             guard let descriptor, descriptor != own else { continue }
-            if Self.address(of: descriptor, peer: false) == local, Self.address(of: descriptor, peer: true) == remote,
+            if (try? SocketAddresses.of(descriptor, peer: false)) == local,
+                (try? SocketAddresses.of(descriptor, peer: true)) == remote,
                 Self.isStream(descriptor)
             {
                 return descriptor
@@ -37,25 +39,6 @@ enum SocketDescriptor {
         }
         #endif
         return nil
-    }
-
-    private static func address(of descriptor: Int32, peer: Bool) -> SocketAddress? {
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let result = withUnsafeMutablePointer(to: &storage) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                peer ? getpeername(descriptor, $0, &length) : getsockname(descriptor, $0, &length)
-            }
-        }
-        guard result == 0 else { return nil }
-        switch Int32(storage.ss_family) {
-        case AF_INET:
-            return withUnsafeBytes(of: storage) { SocketAddress($0.load(as: sockaddr_in.self)) }
-        case AF_INET6:
-            return withUnsafeBytes(of: storage) { SocketAddress($0.load(as: sockaddr_in6.self)) }
-        default:
-            return nil
-        }
     }
 
     private static func isStream(_ descriptor: Int32) -> Bool {

@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import TunnelCrypto
+import TunnelEventLoop
 import TunnelProtocol
 
 #if canImport(Glibc)
@@ -42,8 +43,6 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     public let core: TunnelSession
     var phase: TunnelSession.Phase { self.core.phase }
     private(set) var context: ChannelHandlerContext?
-    /// The connection's channel while this handler is in its pipeline.
-    public var channel: (any Channel)? { self.context?.channel }
     /// The stream multiplexer, once the handshake has finished.
     public var multiplexer: Multiplexer? { self.core.multiplexer }
     /// The session the handshake established.
@@ -423,6 +422,8 @@ public final class TunnelConnectionHandler: ChannelInboundHandler {
     /// Server: a second descriptor of this connection's socket (close-on-exec), for the resumed session that
     /// takes the connection over on its own event loop; nil when the socket cannot be found.
     public func duplicateSocket() -> Int32? {
+        // On our own loop the channel hands it out (and takes the socket out of its loop when it closes).
+        if let own = self.context?.channel as? EpollStreamChannel { return own.duplicateDescriptor() }
         guard let channel = self.context?.channel, let local = channel.localAddress,
             let remote = channel.remoteAddress,
             let descriptor = self.socketDescriptor ?? SocketDescriptor.find(local: local, remote: remote)

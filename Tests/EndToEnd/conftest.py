@@ -7,7 +7,9 @@ import pytest
 import harness
 from harness import CLIENT_BIN, SERVER_BIN, Process, TargetServer, keygen
 
-# Arguments every test's client gets, e.g. TUNNEL_TEST_CLIENT_ARGS='--event-loop epoll' runs the suite on that loop.
+# Arguments every test's client gets, e.g. TUNNEL_TEST_CLIENT_ARGS='--event-loop nio' runs the suite on that loop.
+# They come before a test's own arguments, so a test that names a setting (test_event_loop.py) keeps it: the
+# last occurrence of a flag wins.
 CLIENT_EXTRA = os.environ.get("TUNNEL_TEST_CLIENT_ARGS", "").split()
 # The same for every test's server, e.g. TUNNEL_TEST_SERVER_ARGS='--event-loop nio'.
 SERVER_EXTRA = os.environ.get("TUNNEL_TEST_SERVER_ARGS", "").split()
@@ -46,7 +48,7 @@ class Tunnel:
         """The test targets listen on loopback, which the server denies by default: `allow` opens it."""
         allow_args = [a for cidr in allow for a in ("--allow", cidr)]
         args = [SERVER_BIN, "--listen", listen, "--key", self.server_key, "--authorized-keys", self.authorized,
-                "--log-level", "debug", *allow_args, *extra, *SERVER_EXTRA]
+                "--log-level", "debug", *allow_args, *SERVER_EXTRA, *extra]
         if config:
             args += ["--config", config]
         self.server = Process(args, r"tunnel-server listening on (\S+)", os.path.join(self.dir, log), netns=netns)
@@ -56,8 +58,8 @@ class Tunnel:
     def start_client(self, server_address=None, key=None, server_pub=None, extra=(), config=None, log="client.log"):
         address = server_address or self.server.address
         args = [CLIENT_BIN, "--server", address, "--server-key", server_pub or self.server_pub,
-                "--key", key or self.client_key, "--socks", "127.0.0.1:0", "--log-level", "debug", *extra,
-                *CLIENT_EXTRA]
+                "--key", key or self.client_key, "--socks", "127.0.0.1:0", "--log-level", "debug", *CLIENT_EXTRA,
+                *extra]
         if config:
             args += ["--config", config]
         self.client = Process(args, r"SOCKS5 listening on (\S+)", os.path.join(self.dir, log))

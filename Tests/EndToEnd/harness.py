@@ -252,6 +252,24 @@ def free_port():
 
 # MARK: - Raw SOCKS5 (RFC 1928), for exact bytes and reply codes
 
+def download_through_socks(socks_port, target_port, n, timeout=60):
+    """SOURCE n from a TargetServer through the SOCKS5 port: (bytes received, their sha256 hex digest, seconds).
+    Compare the digest with pattern_digest(n)."""
+    s, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=timeout)
+    assert rep == 0, f"CONNECT answered {rep}"
+    s.sendall(f"SOURCE {n}\n".encode())
+    h = hashlib.sha256()
+    got = 0
+    buf = bytearray(1 << 20)
+    start = time.time()
+    while (k := s.recv_into(buf)) > 0:
+        h.update(memoryview(buf)[:k])
+        got += k
+    elapsed = time.time() - start
+    s.close()
+    return got, h.hexdigest(), elapsed
+
+
 def socks5_request(proxy_port, host, port, command=1, timeout=10, greeting=None, atyp=None):
     """Runs the SOCKS5 handshake by hand. Returns (socket, reply_code, bound_host, bound_port)."""
     s = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)

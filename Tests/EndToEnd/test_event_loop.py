@@ -6,7 +6,6 @@ on NIO's loop. These tests name the loop, so both stay exercised in every run.
 """
 
 import concurrent.futures
-import hashlib
 import os
 import http.server
 import socket
@@ -24,17 +23,8 @@ NIO = ["--event-loop", "nio"]
 def test_a_download_and_an_upload_larger_than_every_buffer_arrive_intact(tunnel, target):
     tunnel.start(client_extra=EPOLL)
     n = 48 << 20
-    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
-    assert rep == 0
-    s.sendall(f"SOURCE {n}\n".encode())
-    h = hashlib.sha256()
-    got = 0
-    buf = bytearray(1 << 20)
-    while (k := s.recv_into(buf)) > 0:
-        h.update(memoryview(buf)[:k])
-        got += k
-    s.close()
-    assert got == n and h.hexdigest() == pattern_digest(n)
+    got, digest, _ = harness.download_through_socks(tunnel.socks_port, target.port, n)
+    assert got == n and digest == pattern_digest(n)
 
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
     assert rep == 0
@@ -166,12 +156,9 @@ def loop_cpu_ticks(pid, prefix):
 
 def test_the_servers_loops_share_the_tunnels(tunnel, target):
     """One loop per core: a second client's tunnel runs on the next loop, and both carry their downloads."""
-    import pytest
-    from conftest import SERVER_EXTRA
     if (os.cpu_count() or 1) < 2:
+        import pytest
         pytest.skip("one core: one loop")
-    if "--event-loop" in SERVER_EXTRA:
-        pytest.skip("TUNNEL_TEST_SERVER_ARGS names the server's loop")
     tunnel.start_server(extra=EPOLL)
     first = tunnel.start_client(log="client1.log")
     tunnel.wait_until_connected(first)
@@ -182,17 +169,8 @@ def test_the_servers_loops_share_the_tunnels(tunnel, target):
 
     def download(port):
         n = 128 << 20
-        s, rep, _, _ = socks5_request(port, "127.0.0.1", target.port, timeout=60)
-        assert rep == 0
-        s.sendall(f"SOURCE {n}\n".encode())
-        h = hashlib.sha256()
-        got = 0
-        buf = bytearray(1 << 20)
-        while (k := s.recv_into(buf)) > 0:
-            h.update(memoryview(buf)[:k])
-            got += k
-        s.close()
-        return got == n and h.hexdigest() == pattern_digest(n)
+        got, digest, _ = harness.download_through_socks(port, target.port, n)
+        return got == n and digest == pattern_digest(n)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert all(pool.map(download, [first.port, second.port]))

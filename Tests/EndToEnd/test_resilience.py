@@ -14,22 +14,8 @@ from harness import Process, SERVER_BIN, pattern_digest, recv_all, recv_exact, s
 
 
 def download(socks_port, target_port, n):
-    s, rep, _, _ = socks5_request(socks_port, "127.0.0.1", target_port, timeout=60)
-    assert rep == 0
-    s.sendall(f"SOURCE {n}\n".encode())
-    h = hashlib.sha256()
-    got = 0
-    buf = bytearray(1 << 20)
-    start = time.time()
-    while True:
-        k = s.recv_into(buf)
-        if k == 0:
-            break
-        h.update(memoryview(buf)[:k])
-        got += k
-    elapsed = time.time() - start
-    s.close()
-    assert got == n and h.hexdigest() == pattern_digest(n)
+    got, digest, elapsed = harness.download_through_socks(socks_port, target_port, n)
+    assert got == n and digest == pattern_digest(n)
     return n / elapsed
 
 

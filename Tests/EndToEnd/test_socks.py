@@ -106,21 +106,9 @@ def test_large_transfer_integrity_download_and_upload(tunnel, target):
     """256 MiB each way through one stream, sha256-compared."""
     tunnel.start()
     n = 256 << 20
-    s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
-    assert rep == 0
-    s.sendall(f"SOURCE {n}\n".encode())
-    h = hashlib.sha256()
-    got = 0
-    buf = bytearray(1 << 20)
-    while True:
-        k = s.recv_into(buf)
-        if k == 0:
-            break
-        h.update(memoryview(buf)[:k])
-        got += k
-    s.close()
+    got, digest, _ = harness.download_through_socks(tunnel.socks_port, target.port, n)
     assert got == n
-    assert h.hexdigest() == pattern_digest(n)
+    assert digest == pattern_digest(n)
 
     s, rep, _, _ = socks5_request(tunnel.socks_port, "127.0.0.1", target.port, timeout=60)
     assert rep == 0
