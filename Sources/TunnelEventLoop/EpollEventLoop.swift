@@ -44,11 +44,18 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
     private var slots: [Slot] = []
     private var freeSlots: [Int] = []
     private var passes: [any EpollSelectable] = []
+    /// The `iovec`s of a stream channel's write pass, one set per loop (a pass fills them and writes at once,
+    /// so the loop's channels can share them): 1 KiB less for each open socket.
+    let writeVectors = UnsafeMutablePointer<iovec>.allocate(capacity: EpollEventLoop.writeVectorCount)
+    static let writeVectorCount = 64
     private var shutdownCallbacks: [(DispatchQueue, @Sendable ((any Error)?) -> Void)] = []
 
     // Shared with other threads, under `lock`.
     private let lock = NIOLock()
     private var handedIn: [@Sendable () -> Void] = []
+    /// Callbacks scheduled from other threads, on their way to the timer queue.
+    private var offLoopCallbacks: [UInt64: CallbackWork] = [:]
+    private var nextOffLoopCallback = TimerQueue<any TimerWork>.externalIDs
     private var wakePending = false
     private var acceptsWork = true
 
@@ -79,6 +86,10 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
         pthread_detach(handle)
         self.started.lock(whenValue: 1)
         self.started.unlock()
+    }
+
+    deinit {
+        self.writeVectors.deallocate()
     }
 
     private final class ThreadStart {
@@ -148,6 +159,54 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
 
     public func scheduleTask<T>(in delay: TimeAmount, _ task: @escaping @Sendable () throws -> T) -> Scheduled<T> {
         self.scheduleTask(deadline: .now() + delay, task)
+    }
+
+    // MARK: Scheduled callbacks (NIO's `scheduleCallback`)
+
+    /// Runs `handler` at `deadline` without a promise, a future or a closure: the cheap way to set a time limit
+    /// on every connection (a handshake's, cancelled in the common case). Off the loop the callback reaches
+    /// the timer queue through `execute`; its id is known at once.
+    public func scheduleCallback(
+        at deadline: NIODeadline,
+        handler: some (NIOScheduledCallbackHandler & Sendable)
+    ) throws -> NIOScheduledCallback {
+        let work = CallbackWork(handler: handler, loop: self)
+        let when = deadline.uptimeNanoseconds
+        if self.inEventLoop {
+            work.id = self.timers.schedule(work, at: when)
+            return NIOScheduledCallback(self, id: work.id!)
+        }
+        let id = self.lock.withLock { () -> UInt64 in
+            defer { self.nextOffLoopCallback &+= 1 }
+            self.offLoopCallbacks[self.nextOffLoopCallback] = work
+            return self.nextOffLoopCallback
+        }
+        work.id = id
+        self.execute {
+            guard let work = self.lock.withLock({ self.offLoopCallbacks.removeValue(forKey: id) }) else { return }
+            _ = self.timers.schedule(work, at: when, id: id)
+        }
+        return NIOScheduledCallback(self, id: id)
+    }
+
+    /// Cancels a callback of `scheduleCallback`: its handler hears `didCancelScheduledCallback`, unless it ran.
+    public func cancelScheduledCallback(_ scheduledCallback: NIOScheduledCallback) {
+        guard let id = scheduledCallback.customCallbackID else { return }
+        guard self.inEventLoop else {
+            self.execute { self.cancelCallback(id) }
+            return
+        }
+        self.cancelCallback(id)
+    }
+
+    private func cancelCallback(_ id: UInt64) {
+        var work = self.timers.cancel(id)
+        if work == nil, id >= TimerQueue<any TimerWork>.externalIDs {
+            work = self.lock.withLock { self.offLoopCallbacks.removeValue(forKey: id) }
+        }
+        guard let work, !work.cancelled else { return }
+        work.cancelled = true
+        work.fail(EventLoopError.cancelled)
     }
 
     private func cancel(_ work: any TimerWork) {
@@ -226,10 +285,18 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
     }
 
     /// Forgets a registration and takes `descriptor` out of epoll now, for a descriptor that stays open and is
-    /// registered again by another owner (a connect that completed hands its socket to a channel).
+    /// registered again by another owner (a duplicated socket that goes on on another loop).
     func deregister(_ registration: Registration, removing descriptor: Int32) {
         self.deregister(registration)
         _ = cepoll_ctl(self.epoll, 2, descriptor, 0, 0)
+    }
+
+    /// Hands a registration to a new owner of the same descriptor, watched for the same events: no system call.
+    /// Events epoll reports for it from now on go to `object`.
+    func transfer(_ registration: Registration, to object: any EpollSelectable) -> Registration {
+        precondition(self.slots[registration.index].generation == registration.generation)
+        self.slots[registration.index].object = object
+        return registration
     }
 
     /// Runs `object.runPass()` before the loop next waits (after the tasks queued so far).
@@ -343,6 +410,23 @@ protocol TimerWork: AnyObject {
     var cancelled: Bool { get set }
     func fire()
     func fail(_ error: any Error)
+}
+
+/// A callback of `scheduleCallback`: the handler, called on the loop.
+private final class CallbackWork: TimerWork {
+    let handler: any NIOScheduledCallbackHandler
+    let loop: EpollEventLoop
+    var id: UInt64?
+    var cancelled = false
+
+    init(handler: any NIOScheduledCallbackHandler, loop: EpollEventLoop) {
+        self.handler = handler
+        self.loop = loop
+    }
+
+    func fire() { self.handler.handleScheduledCallback(eventLoop: self.loop) }
+
+    func fail(_ error: any Error) { self.handler.didCancelScheduledCallback(eventLoop: self.loop) }
 }
 
 private final class ScheduledWork<T>: TimerWork {

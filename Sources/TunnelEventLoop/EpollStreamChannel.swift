@@ -64,8 +64,7 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     private var queue = CircularBuffer<PendingWrite>(initialCapacity: 4)
     private var flushedCount = 0
     private(set) var bufferedBytes = 0
-    private let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: EpollStreamChannel.maxVectors)
-    private static let maxVectors = 64
+    private static var maxVectors: Int { EpollEventLoop.writeVectorCount }
 
     /// A channel for `descriptor` (connected, non-blocking), not yet registered: add handlers and set options,
     /// then `activate()` on the loop. `remote` is the peer's address when known (from `accept`).
@@ -77,29 +76,41 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
         self.pipelineStorage = ChannelPipeline(channel: self)
     }
 
-    deinit {
-        self.vectors.deallocate()
-    }
-
     /// Registers the socket with the loop and fires `channelRegistered` and `channelActive` (then reads, with
     /// auto-read on). On the loop. A failure closes the channel and is returned.
     @discardableResult
     public func activate() -> (any Error)? {
+        self.activate(takingOver: nil)
+    }
+
+    /// The events a stream channel watches (edge-triggered).
+    static let watchedEvents = CEPOLL_IN | CEPOLL_OUT | CEPOLL_RDHUP
+
+    /// `activate`; with `watched`, the socket is already registered for `watchedEvents` (a connect that just
+    /// completed): the channel takes that registration and acts on the events it reported.
+    func activate(takingOver watched: (registration: EpollEventLoop.Registration, events: UInt32)?) -> (any Error)? {
         self.loop.preconditionInEventLoop()
-        do {
-            self.registration = try self.loop.register(
-                self,
-                descriptor: self.descriptor,
-                events: CEPOLL_IN | CEPOLL_OUT | CEPOLL_RDHUP
-            )
-        } catch {
-            self.close0(error: error, mode: .all, promise: nil)
-            return error
+        if let watched {
+            self.registration = self.loop.transfer(watched.registration, to: self)
+        } else {
+            do {
+                self.registration = try self.loop.register(
+                    self,
+                    descriptor: self.descriptor,
+                    events: Self.watchedEvents
+                )
+            } catch {
+                self.close0(error: error, mode: .all, promise: nil)
+                return error
+            }
         }
         self.activeFlag.store(true, ordering: .relaxed)
         self.pipeline.syncOperations.fireChannelRegistered()
         self.pipeline.syncOperations.fireChannelActive()
         if self.options.autoRead && self.open { self.read0() }
+        // Registering would have reported the socket's state as a first event; a registration taken over
+        // reported it already.
+        if let watched, self.open { self.ready(watched.events) }
         return nil
     }
 
@@ -330,18 +341,19 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     private func writeQueue() {
         while self.open && self.flushedCount > 0 && self.socketWritable {
             let count = min(self.flushedCount, Self.maxVectors)
+            let vectors = self.loop.writeVectors
             var total = 0
             for i in 0..<count {
                 let buffer = self.queue[self.queue.index(self.queue.startIndex, offsetBy: i)].buffer
                 buffer.withUnsafeReadableBytes { bytes in
-                    self.vectors[i] = iovec(
+                    vectors[i] = iovec(
                         iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress),
                         iov_len: bytes.count
                     )
                 }
                 total += buffer.readableBytes
             }
-            let written = cepoll_sendv(self.descriptor, self.vectors, Int32(count))
+            let written = cepoll_sendv(self.descriptor, vectors, Int32(count))
             if written < 0 {
                 let code = errno
                 if code == EAGAIN || code == EWOULDBLOCK {

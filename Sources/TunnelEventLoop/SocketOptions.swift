@@ -19,60 +19,73 @@ struct SocketOptions {
 
     enum Change { case none, autoReadOn, waterMark }
 
-    /// Applies `option`; says what the channel must act on.
-    mutating func set<Option: ChannelOption>(
-        _ option: Option,
-        value: Option.Value,
-        descriptor: Int32
-    ) throws
-        -> Change
-    {
-        switch option {
-        case is ChannelOptions.Types.AutoReadOption:
-            let on = value as! Bool
+    /// Applies `option`; says what the channel must act on. The channel's own options are told apart by
+    /// comparing types, not by casting the option (a dynamic cast each): a stream socket sets four of them on
+    /// every connection. Only a socket option needs the descriptor (`socketOption`).
+    mutating func set<Option: ChannelOption>(_ option: Option, value: Option.Value) -> Change? {
+        if Option.self == ChannelOptions.Types.AutoReadOption.self {
+            let on = unsafeBitCast(value, to: Bool.self)
             defer { self.autoRead = on }
-            return on && !self.autoRead ? .autoReadOn : .none
-        case is ChannelOptions.Types.AllowRemoteHalfClosureOption:
-            self.allowRemoteHalfClosure = value as! Bool
-        case is ChannelOptions.Types.MaxMessagesPerReadOption:
-            self.maxMessagesPerRead = max(1, value as! UInt)
-        case is ChannelOptions.Types.RecvAllocatorOption:
-            self.receiveAllocator = value as! any RecvByteBufferAllocator
-        case is ChannelOptions.Types.WriteBufferWaterMarkOption:
-            self.waterMark = value as! ChannelOptions.Types.WriteBufferWaterMark
+            return on && !self.autoRead ? .autoReadOn : Change.none
+        } else if Option.self == ChannelOptions.Types.AllowRemoteHalfClosureOption.self {
+            self.allowRemoteHalfClosure = unsafeBitCast(value, to: Bool.self)
+        } else if Option.self == ChannelOptions.Types.MaxMessagesPerReadOption.self {
+            self.maxMessagesPerRead = max(1, unsafeBitCast(value, to: UInt.self))
+        } else if Option.self == ChannelOptions.Types.RecvAllocatorOption.self {
+            self.receiveAllocator = unsafeBitCast(value, to: (any RecvByteBufferAllocator).self)
+        } else if Option.self == ChannelOptions.Types.WriteBufferWaterMarkOption.self {
+            self.waterMark = unsafeBitCast(value, to: ChannelOptions.Types.WriteBufferWaterMark.self)
             return .waterMark
-        case let socketOption as ChannelOptions.Types.SocketOption:
-            try Self.set(
-                descriptor,
-                level: Int32(socketOption.optionLevel.rawValue),
-                name: Int32(socketOption.optionName.rawValue),
-                value: value as! SocketOptionValue
-            )
-        default:
-            throw ChannelError.operationUnsupported
+        } else {
+            return nil
         }
-        return .none
+        return Change.none
     }
 
-    /// The value of `option`; `bufferedBytes` answers `.bufferedWritableBytes`.
-    func get<Option: ChannelOption>(_ option: Option, descriptor: Int32, bufferedBytes: Int) throws -> Option.Value {
-        switch option {
-        case is ChannelOptions.Types.AutoReadOption: return self.autoRead as! Option.Value
-        case is ChannelOptions.Types.AllowRemoteHalfClosureOption: return self.allowRemoteHalfClosure as! Option.Value
-        case is ChannelOptions.Types.MaxMessagesPerReadOption: return self.maxMessagesPerRead as! Option.Value
-        case is ChannelOptions.Types.RecvAllocatorOption: return self.receiveAllocator as! Option.Value
-        case is ChannelOptions.Types.WriteBufferWaterMarkOption: return self.waterMark as! Option.Value
-        case is ChannelOptions.Types.BufferedWritableBytesOption: return bufferedBytes as! Option.Value
-        case let socketOption as ChannelOptions.Types.SocketOption:
-            let value: SocketOptionValue = try Self.get(
-                descriptor,
-                level: Int32(socketOption.optionLevel.rawValue),
-                name: Int32(socketOption.optionName.rawValue)
-            )
-            return value as! Option.Value
-        default:
+    /// Sets a socket option on `descriptor`; anything else is not supported.
+    static func setSocketOption<Option: ChannelOption>(_ option: Option, value: Option.Value, descriptor: Int32) throws
+    {
+        guard let socketOption = option as? ChannelOptions.Types.SocketOption else {
             throw ChannelError.operationUnsupported
         }
+        try Self.set(
+            descriptor,
+            level: Int32(socketOption.optionLevel.rawValue),
+            name: Int32(socketOption.optionName.rawValue),
+            value: value as! SocketOptionValue
+        )
+    }
+
+    /// The value of one of the channel's own options (`bufferedBytes` answers `.bufferedWritableBytes`, asked
+    /// after every flush of a stream), or nil for a socket option.
+    func get<Option: ChannelOption>(_ option: Option, bufferedBytes: Int) -> Option.Value? {
+        if Option.self == ChannelOptions.Types.BufferedWritableBytesOption.self {
+            return unsafeBitCast(bufferedBytes, to: Option.Value.self)
+        } else if Option.self == ChannelOptions.Types.AutoReadOption.self {
+            return unsafeBitCast(self.autoRead, to: Option.Value.self)
+        } else if Option.self == ChannelOptions.Types.AllowRemoteHalfClosureOption.self {
+            return unsafeBitCast(self.allowRemoteHalfClosure, to: Option.Value.self)
+        } else if Option.self == ChannelOptions.Types.MaxMessagesPerReadOption.self {
+            return unsafeBitCast(self.maxMessagesPerRead, to: Option.Value.self)
+        } else if Option.self == ChannelOptions.Types.RecvAllocatorOption.self {
+            return unsafeBitCast(self.receiveAllocator, to: Option.Value.self)
+        } else if Option.self == ChannelOptions.Types.WriteBufferWaterMarkOption.self {
+            return unsafeBitCast(self.waterMark, to: Option.Value.self)
+        }
+        return nil
+    }
+
+    /// A socket option's value on `descriptor`; anything else is not supported.
+    static func socketOption<Option: ChannelOption>(_ option: Option, descriptor: Int32) throws -> Option.Value {
+        guard let socketOption = option as? ChannelOptions.Types.SocketOption else {
+            throw ChannelError.operationUnsupported
+        }
+        let value: SocketOptionValue = try Self.get(
+            descriptor,
+            level: Int32(socketOption.optionLevel.rawValue),
+            name: Int32(socketOption.optionName.rawValue)
+        )
+        return value as! Option.Value
     }
 
     static func set<Value>(_ descriptor: Int32, level: Int32, name: Int32, value: Value) throws {
@@ -200,7 +213,10 @@ protocol LoopOptionChannel: AnyObject, Sendable {
 extension LoopOptionChannel {
     func setOption0<Option: ChannelOption>(_ option: Option, value: Option.Value) throws {
         self.loop.preconditionInEventLoop()
-        let change = try self.socket.use { try self.options.set(option, value: value, descriptor: $0) }
+        guard let change = self.options.set(option, value: value) else {
+            try self.socket.use { try SocketOptions.setSocketOption(option, value: value, descriptor: $0) }
+            return
+        }
         if change == .waterMark { self.updateWritability() }
         self.optionsChanged(change)
     }
@@ -219,7 +235,8 @@ extension LoopOptionChannel {
 
     func getOption0<Option: ChannelOption>(_ option: Option) throws -> Option.Value {
         self.loop.preconditionInEventLoop()
-        return try self.socket.use { try self.options.get(option, descriptor: $0, bufferedBytes: self.bufferedBytes) }
+        if let value = self.options.get(option, bufferedBytes: self.bufferedBytes) { return value }
+        return try self.socket.use { try SocketOptions.socketOption(option, descriptor: $0) }
     }
 
     func setOptionFuture<Option: ChannelOption>(_ option: Option, value: Option.Value) -> EventLoopFuture<Void> {

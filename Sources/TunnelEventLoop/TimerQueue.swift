@@ -30,6 +30,17 @@ struct TimerQueue<Work> {
         return id
     }
 
+    /// Ids from here up are the caller's (`schedule(_:at:id:)`); below, the queue's own.
+    static var externalIDs: UInt64 { 1 << 63 }
+
+    /// Adds `work` due at `deadline` under an id the caller chose, at or above `externalIDs` and unused.
+    mutating func schedule(_ work: Work, at deadline: UInt64, id: UInt64) -> UInt64 {
+        precondition(id >= Self.externalIDs && self.work[id] == nil)
+        self.work[id] = (deadline, work)
+        self.push(Entry(deadline: deadline, id: id))
+        return id
+    }
+
     /// Removes the work of `id` and returns it, or nil when it already ran or was cancelled.
     mutating func cancel(_ id: UInt64) -> Work? {
         guard let removed = self.work.removeValue(forKey: id) else { return nil }

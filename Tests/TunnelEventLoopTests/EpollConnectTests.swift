@@ -68,6 +68,56 @@ struct EpollConnectTests {
         try await loop.shutdownGracefully()
     }
 
+    /// Collects what a channel reads, until the peer's FIN.
+    final class Collector: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let done: EventLoopPromise<String>
+        var text = ""
+        init(done: EventLoopPromise<String>) { self.done = done }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            self.text += String(buffer: self.unwrapInboundIn(data))
+        }
+        func channelInactive(context: ChannelHandlerContext) { self.done.succeed(self.text) }
+    }
+
+    /// The connect's socket is watched by epoll before it completes and the channel takes that watch over: what
+    /// a peer sends at once (a server that speaks first) and its FIN must still reach the channel.
+    @Test(.timeLimit(.minutes(1))) func aPeerThatSpeaksFirstIsHeard() async throws {
+        let loop = try EpollEventLoop()
+        let (listening, address) = try Self.listener(backlog: 16)
+        defer { close(listening) }
+        let step = ConditionLock(value: 0)
+        for round in 0..<20 {
+            let heard = loop.makePromise(of: String.self)
+            let connected = loop.makePromise(of: UnsafeChannel.self)
+            loop.execute {
+                EpollStreamChannel.connect(
+                    to: address,
+                    timeout: .seconds(5),
+                    on: loop,
+                    initialize: { try $0.pipeline.syncOperations.addHandler(Collector(done: heard)) }
+                ) { connected.completeWith($0.map(UnsafeChannel.init)) }
+                // Every other round the loop is held until the peer has spoken and closed: epoll then reports
+                // the connect's completion, the bytes and the FIN in one event.
+                if round % 2 == 0 {
+                    step.lock(whenValue: 1)
+                    step.unlock(withValue: 0)
+                }
+            }
+            let accepted = accept(listening, nil, nil)
+            let banner = "220 round \(round) ready\r\n"
+            #expect(send(accepted, banner, banner.utf8.count, 0) == banner.utf8.count)
+            close(accepted)
+            if round % 2 == 0 {
+                step.lock()
+                step.unlock(withValue: 1)
+            }
+            _ = try await connected.futureResult.get()
+            #expect(try await heard.futureResult.get() == banner)
+        }
+        try await loop.shutdownGracefully()
+    }
+
     @Test func aClosedPortIsRefused() async throws {
         let loop = try EpollEventLoop()
         let (listening, address) = try Self.listener(backlog: 1)
