@@ -8,7 +8,7 @@ import TunnelProtocol
 /// and SOCKS4a, or HTTP (CONNECT, or a plain request in absolute form). Once the tunnel stream is open it
 /// answers in the application's protocol and hands the connection to a `LocalStreamHandler` (or, for plain
 /// HTTP, to an `HTTPForwardHandler` that keeps looking at each request and response).
-public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHandler {
+public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHandler, NIOScheduledCallbackHandler {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
@@ -32,6 +32,8 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         case http
         /// A stream was requested; its result decides the reply.
         case waiting(ReplyStyle)
+        /// Answered: the relay takes every event of this connection from here on.
+        case relaying(LocalStreamHandler)
         /// Handed over, failed or closed: nothing more to do here.
         case finished
     }
@@ -55,7 +57,10 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     }()
     private var peer: SocketAddress?
     private var local: LocalStreamHandler?
-    private var timeout: Scheduled<Void>?
+    /// The handshake's time limit: a scheduled callback, not a task, as most connections cancel it and a task
+    /// costs a promise and two closures. The context is kept for it.
+    private var timeout: NIOScheduledCallback?
+    private var context: ChannelHandlerContext?
     /// The application half-closed while its request was pending: the stream starts with a FIN.
     private var inputClosed = false
 
@@ -72,12 +77,28 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.peer = context.channel.remoteAddress
-        self.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.configuration.handshakeTimeout) {
-            if case .waiting = self.phase { return }  // the tunnel's own limits apply once a stream was asked for
-            self.logger.info("proxy handshake timed out")
-            self.finish(context: context)
-        }
+        self.context = context
+        self.timeout = try? context.eventLoop.assumeIsolated().scheduleCallback(
+            in: self.configuration.handshakeTimeout,
+            handler: self
+        )
         if context.channel.isActive { context.read() }
+    }
+
+    public func handleScheduledCallback(eventLoop: some EventLoop) {
+        self.timeout = nil
+        guard let context = self.context else { return }
+        switch self.phase {
+        case .waiting, .relaying, .finished: return  // the tunnel's own limits apply once a stream was asked for
+        default: break
+        }
+        self.logger.info("proxy handshake timed out")
+        self.finish(context: context)
+    }
+
+    private func cancelTimeout() {
+        self.timeout?.cancel()
+        self.timeout = nil
     }
 
     public func channelActive(context: ChannelHandlerContext) {
@@ -85,7 +106,17 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         context.fireChannelActive()
     }
 
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.cancelTimeout()
+        self.context = nil
+        if case .relaying(let relay) = self.phase { relay.handlerRemoved(context: context) }
+    }
+
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .relaying(let relay) = self.phase {
+            relay.channelRead(context: context, data: data)
+            return
+        }
         var incoming = self.unwrapInboundIn(data)
         if (self.buffered?.readableBytes ?? 0) == 0 {
             // Nothing left of the last read (a greeting answered): keep the new read as it is. Appending would
@@ -101,6 +132,9 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         // Keep read interest while the request is pending (early data is kept, bounded): dropping and
         // re-arming it would cost two epoll_ctl calls per connection.
         switch self.phase {
+        case .relaying(let relay):
+            relay.channelReadComplete(context: context)
+            return
         case .finished: break
         default:
             if (self.buffered?.readableBytes ?? 0) < Self.maxEarlyData { context.read() }
@@ -112,6 +146,10 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .relaying(let relay) = self.phase {
+            relay.userInboundEventTriggered(context: context, event: event)
+            return
+        }
         if let event = event as? ChannelEvent, event == .inputClosed {
             self.inputClosed = true
             if case .waiting = self.phase { return }
@@ -123,7 +161,11 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        self.timeout?.cancel()
+        if case .relaying(let relay) = self.phase {
+            relay.channelInactive(context: context)
+            return
+        }
+        self.cancelTimeout()
         if case .waiting = self.phase, let local = self.local {
             self.phase = .finished
             self.provider.cancelStreamRequest(local)
@@ -132,22 +174,29 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .relaying(let relay) = self.phase {
+            relay.errorCaught(context: context, error: error)
+            return
+        }
         self.logger.debug("local connection error: \(error)")
         self.finish(context: context)
     }
 
     private func finish(context: ChannelHandlerContext) {
-        if case .finished = self.phase { return }
+        switch self.phase {
+        case .finished, .relaying: return
+        default: break
+        }
         if case .waiting = self.phase, let local = self.local { self.provider.cancelStreamRequest(local) }
         self.phase = .finished
-        self.timeout?.cancel()
+        self.cancelTimeout()
         context.close(promise: nil)
     }
 
     private func replyAndClose(_ bytes: ByteBuffer, reason: String, context: ChannelHandlerContext) {
         self.logger.info("proxy request refused: \(reason)")
         self.phase = .finished
-        self.timeout?.cancel()
+        self.cancelTimeout()
         context.writeAndFlush(self.wrapOutboundOut(bytes)).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
         }
@@ -211,7 +260,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             case .http:
                 self.advanceHTTP(context: context)
                 return
-            case .waiting, .finished:
+            case .waiting, .relaying, .finished:
                 return
             }
         }
@@ -243,7 +292,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             // Plain HTTP: a handler that follows every request and response of this connection takes over,
             // starting again from this head.
             self.phase = .finished
-            self.timeout?.cancel()
+            self.cancelTimeout()
             var replay = head.encodedForReplay()
             if let rest = self.buffered { replay.writeImmutableBuffer(rest) }
             self.buffered = nil
@@ -283,7 +332,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
                 return
             }
             self.phase = .finished
-            self.timeout?.cancel()
+            self.cancelTimeout()
             // The relay takes the control connection over; this handler steps aside.
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             relay.associate(control: context.channel, announced: client, logger: self.logger)
@@ -299,7 +348,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
     ) {
         guard case .waiting = self.phase else { return }
         self.phase = .finished
-        self.timeout?.cancel()
+        self.cancelTimeout()
         guard reply == .succeeded, local.stream != nil else {
             if self.baseLogger.logLevel <= .debug { self.logger.debug("CONNECT failed: \(reply)") }
             let answer: ByteBuffer
@@ -324,7 +373,8 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         context.writeAndFlush(self.wrapOutboundOut(answer), promise: nil)
         let early = self.buffered
         self.buffered = nil
-        local.takeOver(from: context, early: early, inputClosed: self.inputClosed)
+        self.phase = .relaying(local)
+        local.takeOver(hostedAt: context, early: early, inputClosed: self.inputClosed)
     }
 }
 

@@ -78,6 +78,19 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
             self.releaseStream()
             return
         }
+        self.start(early: early, inputClosed: inputClosed)
+    }
+
+    /// Takes the application's connection over while staying out of the pipeline: the front-end handler at
+    /// `context` keeps its place and passes this connection's events on (`LocalProxyHandler` for a CONNECT).
+    /// Adding a handler and removing another would cost more than the rest of a connection's set-up.
+    func takeOver(hostedAt context: ChannelHandlerContext, early: ByteBuffer?, inputClosed: Bool) {
+        self.handlerAdded(context: context)
+        guard !self.released else { return }
+        self.start(early: early, inputClosed: inputClosed)
+    }
+
+    private func start(early: ByteBuffer?, inputClosed: Bool) {
         if let stream = self.stream {
             if let early, early.readableBytes > 0 { stream.send(early) }
             if inputClosed { stream.finish() }
