@@ -64,6 +64,9 @@ public final class EpollStreamChannel: Channel, ChannelCore, DescriptorOptionPro
     private var queue = CircularBuffer<PendingWrite>(initialCapacity: 4)
     private var flushedCount = 0
     private(set) var bufferedBytes = 0
+    /// Bytes written and not yet taken by the kernel, as `.bufferedWritableBytes` tells, without the generic
+    /// option lookup (a stream's relay asks after every flush). On the loop.
+    public var bufferedWritableBytes: Int { self.bufferedBytes }
     private static var maxVectors: Int { EpollEventLoop.writeVectorCount }
 
     /// A channel for `descriptor` (connected, non-blocking), not yet registered: add handlers and set options,

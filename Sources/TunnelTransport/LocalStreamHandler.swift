@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelEventLoop
 import TunnelProtocol
 
 /// The handler on a stream's local socket: the application's connection on the client, the outbound
@@ -14,6 +15,8 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
     /// The stream, once opened.
     public private(set) var stream: TunnelStream?
     private var context: ChannelHandlerContext?
+    /// The socket when it is our loop's channel, whose buffered bytes are read directly.
+    private var ownChannel: EpollStreamChannel?
 
     /// Client: called once with the OPEN_RESULT.
     public var onOpenResult: ((ReplyCode, TargetAddress) -> Void)?
@@ -43,6 +46,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        self.ownChannel = context.channel as? EpollStreamChannel
         // The socket may be gone already (an application that reset its connection right after its request,
         // whose reset surfaced while the reply was written): no channelInactive will come for this handler,
         // so the stream is released here, or it would stay open at both ends.
@@ -58,6 +62,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     public func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        self.ownChannel = nil
     }
 
     /// Starts reading once the stream is open (the runtime calls this after installing the handler).
@@ -181,6 +186,7 @@ public final class LocalStreamHandler: ChannelInboundHandler, StreamEndpoint {
 
     /// Bytes still in NIO's outbound buffer (not yet taken by the kernel).
     private var bufferedInChannel: Int {
+        if let own = self.ownChannel { return own.bufferedWritableBytes }
         guard let context = self.context else { return 0 }
         return (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
     }
