@@ -45,7 +45,7 @@ struct TCPInfo: Sendable {
             level: SocketOptionLevel(IPPROTO_TCP),
             name: SocketOptionName(TCP_INFO)
         )
-        future.whenSuccess { info = $0 }
+        future.assumeIsolated().whenSuccess { info = $0 }
         return info
     }
 }
