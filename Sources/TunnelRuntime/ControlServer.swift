@@ -182,7 +182,7 @@ private final class ControlConnection: ChannelInboundHandler {
                 let message = "\(error)".replacingQuotes
                 text = "{\"error\": \"\(message)\"}"
             }
-            context.writeAndFlush(NIOAny(ByteBuffer(string: text + "\n"))).whenComplete { _ in
+            context.writeAndFlush(NIOAny(ByteBuffer(string: text + "\n"))).assumeIsolated().whenComplete { _ in
                 context.close(promise: nil)
             }
         }

@@ -266,10 +266,11 @@ private final class MetricsHTTPHandler: ChannelInboundHandler {
         let keepAlive = head.isKeepAlive
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(
-            self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers)))
+            self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))),
+            promise: nil
         )
-        if head.method != .HEAD { context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer)))) }
-        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in
+        if head.method != .HEAD { context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil) }
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             if !keepAlive { context.close(promise: nil) }
         }
     }

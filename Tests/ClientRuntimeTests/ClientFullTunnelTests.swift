@@ -81,6 +81,7 @@ struct ClientFullTunnelTests {
         settings.enabled = true
         settings.killSwitch = true
         settings.stateFile = directory + "/state"
+        let fixedSettings = settings
         let commands = RecordingCommands()
         let host = HostNetwork(commands: commands, resolverPath: resolver)
         let device = MemoryPacketDevice()
@@ -90,7 +91,7 @@ struct ClientFullTunnelTests {
         let objects = try await loop.submit {
             let fullTunnel = try ClientFullTunnel(
                 eventLoop: loop,
-                settings: settings,
+                settings: fixedSettings,
                 server: server,
                 port: 4443,
                 logger: Logger(label: "test"),
