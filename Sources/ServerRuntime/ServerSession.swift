@@ -380,19 +380,23 @@ final class ServerSession: TunnelConnectionDelegate {
             let handler = kept.handler.value
             // The old connection may not have broken here yet (a path gone silent): it is given up now.
             handler.releaseConnection()
-            // The channel is made on the session's own loop, where the handler lives.
-            if let loop = kept.eventLoop as? EpollEventLoop {
-                let adopted = EpollStreamChannel.adopt(descriptor, on: loop) { channel in
-                    try TunnelSocket.configure(channel, timings: timings, logger: logger)
-                    try channel.pipeline.syncOperations.addHandler(handler)
-                }
-                switch adopted {
+            let adopted = { (result: Result<Void, any Error>) in
+                switch result {
                 case .success:
                     handler.takeConnection(connection, peerCount: peerCount)
                 case .failure(let error):
                     logger.info("cannot take the resumed connection over: \(error)")
                     handler.abandon(code: .internalError, why: "the resumed connection could not be used")
                 }
+            }
+            // The channel is made on the session's own loop, where the handler lives.
+            if let loop = kept.eventLoop as? EpollEventLoop {
+                adopted(
+                    EpollStreamChannel.adopt(descriptor, on: loop) { channel in
+                        try TunnelSocket.configure(channel, timings: timings, logger: logger)
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                    }.map { _ in }
+                )
                 return
             }
             let bound = NIOLoopBound(handler, eventLoop: kept.eventLoop)
@@ -405,15 +409,7 @@ final class ServerSession: TunnelConnectionDelegate {
                 }
                 .withConnectedSocket(descriptor)
                 .assumeIsolated()
-                .whenComplete { result in
-                    switch result {
-                    case .success:
-                        handler.takeConnection(connection, peerCount: peerCount)
-                    case .failure(let error):
-                        logger.info("cannot take the resumed connection over: \(error)")
-                        handler.abandon(code: .internalError, why: "the resumed connection could not be used")
-                    }
-                }
+                .whenComplete { adopted($0.map { _ in }) }
         }
     }
 

@@ -21,10 +21,7 @@ public struct ClientSettings: Sendable {
         case never
 
         public static func parse(_ text: String, origin: String) throws(ConfigError) -> FastOpen {
-            guard let mode = FastOpen(rawValue: text) else {
-                throw ConfigError("\(origin): '\(text)' is not one of auto, always, never")
-            }
-            return mode
+            try Self.choice(text, origin: origin)
         }
     }
 

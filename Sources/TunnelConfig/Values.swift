@@ -106,9 +106,17 @@ public enum EventLoopKind: String, Sendable, Equatable, CaseIterable {
     case epoll
 
     public static func parse(_ text: String, origin: String) throws(ConfigError) -> EventLoopKind {
-        guard let kind = EventLoopKind(rawValue: text) else {
-            throw ConfigError("\(origin): '\(text)' is not one of nio, epoll")
+        try Self.choice(text, origin: origin)
+    }
+}
+
+extension CaseIterable where Self: RawRepresentable, Self.RawValue == String {
+    /// The case named `text`, or an error that lists the names (`origin`: the option or config key).
+    static func choice(_ text: String, origin: String) throws(ConfigError) -> Self {
+        guard let value = Self(rawValue: text) else {
+            let names = Self.allCases.map(\.rawValue).joined(separator: ", ")
+            throw ConfigError("\(origin): '\(text)' is not one of \(names)")
         }
-        return kind
+        return value
     }
 }

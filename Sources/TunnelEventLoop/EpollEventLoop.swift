@@ -176,7 +176,10 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
             work.id = self.timers.schedule(work, at: when)
             return NIOScheduledCallback(self, id: work.id!)
         }
-        let id = self.lock.withLock { () -> UInt64 in
+        // Checked under the lock that shutdown takes too: a callback accepted here is either handed to the
+        // timers or cancelled by `finish`, never left behind.
+        let id = try self.lock.withLock { () throws -> UInt64 in
+            guard self.acceptsWork else { throw EventLoopError.shutdown }
             defer { self.nextOffLoopCallback &+= 1 }
             self.offLoopCallbacks[self.nextOffLoopCallback] = work
             return self.nextOffLoopCallback
@@ -389,13 +392,19 @@ public final class EpollEventLoop: EventLoop, @unchecked Sendable {
     }
 
     private func finish() {
-        for work in self.timers.removeAll() { work.fail(EventLoopError.shutdown) }
         let late = self.lock.withLock { () -> [@Sendable () -> Void] in
             self.acceptsWork = false
             defer { self.handedIn.removeAll() }
             return self.handedIn
         }
+        // Work handed in before the door closed runs first, so what it schedules is cancelled below with the rest.
         for task in late { task() }
+        for work in self.timers.removeAll() { work.fail(EventLoopError.shutdown) }
+        let stranded = self.lock.withLock { () -> [CallbackWork] in
+            defer { self.offLoopCallbacks.removeAll() }
+            return Array(self.offLoopCallbacks.values)
+        }
+        for work in stranded { work.fail(EventLoopError.shutdown) }
         self.state = .closed
         Glibc.close(self.wakeDescriptor)
         Glibc.close(self.epoll)

@@ -30,8 +30,8 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         case socks4(SOCKS4ServerStateMachine)
         /// Reading the first HTTP request head.
         case http
-        /// A stream was requested; its result decides the reply.
-        case waiting(ReplyStyle)
+        /// A stream was requested for this relay; its result decides the reply.
+        case waiting(ReplyStyle, LocalStreamHandler)
         /// Answered: the relay takes every event of this connection from here on.
         case relaying(LocalStreamHandler)
         /// Handed over, failed or closed: nothing more to do here.
@@ -56,7 +56,6 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         return logger
     }()
     private var peer: SocketAddress?
-    private var local: LocalStreamHandler?
     /// The handshake's time limit: a scheduled callback, not a task, as most connections cancel it and a task
     /// costs a promise and two closures. The context is kept for it.
     private var timeout: NIOScheduledCallback?
@@ -142,7 +141,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         context.fireChannelReadComplete()
         // A request read: its OPEN and, under fast open, the application's answer go now, not after every other
         // socket ready in this tick (last: the answer hands this channel over to the relay).
-        if case .waiting = self.phase { self.local?.stream?.sendOpensNow() }
+        if case .waiting(_, let local) = self.phase { local.stream?.sendOpensNow() }
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -166,7 +165,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
             return
         }
         self.cancelTimeout()
-        if case .waiting = self.phase, let local = self.local {
+        if case .waiting(_, let local) = self.phase {
             self.phase = .finished
             self.provider.cancelStreamRequest(local)
         }
@@ -187,7 +186,7 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         case .finished, .relaying: return
         default: break
         }
-        if case .waiting = self.phase, let local = self.local { self.provider.cancelStreamRequest(local) }
+        if case .waiting(_, let local) = self.phase { self.provider.cancelStreamRequest(local) }
         self.phase = .finished
         self.cancelTimeout()
         context.close(promise: nil)
@@ -315,10 +314,9 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         switch command {
         case .connect(let target):
             let local = LocalStreamHandler()
-            self.local = local
-            self.phase = .waiting(style)
+            self.phase = .waiting(style, local)
             local.onOpenResult = { [weak self] reply, bound in
-                self?.openResult(reply, bound: bound, local: local, style: style, context: context)
+                self?.openResult(reply, bound: bound, context: context)
             }
             if self.baseLogger.logLevel <= .debug { self.logger.debug("CONNECT \(target)") }
             self.provider.requestStream(to: target, local: local)
@@ -339,14 +337,8 @@ public final class LocalProxyHandler: ChannelInboundHandler, RemovableChannelHan
         }
     }
 
-    private func openResult(
-        _ reply: ReplyCode,
-        bound: TargetAddress,
-        local: LocalStreamHandler,
-        style: ReplyStyle,
-        context: ChannelHandlerContext
-    ) {
-        guard case .waiting = self.phase else { return }
+    private func openResult(_ reply: ReplyCode, bound: TargetAddress, context: ChannelHandlerContext) {
+        guard case .waiting(let style, let local) = self.phase else { return }
         self.phase = .finished
         self.cancelTimeout()
         guard reply == .succeeded, local.stream != nil else {

@@ -147,6 +147,8 @@ struct EpollEventLoopTests {
         try await loop.submit {}.get()
         try await loop.shutdownGracefully()
         #expect(recorder.heard == ["cancelled"])
+        // After shutdown a callback is refused at once, not accepted and forgotten.
+        #expect(throws: EventLoopError.shutdown) { try loop.scheduleCallback(in: .seconds(1), handler: recorder) }
     }
 
     @Test func futuresChainOnTheLoop() async throws {
